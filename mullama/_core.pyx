@@ -1,0 +1,891 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# distutils: language = c++
+"""The C boundary of mullama: objects that own llama.cpp's model, context and
+sampler chain, and the generation loop that runs without the GIL.
+
+Nothing outside this module touches C. The Python layer (``mullama/*.py``)
+validates arguments and shapes results; this module owns memory and threads.
+
+Ownership:
+  * ``LlamaModel`` owns a ``llama_model``.
+  * ``LlamaContext`` owns a ``llama_context`` and its batch and holds a strong
+    reference to its ``LlamaModel``, so the model is freed after the context
+    whatever order the Python objects die in. ``LlamaModel.close()`` closes its
+    live contexts first.
+  * ``SamplerChain`` owns a ``llama_sampler`` chain and the samplers added to it.
+  * ``close()`` is idempotent everywhere. A context that is inside C in another
+    thread when it is closed is aborted, and ``close()`` waits for that thread
+    to leave C before freeing anything.
+"""
+
+cimport cython
+from cpython.buffer cimport PyBUF_FORMAT, PyBUF_ND, PyBUF_WRITABLE
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.ref cimport PyObject
+from libc.math cimport expf, logf
+from libc.stdint cimport int32_t, uint32_t
+from libc.stdlib cimport free, malloc
+from libcpp cimport bool as cbool
+from libcpp.string cimport string
+from libcpp.vector cimport vector
+
+from mullama._llama cimport *
+
+import logging
+import threading
+import weakref
+
+from mullama import _errors
+
+cdef extern from *:
+    """
+    #include <chrono>
+    static inline int mullama_load_flag(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void mullama_store_flag(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline double mullama_now(void) {
+        return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+    }
+    """
+    int mullama_load_flag(const int *p) nogil
+    void mullama_store_flag(int *p, int v) nogil
+    double mullama_now() nogil
+
+
+# status codes of a generation step (mirrored in mullama/_context.py)
+DEF ST_OK = 0          # chunk finished (token budget or time budget), more may follow
+DEF ST_EOG = 1         # the model produced an end-of-generation token
+DEF ST_ABORTED = 2     # cancel() was called
+DEF ST_CTX_FULL = 3    # the context window is full
+
+STATUS_OK = ST_OK
+STATUS_EOG = ST_EOG
+STATUS_ABORTED = ST_ABORTED
+STATUS_CONTEXT_FULL = ST_CTX_FULL
+
+DEF PIECE_BUF = 256
+
+
+# ---------------------------------------------------------------------------
+# logging: llama.cpp's log lines go to the "mullama.llama_cpp" logger
+
+_logger = logging.getLogger("mullama.llama_cpp")
+_LEVELS = {
+    GGML_LOG_LEVEL_DEBUG: logging.DEBUG,
+    GGML_LOG_LEVEL_INFO: logging.INFO,
+    GGML_LOG_LEVEL_WARN: logging.WARNING,
+    GGML_LOG_LEVEL_ERROR: logging.ERROR,
+}
+_log_state = threading.local()
+
+
+@cython.wraparound(True)
+cdef void _log_callback(ggml_log_level level, const char * text, void * user_data) noexcept with gil:
+    # one llama.cpp message may come in several calls (GGML_LOG_LEVEL_CONT);
+    # lines are assembled per thread and logged when complete
+    try:
+        st = _log_state
+        if level != GGML_LOG_LEVEL_CONT:
+            st.level = _LEVELS.get(level, logging.DEBUG)
+        lvl = getattr(st, "level", logging.DEBUG)
+        buf = getattr(st, "buf", "") + text.decode("utf-8", "replace")
+        if not buf.endswith(u"\n"):
+            st.buf = buf
+            return
+        st.buf = ""
+        line = buf.rstrip()
+        if lvl >= logging.ERROR:
+            # kept so that a failed load can say why (see take_errors())
+            st.errors = (getattr(st, "errors", ()) + (line,))[-8:]
+        if line and _logger.isEnabledFor(lvl):
+            _logger.log(lvl, "%s", line)
+    except BaseException:
+        pass  # never let an exception unwind into C; logging is best effort
+
+
+cdef void _silent_log_callback(ggml_log_level level, const char * text, void * user_data) noexcept nogil:
+    pass
+
+
+def take_errors():
+    """Return and forget the error lines llama.cpp logged on this thread."""
+    errors = getattr(_log_state, "errors", ())
+    _log_state.errors = ()
+    return errors
+
+
+def silence_logging():
+    """Stop routing llama.cpp's log through Python (used at interpreter exit)."""
+    llama_log_set(_silent_log_callback, NULL)
+
+
+llama_log_set(_log_callback, NULL)
+llama_backend_init()
+
+
+def system_info():
+    """llama.cpp's description of the CPU features it was built with."""
+    return llama_print_system_info().decode("utf-8", "replace")
+
+
+def version():
+    return llama_version().decode("utf-8", "replace")
+
+
+def supports_gpu_offload():
+    return llama_supports_gpu_offload()
+
+
+# ---------------------------------------------------------------------------
+# model
+
+cdef class _LoadState:
+    """Carries the Python progress callback into C and its exception back out."""
+    cdef object fn
+    cdef object exc
+
+    def __cinit__(self, fn):
+        self.fn = fn
+        self.exc = None
+
+
+cdef cbool _progress_callback(float progress, void * user_data) noexcept with gil:
+    cdef _LoadState st = <_LoadState>user_data
+    try:
+        result = st.fn(float(progress))
+        return result is not False  # returning False cancels the load
+    except BaseException as exc:
+        st.exc = exc  # re-raised by LlamaModel.load after C returns
+        return False
+
+
+@cython.no_gc_clear
+cdef class LlamaModel:
+    """Owns a ``llama_model``. Build with :meth:`load`."""
+
+    cdef llama_model * ptr
+    cdef const llama_vocab * vocab
+    cdef readonly int n_vocab
+    cdef readonly object path
+    cdef object _contexts   # WeakSet of LlamaContext created from this model
+    cdef object __weakref__
+
+    def __cinit__(self):
+        self.ptr = NULL
+        self.vocab = NULL
+        self._contexts = weakref.WeakSet()
+
+    def __init__(self):
+        raise TypeError("use LlamaModel.load(path, ...)")
+
+    @staticmethod
+    def load(str path, int n_gpu_layers=0, bint use_mmap=True, bint vocab_only=False, progress=None):
+        """Load *path*; raises ModelLoadError (with llama.cpp's reason) on failure."""
+        cdef LlamaModel self = LlamaModel.__new__(LlamaModel)
+        cdef llama_model_params params = llama_model_default_params()
+        cdef _LoadState st = None
+        cdef bytes bpath = path.encode("utf-8")
+        cdef const char * cpath = bpath
+        params.n_gpu_layers = n_gpu_layers
+        params.load_mode = LLAMA_LOAD_MODE_MMAP if use_mmap else LLAMA_LOAD_MODE_NONE
+        params.vocab_only = vocab_only
+        if progress is not None:
+            st = _LoadState(progress)
+            params.progress_callback = _progress_callback
+            params.progress_callback_user_data = <void *>st
+        take_errors()
+        with nogil:
+            self.ptr = llama_model_load_from_file(cpath, params)
+        errors = take_errors()
+        if st is not None and st.exc is not None:
+            if self.ptr != NULL:
+                llama_model_free(self.ptr)
+                self.ptr = NULL
+            raise st.exc
+        if self.ptr == NULL:
+            reason = "; ".join(errors) if errors else "llama.cpp gave no reason"
+            if st is not None:
+                raise _errors.ModelLoadError(f"loading {path} was cancelled by the progress callback")
+            if "unknown model architecture" in reason or "unsupported" in reason:
+                raise _errors.UnsupportedModelError(f"{path}: {reason}")
+            raise _errors.InvalidModelError(f"llama.cpp could not load {path}: {reason}")
+        self.vocab = llama_model_get_vocab(self.ptr)
+        self.n_vocab = llama_vocab_n_tokens(self.vocab)
+        self.path = path
+        return self
+
+    cdef inline _check(self):
+        if self.ptr == NULL:
+            raise _errors.ClosedError("the model is closed")
+
+    @property
+    def closed(self):
+        return self.ptr == NULL
+
+    def close(self):
+        """Free the model, closing every context still open on it first."""
+        if self.ptr == NULL:
+            return
+        for ctx in list(self._contexts):
+            (<LlamaContext>ctx).close()
+        llama_model_free(self.ptr)
+        self.ptr = NULL
+        self.vocab = NULL
+
+    def __dealloc__(self):
+        # contexts hold a strong reference to us, so none is alive here
+        if self.ptr != NULL:
+            llama_model_free(self.ptr)
+            self.ptr = NULL
+
+    # -- metadata ---------------------------------------------------------
+
+    def meta(self):
+        """All GGUF metadata as a dict of strings (arrays are summarised by llama.cpp)."""
+        self._check()
+        cdef int n = llama_model_meta_count(self.ptr)
+        cdef int i, k
+        cdef char kbuf[256]
+        cdef char * vbuf
+        cdef int vcap = 4096
+        out = {}
+        vbuf = <char *>malloc(vcap)
+        if vbuf == NULL:
+            raise MemoryError()
+        try:
+            for i in range(n):
+                k = llama_model_meta_key_by_index(self.ptr, i, kbuf, sizeof(kbuf))
+                if k < 0:
+                    continue
+                k = llama_model_meta_val_str_by_index(self.ptr, i, vbuf, vcap)
+                if k >= vcap:
+                    free(vbuf)
+                    vcap = k + 1
+                    vbuf = <char *>malloc(vcap)
+                    if vbuf == NULL:
+                        raise MemoryError()
+                    k = llama_model_meta_val_str_by_index(self.ptr, i, vbuf, vcap)
+                if k < 0:
+                    continue
+                out[kbuf.decode("utf-8", "replace")] = vbuf[:k].decode("utf-8", "replace")
+        finally:
+            free(vbuf)
+        return out
+
+    def description(self):
+        self._check()
+        cdef char buf[256]
+        cdef int n = llama_model_desc(self.ptr, buf, sizeof(buf))
+        return buf[:max(0, min(n, 255))].decode("utf-8", "replace")
+
+    def chat_template(self):
+        self._check()
+        cdef const char * t = llama_model_chat_template(self.ptr, NULL)
+        return None if t == NULL else t.decode("utf-8", "replace")
+
+    def stats(self):
+        """(n_params, size_bytes, n_embd, n_layer, n_head, n_ctx_train, has_decoder)."""
+        self._check()
+        return (llama_model_n_params(self.ptr), llama_model_size(self.ptr), llama_model_n_embd(self.ptr),
+                llama_model_n_layer(self.ptr), llama_model_n_head(self.ptr), llama_model_n_ctx_train(self.ptr),
+                llama_model_has_decoder(self.ptr))
+
+    def special_tokens(self):
+        self._check()
+        return llama_vocab_bos(self.vocab), llama_vocab_eos(self.vocab), llama_vocab_get_add_bos(self.vocab)
+
+    def is_eog(self, int token):
+        self._check()
+        return llama_vocab_is_eog(self.vocab, token)
+
+    # -- tokens -----------------------------------------------------------
+
+    def tokenize(self, bytes text, bint add_special, bint parse_special):
+        """Token ids of UTF-8 *text* (list of int)."""
+        self._check()
+        cdef const char * ctext = text
+        cdef Py_ssize_t tlen = len(text)
+        if tlen > 0x7FFFFFF0:
+            raise _errors.InvalidConfigError(f"text of {tlen} bytes is too long to tokenize")
+        cdef int32_t cap = <int32_t>(tlen + 8)
+        cdef vector[llama_token] out
+        out.resize(cap)
+        cdef int32_t n
+        with nogil:
+            n = llama_tokenize(self.vocab, ctext, <int32_t>tlen, out.data(), cap, add_special, parse_special)
+            if n < 0 and n != -0x7FFFFFFF - 1:
+                cap = -n
+                out.resize(cap)
+                n = llama_tokenize(self.vocab, ctext, <int32_t>tlen, out.data(), cap, add_special, parse_special)
+        if n < 0:
+            raise _errors.MullamaError(f"llama.cpp could not tokenize the text ({tlen} bytes)")
+        return [out[i] for i in range(n)]
+
+    cdef int _check_tokens(self, vector[llama_token] & toks) except -1:
+        cdef size_t i
+        cdef int nv = self.n_vocab
+        for i in range(toks.size()):
+            if toks[i] < 0 or toks[i] >= nv:
+                raise _errors.InvalidTokenError(
+                    f"token id {toks[i]} at index {i} is outside the vocabulary (0..{nv - 1})")
+        return 0
+
+    def token_to_piece(self, int token, bint special=False):
+        """The bytes of one token."""
+        self._check()
+        if token < 0 or token >= self.n_vocab:
+            raise _errors.InvalidTokenError(f"token id {token} is outside the vocabulary (0..{self.n_vocab - 1})")
+        cdef char buf[PIECE_BUF]
+        cdef int n = llama_token_to_piece(self.vocab, token, buf, PIECE_BUF, 0, special)
+        if n < 0:
+            big = bytearray(-n)
+            n = llama_token_to_piece(self.vocab, token, <char *>big, -n, 0, special)
+            return bytes(big[:n])
+        return PyBytes_FromStringAndSize(buf, n)
+
+    def detokenize(self, tokens, bint remove_special=False, bint unparse_special=False):
+        """UTF-8 bytes of a list of token ids."""
+        self._check()
+        cdef vector[llama_token] toks = tokens
+        self._check_tokens(toks)
+        cdef int32_t cap = <int32_t>(toks.size() * 8 + 16)
+        cdef string out
+        out.resize(cap)
+        cdef int32_t n
+        with nogil:
+            n = llama_detokenize(self.vocab, toks.data(), <int32_t>toks.size(), &out[0], cap,
+                                 remove_special, unparse_special)
+            if n < 0:
+                cap = -n
+                out.resize(cap)
+                n = llama_detokenize(self.vocab, toks.data(), <int32_t>toks.size(), &out[0], cap,
+                                     remove_special, unparse_special)
+        if n < 0:
+            raise _errors.MullamaError("llama.cpp could not detokenize the tokens")
+        return out.substr(0, n)
+
+
+# ---------------------------------------------------------------------------
+# sampler chain
+
+@cython.no_gc_clear
+cdef class SamplerChain:
+    """A llama.cpp sampler chain built from sampling settings, or greedy.
+
+    The greedy chain is a plain argmax done in the generation loop itself: the
+    same choice as llama.cpp's greedy sampler (first index of the largest
+    logit) without copying the vocabulary into a candidate array per token.
+    """
+
+    cdef llama_sampler * ptr   # NULL for greedy
+    cdef readonly bint greedy
+
+    def __cinit__(self):
+        self.ptr = NULL
+        self.greedy = True
+
+    def __init__(self, int n_vocab, float temperature=0.0, int top_k=0, float top_p=1.0, float min_p=0.0,
+                 float repeat_penalty=1.0, int repeat_last_n=64, unsigned int seed=0xFFFFFFFF):
+        cdef llama_sampler_chain_params p = llama_sampler_chain_default_params()
+        p.no_perf = True
+        if temperature <= 0.0 and repeat_penalty == 1.0:
+            return  # greedy: argmax in the loop
+        self.greedy = False
+        self.ptr = llama_sampler_chain_init(p)
+        if repeat_penalty != 1.0:
+            llama_sampler_chain_add(self.ptr, llama_sampler_init_penalties(n_vocab, repeat_last_n, repeat_penalty, 0.0, 0.0))
+        if temperature <= 0.0:
+            llama_sampler_chain_add(self.ptr, llama_sampler_init_greedy())
+            return
+        if top_k > 0:
+            llama_sampler_chain_add(self.ptr, llama_sampler_init_top_k(top_k))
+        if top_p < 1.0:
+            llama_sampler_chain_add(self.ptr, llama_sampler_init_top_p(top_p, 1))
+        if min_p > 0.0:
+            llama_sampler_chain_add(self.ptr, llama_sampler_init_min_p(min_p, 1))
+        llama_sampler_chain_add(self.ptr, llama_sampler_init_temp(temperature))
+        llama_sampler_chain_add(self.ptr, llama_sampler_init_dist(seed))
+
+    def accept(self, tokens):
+        """Feed tokens (e.g. the prompt) into the chain's history (penalties)."""
+        if self.ptr != NULL:
+            for t in tokens:
+                llama_sampler_accept(self.ptr, t)
+
+    def reset(self):
+        if self.ptr != NULL:
+            llama_sampler_reset(self.ptr)
+
+    def close(self):
+        if self.ptr != NULL:
+            llama_sampler_free(self.ptr)  # frees the samplers the chain owns
+            self.ptr = NULL
+
+    def __dealloc__(self):
+        if self.ptr != NULL:
+            llama_sampler_free(self.ptr)
+            self.ptr = NULL
+
+
+# ---------------------------------------------------------------------------
+# context
+
+cdef cbool _abort_callback(void * data) noexcept nogil:
+    # polled by ggml inside llama_decode; a plain flag read, no GIL
+    return mullama_load_flag(<int *>data) != 0
+
+
+cdef class _LogitsView:
+    """Exports the context's last logits as a float32 buffer (zero-copy)."""
+    cdef LlamaContext ctx
+    cdef float * data
+    cdef Py_ssize_t shape[1]
+    cdef Py_ssize_t strides[1]
+
+    def __getbuffer__(self, Py_buffer * view, int flags):
+        view.buf = <void *>self.data
+        view.obj = self
+        view.len = self.shape[0] * sizeof(float)
+        view.readonly = 0
+        view.itemsize = sizeof(float)
+        view.format = NULL
+        if flags & PyBUF_FORMAT:
+            view.format = b"f"
+        view.ndim = 1
+        view.shape = self.shape
+        view.strides = self.strides
+        view.suboffsets = NULL
+        view.internal = NULL
+        self.ctx._exports += 1
+
+    def __releasebuffer__(self, Py_buffer * view):
+        self.ctx._exports -= 1
+        if self.ctx._exports == 0 and self.ctx._closed:
+            self.ctx._free()
+
+
+@cython.no_gc_clear
+cdef class LlamaContext:
+    """Owns a ``llama_context`` with one sequence and its token history.
+
+    ``tokens`` is the conversation: every token logically in the context. The
+    first ``n_kv`` of them are in llama.cpp's KV cache; the rest (at most the
+    last sampled token, or tokens given to :meth:`decode` whose evaluation was
+    interrupted) are decoded first by the next call that needs logits.
+    """
+
+    cdef llama_context * ptr
+    cdef readonly LlamaModel model
+    cdef llama_batch batch
+    cdef bint has_batch
+    cdef int n_batch
+    cdef readonly int n_ctx
+    cdef vector[llama_token] _tokens
+    cdef int _n_kv
+    cdef bint _logits_ok     # the last decode produced logits for tokens[-1]
+    cdef int _abort          # set by cancel()/close(), read by C without the GIL
+    cdef int _in_c           # threads currently inside a nogil section
+    cdef bint _closed
+    cdef int _exports        # live buffer exports of the logits
+    cdef object _idle        # threading.Condition: close() waits for _in_c == 0
+    cdef object _owner       # threading.Lock: one user at a time (claim/release)
+    cdef object __weakref__
+
+    def __cinit__(self):
+        self.ptr = NULL
+        self.has_batch = False
+        self._n_kv = 0
+        self._abort = 0
+        self._in_c = 0
+        self._closed = False
+        self._exports = 0
+        self._logits_ok = False
+
+    def __init__(self, LlamaModel model not None, uint32_t n_ctx=2048, uint32_t n_batch=512, int n_threads=1,
+                 int n_threads_batch=1, bint flash_attention=False):
+        model._check()
+        cdef llama_context_params p = llama_context_default_params()
+        p.n_ctx = n_ctx
+        p.n_batch = n_batch
+        p.n_ubatch = n_batch
+        p.n_seq_max = 1
+        p.n_threads = n_threads
+        p.n_threads_batch = n_threads_batch
+        p.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attention else LLAMA_FLASH_ATTN_TYPE_DISABLED
+        p.abort_callback = _abort_callback
+        p.abort_callback_data = <void *>&self._abort
+        p.no_perf = True
+        self._idle = threading.Condition(threading.Lock())
+        self._owner = threading.Lock()
+        take_errors()
+        with nogil:
+            self.ptr = llama_init_from_model(model.ptr, p)
+        errors = take_errors()
+        if self.ptr == NULL:
+            reason = "; ".join(errors) if errors else "llama.cpp gave no reason"
+            raise _errors.ContextCreationError(
+                f"could not create a context (n_ctx={n_ctx}, n_batch={n_batch}): {reason}; "
+                "try a smaller context_size or batch_size")
+        self.model = model
+        self.n_ctx = llama_n_ctx(self.ptr)
+        self.n_batch = llama_n_batch(self.ptr)
+        self.batch = llama_batch_init(self.n_batch, 0, 1)
+        self.has_batch = True
+        model._contexts.add(self)
+
+    # -- lifetime ---------------------------------------------------------
+
+    cdef _free(self):
+        if self.has_batch:
+            llama_batch_free(self.batch)
+            self.has_batch = False
+        if self.ptr != NULL:
+            llama_free(self.ptr)
+            self.ptr = NULL
+
+    def close(self):
+        """Free the context. Aborts and waits for a thread that is inside C."""
+        if self._closed:
+            return
+        self._closed = True
+        mullama_store_flag(&self._abort, 1)
+        with self._idle:
+            while self._in_c:
+                self._idle.wait()
+        if self._exports == 0:
+            self._free()   # else the last logits view frees it
+
+    @property
+    def closed(self):
+        return self._closed
+
+    def __dealloc__(self):
+        # no thread is in C (it would hold a reference) and no view is alive
+        self._free()
+
+    cdef inline int _enter(self) except -1:
+        if self._closed:
+            raise _errors.ClosedError("the context is closed")
+        self.model._check()
+        self._in_c += 1   # under the GIL
+        return 0
+
+    cdef inline void _leave(self):
+        self._in_c -= 1
+        if self._closed and self._in_c == 0:
+            with self._idle:
+                self._idle.notify_all()
+
+    def claim(self, bint blocking=False):
+        """Take exclusive use of the context; BusyError if another holder has it."""
+        if self._closed:
+            raise _errors.ClosedError("the context is closed")
+        if not self._owner.acquire(blocking):
+            raise _errors.BusyError("the context is already in use (a generation or stream is running on it); "
+                                    "use one context per concurrent user")
+
+    def release(self):
+        self._owner.release()
+
+    # -- abort ------------------------------------------------------------
+
+    def cancel(self):
+        """Ask the running evaluation to stop (thread-safe, returns at once)."""
+        mullama_store_flag(&self._abort, 1)
+
+    def clear_cancel(self):
+        mullama_store_flag(&self._abort, 0)
+
+    @property
+    def cancelled(self):
+        return mullama_load_flag(&self._abort) != 0
+
+    # -- state ------------------------------------------------------------
+
+    @property
+    def tokens(self):
+        return [t for t in self._tokens]
+
+    @property
+    def n_past(self):
+        return self._tokens.size()
+
+    @property
+    def n_kv(self):
+        return self._n_kv
+
+    def truncate(self, Py_ssize_t n):
+        """Forget every token from position *n* on (KV cells included)."""
+        self._enter()
+        try:
+            if n < 0 or n > <Py_ssize_t>self._tokens.size():
+                raise _errors.InvalidConfigError(f"cannot truncate to {n} tokens: the context holds {self._tokens.size()}")
+            if n < self._n_kv:
+                llama_memory_seq_rm(llama_get_memory(self.ptr), 0, <llama_pos>n, -1)
+                self._n_kv = <int>n
+                self._logits_ok = False
+            self._tokens.resize(n)
+        finally:
+            self._leave()
+
+    def reset(self):
+        """Empty the context (KV cache and history)."""
+        self._enter()
+        try:
+            llama_memory_clear(llama_get_memory(self.ptr), True)
+            self._tokens.clear()
+            self._n_kv = 0
+            self._logits_ok = False
+        finally:
+            self._leave()
+
+    def save_state(self, str path):
+        self._enter()
+        cdef bytes bpath = path.encode("utf-8")
+        cdef const char * cpath = bpath
+        cdef bint ok
+        try:
+            with nogil:
+                ok = llama_state_save_file(self.ptr, cpath, self._tokens.data(), self._tokens.size())
+            if not ok:
+                raise _errors.StateError(f"could not write the context state to {path}")
+        finally:
+            self._leave()
+
+    def load_state(self, str path):
+        self._enter()
+        cdef bytes bpath = path.encode("utf-8")
+        cdef const char * cpath = bpath
+        cdef vector[llama_token] toks
+        cdef size_t n = 0
+        cdef bint ok
+        cdef llama_pos pmax
+        toks.resize(self.n_ctx)
+        try:
+            take_errors()
+            with nogil:
+                ok = llama_state_load_file(self.ptr, cpath, toks.data(), toks.size(), &n)
+            errors = take_errors()
+            if not ok:
+                # llama.cpp leaves the context in an undefined state: clear it
+                llama_memory_clear(llama_get_memory(self.ptr), True)
+                self._tokens.clear()
+                self._n_kv = 0
+                self._logits_ok = False
+                reason = "; ".join(errors) if errors else "not a state file of this model and context size"
+                raise _errors.StateError(f"could not load the context state from {path}: {reason}")
+            toks.resize(n)
+            self.model._check_tokens(toks)
+            pmax = llama_memory_seq_pos_max(llama_get_memory(self.ptr), 0)
+            self._tokens = toks
+            self._n_kv = min(<int>n, pmax + 1)
+            # re-decode the last token so that its logits are fresh
+            if self._n_kv > 0:
+                self._n_kv -= 1
+                llama_memory_seq_rm(llama_get_memory(self.ptr), 0, self._n_kv, -1)
+            self._logits_ok = False
+        finally:
+            self._leave()
+
+    # -- evaluation ---------------------------------------------------------
+
+    cdef int _decode_pending(self) noexcept nogil:
+        """Decode tokens[n_kv:], logits for the last one. Returns 0, ST_ABORTED,
+        ST_CTX_FULL, or llama_decode's error code (negative or 1), with KV
+        restored to n_kv on failure."""
+        cdef int end = <int>self._tokens.size()
+        cdef int start = self._n_kv
+        cdef int i, n, rc
+        if end > self.n_ctx:
+            return ST_CTX_FULL
+        while self._n_kv < end:
+            if mullama_load_flag(&self._abort):
+                rc = ST_ABORTED
+                break
+            n = min(self.n_batch, end - self._n_kv)
+            for i in range(n):
+                self.batch.token[i] = self._tokens[self._n_kv + i]
+                self.batch.pos[i] = self._n_kv + i
+                self.batch.n_seq_id[i] = 1
+                self.batch.seq_id[i][0] = 0
+                self.batch.logits[i] = 0
+            self.batch.logits[n - 1] = (self._n_kv + n == end)
+            self.batch.n_tokens = n
+            rc = llama_decode(self.ptr, self.batch)
+            if rc != 0:
+                if rc == 2:
+                    rc = ST_ABORTED
+                elif rc == 1:
+                    rc = -1000  # no KV slot: reported as context full by the caller
+                break
+            self._n_kv += n
+        else:
+            self._logits_ok = True
+            return 0
+        # failure: undo the partial evaluation of this call
+        llama_memory_seq_rm(llama_get_memory(self.ptr), 0, start, -1)
+        self._n_kv = start
+        self._logits_ok = False
+        return rc
+
+    cdef int _raise_decode(self, int rc, int n_new) except -1:
+        if rc == ST_CTX_FULL or rc == -1000:
+            raise _errors.ContextOverflowError(
+                f"{self._tokens.size()} tokens do not fit in the context of {self.n_ctx} tokens "
+                f"({n_new} new); use a larger context_size or a shorter prompt")
+        if rc == ST_ABORTED:
+            raise _errors.AbortedError("the evaluation was cancelled")
+        raise _errors.DecodeError(f"llama_decode failed with code {rc}")
+
+    def decode(self, tokens):
+        """Append *tokens* to the context and evaluate everything pending.
+
+        Returns ``STATUS_OK`` or ``STATUS_ABORTED`` (then the tokens were not
+        added); raises ContextOverflowError if they do not fit.
+        """
+        cdef vector[llama_token] toks = tokens
+        self.model._check_tokens(toks)
+        self._enter()
+        cdef size_t before = self._tokens.size()
+        cdef int rc
+        try:
+            if before + toks.size() > <size_t>self.n_ctx:
+                raise _errors.ContextOverflowError(
+                    f"{toks.size()} new tokens do not fit: the context holds {before} of {self.n_ctx}; "
+                    "use a larger context_size, a shorter prompt, or reset()")
+            self._tokens.insert(self._tokens.end(), toks.begin(), toks.end())
+            if self._tokens.empty():
+                return ST_OK
+            with nogil:
+                rc = self._decode_pending()
+            if rc != 0:
+                self._tokens.resize(before)  # the call is all or nothing
+                if rc == ST_ABORTED:
+                    return ST_ABORTED
+                self._raise_decode(rc, toks.size())
+            return ST_OK
+        finally:
+            self._leave()
+
+    def logits(self):
+        """A zero-copy float32 buffer of the last token's logits (valid until the next decode)."""
+        self._enter()
+        cdef _LogitsView v
+        cdef int rc
+        try:
+            if self._tokens.empty():
+                raise _errors.MullamaError("the context is empty: decode some tokens before asking for logits")
+            if not self._logits_ok or self._n_kv < <int>self._tokens.size():
+                if self._n_kv == <int>self._tokens.size():
+                    self._n_kv -= 1
+                    llama_memory_seq_rm(llama_get_memory(self.ptr), 0, self._n_kv, -1)
+                with nogil:
+                    rc = self._decode_pending()
+                if rc != 0:
+                    self._raise_decode(rc, 0)
+            v = _LogitsView.__new__(_LogitsView)
+            v.ctx = self
+            v.data = llama_get_logits_ith(self.ptr, -1)
+            if v.data == NULL:
+                raise _errors.DecodeError("llama.cpp returned no logits")
+            v.shape[0] = self.model.n_vocab
+            v.strides[0] = sizeof(float)
+            return v
+        finally:
+            self._leave()
+
+    cdef int _generate(self, llama_sampler * smpl, int n_max, double deadline, bint want_logprobs,
+                       vector[llama_token] & out_tok, string & out_bytes, vector[int] & out_len,
+                       vector[float] & out_lp) noexcept nogil:
+        """The generation loop: decode pending, sample, check end, render piece."""
+        cdef int i, j, n, rc
+        cdef llama_token tok
+        cdef float * logits
+        cdef float best, mx, s
+        cdef int nv = self.model.n_vocab
+        cdef const llama_vocab * vocab = self.model.vocab
+        cdef char buf[PIECE_BUF]
+        for i in range(n_max):
+            if mullama_load_flag(&self._abort):
+                return ST_ABORTED
+            if not self._logits_ok and self._n_kv == <int>self._tokens.size():
+                # logits were lost (state load, truncate): recompute the last token
+                self._n_kv -= 1
+                llama_memory_seq_rm(llama_get_memory(self.ptr), 0, self._n_kv, -1)
+            if self._n_kv < <int>self._tokens.size():
+                if <int>self._tokens.size() > self.n_ctx:
+                    return ST_CTX_FULL
+                rc = self._decode_pending()
+                if rc != 0:
+                    return ST_CTX_FULL if rc == -1000 else rc
+            logits = llama_get_logits_ith(self.ptr, -1)
+            if smpl == NULL:
+                tok = 0
+                best = logits[0]
+                for j in range(1, nv):
+                    if logits[j] > best:
+                        best = logits[j]
+                        tok = j
+            else:
+                tok = llama_sampler_sample(smpl, self.ptr, -1)
+            if want_logprobs:
+                mx = logits[0]
+                for j in range(1, nv):
+                    if logits[j] > mx:
+                        mx = logits[j]
+                s = 0.0
+                for j in range(nv):
+                    s += expf(logits[j] - mx)
+                out_lp.push_back(logits[tok] - mx - logf(s))
+            self._tokens.push_back(tok)   # pending until the next step decodes it
+            self._logits_ok = False
+            out_tok.push_back(tok)
+            if llama_vocab_is_eog(vocab, tok):
+                out_len.push_back(0)
+                return ST_EOG
+            n = llama_token_to_piece(vocab, tok, buf, PIECE_BUF, 0, False)
+            if n < 0:
+                n = 0  # a piece longer than PIECE_BUF bytes does not exist in real vocabularies
+            out_bytes.append(buf, n)
+            out_len.push_back(n)
+            if deadline > 0.0 and mullama_now() >= deadline:
+                break
+        return ST_OK
+
+    def generate(self, SamplerChain sampler not None, int n_max, double budget_s=0.0, bint logprobs=False):
+        """Sample up to *n_max* tokens without the GIL.
+
+        Stops early after *budget_s* seconds (if > 0, at least one token), at
+        an end-of-generation token, on cancel() or when the context is full.
+        Returns ``(status, tokens, pieces, logprobs_or_None)``: ``pieces[i]``
+        is the bytes of ``tokens[i]`` (b"" for an end-of-generation token).
+        """
+        if n_max <= 0:
+            raise _errors.InvalidConfigError(f"n_max must be positive, got {n_max}")
+        self._enter()
+        cdef vector[llama_token] out_tok
+        cdef string out_bytes
+        cdef vector[int] out_len
+        cdef vector[float] out_lp
+        cdef llama_sampler * smpl = sampler.ptr
+        cdef double deadline = 0.0
+        cdef int status
+        cdef size_t i
+        cdef Py_ssize_t off = 0
+        cdef const char * base
+        try:
+            if self._tokens.empty():
+                raise _errors.MullamaError("the context is empty: give a prompt to generate from")
+            if budget_s > 0.0:
+                deadline = mullama_now() + budget_s
+            with nogil:
+                status = self._generate(smpl, n_max, deadline, logprobs, out_tok, out_bytes, out_len, out_lp)
+            if status < 0 or (status > ST_CTX_FULL):
+                raise _errors.DecodeError(f"llama_decode failed with code {status}")
+            base = out_bytes.c_str()
+            pieces = []
+            for i in range(out_len.size()):
+                pieces.append(PyBytes_FromStringAndSize(base + off, out_len[i]))
+                off += out_len[i]
+            return (status, [t for t in out_tok], pieces, [x for x in out_lp] if logprobs else None)
+        finally:
+            self._leave()

@@ -1,0 +1,81 @@
+"""The exceptions mullama raises. Every one is a :class:`MullamaError`."""
+
+from __future__ import annotations
+
+__all__ = [
+    "MullamaError",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "InvalidModelError",
+    "UnsupportedModelError",
+    "ContextCreationError",
+    "ContextOverflowError",
+    "InvalidConfigError",
+    "InvalidTokenError",
+    "ClosedError",
+    "BusyError",
+    "DecodeError",
+    "AbortedError",
+    "StateError",
+    "DownloadError",
+]
+
+
+class MullamaError(Exception):
+    """Base class of every error mullama raises."""
+
+
+class ModelLoadError(MullamaError):
+    """A model file could not be loaded."""
+
+
+class ModelNotFoundError(ModelLoadError, FileNotFoundError):
+    """The model path does not exist or is not a regular file."""
+
+
+class InvalidModelError(ModelLoadError):
+    """The file is not a GGUF model, or it is truncated or corrupt."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The GGUF file is valid but describes a model llama.cpp cannot run here."""
+
+
+class ContextCreationError(MullamaError):
+    """llama.cpp could not create an inference context (memory, sizes)."""
+
+
+class ContextOverflowError(MullamaError):
+    """The tokens do not fit in the context window."""
+
+
+class InvalidConfigError(MullamaError, ValueError):
+    """A configuration or sampling value is out of range or of the wrong type."""
+
+
+class InvalidTokenError(MullamaError, ValueError):
+    """A token id is outside the model's vocabulary."""
+
+
+class ClosedError(MullamaError):
+    """The model or context was used after ``close()``."""
+
+
+class BusyError(MullamaError):
+    """A context was used from two places at once."""
+
+
+class DecodeError(MullamaError):
+    """llama.cpp failed to evaluate a batch of tokens."""
+
+
+class AbortedError(MullamaError):
+    """An evaluation was cancelled with ``Context.cancel()``."""
+
+
+class StateError(MullamaError):
+    """A saved context state could not be written or read back."""
+
+
+class DownloadError(MullamaError):
+    """The default model could not be fetched or failed verification."""
