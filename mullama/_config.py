@@ -1,0 +1,116 @@
+"""Sampling settings and shared validation helpers."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Tuple, Union
+
+from ._errors import InvalidConfigError
+
+__all__ = ["StreamConfig", "default_threads"]
+
+_U32_MAX = 0xFFFFFFFF
+
+
+def default_threads() -> int:
+    """The number of cores this process may run on (its CPU affinity)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def check_int(name: str, value: object, *, minimum: int, maximum: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidConfigError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise InvalidConfigError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def check_float(name: str, value: object, *, minimum: float, maximum: float = math.inf,
+                min_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidConfigError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or v < minimum or v > maximum or (min_open and v == minimum):
+        lo = f"> {minimum}" if min_open else f">= {minimum}"
+        hi = "" if maximum == math.inf else f" and <= {maximum}"
+        raise InvalidConfigError(f"{name} must be {lo}{hi}, got {value!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """How to sample a generation. The defaults are llama.cpp's.
+
+    Args:
+        max_tokens: most tokens to generate.
+        temperature: 0 means greedy (always the most likely token).
+        top_k: keep the k most likely tokens (0 = off).
+        top_p: nucleus sampling threshold (1.0 = off).
+        min_p: drop tokens below ``min_p`` times the top probability (0 = off).
+        repeat_penalty: penalty for tokens among the last ``repeat_last_n`` (1.0 = off).
+        repeat_last_n: how many recent tokens the repeat penalty looks at.
+        seed: random seed of the sampler; ``None`` picks a random one.
+        stop: strings that end the generation; the stop string is not returned.
+        include_probabilities: fill ``TokenData.logprob`` with the log-probability
+            of each chosen token under the model's raw distribution.
+    """
+
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: Optional[int] = None
+    stop: Tuple[str, ...] = field(default=())
+    include_probabilities: bool = False
+
+    def __post_init__(self) -> None:
+        check_int("max_tokens", self.max_tokens, minimum=1)
+        check_float("temperature", self.temperature, minimum=0.0)
+        check_int("top_k", self.top_k, minimum=0)
+        check_float("top_p", self.top_p, minimum=0.0, maximum=1.0, min_open=True)
+        check_float("min_p", self.min_p, minimum=0.0, maximum=1.0)
+        check_float("repeat_penalty", self.repeat_penalty, minimum=0.0, min_open=True)
+        check_int("repeat_last_n", self.repeat_last_n, minimum=0)
+        if self.seed is not None:
+            check_int("seed", self.seed, minimum=0, maximum=_U32_MAX - 1)
+        object.__setattr__(self, "stop", _check_stop(self.stop))
+        if not isinstance(self.include_probabilities, bool):
+            raise InvalidConfigError(
+                f"include_probabilities must be a bool, got {type(self.include_probabilities).__name__}")
+
+    @classmethod
+    def greedy(cls, max_tokens: int = 256, **kwargs: object) -> "StreamConfig":
+        """Deterministic decoding: always take the most likely token."""
+        return cls(max_tokens=max_tokens, temperature=0.0, **kwargs)  # type: ignore[arg-type]
+
+    def replace(self, **changes: object) -> "StreamConfig":
+        """A copy with some fields changed (validated again)."""
+        import dataclasses
+
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _check_stop(stop: Union[str, Sequence[str], None]) -> Tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    try:
+        items = tuple(stop)
+    except TypeError:
+        raise InvalidConfigError(f"stop must be a string or a sequence of strings, got {type(stop).__name__}") from None
+    for s in items:
+        if not isinstance(s, str):
+            raise InvalidConfigError(f"stop strings must be str, got {type(s).__name__} {s!r}")
+        if not s:
+            raise InvalidConfigError("stop strings must not be empty")
+    return items

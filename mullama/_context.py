@@ -1,0 +1,392 @@
+"""Context: a KV cache, its conversation, and generation from it."""
+
+from __future__ import annotations
+
+import codecs
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _core
+from ._config import StreamConfig
+from ._errors import AbortedError, InvalidConfigError, MullamaError
+from ._model import _token_list
+
+if TYPE_CHECKING:
+    from ._model import Model
+
+__all__ = ["Context", "TokenData", "Completion", "Timings"]
+
+Prompt = Union[str, Sequence[int]]
+
+#: a stream hands tokens back to Python at least this often (seconds)
+STREAM_INTERVAL_S = 0.02
+#: generate() returns to Python this often, so Ctrl-C is seen promptly
+GENERATE_INTERVAL_S = 0.25
+
+
+@dataclass(frozen=True)
+class TokenData:
+    """One generated token.
+
+    ``text`` is what this token adds to the output. It is always valid UTF-8:
+    bytes of a character split across tokens, and text that may be the start of
+    a stop string, are held back and arrive with a later token.
+    """
+
+    id: int
+    text: str
+    position: int
+    logprob: Optional[float] = None
+    is_final: bool = False
+
+    @property
+    def token_id(self) -> int:  # the name Mullama's TokenData uses
+        return self.id
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Where a generation's time went."""
+
+    prompt_tokens: int
+    prompt_ms: float
+    generated_tokens: int
+    generation_ms: float
+    time_to_first_token_ms: float
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        return self.prompt_tokens / (self.prompt_ms / 1e3) if self.prompt_ms > 0 else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / (self.generation_ms / 1e3) if self.generation_ms > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The result of :meth:`Context.generate`.
+
+    ``finish_reason`` is ``"stop"`` (end-of-generation token or stop string),
+    ``"length"`` (``max_tokens`` reached), ``"context_full"`` (the context
+    window is full) or ``"cancelled"`` (:meth:`Context.cancel`).
+    """
+
+    text: str
+    tokens: List[int]
+    finish_reason: str
+    timings: Timings
+    logprobs: Optional[List[float]] = None
+
+
+class _TextAssembler:
+    """Turns token bytes into text that is valid UTF-8 and free of stop strings."""
+
+    __slots__ = ("_decode", "_stops", "_held", "_max_hold")
+
+    def __init__(self, stops: Tuple[str, ...]) -> None:
+        self._decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+        self._stops = stops
+        self._held = ""
+        self._max_hold = max((len(s) for s in stops), default=1) - 1
+
+    def feed(self, piece: bytes) -> Tuple[str, bool]:
+        """Text released by *piece*, and whether a stop string was reached."""
+        text = self._held + self._decode(piece)
+        if not self._stops:
+            return text, False
+        cut = -1
+        for s in self._stops:
+            i = text.find(s)
+            if i >= 0 and (cut < 0 or i < cut):
+                cut = i
+        if cut >= 0:
+            self._held = ""
+            return text[:cut], True
+        # hold back the longest tail that could begin a stop string
+        for k in range(min(self._max_hold, len(text)), 0, -1):
+            tail = text[-k:]
+            if any(s.startswith(tail) for s in self._stops):
+                self._held = tail
+                return text[:-k], False
+        self._held = ""
+        return text, False
+
+    def flush(self) -> str:
+        text = self._held + self._decode(b"", True)
+        self._held = ""
+        return text
+
+
+class Context:
+    """An inference context: a KV cache holding one conversation.
+
+    Each :meth:`generate` or :meth:`stream` call appends its prompt to what the
+    context already holds and generates from there; the generated tokens stay
+    in the context, so the next call continues the conversation. :meth:`reset`
+    starts over. A context serves one caller at a time: using it from a second
+    thread (or a second stream) while one runs raises :class:`BusyError`.
+
+    Create contexts with :meth:`Model.create_context`.
+    """
+
+    def __init__(self, model: "Model", core: "_core.LlamaContext", threads: int) -> None:
+        self._model = model
+        self._core = core
+        self.threads = threads
+
+    # -- lifetime -------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the KV cache (idempotent). A running generation is cancelled first."""
+        self._core.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._core.closed
+
+    def __enter__(self) -> "Context":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<mullama.Context {'closed' if self.closed else f'{self.n_past}/{self.n_ctx} tokens'}>"
+
+    # -- state ----------------------------------------------------------------
+
+    @property
+    def model(self) -> "Model":
+        return self._model
+
+    @property
+    def n_ctx(self) -> int:
+        """How many tokens the context holds at most."""
+        return self._core.n_ctx
+
+    @property
+    def n_past(self) -> int:
+        """How many tokens the context holds now."""
+        return self._core.n_past
+
+    @property
+    def tokens(self) -> List[int]:
+        """The conversation so far, as token ids."""
+        return self._core.tokens
+
+    def reset(self) -> None:
+        """Forget the conversation (empties the KV cache)."""
+        self._core.claim()
+        try:
+            self._core.reset()
+        finally:
+            self._core.release()
+
+    def cancel(self) -> None:
+        """Stop the generation running on this context, from any thread.
+
+        The loop stops within about one token, also in the middle of a prompt
+        evaluation; the generation ends with ``finish_reason == "cancelled"``.
+        """
+        self._core.cancel()
+
+    def save_state(self, path: Union[str, "os.PathLike[str]"]) -> None:
+        """Write the KV cache and the conversation's tokens to *path*."""
+        self._core.claim()
+        try:
+            self._core.save_state(os.fspath(path))
+        finally:
+            self._core.release()
+
+    def load_state(self, path: Union[str, "os.PathLike[str]"]) -> None:
+        """Restore a state written by :meth:`save_state` (same model and context size)."""
+        p = os.fspath(path)
+        if not os.path.isfile(p):
+            from ._errors import StateError
+
+            raise StateError(f"state file not found: {p}")
+        self._core.claim()
+        try:
+            self._core.load_state(p)
+        finally:
+            self._core.release()
+
+    # -- low level: decode and read logits ------------------------------------
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        """Append *tokens* to the context and evaluate them (prompt processing).
+
+        Raises:
+            InvalidTokenError, ContextOverflowError, AbortedError (cancel()).
+        """
+        toks = _token_list(tokens)
+        self._core.claim()
+        try:
+            self._core.clear_cancel()
+            if self._core.decode(toks) == _core.STATUS_ABORTED:
+                raise AbortedError("the evaluation was cancelled")
+        finally:
+            self._core.release()
+
+    def logits(self) -> np.ndarray:
+        """The last token's logits, a float32 array of ``n_vocab`` values.
+
+        Zero-copy: the array views llama.cpp's buffer and is valid until the next
+        evaluation on this context; copy it to keep it.
+        """
+        self._core.claim()
+        try:
+            return np.frombuffer(self._core.logits(), dtype=np.float32)
+        finally:
+            self._core.release()
+
+    # -- generation -------------------------------------------------------------
+
+    def generate(self, prompt: Prompt, config: Optional[StreamConfig] = None) -> Completion:
+        """Generate a completion of *prompt* (text or token ids).
+
+        Returns a :class:`Completion`; cancellation returns what was generated so
+        far with ``finish_reason == "cancelled"``.
+        """
+        run = _Run(self, prompt, config, interval=GENERATE_INTERVAL_S)
+        for _ in run:
+            pass
+        return run.completion()
+
+    def stream(self, prompt: Prompt, config: Optional[StreamConfig] = None) -> Iterator[TokenData]:
+        """Yield the tokens of a generation as they are produced.
+
+        The context is held by the stream until it is exhausted or closed
+        (``close()`` on the generator, or leaving a ``for`` loop and dropping it).
+        """
+        return iter(_Run(self, prompt, config, interval=STREAM_INTERVAL_S))
+
+
+class _Run:
+    """One generation: prompt evaluation, then chunks of tokens from the C loop."""
+
+    def __init__(self, ctx: Context, prompt: Prompt, config: Optional[StreamConfig], interval: float) -> None:
+        if config is None:
+            config = StreamConfig()
+        elif not isinstance(config, StreamConfig):
+            raise InvalidConfigError(f"config must be a StreamConfig, got {type(config).__name__}")
+        if not isinstance(prompt, str):
+            prompt = _token_list(prompt)
+        self._ctx = ctx
+        self._prompt = prompt
+        self._config = config
+        self._interval = interval
+        self.tokens: List[int] = []
+        self.text: List[str] = []
+        self.logprobs: List[float] = []
+        self.finish_reason = ""
+        self._timings: Optional[Timings] = None
+        self._first: Optional[float] = None
+
+    def completion(self) -> Completion:
+        assert self._timings is not None
+        return Completion(
+            text="".join(self.text),
+            tokens=self.tokens,
+            finish_reason=self.finish_reason,
+            timings=self._timings,
+            logprobs=self.logprobs if self._config.include_probabilities else None,
+        )
+
+    def __iter__(self) -> Iterator[TokenData]:
+        core = self._ctx._core
+        core.claim()
+        try:
+            yield from self._generate(core)
+        finally:
+            core.release()
+
+    def _generate(self, core: "_core.LlamaContext") -> Iterator[TokenData]:
+        cfg = self._config
+        model = self._ctx._model
+        core.clear_cancel()
+        t0 = time.perf_counter()
+        prompt = self._prompt
+        if isinstance(prompt, str):
+            prompt = model.tokenize(prompt, add_bos=core.n_past == 0)
+        if not prompt and core.n_past == 0:
+            raise MullamaError("the prompt is empty and the context holds nothing to continue from")
+        status = core.decode(prompt)
+        t1 = time.perf_counter()
+        first = t1
+        budget = self._ctx.n_ctx - core.n_past  # every generated token must fit in the context
+        limit = min(cfg.max_tokens, budget)
+        if status == _core.STATUS_ABORTED:
+            self.finish_reason = "cancelled"
+        elif limit <= 0:
+            self.finish_reason = "context_full"
+        else:
+            sampler = _core.SamplerChain(
+                model.n_vocab, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repeat_penalty,
+                cfg.repeat_last_n, 0xFFFFFFFF if cfg.seed is None else cfg.seed)
+            try:
+                yield from self._loop(core, sampler, limit)
+            finally:
+                sampler.close()
+            first = self._first or t1
+        t2 = time.perf_counter()
+        self._timings = Timings(
+            prompt_tokens=len(prompt),
+            prompt_ms=(t1 - t0) * 1e3,
+            generated_tokens=len(self.tokens),
+            generation_ms=(t2 - t1) * 1e3,
+            time_to_first_token_ms=(first - t0) * 1e3,
+        )
+
+    def _loop(self, core: "_core.LlamaContext", sampler: "_core.SamplerChain", limit: int) -> Iterator[TokenData]:
+        cfg = self._config
+        text = _TextAssembler(cfg.stop)
+        want_lp = cfg.include_probabilities
+        n = 0
+        # the first chunk is one token, so that the first token arrives at once
+        chunk = 1
+        while True:
+            status, toks, pieces, lps = core.generate(sampler, min(chunk, limit - n), self._interval, want_lp)
+            if self._first is None and toks:
+                self._first = time.perf_counter()
+            chunk = limit
+            last = len(toks) - 1
+            for i, tok in enumerate(toks):
+                n += 1
+                pos = core.n_past - len(toks) + i
+                piece, stopped = text.feed(pieces[i])
+                final = stopped or n == limit or (i == last and status == _core.STATUS_EOG)
+                if final and not stopped:
+                    piece += text.flush()
+                self.tokens.append(tok)
+                self.text.append(piece)
+                lp = lps[i] if want_lp else None
+                if want_lp:
+                    self.logprobs.append(lp)
+                if final:
+                    if stopped:
+                        self.finish_reason = "stop"
+                        core.truncate(pos + 1)  # drop tokens sampled past the stop string
+                    elif status == _core.STATUS_EOG and i == last:
+                        self.finish_reason = "stop"
+                    else:
+                        self.finish_reason = "length" if limit == cfg.max_tokens else "context_full"
+                    yield TokenData(tok, piece, pos, lp, True)
+                    return
+                try:
+                    yield TokenData(tok, piece, pos, lp, False)
+                except GeneratorExit:
+                    # the consumer left: keep only what it has seen in the conversation
+                    core.truncate(pos + 1)
+                    raise
+            if status == _core.STATUS_ABORTED:
+                self.finish_reason = "cancelled"
+                return
+            if status == _core.STATUS_CONTEXT_FULL:
+                self.finish_reason = "context_full"
+                return

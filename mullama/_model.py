@@ -1,0 +1,234 @@
+"""Model: a loaded GGUF file, its metadata and its tokenizer."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Union
+
+from . import _core
+from ._config import check_int, default_threads
+from ._errors import (
+    ClosedError,
+    InvalidConfigError,
+    InvalidModelError,
+    ModelNotFoundError,
+)
+
+if TYPE_CHECKING:
+    from ._context import Context
+
+__all__ = ["Model", "ModelInfo"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+_GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a model is, read from its GGUF metadata."""
+
+    name: str
+    architecture: str
+    n_params: int
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_ctx_train: int
+    size_bytes: int
+    chat_template: Optional[str] = None
+    path: str = ""
+
+
+def check_model_file(path: PathLike) -> str:
+    """Cheap checks before llama.cpp sees the file; returns the path as str."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidConfigError(f"model path must be a str or os.PathLike, got {type(path).__name__}")
+    p = Path(path)
+    if not p.exists():
+        raise ModelNotFoundError(f"model file not found: {p}")
+    if p.is_dir():
+        raise InvalidModelError(f"{p} is a directory, not a GGUF model file")
+    if not p.is_file():
+        raise InvalidModelError(f"{p} is not a regular file")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise InvalidModelError(f"cannot read {p}: {exc.strerror or exc}") from exc
+    if not head:
+        raise InvalidModelError(f"{p} is empty")
+    if head != _GGUF_MAGIC:
+        raise InvalidModelError(f"{p} is not a GGUF file (it starts with {head!r}, not b'GGUF')")
+    return str(p)
+
+
+class Model:
+    """A GGUF model loaded into memory. Weights are shared by all its contexts.
+
+    Build it with :meth:`Model.load`. Use it as a context manager, or call
+    :meth:`close` (idempotent); closing a model closes its contexts.
+    """
+
+    def __init__(self, core: "_core.LlamaModel", vocab_only: bool) -> None:
+        self._core = core
+        self._vocab_only = vocab_only
+        self._info: Optional[ModelInfo] = None
+
+    @classmethod
+    def load(
+        cls,
+        path: PathLike,
+        *,
+        gpu_layers: int = 0,
+        use_mmap: bool = True,
+        vocab_only: bool = False,
+        progress: Optional[Callable[[float], Optional[bool]]] = None,
+    ) -> "Model":
+        """Load a GGUF model.
+
+        Args:
+            path: the ``.gguf`` file.
+            gpu_layers: layers to offload to the GPU (needs a GPU build; -1 = all).
+            use_mmap: map the file instead of reading it.
+            vocab_only: load only the tokenizer (no generation possible).
+            progress: called with the load fraction in [0, 1]; return ``False``
+                to cancel the load. An exception it raises is re-raised here.
+
+        Raises:
+            ModelNotFoundError, InvalidModelError, UnsupportedModelError.
+        """
+        spath = check_model_file(path)
+        check_int("gpu_layers", gpu_layers, minimum=-1)
+        if progress is not None and not callable(progress):
+            raise InvalidConfigError(f"progress must be callable, got {type(progress).__name__}")
+        core = _core.LlamaModel.load(spath, gpu_layers, bool(use_mmap), bool(vocab_only), progress)
+        return cls(core, bool(vocab_only))
+
+    # -- lifetime -------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the model and every context created from it (idempotent)."""
+        self._core.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._core.closed
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.info.name!r}, {self.info.architecture}"
+        return f"<mullama.Model {state} {self._core.path}>"
+
+    # -- metadata ---------------------------------------------------------------
+
+    @property
+    def info(self) -> ModelInfo:
+        """Name, architecture, sizes and chat template of the model."""
+        if self._info is None:
+            meta = self._core.meta()
+            n_params, size, n_embd, n_layer, n_head, n_ctx_train, _ = self._core.stats()
+            self._info = ModelInfo(
+                name=meta.get("general.name", Path(self._core.path).stem),
+                architecture=meta.get("general.architecture", "unknown"),
+                n_params=int(n_params),
+                n_vocab=self._core.n_vocab,
+                n_embd=n_embd,
+                n_layer=n_layer,
+                n_head=n_head,
+                n_ctx_train=n_ctx_train,
+                size_bytes=int(size),
+                chat_template=self._core.chat_template(),
+                path=self._core.path,
+            )
+        return self._info
+
+    def metadata(self) -> dict:
+        """Every GGUF metadata key and its value, as strings."""
+        return self._core.meta()
+
+    @property
+    def n_vocab(self) -> int:
+        return self._core.n_vocab
+
+    @property
+    def vocab_only(self) -> bool:
+        return self._vocab_only
+
+    # -- tokens -------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> List[int]:
+        """Token ids of *text*.
+
+        Args:
+            add_bos: add the beginning-of-sequence token if the model uses one.
+            special: parse special tokens written in the text (``<|im_start|>``).
+        """
+        if not isinstance(text, str):
+            raise InvalidConfigError(f"text must be str, got {type(text).__name__}")
+        return self._core.tokenize(text.encode("utf-8", "surrogatepass"), bool(add_bos), bool(special))
+
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
+        """The text of *tokens* (special tokens rendered only if *special*)."""
+        return self._core.detokenize(_token_list(tokens), False, bool(special)).decode("utf-8", "replace")
+
+    def token_to_piece(self, token: int, special: bool = False) -> bytes:
+        """The raw bytes of one token (may be part of a UTF-8 character)."""
+        return self._core.token_to_piece(_token_list([token])[0], bool(special))
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return self._core.is_eog(_token_list([token])[0])
+
+    # -- contexts -----------------------------------------------------------------
+
+    def create_context(
+        self,
+        context_size: int = 2048,
+        threads: Optional[int] = None,
+        batch_size: int = 512,
+        flash_attention: bool = False,
+        threads_batch: Optional[int] = None,
+    ) -> "Context":
+        """A new inference context with its own KV cache (a conversation).
+
+        Args:
+            context_size: tokens the context holds (0 = the model's training size).
+            threads: threads for generation (default: the cores this process may use).
+            batch_size: most prompt tokens evaluated in one step.
+            flash_attention: use flash attention.
+            threads_batch: threads for prompt processing (default: ``threads``).
+        """
+        from ._context import Context
+
+        if self._core.closed:
+            raise ClosedError("the model is closed")
+        if self._vocab_only:
+            raise InvalidModelError("this model was loaded with vocab_only=True: it can tokenize but not generate")
+        check_int("context_size", context_size, minimum=0, maximum=1 << 24)
+        check_int("batch_size", batch_size, minimum=1, maximum=1 << 20)
+        threads = default_threads() if threads is None else check_int("threads", threads, minimum=1, maximum=1024)
+        threads_batch = threads if threads_batch is None else check_int(
+            "threads_batch", threads_batch, minimum=1, maximum=1024)
+        if context_size == 0:
+            context_size = self.info.n_ctx_train
+        batch_size = min(batch_size, context_size)
+        core = _core.LlamaContext(self._core, context_size, batch_size, threads, threads_batch, bool(flash_attention))
+        return Context(self, core, threads=threads)
+
+
+def _token_list(tokens: Sequence[int]) -> List[int]:
+    try:
+        out = [t.__index__() for t in tokens]
+    except (AttributeError, TypeError):
+        raise InvalidConfigError("tokens must be a sequence of int token ids") from None
+    for t in out:
+        if not -(1 << 31) <= t < (1 << 31):
+            raise InvalidConfigError(f"token id {t} does not fit in 32 bits")
+    return out

@@ -1,0 +1,58 @@
+"""Shared fixtures: the tiny generated model, the default model, vocab files."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+import mullama  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> Path:
+    """A 0.6 MB random-weight llama GGUF, written once per test run."""
+    from tiny_model import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_path):
+    with mullama.Model.load(tiny_model_path) as m:
+        yield m
+
+
+@pytest.fixture
+def tiny_ctx(tiny_model):
+    with tiny_model.create_context(context_size=512, threads=1) as ctx:
+        yield ctx
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    """The real default model, pulled into the cache by the suite itself if absent."""
+    return mullama.default_model_path(progress=False)
+
+
+@pytest.fixture(scope="session")
+def default_model(default_model_path):
+    with mullama.Model.load(default_model_path) as m:
+        yield m
+
+
+@pytest.fixture
+def ctx(default_model):
+    with default_model.create_context(context_size=1024) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_dir() -> Path:
+    from fetch_llama_cpp import ensure_llama_cpp
+
+    return ensure_llama_cpp()
