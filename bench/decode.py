@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Single-stream decode speed: mullama against llama.cpp's llama-bench, in one run.
+
+Builds ``llama-bench`` from the same pinned llama.cpp source (cached, outside
+the package build), then measures on the default model and on the tiny
+generated model:
+
+* native: ``llama-bench -p 0 -n N`` (tg: one token per llama_decode, no sampling);
+* mullama: ``Context.generate`` greedy from a one-token prompt, timing the
+  generation phase (decode + greedy sampling + token-to-piece + Python side).
+
+Prints one JSON line per figure; ``ratio`` is mullama / native in this run.
+
+Usage: python bench/decode.py [--reps 5] [--tokens 128] [--threads 2] [--tiny-threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+import mullama  # noqa: E402
+from mullama import StreamConfig  # noqa: E402
+
+
+def emit(**fields) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def llama_bench_binary() -> Path:
+    import build_llama_cpp
+
+    bdir = build_llama_cpp.build(("llama-bench", "llama-batched-bench"), tools=True)
+    exe = bdir / "bin" / "llama-bench"
+    if not exe.is_file():
+        raise SystemExit(f"llama-bench was not built in {bdir}")
+    return exe
+
+
+def native_tg(exe: Path, model: Path, tokens: int, threads: int, reps: int) -> float:
+    """Median tokens/s of llama-bench's tg test (it runs its own warm-up)."""
+    cmd = [str(exe), "-m", str(model), "-p", "0", "-n", str(tokens), "-t", str(threads),
+           "-r", str(reps), "-fa", "0", "-o", "jsonl"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    samples = rows[-1].get("samples_ts") or [rows[-1]["avg_ts"]]
+    return statistics.median(samples)
+
+
+def mullama_tg(model_path: Path, tokens: int, threads: int, reps: int) -> float:
+    """Median tokens/s of greedy generation (generation phase only)."""
+    rates = []
+    with mullama.Model.load(model_path) as model:
+        with model.create_context(context_size=tokens + 16, threads=threads) as ctx:
+            bos = model.tokenize("", add_bos=True) or [0]
+            cfg = StreamConfig.greedy(tokens)
+            for i in range(reps + 1):  # the first run is the warm-up
+                ctx.reset()
+                t0 = time.perf_counter()
+                done = ctx.generate(bos, cfg)
+                elapsed = done.timings.generation_ms / 1e3 or (time.perf_counter() - t0)
+                if i:
+                    rates.append(len(done.tokens) / elapsed)
+    return statistics.median(rates)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2, help="threads on the default model")
+    ap.add_argument("--tiny-threads", type=int, default=2, help="threads on the tiny model")
+    args = ap.parse_args()
+
+    exe = llama_bench_binary()
+    from tiny_model import write_tiny_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = write_tiny_model(Path(tmp) / "tiny.gguf")
+        cases = [("default", mullama.default_model_path(progress=False), args.threads),
+                 ("tiny", tiny, args.tiny_threads)]
+        for name, path, threads in cases:
+            native = native_tg(exe, path, args.tokens, threads, args.reps)
+            ours = mullama_tg(path, args.tokens, threads, args.reps)
+            emit(figure="decode_tok_s", model=name, threads=threads, tokens=args.tokens,
+                 mullama=round(ours, 1), native=round(native, 1), ratio=round(ours / native, 3))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
