@@ -254,28 +254,38 @@ def test_objects_die_in_any_order(tiny_model_path):
 
 
 def test_other_thread_runs_during_generation(tiny_model):
-    """The GIL is released inside C: another Python thread makes progress during one C call."""
+    """The GIL is released inside C: another Python thread runs during one C call.
+
+    The switch interval is made huge, so the main thread only lets the other
+    thread run when it releases the GIL itself; if the evaluation held the
+    GIL, the other thread would count nothing while it runs.
+    """
+    import sys
+    import time
+
     with tiny_model.create_context(4096, batch_size=4096, threads=1) as ctx:
         prompt = [1] + [300 + (i % 200) for i in range(4000)]
-        ticks = []
-        inside = threading.Event()
-        stop = threading.Event()
+        state = {"inside": False, "stop": False, "ticks": 0}
 
         def spin():
-            while not stop.is_set():
-                if inside.is_set():
-                    ticks.append(1)
+            while not state["stop"]:
+                if state["inside"]:
+                    state["ticks"] += 1
+                time.sleep(0)  # give the GIL back whenever the main thread wants it
 
+        old = sys.getswitchinterval()
+        sys.setswitchinterval(100.0)
         t = threading.Thread(target=spin)
-        t.start()
         try:
-            inside.set()
-            ctx.eval(prompt)  # a single nogil call into llama.cpp
-            inside.clear()
+            t.start()
+            state["inside"] = True
+            ctx.eval(prompt)  # a single call into llama.cpp, GIL released
+            state["inside"] = False
         finally:
-            stop.set()
+            state["stop"] = True
+            sys.setswitchinterval(old)
             t.join()
-        assert len(ticks) > 100
+        assert state["ticks"] > 10
 
 
 def test_progress_callback(tiny_model_path):
