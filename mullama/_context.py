@@ -254,7 +254,7 @@ class Context:
         far with ``finish_reason == "cancelled"``.
         """
         run = _Run(self, prompt, config, interval=GENERATE_INTERVAL_S)
-        for _ in run:
+        for _ in run.batches():
             pass
         return run.completion()
 
@@ -298,13 +298,29 @@ class _Run:
             logprobs=self.logprobs if self._config.include_probabilities else None,
         )
 
-    def __iter__(self) -> Iterator[TokenData]:
+    def batches(self) -> Iterator[List[TokenData]]:
+        """The generation as one list of tokens per trip into C (what a stream hands over)."""
         core = self._ctx._core
         core.claim()
         try:
             yield from self._generate(core)
         finally:
             core.release()
+
+    def __iter__(self) -> Iterator[TokenData]:
+        batches = self.batches()
+        try:
+            for batch in batches:
+                for tok in batch:
+                    try:
+                        yield tok
+                    except GeneratorExit:
+                        # the consumer left: keep only what it has seen in the conversation
+                        if not tok.is_final:
+                            self._ctx._core.truncate(tok.position + 1)
+                        raise
+        finally:
+            batches.close()
 
     def _generate(self, core: "_core.LlamaContext") -> Iterator[TokenData]:
         cfg = self._config
@@ -343,7 +359,7 @@ class _Run:
             time_to_first_token_ms=(first - t0) * 1e3,
         )
 
-    def _loop(self, core: "_core.LlamaContext", sampler: "_core.SamplerChain", limit: int) -> Iterator[TokenData]:
+    def _loop(self, core: "_core.LlamaContext", sampler: "_core.SamplerChain", limit: int) -> Iterator[List[TokenData]]:
         cfg = self._config
         text = _TextAssembler(cfg.stop)
         want_lp = cfg.include_probabilities
@@ -356,9 +372,11 @@ class _Run:
                 self._first = time.perf_counter()
             chunk = limit
             last = len(toks) - 1
+            start = core.n_past - len(toks)
+            batch = []
             for i, tok in enumerate(toks):
                 n += 1
-                pos = core.n_past - len(toks) + i
+                pos = start + i
                 piece, stopped = text.feed(pieces[i])
                 final = stopped or n == limit or (i == last and status == _core.STATUS_EOG)
                 if final and not stopped:
@@ -368,6 +386,7 @@ class _Run:
                 lp = lps[i] if want_lp else None
                 if want_lp:
                     self.logprobs.append(lp)
+                batch.append(TokenData(tok, piece, pos, lp, final))
                 if final:
                     if stopped:
                         self.finish_reason = "stop"
@@ -376,14 +395,10 @@ class _Run:
                         self.finish_reason = "stop"
                     else:
                         self.finish_reason = "length" if limit == cfg.max_tokens else "context_full"
-                    yield TokenData(tok, piece, pos, lp, True)
+                    yield batch
                     return
-                try:
-                    yield TokenData(tok, piece, pos, lp, False)
-                except GeneratorExit:
-                    # the consumer left: keep only what it has seen in the conversation
-                    core.truncate(pos + 1)
-                    raise
+            if batch:
+                yield batch
             if status == _core.STATUS_ABORTED:
                 self.finish_reason = "cancelled"
                 return

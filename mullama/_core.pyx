@@ -631,7 +631,7 @@ cdef class LlamaContext:
         """Empty the context (KV cache and history)."""
         self._enter()
         try:
-            llama_memory_clear(llama_get_memory(self.ptr), True)
+            llama_memory_clear(llama_get_memory(self.ptr), False)
             self._tokens.clear()
             self._n_kv = 0
             self._logits_ok = False
@@ -667,7 +667,7 @@ cdef class LlamaContext:
             errors = take_errors()
             if not ok:
                 # llama.cpp leaves the context in an undefined state: clear it
-                llama_memory_clear(llama_get_memory(self.ptr), True)
+                llama_memory_clear(llama_get_memory(self.ptr), False)
                 self._tokens.clear()
                 self._n_kv = 0
                 self._logits_ok = False
