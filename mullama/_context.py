@@ -270,7 +270,8 @@ class Context:
 class _Run:
     """One generation: prompt evaluation, then chunks of tokens from the C loop."""
 
-    def __init__(self, ctx: Context, prompt: Prompt, config: Optional[StreamConfig], interval: float) -> None:
+    def __init__(self, ctx: Context, prompt: Prompt, config: Optional[StreamConfig], interval: float,
+                 clear_cancel: bool = True) -> None:
         if config is None:
             config = StreamConfig()
         elif not isinstance(config, StreamConfig):
@@ -281,6 +282,9 @@ class _Run:
         self._prompt = prompt
         self._config = config
         self._interval = interval
+        self._clear_cancel = clear_cancel
+        #: tokens in the context once the prompt is evaluated (None before)
+        self.prompt_end: Optional[int] = None
         self.tokens: List[int] = []
         self.text: List[str] = []
         self.logprobs: List[float] = []
@@ -288,8 +292,13 @@ class _Run:
         self._timings: Optional[Timings] = None
         self._first: Optional[float] = None
 
+    @property
+    def finished(self) -> bool:
+        return self._timings is not None
+
     def completion(self) -> Completion:
-        assert self._timings is not None
+        if self._timings is None:
+            raise MullamaError("the generation has not finished")
         return Completion(
             text="".join(self.text),
             tokens=self.tokens,
@@ -325,7 +334,8 @@ class _Run:
     def _generate(self, core: "_core.LlamaContext") -> Iterator[TokenData]:
         cfg = self._config
         model = self._ctx._model
-        core.clear_cancel()
+        if self._clear_cancel:
+            core.clear_cancel()
         t0 = time.perf_counter()
         prompt = self._prompt
         if isinstance(prompt, str):
@@ -334,6 +344,7 @@ class _Run:
             raise MullamaError("the prompt is empty and the context holds nothing to continue from")
         status = core.decode(prompt)
         t1 = time.perf_counter()
+        self.prompt_end = core.n_past
         first = t1
         budget = self._ctx.n_ctx - core.n_past  # every generated token must fit in the context
         limit = min(cfg.max_tokens, budget)

@@ -18,6 +18,7 @@ __all__ = [
     "AbortedError",
     "StateError",
     "DownloadError",
+    "RequestTimeoutError",
 ]
 
 
@@ -79,3 +80,7 @@ class StateError(MullamaError):
 
 class DownloadError(MullamaError):
     """The default model could not be fetched or failed verification."""
+
+
+class RequestTimeoutError(MullamaError, TimeoutError):
+    """An async request ran past its deadline (``AsyncConfig.timeout_ms``)."""

@@ -1,0 +1,32 @@
+"""mullama.aio: the async API, on anyio, identical under asyncio and trio.
+
+>>> import anyio, mullama
+>>> from mullama.aio import AsyncModel
+>>> async def main():
+...     async with await AsyncModel.load(mullama.default_model_path()) as model:
+...         async with model.generate_stream("Once upon a time") as stream:
+...             async for tok in stream:
+...                 print(tok.text, end="")
+>>> anyio.run(main)                     # or anyio.run(main, backend="trio")
+
+Nothing here calls C directly: every blocking call runs on a worker thread
+through the sync API, and cancellation reaches llama.cpp through the
+context's abort flag.
+"""
+
+from .._config import StreamConfig
+from .._context import Completion, TokenData
+from .._model import ModelInfo
+from ._model import AsyncConfig, AsyncContext, AsyncModel
+from ._stream import TokenStream
+
+__all__ = [
+    "AsyncConfig",
+    "AsyncModel",
+    "AsyncContext",
+    "TokenStream",
+    "StreamConfig",
+    "TokenData",
+    "Completion",
+    "ModelInfo",
+]

@@ -1,0 +1,372 @@
+"""AsyncModel and AsyncContext: the sync API behind worker threads, on anyio."""
+
+from __future__ import annotations
+
+import os
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, List, Optional, Sequence, Union
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+
+from .._config import StreamConfig, check_int, default_threads
+from .._context import Completion, Context, Prompt
+from .._errors import BusyError, InvalidConfigError
+from .._model import Model, ModelInfo, check_model_file
+from ._stream import TokenStream, Workers, check_open, deadline, open_token_stream
+
+__all__ = ["AsyncConfig", "AsyncModel", "AsyncContext"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass(frozen=True)
+class AsyncConfig:
+    """How to load a model for async use.
+
+    Args:
+        model_path: the ``.gguf`` file.
+        gpu_layers: layers offloaded to the GPU (needs a GPU build; -1 = all).
+        context_size: tokens per request context.
+        threads: threads per generation (default: the cores this process may use).
+        flash_attention: use flash attention.
+        max_concurrent: requests served at once; more wait their turn.
+        timeout_ms: deadline of each request in milliseconds (0 or None = none).
+    """
+
+    model_path: PathLike
+    gpu_layers: int = 0
+    context_size: int = 2048
+    threads: Optional[int] = field(default=None)
+    flash_attention: bool = False
+    max_concurrent: int = 4
+    timeout_ms: Optional[int] = 30000
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_path, (str, os.PathLike)):
+            raise InvalidConfigError(f"model_path must be a str or os.PathLike, got {type(self.model_path).__name__}")
+        check_int("gpu_layers", self.gpu_layers, minimum=-1)
+        check_int("context_size", self.context_size, minimum=1, maximum=1 << 24)
+        if self.threads is None:
+            object.__setattr__(self, "threads", default_threads())
+        check_int("threads", self.threads, minimum=1, maximum=1024)
+        if not isinstance(self.flash_attention, bool):
+            raise InvalidConfigError(f"flash_attention must be a bool, got {type(self.flash_attention).__name__}")
+        check_int("max_concurrent", self.max_concurrent, minimum=1, maximum=1024)
+        if self.timeout_ms is not None:
+            check_int("timeout_ms", self.timeout_ms, minimum=0)
+
+
+class AsyncModel:
+    """A model served to async code under asyncio or trio.
+
+    Many tasks may share one AsyncModel: up to ``max_concurrent`` requests run
+    at once, each on its own context (they share the weights); more wait their
+    turn. Every call into llama.cpp runs on a worker thread, so the event loop
+    never blocks.
+
+    **Cancellation**: cancelling a request (cancel scope, ``move_on_after``,
+    ``fail_after``, a trio nursery cancel, asyncio ``Task.cancel``) stops its
+    generation inside llama.cpp within about one token, also during a long
+    prompt evaluation; when the cancellation has propagated, the worker thread
+    is done and the model serves the next request normally.
+    """
+
+    def __init__(self, model: Model, config: AsyncConfig) -> None:
+        self._model = model
+        self._config = config
+        self._limiter = anyio.CapacityLimiter(config.max_concurrent)
+        self._idle: List[Context] = []
+        self._contexts: List[Context] = []
+        self._workers = Workers()
+        self._info: Optional[ModelInfo] = None
+        self._closed = False
+
+    # -- loading ----------------------------------------------------------------
+
+    @classmethod
+    async def load(cls, path: PathLike, *, progress: Optional[Callable[[float], None]] = None,
+                   **config: object) -> "AsyncModel":
+        """Load *path* (file I/O and parsing on a worker thread); see :class:`AsyncConfig` for options."""
+        return await cls.load_with_config(AsyncConfig(model_path=path, **config), progress=progress)  # type: ignore[arg-type]
+
+    @classmethod
+    async def load_with_config(cls, config: AsyncConfig,
+                               progress: Optional[Callable[[float], None]] = None) -> "AsyncModel":
+        """Load the model *config* names.
+
+        Args:
+            progress: called on the event loop with the load fraction in [0, 1].
+
+        **Cancellation**: cancelling the load stops llama.cpp's loader at its
+        next progress report and frees what it had loaded; nothing half-loaded
+        is left.
+        """
+        if not isinstance(config, AsyncConfig):
+            raise InvalidConfigError(f"config must be an AsyncConfig, got {type(config).__name__}")
+
+        def on_progress(fraction: float) -> None:
+            anyio.from_thread.check_cancelled()  # raises in the loader: the load is aborted
+            if progress is not None:
+                anyio.from_thread.run_sync(progress, fraction)
+
+        def load() -> Model:
+            path = check_model_file(config.model_path)
+            return Model.load(path, gpu_layers=config.gpu_layers, progress=on_progress)
+
+        model = await anyio.to_thread.run_sync(load)
+        return cls(model, config)
+
+    # -- lifetime ---------------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        """True while the model is loaded and accepts requests."""
+        return not self._closed
+
+    @property
+    def config(self) -> AsyncConfig:
+        return self._config
+
+    @property
+    def model(self) -> Model:
+        """The underlying sync :class:`~mullama.Model`."""
+        return self._model
+
+    @property
+    def active_workers(self) -> int:
+        """Worker threads currently generating for this model."""
+        return self._workers.active
+
+    async def aclose(self) -> None:
+        """Cancel running requests, wait for their threads, free everything.
+
+        Shielded from cancellation and idempotent; later calls raise ClosedError.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            for ctx in self._contexts:
+                ctx.cancel()
+            await self._workers.wait_idle()
+            await anyio.to_thread.run_sync(self._model.close)  # closes the contexts too
+            self._idle.clear()
+            self._contexts.clear()
+
+    async def __aenter__(self) -> "AsyncModel":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- requests ------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _lease(self) -> AsyncIterator[Context]:
+        """A context for one request, waiting for capacity; reset on return."""
+        async with self._limiter:
+            check_open(self._closed, "AsyncModel")
+            if not self._idle:
+                await anyio.to_thread.run_sync(self._new_context)
+            ctx = self._idle.pop()
+            try:
+                yield ctx
+            finally:
+                if not ctx.closed:
+                    ctx._core.reset()  # KV metadata only: cheap, safe on the loop
+                    self._idle.append(ctx)
+
+    def _new_context(self) -> None:
+        cfg = self._config
+        ctx = self._model.create_context(context_size=cfg.context_size, threads=cfg.threads,
+                                         flash_attention=cfg.flash_attention)
+        # put straight into the idle list: a cancelled caller loses nothing
+        self._contexts.append(ctx)
+        self._idle.append(ctx)
+
+    @asynccontextmanager
+    async def generate_stream(self, prompt: Prompt,
+                              config: Optional[StreamConfig] = None) -> AsyncIterator[TokenStream]:
+        """Stream a generation: ``async with model.generate_stream(p) as s: async for tok in s:``.
+
+        Waits for capacity first. The request's deadline (``timeout_ms``)
+        covers the wait and the generation and raises RequestTimeoutError.
+        """
+        check_open(self._closed, "AsyncModel")
+        async with deadline(self._config.timeout_ms), self._lease() as ctx, \
+                open_token_stream(ctx, prompt, config, self._workers) as stream:
+            yield stream
+
+    async def generate(self, prompt: Prompt, max_tokens: Optional[int] = None,
+                       config: Optional[StreamConfig] = None) -> str:
+        """Generate a completion of *prompt* and return its text."""
+        return (await self.complete(prompt, max_tokens, config)).text
+
+    async def complete(self, prompt: Prompt, max_tokens: Optional[int] = None,
+                       config: Optional[StreamConfig] = None) -> Completion:
+        """Like :meth:`generate`, returning the whole :class:`~mullama.Completion`."""
+        config = _with_max_tokens(config, max_tokens)
+        async with self.generate_stream(prompt, config) as stream:
+            async for _ in stream:
+                pass
+        return stream.completion()
+
+    async def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> List[int]:
+        """Token ids of *text* (on a worker thread)."""
+        check_open(self._closed, "AsyncModel")
+        return await anyio.to_thread.run_sync(self._model.tokenize, text, add_bos, special)
+
+    tokenize_async = tokenize  # Mullama's name
+
+    async def detokenize(self, tokens: Sequence[int]) -> str:
+        check_open(self._closed, "AsyncModel")
+        return await anyio.to_thread.run_sync(self._model.detokenize, tokens)
+
+    async def model_info(self) -> ModelInfo:
+        check_open(self._closed, "AsyncModel")
+        if self._info is None:
+            self._info = await anyio.to_thread.run_sync(lambda: self._model.info)
+        return self._info
+
+    async def create_context(self, context_size: Optional[int] = None) -> "AsyncContext":
+        """A context of its own (its own KV cache): a conversation that keeps its state."""
+        check_open(self._closed, "AsyncModel")
+        cfg = self._config
+        size = cfg.context_size if context_size is None else context_size
+        ctx = await anyio.to_thread.run_sync(
+            lambda: self._model.create_context(context_size=size, threads=cfg.threads,
+                                               flash_attention=cfg.flash_attention))
+        self._contexts.append(ctx)
+        return AsyncContext(self, ctx)
+
+
+class AsyncContext:
+    """One conversation with its own KV cache, for async code.
+
+    Each call continues the conversation. One task uses it at a time: a second
+    task waits, or gets :class:`~mullama.BusyError` if it passes ``wait=False``.
+    """
+
+    def __init__(self, owner: AsyncModel, ctx: Context) -> None:
+        self._owner = owner
+        self._ctx = ctx
+        self._lock = anyio.Lock()
+        self._workers = owner._workers
+        self._closed = False
+
+    @property
+    def n_past(self) -> int:
+        """Tokens in the conversation."""
+        return self._ctx.n_past
+
+    @property
+    def tokens(self) -> List[int]:
+        return self._ctx.tokens
+
+    @asynccontextmanager
+    async def _use(self, wait: bool) -> AsyncIterator[Context]:
+        check_open(self._closed or self._owner._closed, "AsyncContext")
+        if not wait and self._lock.locked():
+            raise BusyError("the context is in use by another task (wait=False)")
+        async with self._lock:
+            check_open(self._closed or self._owner._closed, "AsyncContext")
+            yield self._ctx
+
+    @asynccontextmanager
+    async def generate_stream(self, prompt: Prompt, config: Optional[StreamConfig] = None, *,
+                              wait: bool = True) -> AsyncIterator[TokenStream]:
+        """Continue the conversation with *prompt* (text or token ids), streaming tokens.
+
+        A stream left early keeps in the conversation only the tokens the
+        consumer received.
+        """
+        async with deadline(self._owner._config.timeout_ms), self._use(wait) as ctx:
+            stream: Optional[TokenStream] = None
+            try:
+                async with open_token_stream(ctx, prompt, config, self._workers) as stream:
+                    yield stream
+            finally:
+                # the worker is done: trimming on the loop is safe and cheap
+                keep = stream.seen_tokens() if stream is not None else None
+                if keep is not None and not ctx.closed and keep < ctx.n_past:
+                    ctx._core.truncate(keep)
+
+    async def generate(self, prompt: Prompt, max_tokens: Optional[int] = None,
+                       config: Optional[StreamConfig] = None, *, wait: bool = True) -> Completion:
+        """Continue the conversation and return the :class:`~mullama.Completion`."""
+        async with self.generate_stream(prompt, _with_max_tokens(config, max_tokens), wait=wait) as stream:
+            async for _ in stream:
+                pass
+        return stream.completion()
+
+    async def process_batch(self, prompt: Prompt, *, wait: bool = True) -> int:
+        """Evaluate *prompt* (text or token ids) into the conversation without generating.
+
+        Returns the number of tokens the context holds. Cancellation stops the
+        evaluation inside llama.cpp and leaves the context as it was.
+        """
+        async with deadline(self._owner._config.timeout_ms), self._use(wait) as ctx:
+            tokens = (ctx.model.tokenize(prompt, add_bos=ctx.n_past == 0) if isinstance(prompt, str)
+                      else list(prompt))
+            await _run_cancellable(ctx, self._workers, ctx.eval, tokens)
+            return ctx.n_past
+
+    async def save_state(self, path: PathLike) -> None:
+        async with self._use(True) as ctx:
+            await anyio.to_thread.run_sync(ctx.save_state, path)
+
+    async def load_state(self, path: PathLike) -> None:
+        async with self._use(True) as ctx:
+            await anyio.to_thread.run_sync(ctx.load_state, path)
+
+    async def reset(self) -> None:
+        async with self._use(True) as ctx:
+            ctx.reset()
+
+    async def aclose(self) -> None:
+        """Free the context (shielded, idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            self._ctx.cancel()
+            async with self._lock:
+                await anyio.to_thread.run_sync(self._ctx.close)
+
+    async def __aenter__(self) -> "AsyncContext":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+async def _run_cancellable(ctx: Context, workers: Workers, fn: Callable[..., object], *args: object) -> object:
+    """Run *fn* on a worker thread; cancellation aborts it inside C and waits for it."""
+    finished = False
+
+    async def watch() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            if not finished:
+                ctx.cancel()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        ctx._core.clear_cancel()
+        workers.enter()
+        try:
+            return await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=False)
+        finally:
+            finished = True
+            workers.leave()
+            tg.cancel_scope.cancel()
+
+
+def _with_max_tokens(config: Optional[StreamConfig], max_tokens: Optional[int]) -> StreamConfig:
+    config = config if config is not None else StreamConfig()
+    if not isinstance(config, StreamConfig):
+        raise InvalidConfigError(f"config must be a StreamConfig, got {type(config).__name__}")
+    return config if max_tokens is None else config.replace(max_tokens=max_tokens)
