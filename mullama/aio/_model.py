@@ -9,13 +9,14 @@ from typing import AsyncIterator, Callable, List, Optional, Sequence, Union
 
 import anyio
 import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 
 from .._config import StreamConfig, check_int, default_threads
 from .._context import Completion, Context, Prompt
-from .._errors import BusyError, InvalidConfigError
+from .._errors import AbortedError, BusyError, InvalidConfigError
 from .._model import Model, ModelInfo, check_model_file
-from ._stream import TokenStream, Workers, check_open, deadline, open_token_stream
+from ._stream import TokenStream, Workers, check_open, deadline, open_token_stream, unwrap_single
 
 __all__ = ["AsyncConfig", "AsyncModel", "AsyncContext"]
 
@@ -345,24 +346,32 @@ class AsyncContext:
 async def _run_cancellable(ctx: Context, workers: Workers, fn: Callable[..., object], *args: object) -> object:
     """Run *fn* on a worker thread; cancellation aborts it inside C and waits for it."""
     finished = False
+    aborted = False
 
     async def watch() -> None:
+        nonlocal aborted
         try:
             await anyio.sleep_forever()
         finally:
             if not finished:
+                aborted = True
                 ctx.cancel()
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(watch)
-        ctx._core.clear_cancel()
-        workers.enter()
-        try:
-            return await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=False)
-        finally:
-            finished = True
-            workers.leave()
-            tg.cancel_scope.cancel()
+    with unwrap_single():
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            ctx._core.clear_cancel()
+            workers.enter()
+            try:
+                return await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=False)
+            except AbortedError:
+                if aborted:  # our own abort: let the cancellation itself propagate
+                    await anyio.lowlevel.checkpoint()
+                raise
+            finally:
+                finished = True
+                workers.leave()
+                tg.cancel_scope.cancel()
 
 
 def _with_max_tokens(config: Optional[StreamConfig], max_tokens: Optional[int]) -> StreamConfig:

@@ -16,6 +16,7 @@ propagated out of the request, no thread is still using the context.
 
 from __future__ import annotations
 
+import sys
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, List, Optional
 
@@ -28,6 +29,9 @@ import anyio.to_thread
 from .._context import Completion, Context, Prompt, TokenData, _Run, STREAM_INTERVAL_S
 from .._config import StreamConfig
 from .._errors import ClosedError, RequestTimeoutError
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 __all__ = ["TokenStream"]
 
@@ -173,14 +177,35 @@ async def open_token_stream(
     run = _Run(ctx, prompt, config, interval=STREAM_INTERVAL_S, clear_cancel=False)  # validates arguments
     send, receive = anyio.create_memory_object_stream[List[TokenData]](STREAM_BUFFER)
     stream = TokenStream(receive, run)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_produce, ctx, run, send, workers, limiter)
-        try:
-            yield stream
-        finally:
-            if not run.finished:
-                ctx.cancel()
-            receive.close()
+    with unwrap_single():
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_produce, ctx, run, send, workers, limiter)
+            try:
+                yield stream
+            finally:
+                if not run.finished:
+                    ctx.cancel()
+                receive.close()
+
+
+class unwrap_single:
+    """Re-raise a lone exception out of a task group's ExceptionGroup as itself.
+
+    A request runs a helper task beside the caller's code; an error in either
+    (the caller's own exception, ContextOverflowError from the worker) should
+    reach the caller as it is, not wrapped in a group.
+    """
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, typ, exc, tb) -> bool:
+        if isinstance(exc, BaseExceptionGroup):
+            while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+                exc = exc.exceptions[0]
+            if not isinstance(exc, BaseExceptionGroup):
+                raise exc
+        return False
 
 
 @asynccontextmanager

@@ -1,0 +1,378 @@
+"""mullama.aio under asyncio and trio: streaming, capacity, cancellation, timeouts."""
+
+from __future__ import annotations
+
+import gc
+import math
+
+import anyio
+import pytest
+
+import mullama
+from mullama import StreamConfig
+from mullama.aio import AsyncConfig, AsyncModel
+
+pytestmark = pytest.mark.anyio
+
+GREEDY = StreamConfig.greedy(24)
+LONG = StreamConfig.greedy(100_000)
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request):
+    """Every async test runs on both backends; trio cannot be skipped silently."""
+    return request.param
+
+
+@pytest.fixture
+def baseline(tiny_model):
+    with tiny_model.create_context(2048, threads=1) as ctx:
+        return ctx.generate("once upon", GREEDY)
+
+
+async def load_tiny(path, **kw):
+    kw.setdefault("threads", 1)
+    kw.setdefault("context_size", 2048)
+    return await AsyncModel.load(path, **kw)
+
+
+async def test_generate_equals_sync(tiny_model_path, baseline):
+    async with await load_tiny(tiny_model_path) as model:
+        assert model.is_ready()
+        assert await model.generate("once upon", config=GREEDY) == baseline.text
+        done = await model.complete("once upon", config=GREEDY)
+        assert done.tokens == baseline.tokens and done.finish_reason == baseline.finish_reason
+    assert not model.is_ready()
+
+
+async def test_stream(tiny_model_path, baseline):
+    async with await load_tiny(tiny_model_path) as model:
+        async with model.generate_stream("once upon", GREEDY) as stream:
+            toks = [t async for t in stream]
+        assert [t.id for t in toks] == baseline.tokens
+        assert toks[-1].is_final
+        assert stream.finish_reason == baseline.finish_reason
+        assert stream.completion().text == baseline.text
+
+
+async def test_tokenize_info(tiny_model_path, tiny_model):
+    async with await load_tiny(tiny_model_path) as model:
+        assert await model.tokenize("hello") == tiny_model.tokenize("hello")
+        assert await model.tokenize_async("hello", add_bos=False) == tiny_model.tokenize("hello", add_bos=False)
+        assert (await model.model_info()).n_vocab == 512
+        assert await model.detokenize(tiny_model.tokenize("hey", add_bos=False)) == "hey"
+
+
+async def test_cancel_during_decode(tiny_model_path, baseline):
+    async with await load_tiny(tiny_model_path) as model:
+        got = []
+        with anyio.CancelScope() as scope:
+            async with model.generate_stream("abc", LONG) as stream:
+                async for tok in stream:
+                    got.append(tok)
+                    if len(got) == 20:
+                        scope.cancel()
+        assert scope.cancelled_caught and len(got) == 20
+        assert model.active_workers == 0  # no thread is still generating
+        assert await model.generate("once upon", config=GREEDY) == baseline.text
+
+
+async def test_move_on_after_during_decode(tiny_model_path, baseline):
+    async with await load_tiny(tiny_model_path, context_size=4096) as model:
+        with anyio.move_on_after(0.05) as scope:
+            await model.generate("abc", config=LONG)
+        assert scope.cancelled_caught
+        assert model.active_workers == 0
+        assert await model.generate("once upon", config=GREEDY) == baseline.text
+
+
+async def test_cancel_during_prefill(default_model_path):
+    async with await AsyncModel.load(default_model_path, context_size=4096) as model:
+        ctx = await model.create_context()
+        prompt = await model.tokenize("word " * 3000)
+        with anyio.move_on_after(0.05) as scope:
+            await ctx.process_batch(prompt)
+        assert scope.cancelled_caught
+        assert model.active_workers == 0
+        assert ctx.n_past == 0  # aborted inside llama.cpp, rolled back: the prefill did not finish
+        assert "Paris" in (await ctx.generate("The capital of France is", 8, StreamConfig.greedy())).text
+
+
+async def test_cancel_generate_during_prefill(default_model_path):
+    async with await AsyncModel.load(default_model_path, context_size=4096) as model:
+        with anyio.move_on_after(0.05) as scope:
+            async with model.generate_stream("word " * 3000, StreamConfig.greedy(10)) as stream:
+                async for _ in stream:
+                    pytest.fail("no token can come before the prefill is done")
+        assert scope.cancelled_caught
+        assert stream.finish_reason in (None, "cancelled")
+        assert model.active_workers == 0
+        assert "Paris" in await model.generate("The capital of France is", 8, StreamConfig.greedy())
+
+
+async def test_consumer_breaks_out(tiny_model_path, baseline):
+    async with await load_tiny(tiny_model_path) as model:
+        async with model.generate_stream("abc", LONG) as stream:
+            async for tok in stream:
+                if tok.position > 10:
+                    break
+        assert model.active_workers == 0
+        async with model.generate_stream("abc", LONG) as stream:
+            await stream.__anext__()
+            await stream.aclose()
+            with pytest.raises(StopAsyncIteration):
+                await stream.__anext__()
+        assert model.active_workers == 0
+        assert await model.generate("once upon", config=GREEDY) == baseline.text
+
+
+async def test_exception_in_consumer(tiny_model_path, baseline):
+    class Boom(Exception):
+        pass
+
+    async with await load_tiny(tiny_model_path) as model:
+        with pytest.raises(Boom):
+            async with model.generate_stream("abc", LONG) as stream:
+                async for _ in stream:
+                    raise Boom()
+        assert model.active_workers == 0
+        assert await model.generate("once upon", config=GREEDY) == baseline.text
+
+
+async def test_timeout(tiny_model_path, baseline):
+    async with await load_tiny(tiny_model_path, context_size=4096, timeout_ms=30) as model:
+        with pytest.raises(mullama.RequestTimeoutError) as info:
+            await model.generate("abc", config=LONG)
+        assert isinstance(info.value, TimeoutError)
+        assert model.active_workers == 0
+    async with await load_tiny(tiny_model_path, timeout_ms=None) as model:
+        assert await model.generate("once upon", config=GREEDY) == baseline.text
+
+
+async def test_cancel_while_waiting_for_capacity(tiny_model_path, baseline):
+    async with await load_tiny(tiny_model_path, max_concurrent=1) as model:
+        holding = anyio.Event()
+        release = anyio.Event()
+
+        async def hold():
+            async with model.generate_stream("abc", LONG) as stream:
+                await stream.__anext__()
+                holding.set()
+                await release.wait()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hold)
+            await holding.wait()
+            started = model._workers.started
+            with anyio.move_on_after(0.05) as scope:
+                await model.generate("once upon", config=GREEDY)
+            assert scope.cancelled_caught
+            assert model._workers.started == started  # it never got a worker
+            release.set()
+        assert model.active_workers == 0
+        assert await model.generate("once upon", config=GREEDY) == baseline.text
+
+
+async def test_cancel_while_loading(tiny_model_path):
+    from mullama import _core
+
+    def live_models():
+        gc.collect()
+        return sum(isinstance(o, _core.LlamaModel) and not o.closed for o in gc.get_objects())
+
+    before = live_models()
+    with anyio.CancelScope() as scope:
+        await AsyncModel.load(tiny_model_path, progress=lambda fraction: scope.cancel())
+    assert scope.cancelled_caught
+    assert live_models() == before  # nothing half-loaded is left
+
+
+async def test_load_progress_and_errors(tiny_model_path, tmp_path):
+    seen = []
+    async with await AsyncModel.load(tiny_model_path, progress=seen.append, threads=1):
+        pass
+    assert seen and math.isclose(seen[-1], 1.0)
+    with pytest.raises(mullama.ModelNotFoundError):
+        await AsyncModel.load(tmp_path / "missing.gguf")
+    with pytest.raises(mullama.InvalidConfigError, match="max_concurrent"):
+        AsyncConfig(tiny_model_path, max_concurrent=0)
+    with pytest.raises(mullama.InvalidConfigError, match="timeout_ms"):
+        AsyncConfig(tiny_model_path, timeout_ms=-5)
+    with pytest.raises(mullama.InvalidConfigError):
+        await AsyncModel.load_with_config({"model_path": tiny_model_path})
+
+
+async def test_many_concurrent_tasks(tiny_model_path, baseline):
+    async with await load_tiny(tiny_model_path, max_concurrent=3) as model:
+        results = []
+        peak = 0
+
+        async def one():
+            nonlocal peak
+            async with model.generate_stream("once upon", GREEDY) as stream:
+                toks = []
+                async for tok in stream:
+                    peak = max(peak, model.active_workers)
+                    toks.append(tok.id)
+            results.append(toks)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(12):
+                tg.start_soon(one)
+        assert results == [baseline.tokens] * 12
+        assert 1 <= peak <= 3
+        assert len(model._contexts) <= 3
+        assert model.active_workers == 0
+
+
+async def test_heartbeat_during_generation(default_model_path):
+    """The event loop is never blocked: a ticking task keeps running during a long C call."""
+    async with await AsyncModel.load(default_model_path, context_size=4096) as model:
+        ctx = await model.create_context()
+        prompt = await model.tokenize("word " * 1500)
+        ticks = 0
+        done = False
+
+        async def heartbeat():
+            nonlocal ticks
+            while not done:
+                ticks += 1
+                await anyio.sleep(0.001)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(heartbeat)
+            start = ticks
+            await ctx.process_batch(prompt)  # one long prefill on a worker thread
+            during = ticks - start
+            done = True
+        assert during >= 5
+
+
+async def test_backpressure(default_model_path):
+    async with await AsyncModel.load(default_model_path) as model:
+        async with model.generate_stream("Once upon a time", StreamConfig.greedy(2000)) as stream:
+            await stream.__anext__()
+            await anyio.sleep(0.3)  # a consumer that stopped reading
+            stalled = len(stream._run.tokens)
+            await anyio.sleep(0.3)
+            assert len(stream._run.tokens) == stalled  # the worker waits for the consumer
+            assert stalled < 2000
+            await stream.__anext__()
+
+
+async def test_async_context_conversation(tiny_model_path, tiny_model, tmp_path):
+    async with await load_tiny(tiny_model_path) as model:
+        async with await model.create_context() as ctx:
+            first = await ctx.generate("ab", 8, StreamConfig.greedy())
+            second = await ctx.generate("cd", 8, StreamConfig.greedy())
+            with tiny_model.create_context(2048, threads=1) as sync:
+                assert sync.generate("ab", StreamConfig.greedy(8)).tokens == first.tokens
+                assert sync.generate("cd", StreamConfig.greedy(8)).tokens == second.tokens
+                assert ctx.tokens == sync.tokens
+
+            path = tmp_path / "conv.state"
+            await ctx.save_state(path)
+            expected = await ctx.generate("ef", 8, StreamConfig.greedy())
+            await ctx.load_state(path)
+            assert (await ctx.generate("ef", 8, StreamConfig.greedy())).tokens == expected.tokens
+
+            await ctx.reset()
+            assert ctx.n_past == 0
+            assert await ctx.process_batch("ab") == len(tiny_model.tokenize("ab"))
+
+
+async def test_async_context_stream_left_early_keeps_what_was_seen(tiny_model_path):
+    async with await load_tiny(tiny_model_path) as model:
+        async with await model.create_context() as ctx:
+            async with ctx.generate_stream("ab", LONG) as stream:
+                async for tok in stream:
+                    if tok.position >= 9:
+                        break
+            assert ctx.n_past == 10
+            assert model.active_workers == 0
+
+
+async def test_async_context_one_task_at_a_time(tiny_model_path):
+    async with await load_tiny(tiny_model_path) as model:
+        ctx = await model.create_context()
+        order = []
+        first_started = anyio.Event()
+
+        async def first():
+            async with ctx.generate_stream("ab", StreamConfig.greedy(30)) as stream:
+                await stream.__anext__()
+                first_started.set()
+                await anyio.sleep(0.05)
+                async for _ in stream:
+                    pass
+            order.append("first")
+
+        async def second():
+            await first_started.wait()
+            with pytest.raises(mullama.BusyError):
+                await ctx.generate("x", 2, wait=False)
+            await ctx.generate("x", 2, StreamConfig.greedy())  # waits its turn
+            order.append("second")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first)
+            tg.start_soon(second)
+        assert order == ["first", "second"]
+
+
+async def test_use_after_close(tiny_model_path):
+    model = await load_tiny(tiny_model_path)
+    ctx = await model.create_context()
+    await model.aclose()
+    await model.aclose()  # idempotent
+    for call in (lambda: model.generate("x"), lambda: model.tokenize("x"), model.model_info,
+                 model.create_context, lambda: ctx.generate("x")):
+        with pytest.raises(mullama.ClosedError):
+            await call()
+
+
+async def test_aclose_stops_running_requests(tiny_model_path):
+    model = await load_tiny(tiny_model_path, context_size=4096)
+    got = []
+
+    async def consume():
+        async with model.generate_stream("abc", LONG) as stream:
+            async for tok in stream:
+                got.append(tok)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consume)
+        while len(got) < 5:
+            await anyio.sleep(0.001)
+        await model.aclose()
+    assert model.active_workers == 0
+    assert not model.is_ready()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_asyncio_task_cancel(tiny_model_path, baseline):
+    import asyncio
+
+    async with await load_tiny(tiny_model_path, context_size=4096) as model:
+        task = asyncio.ensure_future(model.generate("abc", config=LONG))
+        while model.active_workers == 0:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert model.active_workers == 0
+        assert await model.generate("once upon", config=GREEDY) == baseline.text
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_trio_nursery_cancel(tiny_model_path, baseline):
+    import trio
+
+    async with await load_tiny(tiny_model_path, context_size=4096) as model:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(model.generate, "abc", None, LONG)
+            while model.active_workers == 0:
+                await trio.sleep(0.001)
+            nursery.cancel_scope.cancel()
+        assert model.active_workers == 0
+        assert await model.generate("once upon", config=GREEDY) == baseline.text
