@@ -26,7 +26,7 @@ class BuildExt(build_ext):
         for ext in self.extensions:
             ext.include_dirs += [str(src / "include"), str(src / "ggml" / "include")]
             ext.extra_objects += libs
-            ext.extra_link_args += ["-fopenmp", "-lpthread", "-ldl"]
+            ext.extra_link_args += ["-lpthread", "-ldl"]
             if cuda:
                 ext.extra_link_args += ["-lcudart", "-lcublas", "-lcuda"]
         from Cython.Build import cythonize

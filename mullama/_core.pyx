@@ -475,6 +475,7 @@ cdef class LlamaContext:
 
     cdef llama_context * ptr
     cdef readonly LlamaModel model
+    cdef ggml_threadpool * pool   # this context's compute threads (generation and prompts)
     cdef llama_batch batch
     cdef bint has_batch
     cdef int n_batch
@@ -492,6 +493,7 @@ cdef class LlamaContext:
 
     def __cinit__(self):
         self.ptr = NULL
+        self.pool = NULL
         self.has_batch = False
         self._n_kv = 0
         self._abort = 0
@@ -526,6 +528,12 @@ cdef class LlamaContext:
                 f"could not create a context (n_ctx={n_ctx}, n_batch={n_batch}): {reason}; "
                 "try a smaller context_size or batch_size")
         self.model = model
+        # a thread pool per context: threads that poll briefly, then sleep when idle
+        cdef ggml_threadpool_params tp = ggml_threadpool_params_default(max(n_threads, n_threads_batch))
+        self.pool = ggml_threadpool_new(&tp)
+        if self.pool == NULL:
+            raise _errors.ContextCreationError(f"could not start {tp.n_threads} compute threads")
+        llama_attach_threadpool(self.ptr, self.pool, self.pool)
         self.n_ctx = llama_n_ctx(self.ptr)
         self.n_batch = llama_n_batch(self.ptr)
         self.batch = llama_batch_init(self.n_batch, 0, 1)
@@ -541,6 +549,9 @@ cdef class LlamaContext:
         if self.ptr != NULL:
             llama_free(self.ptr)
             self.ptr = NULL
+        if self.pool != NULL:
+            ggml_threadpool_free(self.pool)
+            self.pool = NULL
 
     def close(self):
         """Free the context. Aborts and waits for a thread that is inside C."""

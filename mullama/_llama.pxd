@@ -19,6 +19,23 @@ cdef extern from "ggml.h" nogil:
     ctypedef cbool (*ggml_abort_callback)(void * data) noexcept nogil
     ctypedef void (*ggml_log_callback)(ggml_log_level level, const char * text, void * user_data) noexcept
 
+    cdef struct ggml_threadpool_params:
+        int n_threads       # number of threads
+        uint32_t poll       # polling level (0 - no polling, 100 - aggressive polling)
+        bint paused         # start in paused state
+        # ...
+
+    ctypedef struct ggml_threadpool:
+        pass
+    ctypedef ggml_threadpool * ggml_threadpool_t
+
+    ggml_threadpool_params ggml_threadpool_params_default(int n_threads)
+
+
+cdef extern from "ggml-cpu.h" nogil:
+    ggml_threadpool * ggml_threadpool_new(ggml_threadpool_params * params)
+    void ggml_threadpool_free(ggml_threadpool * threadpool)
+
 
 cdef extern from "llama.h" nogil:
     ctypedef struct llama_vocab:
@@ -105,6 +122,9 @@ cdef extern from "llama.h" nogil:
     llama_sampler_chain_params llama_sampler_chain_default_params()
 
     void llama_backend_init()
+
+    void llama_attach_threadpool(llama_context * ctx, ggml_threadpool_t threadpool, ggml_threadpool_t threadpool_batch)
+    void llama_detach_threadpool(llama_context * ctx)
 
     llama_model * llama_model_load_from_file(const char * path_model, llama_model_params params)
     void llama_model_free(llama_model * model)

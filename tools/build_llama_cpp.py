@@ -104,7 +104,11 @@ def cmake_options() -> list[str]:
         "-DLLAMA_BUILD_EXAMPLES=OFF",
         "-DLLAMA_BUILD_SERVER=OFF",
         "-DLLAMA_BUILD_APP=OFF",
-        "-DGGML_OPENMP=ON",
+        # ggml's own thread pool instead of OpenMP: each context gets a pool of
+        # its own (see _core.pyx). With OpenMP every thread that ever ran a
+        # decode keeps a team; once teams outnumber the cores libgomp throttles
+        # all of them, and decode from a worker thread fell to half speed.
+        "-DGGML_OPENMP=OFF",
     ]
     machine = platform.machine().lower()
     if os.environ.get("MULLAMA_NATIVE") == "1":

@@ -1,10 +1,12 @@
 """The bridge between a worker thread generating in C and an async consumer.
 
 One request = one worker thread (``anyio.to_thread.run_sync``, never
-abandoned) that runs the sync generation loop and sends each batch of tokens
-(one trip into C) through a bounded memory object stream. A slow consumer
-fills the stream and the worker waits: generation slows to the consumer's
-pace and memory stays bounded.
+abandoned) that runs the sync generation loop and hands each batch of tokens
+(one trip into C) to the event loop through a bounded :class:`Handoff`. The
+worker never waits for the event loop to be scheduled: on 2 cores llama.cpp's
+threads keep both busy, and a worker that blocked on a round trip through the
+loop for every batch lost 40% of its speed. It only waits when the buffer is
+full: a slow consumer slows its own generation, and memory stays bounded.
 
 Cancellation: a watcher task beside the worker sets the context's abort flag
 when the request's scope is cancelled; the C loop sees it between tokens and
@@ -16,9 +18,12 @@ propagated out of the request, no thread is still using the context.
 
 from __future__ import annotations
 
+import socket
 import sys
+import threading
+from collections import deque
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, List, Optional
+from typing import AsyncIterator, Deque, List, Optional
 
 import anyio
 import anyio.abc
@@ -35,7 +40,7 @@ if sys.version_info < (3, 11):
 
 __all__ = ["TokenStream"]
 
-#: batches buffered between the worker and the consumer
+#: batches buffered between the worker and the consumer (each at most ~20 ms of tokens)
 STREAM_BUFFER = 4
 
 
@@ -66,6 +71,75 @@ class Workers:
             await self._idle.wait()
 
 
+class Handoff:
+    """A bounded queue of token batches from one worker thread to the event loop.
+
+    The worker side (:meth:`put`, :meth:`finish`) is called from the thread and
+    never calls into the event loop: it wakes the consumer by writing a byte to
+    a socket pair, which the loop side awaits with :func:`anyio.wait_readable`.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._items: Deque[List[TokenData]] = deque()
+        self._space = threading.Semaphore(capacity)
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+        self._done = False      # set by the worker after its last batch
+        self._closed = False    # set by the consumer when it stops reading
+
+    # -- worker thread ------------------------------------------------------------
+
+    def put(self, batch: List[TokenData]) -> bool:
+        """Queue *batch*, waiting while the buffer is full; False once the consumer left."""
+        while not self._space.acquire(timeout=0.1):
+            if self._closed:
+                return False
+        if self._closed:
+            return False
+        self._items.append(batch)
+        self._wake()
+        return True
+
+    def finish(self) -> None:
+        self._done = True
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._writer.send(b"\0")
+        except OSError:  # full (a wake-up is pending anyway) or closed
+            pass
+
+    # -- event loop -----------------------------------------------------------------
+
+    async def get(self) -> Optional[List[TokenData]]:
+        """The next batch, or None at the end."""
+        while True:
+            if self._items:
+                self._space.release()
+                return self._items.popleft()
+            if self._done or self._closed:
+                return None
+            await anyio.wait_readable(self._reader)
+            try:
+                self._reader.recv(4096)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Stop reading: a worker waiting for space returns at once."""
+        if not self._closed:
+            self._closed = True
+            self._space.release()
+
+    def dispose(self) -> None:
+        """Free the sockets (after the worker is done)."""
+        self.close()
+        self._reader.close()
+        self._writer.close()
+
+
 class TokenStream(anyio.abc.AsyncResource):
     """An async iterator of :class:`~mullama.TokenData` for one generation.
 
@@ -75,12 +149,11 @@ class TokenStream(anyio.abc.AsyncResource):
     worker thread.
     """
 
-    def __init__(self, receive: "anyio.abc.ObjectReceiveStream[List[TokenData]]", run: _Run) -> None:
-        self._receive = receive
+    def __init__(self, handoff: Handoff, run: _Run) -> None:
+        self._handoff = handoff
         self._run = run
         self._batch: List[TokenData] = []
         self._index = 0
-        self._closed = False
         #: position of the last token handed to the consumer, or None
         self.last_position: Optional[int] = None
 
@@ -91,10 +164,10 @@ class TokenStream(anyio.abc.AsyncResource):
         if self._index < len(self._batch):
             await anyio.lowlevel.checkpoint_if_cancelled()
         else:
-            try:
-                self._batch = await self._receive.receive()
-            except (anyio.EndOfStream, anyio.ClosedResourceError):
-                raise StopAsyncIteration from None
+            batch = await self._handoff.get()
+            if batch is None:
+                raise StopAsyncIteration
+            self._batch = batch
             self._index = 0
         tok = self._batch[self._index]
         self._index += 1
@@ -118,27 +191,25 @@ class TokenStream(anyio.abc.AsyncResource):
 
     async def aclose(self) -> None:
         """Stop reading; the generation stops when its ``async with`` exits."""
-        self._closed = True
-        self._receive.close()
+        self._handoff.close()
         await anyio.lowlevel.checkpoint()
 
 
-def _work(run: _Run, send: "anyio.abc.ObjectSendStream[List[TokenData]]") -> None:
+def _work(run: _Run, handoff: Handoff) -> None:
     """Worker thread: generate batches and hand them to the event loop."""
     batches = run.batches()
     try:
         for batch in batches:
-            try:
-                anyio.from_thread.run(send.send, batch)  # waits while the stream is full
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            if not handoff.put(batch):
                 return  # the consumer left
             anyio.from_thread.check_cancelled()
     finally:
         batches.close()
+        handoff.finish()
 
 
-async def _produce(ctx: Context, run: _Run, send: "anyio.abc.ObjectSendStream[List[TokenData]]",
-                   workers: Workers, limiter: Optional[anyio.CapacityLimiter]) -> None:
+async def _produce(ctx: Context, run: _Run, handoff: Handoff, workers: Workers,
+                   limiter: Optional[anyio.CapacityLimiter]) -> None:
     finished = False
 
     async def watch() -> None:
@@ -148,14 +219,14 @@ async def _produce(ctx: Context, run: _Run, send: "anyio.abc.ObjectSendStream[Li
             if not finished:
                 ctx.cancel()  # abort inside C; thread-safe, returns at once
 
-    async with send, anyio.create_task_group() as tg:
+    async with anyio.create_task_group() as tg:
         tg.start_soon(watch)
         # cleared here, on the loop, before the thread starts: a cancellation that
         # arrives from now on is seen by the worker
         ctx._core.clear_cancel()
         workers.enter()
         try:
-            await anyio.to_thread.run_sync(_work, run, send, abandon_on_cancel=False, limiter=limiter)
+            await anyio.to_thread.run_sync(_work, run, handoff, abandon_on_cancel=False, limiter=limiter)
         finally:
             finished = True
             workers.leave()
@@ -175,17 +246,20 @@ async def open_token_stream(
     The caller must hold *ctx* exclusively for the duration.
     """
     run = _Run(ctx, prompt, config, interval=STREAM_INTERVAL_S, clear_cancel=False)  # validates arguments
-    send, receive = anyio.create_memory_object_stream[List[TokenData]](STREAM_BUFFER)
-    stream = TokenStream(receive, run)
-    with unwrap_single():
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_produce, ctx, run, send, workers, limiter)
-            try:
-                yield stream
-            finally:
-                if not run.finished:
-                    ctx.cancel()
-                receive.close()
+    handoff = Handoff(STREAM_BUFFER)
+    stream = TokenStream(handoff, run)
+    try:
+        with unwrap_single():
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_produce, ctx, run, handoff, workers, limiter)
+                try:
+                    yield stream
+                finally:
+                    if not run.finished:
+                        ctx.cancel()
+                    handoff.close()
+    finally:
+        handoff.dispose()
 
 
 class unwrap_single:
