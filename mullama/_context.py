@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _core
 from ._config import StreamConfig
-from ._errors import AbortedError, InvalidConfigError, MullamaError
+from ._errors import AbortedError, InvalidConfigError, MullamaError, StateError
 from ._model import _token_list
 
 if TYPE_CHECKING:
@@ -207,8 +207,6 @@ class Context:
         """Restore a state written by :meth:`save_state` (same model and context size)."""
         p = os.fspath(path)
         if not os.path.isfile(p):
-            from ._errors import StateError
-
             raise StateError(f"state file not found: {p}")
         self._core.claim()
         try:
@@ -331,7 +329,7 @@ class _Run:
         finally:
             batches.close()
 
-    def _generate(self, core: "_core.LlamaContext") -> Iterator[TokenData]:
+    def _generate(self, core: "_core.LlamaContext") -> Iterator[List[TokenData]]:
         cfg = self._config
         model = self._ctx._model
         if self._clear_cancel:

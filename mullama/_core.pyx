@@ -32,6 +32,7 @@ from libcpp.vector cimport vector
 from mullama._llama cimport *
 
 import logging
+import re
 import threading
 import weakref
 
@@ -76,6 +77,10 @@ _LEVELS = {
     GGML_LOG_LEVEL_ERROR: logging.ERROR,
 }
 _log_state = threading.local()
+# what llama.cpp logs when a decode stops because our abort callback said so
+# (GGML_STATUS_ABORTED == 1, llama_decode returns 2)
+_ABORT_LINES = re.compile(r"failed with error 1$|compute status: 1$|failed to decode, ret = 2$|"
+                          r"removing memory module entries")
 
 
 @cython.wraparound(True)
@@ -93,6 +98,8 @@ cdef void _log_callback(ggml_log_level level, const char * text, void * user_dat
             return
         st.buf = ""
         line = buf.rstrip()
+        if lvl >= logging.WARNING and _ABORT_LINES.search(line):
+            lvl = logging.DEBUG  # an abort we asked for (cancel()) is not an error
         if lvl >= logging.ERROR:
             # kept so that a failed load can say why (see take_errors())
             st.errors = (getattr(st, "errors", ()) + (line,))[-8:]

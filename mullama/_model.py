@@ -13,6 +13,7 @@ from ._errors import (
     ClosedError,
     InvalidConfigError,
     InvalidModelError,
+    InvalidTokenError,
     ModelNotFoundError,
 )
 
@@ -230,5 +231,5 @@ def _token_list(tokens: Sequence[int]) -> List[int]:
         raise InvalidConfigError("tokens must be a sequence of int token ids") from None
     for t in out:
         if not -(1 << 31) <= t < (1 << 31):
-            raise InvalidConfigError(f"token id {t} does not fit in 32 bits")
+            raise InvalidTokenError(f"token id {t} is outside the vocabulary")
     return out

@@ -376,3 +376,13 @@ async def test_trio_nursery_cancel(tiny_model_path, baseline):
             nursery.cancel_scope.cancel()
         assert model.active_workers == 0
         assert await model.generate("once upon", config=GREEDY) == baseline.text
+
+
+async def test_worker_error_reaches_caller_bare(tiny_model_path, baseline):
+    async with await load_tiny(tiny_model_path, context_size=256) as model:
+        with pytest.raises(mullama.ContextOverflowError, match="256"):
+            await model.generate("a" * 1000, config=GREEDY)
+        with pytest.raises(mullama.InvalidTokenError):
+            await model.generate([1, 99999], config=GREEDY)
+        assert model.active_workers == 0
+        assert await model.generate("once upon", config=GREEDY) == baseline.text

@@ -202,7 +202,8 @@ def _work(run: _Run, handoff: Handoff) -> None:
         for batch in batches:
             if not handoff.put(batch):
                 return  # the consumer left
-            anyio.from_thread.check_cancelled()
+            # cancellation reaches this loop through the context's abort flag (set by
+            # the watcher); raising here too would race with it
     finally:
         batches.close()
         handoff.finish()
@@ -275,11 +276,20 @@ class unwrap_single:
 
     def __exit__(self, typ, exc, tb) -> bool:
         if isinstance(exc, BaseExceptionGroup):
-            while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-                exc = exc.exceptions[0]
-            if not isinstance(exc, BaseExceptionGroup):
-                raise exc
+            cancelled = anyio.get_cancelled_exc_class()
+            leaves = _leaves(exc)
+            if len(leaves) == 1 or all(isinstance(e, cancelled) for e in leaves):
+                raise leaves[0]
+            others = [e for e in leaves if not isinstance(e, cancelled)]
+            if len(others) == 1:  # an error plus the cancellations it caused
+                raise others[0]
         return False
+
+
+def _leaves(group: BaseException) -> List[BaseException]:
+    if isinstance(group, BaseExceptionGroup):
+        return [leaf for e in group.exceptions for leaf in _leaves(e)]
+    return [group]
 
 
 @asynccontextmanager
