@@ -5,8 +5,8 @@ Figures (one JSON line each):
 
 * ``stream_tok_s``: tokens/s of ``AsyncModel.generate_stream`` under asyncio
   and under trio against the sync ``Context.stream`` on the same model
-  (greedy, same prompt, same token count; median of several runs);
-  ``ratio`` = async / sync.
+  (greedy, same prompt, same token count; median over rounds that interleave
+  the three); ``ratio`` = async / sync.
 * ``cancel_latency_ms``: time from cancelling a request to the moment its
   ``async with`` has exited (its worker thread is done and the context is
   free), during decode and during a 2,000-token prompt evaluation; p50/p99
@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Dict, List
 
 import anyio
 
@@ -48,7 +49,8 @@ def pct(values, q):
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
-def sync_stream_rate(path: Path, tokens: int, reps: int, threads: int) -> float:
+def sync_stream_rate(path: Path, tokens: int, reps: int, threads: int) -> List[float]:
+    """tokens/s of *reps* sync streams (after one warm-up)."""
     cfg = StreamConfig.greedy(tokens)
     rates = []
     with mullama.Model.load(path) as model, model.create_context(context_size=tokens + 64, threads=threads) as ctx:
@@ -58,10 +60,11 @@ def sync_stream_rate(path: Path, tokens: int, reps: int, threads: int) -> float:
             n = sum(1 for _ in ctx.stream(PROMPT, cfg))
             if i:
                 rates.append(n / (time.perf_counter() - t0))
-    return statistics.median(rates)
+    return rates
 
 
-async def async_stream_rate(path: Path, tokens: int, reps: int, threads: int) -> float:
+async def async_stream_rate(path: Path, tokens: int, reps: int, threads: int) -> List[float]:
+    """tokens/s of *reps* async streams (after one warm-up)."""
     cfg = StreamConfig.greedy(tokens)
     rates = []
     async with await AsyncModel.load(path, context_size=tokens + 64, threads=threads, max_concurrent=1) as model:
@@ -73,7 +76,18 @@ async def async_stream_rate(path: Path, tokens: int, reps: int, threads: int) ->
                     n += 1
             if i:
                 rates.append(n / (time.perf_counter() - t0))
-    return statistics.median(rates)
+    return rates
+
+
+def stream_rates(path: Path, tokens: int, rounds: int, threads: int) -> Dict[str, float]:
+    """Median tokens/s of sync, asyncio and trio streaming, measured in interleaved
+    rounds so that drift of the machine affects all three alike."""
+    samples: Dict[str, List[float]] = {"sync": [], "asyncio": [], "trio": []}
+    for _ in range(rounds):
+        samples["sync"] += sync_stream_rate(path, tokens, 2, threads)
+        for backend in ("asyncio", "trio"):
+            samples[backend] += anyio.run(async_stream_rate, path, tokens, 2, threads, backend=backend)
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 async def cancel_latencies(path: Path, phase: str, count: int, threads: int) -> list:
@@ -114,7 +128,7 @@ async def cancel_latencies(path: Path, phase: str, count: int, threads: int) -> 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=5, help="interleaved rounds (2 runs each)")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--cancels", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
@@ -126,13 +140,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tiny = write_tiny_model(Path(tmp) / "tiny.gguf")
         for name, path, tokens in (("default", default, args.tokens), ("tiny", tiny, 2000)):
-            sync = sync_stream_rate(path, tokens, args.reps, args.threads)
+            rates = stream_rates(path, tokens, args.reps, args.threads)
             for backend in ("asyncio", "trio"):
-                rate = anyio.run(async_stream_rate, path, tokens, args.reps, args.threads, backend=backend)
                 emit(figure="stream_tok_s", model=name, backend=backend, tokens=tokens,
-                     async_=round(rate, 1), sync=round(sync, 1), ratio=round(rate / sync, 3))
+                     async_=round(rates[backend], 1), sync=round(rates["sync"], 1),
+                     ratio=round(rates[backend] / rates["sync"], 3))
 
-    token_ms = 1e3 / sync_stream_rate(default, 64, 3, args.threads)
+    token_ms = 1e3 / statistics.median(sync_stream_rate(default, 64, 3, args.threads))
     for backend in ("asyncio", "trio"):
         for phase, target in (("decode", token_ms + 10), ("prefill", 50.0)):
             lat = anyio.run(cancel_latencies, default, phase, args.cancels, args.threads, backend=backend)
