@@ -343,30 +343,32 @@ class _Run:
         status = core.decode(prompt)
         t1 = time.perf_counter()
         self.prompt_end = core.n_past
-        first = t1
         budget = self._ctx.n_ctx - core.n_past  # every generated token must fit in the context
         limit = min(cfg.max_tokens, budget)
-        if status == _core.STATUS_ABORTED:
-            self.finish_reason = "cancelled"
-        elif limit <= 0:
-            self.finish_reason = "context_full"
-        else:
-            sampler = _core.SamplerChain(
-                model.n_vocab, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repeat_penalty,
-                cfg.repeat_last_n, 0xFFFFFFFF if cfg.seed is None else cfg.seed)
-            try:
-                yield from self._loop(core, sampler, limit)
-            finally:
-                sampler.close()
-            first = self._first or t1
-        t2 = time.perf_counter()
-        self._timings = Timings(
-            prompt_tokens=len(prompt),
-            prompt_ms=(t1 - t0) * 1e3,
-            generated_tokens=len(self.tokens),
-            generation_ms=(t2 - t1) * 1e3,
-            time_to_first_token_ms=(first - t0) * 1e3,
-        )
+        try:
+            if status == _core.STATUS_ABORTED:
+                self.finish_reason = "cancelled"
+            elif limit <= 0:
+                self.finish_reason = "context_full"
+            else:
+                sampler = _core.SamplerChain(
+                    model.n_vocab, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repeat_penalty,
+                    cfg.repeat_last_n, 0xFFFFFFFF if cfg.seed is None else cfg.seed)
+                try:
+                    yield from self._loop(core, sampler, limit)
+                finally:
+                    sampler.close()
+        finally:
+            # also when the consumer stops early: the generation then counts as cancelled
+            t2 = time.perf_counter()
+            self.finish_reason = self.finish_reason or "cancelled"
+            self._timings = Timings(
+                prompt_tokens=len(prompt),
+                prompt_ms=(t1 - t0) * 1e3,
+                generated_tokens=len(self.tokens),
+                generation_ms=(t2 - t1) * 1e3,
+                time_to_first_token_ms=((self._first or t1) - t0) * 1e3,
+            )
 
     def _loop(self, core: "_core.LlamaContext", sampler: "_core.SamplerChain", limit: int) -> Iterator[List[TokenData]]:
         cfg = self._config

@@ -74,6 +74,7 @@ async def test_cancel_during_decode(tiny_model_path, baseline):
                         scope.cancel()
         assert scope.cancelled_caught and len(got) == 20
         assert model.active_workers == 0  # no thread is still generating
+        assert all(c.n_past == 0 for c in model._idle)  # its KV cells are released
         assert await model.generate("once upon", config=GREEDY) == baseline.text
 
 
@@ -83,6 +84,19 @@ async def test_move_on_after_during_decode(tiny_model_path, baseline):
             await model.generate("abc", config=LONG)
         assert scope.cancelled_caught
         assert model.active_workers == 0
+        assert await model.generate("once upon", config=GREEDY) == baseline.text
+
+
+async def test_fail_after_during_decode(tiny_model_path, baseline):
+    async with await load_tiny(tiny_model_path, context_size=4096) as model:
+        with pytest.raises(TimeoutError):
+            with anyio.fail_after(0.05):
+                async with model.generate_stream("abc", LONG) as stream:
+                    async for _ in stream:
+                        pass
+        assert stream.finish_reason == "cancelled"
+        assert model.active_workers == 0
+        assert all(c.n_past == 0 for c in model._idle)
         assert await model.generate("once upon", config=GREEDY) == baseline.text
 
 
