@@ -57,6 +57,8 @@ class Timings:
     generated_tokens: int
     generation_ms: float
     time_to_first_token_ms: float
+    #: time spent waiting for a free slot (async requests on the batching engine)
+    queue_ms: float = 0.0
 
     @property
     def prompt_tokens_per_s(self) -> float:
@@ -81,6 +83,8 @@ class Completion:
     finish_reason: str
     timings: Timings
     logprobs: Optional[List[float]] = None
+    #: per-request metrics of the batching engine (``mullama.aio``), else None
+    metrics: Optional[object] = None
 
 
 class _TextAssembler:

@@ -441,6 +441,11 @@ cdef cbool _abort_callback(void * data) noexcept nogil:
     return mullama_load_flag(<int *>data) != 0
 
 
+cdef cbool _engine_abort_callback(void * data) noexcept nogil:
+    # data points at BatchEngine._abort: [0] closing, [1] a slot was cancelled
+    return mullama_load_flag(<int *>data) != 0 or mullama_load_flag((<int *>data) + 1) != 0
+
+
 cdef class _LogitsView:
     """Exports the context's last logits as a float32 buffer (zero-copy)."""
     cdef LlamaContext ctx
@@ -905,5 +910,458 @@ cdef class LlamaContext:
                 pieces.append(PyBytes_FromStringAndSize(base + off, out_len[i]))
                 off += out_len[i]
             return (status, [t for t in out_tok], pieces, [x for x in out_lp] if logprobs else None)
+        finally:
+            self._leave()
+
+
+# ---------------------------------------------------------------------------
+# continuous batching engine
+
+DEF FIN_NONE = 0
+DEF FIN_EOG = 1
+DEF FIN_LENGTH = 2
+DEF FIN_CTX_FULL = 3
+
+FINISH_NONE = FIN_NONE
+FINISH_EOG = FIN_EOG
+FINISH_LENGTH = FIN_LENGTH
+FINISH_CONTEXT_FULL = FIN_CTX_FULL
+
+
+cdef struct Slot:
+    bint active          # a request owns this slot (sequence id = slot index)
+    bint paused          # its consumer is behind: leave it out of the next steps
+    int cancel           # set from any thread; the slot is left out of every step
+    int finish           # FIN_*: the request needs no more steps
+    int n_prompt_done    # prompt tokens already in the KV cache
+    int pos              # tokens of this sequence in the KV cache
+    llama_token pending  # sampled, not yet decoded (-1: none)
+    int n_step           # tokens this slot put into the current batch
+    int i_batch          # batch index whose logits this slot samples (-1: none)
+    int n_gen            # tokens generated
+    int max_gen
+    bint want_lp
+
+
+@cython.no_gc_clear
+cdef class BatchEngine:
+    """One llama.cpp context decoding many sequences together.
+
+    Each slot is a sequence (its id is the slot index) with its own share of
+    the context (``n_ctx_seq`` tokens), its own sampler chain and its own
+    output buffer. One ``llama_decode`` per step covers every active slot: one
+    token per decoding sequence plus prompt chunks of the others. All methods
+    but :meth:`cancel_slot` and :meth:`wake` must be called from one thread
+    (the engine's driver); those two are thread-safe.
+    """
+
+    cdef llama_context * ptr
+    cdef readonly LlamaModel model
+    cdef ggml_threadpool * pool
+    cdef llama_batch batch
+    cdef bint has_batch
+    cdef readonly int n_seq
+    cdef readonly int n_ctx_seq
+    cdef readonly int n_batch
+    cdef int prefill_chunk
+    cdef vector[Slot] slots
+    cdef vector[vector[llama_token]] prompts
+    cdef vector[vector[llama_token]] out_tok
+    cdef vector[string] out_bytes
+    cdef vector[vector[int]] out_len
+    cdef vector[vector[float]] out_lp
+    cdef list samplers       # the SamplerChain of each slot (keeps its pointer alive)
+    cdef vector[llama_sampler *] smpls  # their pointers, for the nogil step (NULL: greedy)
+    cdef int _abort[2]       # [0] close(), [1] a slot was cancelled: abort the decode in progress
+    cdef int _wake           # the driver has work: return from run() early
+    cdef int _in_c
+    cdef bint _closed
+    cdef object _idle
+    cdef object __weakref__
+
+    def __cinit__(self):
+        self.ptr = NULL
+        self.pool = NULL
+        self.has_batch = False
+        self._abort[0] = 0
+        self._abort[1] = 0
+        self._wake = 0
+        self._in_c = 0
+        self._closed = False
+
+    def __init__(self, LlamaModel model not None, int n_seq, int n_ctx_seq, int n_batch=512, int n_threads=1,
+                 bint flash_attention=False, int prefill_chunk=256):
+        model._check()
+        if n_seq < 1 or n_seq > 256:
+            raise _errors.InvalidConfigError(f"n_seq must be between 1 and 256, got {n_seq}")
+        cdef llama_context_params p = llama_context_default_params()
+        p.n_ctx = <uint32_t>(n_seq * n_ctx_seq)
+        p.n_batch = n_batch
+        p.n_ubatch = n_batch
+        p.n_seq_max = n_seq
+        p.kv_unified = False
+        p.n_threads = n_threads
+        p.n_threads_batch = n_threads
+        p.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attention else LLAMA_FLASH_ATTN_TYPE_DISABLED
+        p.abort_callback = _engine_abort_callback
+        p.abort_callback_data = <void *>&self._abort[0]
+        p.no_perf = True
+        self._idle = threading.Condition(threading.Lock())
+        take_errors()
+        with nogil:
+            self.ptr = llama_init_from_model(model.ptr, p)
+        errors = take_errors()
+        if self.ptr == NULL:
+            reason = "; ".join(errors) if errors else "llama.cpp gave no reason"
+            raise _errors.ContextCreationError(
+                f"could not create a batching context ({n_seq} sequences x {n_ctx_seq} tokens): {reason}")
+        self.model = model
+        cdef ggml_threadpool_params tp = ggml_threadpool_params_default(n_threads)
+        self.pool = ggml_threadpool_new(&tp)
+        if self.pool == NULL:
+            raise _errors.ContextCreationError(f"could not start {n_threads} compute threads")
+        llama_attach_threadpool(self.ptr, self.pool, self.pool)
+        self.n_seq = n_seq
+        self.n_ctx_seq = llama_n_ctx_seq(self.ptr)
+        self.n_batch = llama_n_batch(self.ptr)
+        self.prefill_chunk = max(1, min(prefill_chunk, self.n_batch))
+        self.batch = llama_batch_init(self.n_batch, 0, 1)
+        self.has_batch = True
+        cdef Slot empty
+        empty.active = False
+        empty.paused = False
+        empty.cancel = 0
+        empty.finish = FIN_NONE
+        empty.n_prompt_done = 0
+        empty.pos = 0
+        empty.pending = -1
+        empty.n_step = 0
+        empty.i_batch = -1
+        empty.n_gen = 0
+        empty.max_gen = 0
+        empty.want_lp = False
+        self.slots.assign(n_seq, empty)
+        self.prompts.resize(n_seq)
+        self.out_tok.resize(n_seq)
+        self.out_bytes.resize(n_seq)
+        self.out_len.resize(n_seq)
+        self.out_lp.resize(n_seq)
+        self.samplers = [None] * n_seq
+        self.smpls.assign(n_seq, NULL)
+        model._contexts.add(self)
+
+    # -- lifetime ---------------------------------------------------------------
+
+    cdef _free(self):
+        if self.has_batch:
+            llama_batch_free(self.batch)
+            self.has_batch = False
+        if self.ptr != NULL:
+            llama_free(self.ptr)
+            self.ptr = NULL
+        if self.pool != NULL:
+            ggml_threadpool_free(self.pool)
+            self.pool = NULL
+        if self.samplers is not None:
+            for s in self.samplers:
+                if s is not None:
+                    (<SamplerChain>s).close()
+            self.samplers = [None] * self.n_seq
+            self.smpls.assign(self.n_seq, NULL)
+
+    def close(self):
+        """Free the engine; a step running in another thread is aborted and awaited."""
+        if self._closed:
+            return
+        self._closed = True
+        mullama_store_flag(&self._abort[0], 1)
+        with self._idle:
+            while self._in_c:
+                self._idle.wait()
+        self._free()
+
+    @property
+    def closed(self):
+        return self._closed
+
+    def __dealloc__(self):
+        self._free()
+
+    cdef inline int _enter(self) except -1:
+        if self._closed:
+            raise _errors.ClosedError("the engine is closed")
+        self.model._check()
+        self._in_c += 1
+        return 0
+
+    cdef inline void _leave(self):
+        self._in_c -= 1
+        if self._closed and self._in_c == 0:
+            with self._idle:
+                self._idle.notify_all()
+
+    # -- slots --------------------------------------------------------------------
+
+    def start(self, int slot, tokens, SamplerChain sampler not None, int max_gen, bint logprobs=False):
+        """Give *slot* a new request: its prompt tokens and sampling."""
+        self._enter()
+        cdef vector[llama_token] toks = tokens
+        cdef Slot * s
+        try:
+            if slot < 0 or slot >= self.n_seq or self.slots[slot].active:
+                raise _errors.MullamaError(f"slot {slot} is not free")
+            self.model._check_tokens(toks)
+            if toks.empty():
+                raise _errors.MullamaError("the prompt is empty")
+            if <int>toks.size() + max_gen > self.n_ctx_seq:
+                raise _errors.ContextOverflowError(
+                    f"the prompt ({toks.size()} tokens) plus max_tokens ({max_gen}) do not fit in a request's "
+                    f"share of the context ({self.n_ctx_seq} tokens)")
+            llama_memory_seq_rm(llama_get_memory(self.ptr), slot, -1, -1)
+            s = &self.slots[slot]
+            s.active = True
+            s.paused = False
+            mullama_store_flag(&s.cancel, 0)
+            s.finish = FIN_NONE
+            s.n_prompt_done = 0
+            s.pos = 0
+            s.pending = -1
+            s.n_step = 0
+            s.i_batch = -1
+            s.n_gen = 0
+            s.max_gen = max_gen
+            s.want_lp = logprobs
+            self.prompts[slot] = toks
+            self.out_tok[slot].clear()
+            self.out_bytes[slot].clear()
+            self.out_len[slot].clear()
+            self.out_lp[slot].clear()
+            self.samplers[slot] = sampler
+            self.smpls[slot] = sampler.ptr
+        finally:
+            self._leave()
+
+    def cancel_slot(self, int slot):
+        """Leave *slot* out of every further step (thread-safe)."""
+        if 0 <= slot < self.n_seq:
+            mullama_store_flag(&self.slots[slot].cancel, 1)
+            mullama_store_flag(&self._abort[1], 1)  # a long prompt chunk stops now, not after it
+            mullama_store_flag(&self._wake, 1)
+
+    def wake(self):
+        """Make a running :meth:`run` return at its next step (thread-safe)."""
+        mullama_store_flag(&self._wake, 1)
+
+    def set_paused(self, int slot, bint paused):
+        self.slots[slot].paused = paused
+
+    def release(self, int slot):
+        """Free *slot*: its KV cells are removed at once."""
+        if self._closed or slot < 0 or slot >= self.n_seq:
+            return
+        self._enter()
+        try:
+            llama_memory_seq_rm(llama_get_memory(self.ptr), slot, -1, -1)
+            self.slots[slot].active = False
+            self.prompts[slot].clear()
+            s = self.samplers[slot]
+            self.samplers[slot] = None
+            self.smpls[slot] = NULL
+            if s is not None:
+                (<SamplerChain>s).close()
+        finally:
+            self._leave()
+
+    def slot_state(self, int slot):
+        """(active, finish, cancelled, n_prompt_done, pos, n_gen) of *slot*."""
+        cdef Slot * s = &self.slots[slot]
+        return (s.active, s.finish, mullama_load_flag(&s.cancel) != 0, s.n_prompt_done, s.pos, s.n_gen)
+
+    def kv_used(self):
+        """Tokens held in the KV cache over all sequences."""
+        self._enter()
+        cdef int i, total = 0
+        cdef llama_pos pmax
+        try:
+            for i in range(self.n_seq):
+                pmax = llama_memory_seq_pos_max(llama_get_memory(self.ptr), i)
+                total += pmax + 1
+            return total
+        finally:
+            self._leave()
+
+    def drain(self, int slot):
+        """Take the slot's new output: ``(tokens, pieces, logprobs_or_None)``."""
+        cdef size_t i
+        cdef Py_ssize_t off = 0
+        cdef const char * base = self.out_bytes[slot].c_str()
+        pieces = []
+        for i in range(self.out_len[slot].size()):
+            pieces.append(PyBytes_FromStringAndSize(base + off, self.out_len[slot][i]))
+            off += self.out_len[slot][i]
+        toks = [t for t in self.out_tok[slot]]
+        lps = [x for x in self.out_lp[slot]] if self.slots[slot].want_lp else None
+        self.out_tok[slot].clear()
+        self.out_bytes[slot].clear()
+        self.out_len[slot].clear()
+        self.out_lp[slot].clear()
+        return toks, pieces, lps
+
+    # -- stepping -------------------------------------------------------------------
+
+    cdef inline bint _runnable(self, Slot * s) noexcept nogil:
+        return s.active and s.finish == FIN_NONE and not s.paused and not mullama_load_flag(&s.cancel)
+
+    cdef inline void _add(self, int n, llama_token tok, llama_pos pos, int seq, bint logits) noexcept nogil:
+        self.batch.token[n] = tok
+        self.batch.pos[n] = pos
+        self.batch.n_seq_id[n] = 1
+        self.batch.seq_id[n][0] = seq
+        self.batch.logits[n] = logits
+
+    cdef int _step(self) noexcept nogil:
+        """One llama_decode over every runnable slot. Returns tokens decoded (0:
+        nothing to do) or a negative llama_decode error code."""
+        cdef int i, k, n = 0, take, done, size, rc, j
+        cdef Slot * s
+        cdef llama_token tok
+        cdef float * logits
+        cdef float best, mx, acc
+        cdef int nv = self.model.n_vocab
+        cdef const llama_vocab * vocab = self.model.vocab
+        cdef char buf[PIECE_BUF]
+        cdef llama_sampler * smpl
+        # decoding sequences first: one token each
+        for i in range(self.n_seq):
+            s = &self.slots[i]
+            s.n_step = 0
+            s.i_batch = -1
+            if not self._runnable(s) or s.pending < 0:
+                continue
+            if s.pos >= self.n_ctx_seq:
+                s.finish = FIN_CTX_FULL
+                continue
+            self._add(n, s.pending, s.pos, i, True)
+            s.n_step = 1
+            s.i_batch = n
+            n += 1
+        # then prompt chunks, in the room left
+        for i in range(self.n_seq):
+            s = &self.slots[i]
+            if not self._runnable(s) or s.pending >= 0 or n >= self.n_batch:
+                continue
+            size = <int>self.prompts[i].size()
+            done = s.n_prompt_done
+            take = min(size - done, self.prefill_chunk, self.n_batch - n)
+            if take <= 0:
+                continue
+            for k in range(take):
+                self._add(n + k, self.prompts[i][done + k], s.pos + k, i, done + k == size - 1)
+            s.n_step = take
+            if done + take == size:
+                s.i_batch = n + take - 1
+            n += take
+        if n == 0:
+            return 0
+        self.batch.n_tokens = n
+        rc = llama_decode(self.ptr, self.batch)
+        if rc != 0:
+            for i in range(self.n_seq):  # undo what the failed decode may have kept
+                s = &self.slots[i]
+                if s.n_step:
+                    llama_memory_seq_rm(llama_get_memory(self.ptr), i, s.pos, -1)
+                    s.n_step = 0
+                    s.i_batch = -1
+            return -1000 - rc if rc > 0 else rc
+        for i in range(self.n_seq):
+            s = &self.slots[i]
+            if s.n_step == 0:
+                continue
+            if s.pending >= 0:
+                s.pending = -1
+            else:
+                s.n_prompt_done += s.n_step
+            s.pos += s.n_step
+            s.n_step = 0
+            if s.i_batch < 0:
+                continue
+            # sample this sequence's next token
+            logits = llama_get_logits_ith(self.ptr, s.i_batch)
+            smpl = self.smpls[i]
+            if smpl == NULL:
+                tok = 0
+                best = logits[0]
+                for j in range(1, nv):
+                    if logits[j] > best:
+                        best = logits[j]
+                        tok = j
+            else:
+                tok = llama_sampler_sample(smpl, self.ptr, s.i_batch)
+            if s.want_lp:
+                mx = logits[0]
+                for j in range(1, nv):
+                    if logits[j] > mx:
+                        mx = logits[j]
+                acc = 0.0
+                for j in range(nv):
+                    acc += expf(logits[j] - mx)
+                self.out_lp[i].push_back(logits[tok] - mx - logf(acc))
+            self.out_tok[i].push_back(tok)
+            s.n_gen += 1
+            if llama_vocab_is_eog(vocab, tok):
+                self.out_len[i].push_back(0)
+                s.finish = FIN_EOG
+                continue
+            k = llama_token_to_piece(vocab, tok, buf, PIECE_BUF, 0, False)
+            if k < 0:
+                k = 0
+            self.out_bytes[i].append(buf, k)
+            self.out_len[i].push_back(k)
+            if s.n_gen >= s.max_gen:
+                s.finish = FIN_LENGTH
+            else:
+                s.pending = tok
+        return n
+
+    cdef bint _needs_driver(self) noexcept nogil:
+        cdef int i
+        cdef Slot * s
+        if mullama_load_flag(&self._wake):
+            return True
+        for i in range(self.n_seq):
+            s = &self.slots[i]
+            if s.active and (s.finish != FIN_NONE or mullama_load_flag(&s.cancel)):
+                return True
+        return False
+
+    def clear_wake(self):
+        mullama_store_flag(&self._wake, 0)
+
+    def run(self, double budget_s=0.02):
+        """Step without the GIL until *budget_s* is spent, a slot finishes or is
+        cancelled, :meth:`wake` is called, or no slot can run. Returns the number
+        of tokens decoded (0: nothing to do)."""
+        self._enter()
+        cdef int rc = 0
+        cdef long total = 0
+        cdef double deadline = mullama_now() + budget_s
+        try:
+            with nogil:
+                while not mullama_load_flag(&self._abort[0]):
+                    mullama_store_flag(&self._abort[1], 0)
+                    rc = self._step()
+                    if rc == -1002 and not mullama_load_flag(&self._abort[0]):
+                        rc = 0  # aborted for a cancelled slot: rolled back, the driver releases it
+                        break
+                    if rc <= 0:
+                        break
+                    total += rc
+                    if self._needs_driver() or mullama_now() >= deadline:
+                        break
+            if rc < 0:
+                if mullama_load_flag(&self._abort[0]):
+                    raise _errors.ClosedError("the engine was closed during a step")
+                raise _errors.DecodeError(f"llama_decode failed with code {rc} in a batched step")
+            return total
         finally:
             self._leave()

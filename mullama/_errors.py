@@ -19,6 +19,7 @@ __all__ = [
     "StateError",
     "DownloadError",
     "RequestTimeoutError",
+    "OverloadedError",
 ]
 
 
@@ -84,3 +85,7 @@ class DownloadError(MullamaError):
 
 class RequestTimeoutError(MullamaError, TimeoutError):
     """An async request ran past its deadline (``AsyncConfig.timeout_ms``)."""
+
+
+class OverloadedError(MullamaError):
+    """Every slot is busy and the waiting queue is full: try again later."""

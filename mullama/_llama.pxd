@@ -106,6 +106,7 @@ cdef extern from "llama.h" nogil:
         ggml_abort_callback abort_callback
         void * abort_callback_data
         bint no_perf
+        bint kv_unified           # one KV buffer shared by all sequences
         # ...
 
     ctypedef struct llama_sampler_chain_params:
@@ -135,7 +136,9 @@ cdef extern from "llama.h" nogil:
     bint llama_supports_gpu_offload()
 
     uint32_t llama_n_ctx(const llama_context * ctx)
+    uint32_t llama_n_ctx_seq(const llama_context * ctx)
     uint32_t llama_n_batch(const llama_context * ctx)
+    uint32_t llama_n_seq_max(const llama_context * ctx)
 
     llama_memory_t llama_get_memory(const llama_context * ctx)
 

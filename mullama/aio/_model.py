@@ -15,8 +15,10 @@ import anyio.to_thread
 from .._config import StreamConfig, check_int, default_threads
 from .._context import Completion, Context, Prompt
 from .._errors import AbortedError, BusyError, InvalidConfigError
-from .._model import Model, ModelInfo, check_model_file
-from ._stream import TokenStream, Workers, check_open, deadline, open_token_stream, unwrap_single
+from .._engine import Engine
+from .._model import Model, ModelInfo, _token_list, check_model_file
+from ._stream import (TokenStream, Workers, check_open, deadline, open_engine_stream, open_token_stream,
+                      unwrap_single)
 
 __all__ = ["AsyncConfig", "AsyncModel", "AsyncContext"]
 
@@ -33,8 +35,9 @@ class AsyncConfig:
         context_size: tokens per request context.
         threads: threads per generation (default: the cores this process may use).
         flash_attention: use flash attention.
-        max_concurrent: requests served at once; more wait their turn.
+        max_concurrent: requests decoded together (continuous batching); more wait their turn.
         timeout_ms: deadline of each request in milliseconds (0 or None = none).
+        max_queue: requests that may wait for a turn; beyond, OverloadedError at once.
     """
 
     model_path: PathLike
@@ -44,6 +47,7 @@ class AsyncConfig:
     flash_attention: bool = False
     max_concurrent: int = 4
     timeout_ms: Optional[int] = 30000
+    max_queue: int = 64
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_path, (str, os.PathLike)):
@@ -58,15 +62,17 @@ class AsyncConfig:
         check_int("max_concurrent", self.max_concurrent, minimum=1, maximum=1024)
         if self.timeout_ms is not None:
             check_int("timeout_ms", self.timeout_ms, minimum=0)
+        check_int("max_queue", self.max_queue, minimum=0)
 
 
 class AsyncModel:
     """A model served to async code under asyncio or trio.
 
-    Many tasks may share one AsyncModel: up to ``max_concurrent`` requests run
-    at once, each on its own context (they share the weights); more wait their
-    turn. Every call into llama.cpp runs on a worker thread, so the event loop
-    never blocks.
+    Many tasks may share one AsyncModel: a continuous batching engine decodes
+    up to ``max_concurrent`` requests together, one ``llama_decode`` per step
+    for all of them, each with its own sampling settings; more wait in a
+    bounded FIFO queue. Every call into llama.cpp runs off the event loop, so
+    the loop never blocks.
 
     **Cancellation**: cancelling a request (cancel scope, ``move_on_after``,
     ``fail_after``, a trio nursery cancel, asyncio ``Task.cancel``) stops its
@@ -75,13 +81,12 @@ class AsyncModel:
     is done and the model serves the next request normally.
     """
 
-    def __init__(self, model: Model, config: AsyncConfig) -> None:
+    def __init__(self, model: Model, engine: Engine, config: AsyncConfig) -> None:
         self._model = model
+        self._engine = engine
         self._config = config
-        self._limiter = anyio.CapacityLimiter(config.max_concurrent)
-        self._idle: List[Context] = []
-        self._contexts: List[Context] = []
-        self._workers = Workers()
+        self._contexts: List[Context] = []  # AsyncContext conversations
+        self._workers = Workers()            # their worker threads
         self._info: Optional[ModelInfo] = None
         self._closed = False
 
@@ -113,12 +118,19 @@ class AsyncModel:
             if progress is not None:
                 anyio.from_thread.run_sync(progress, fraction)
 
-        def load() -> Model:
+        def load() -> "tuple[Model, Engine]":
             path = check_model_file(config.model_path)
-            return Model.load(path, gpu_layers=config.gpu_layers, progress=on_progress)
+            model = Model.load(path, gpu_layers=config.gpu_layers, progress=on_progress)
+            try:
+                engine = Engine(model, config.max_concurrent, config.context_size, config.threads,
+                                config.flash_attention, config.max_queue)
+            except BaseException:
+                model.close()
+                raise
+            return model, engine
 
-        model = await anyio.to_thread.run_sync(load)
-        return cls(model, config)
+        model, engine = await anyio.to_thread.run_sync(load)
+        return cls(model, engine, config)
 
     # -- lifetime ---------------------------------------------------------------
 
@@ -137,8 +149,17 @@ class AsyncModel:
 
     @property
     def active_workers(self) -> int:
-        """Worker threads currently generating for this model."""
-        return self._workers.active
+        """Requests being generated now (engine slots in use and conversation workers)."""
+        return self._engine.active + self._workers.active
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a free slot."""
+        return self._engine.waiting
+
+    def kv_used(self) -> int:
+        """KV cells the engine's requests hold (0 when none runs)."""
+        return self._engine.kv_cells
 
     async def aclose(self) -> None:
         """Cancel running requests, wait for their threads, free everything.
@@ -151,9 +172,9 @@ class AsyncModel:
         with anyio.CancelScope(shield=True):
             for ctx in self._contexts:
                 ctx.cancel()
+            await anyio.to_thread.run_sync(self._engine.close)  # cancels its requests, joins its thread
             await self._workers.wait_idle()
             await anyio.to_thread.run_sync(self._model.close)  # closes the contexts too
-            self._idle.clear()
             self._contexts.clear()
 
     async def __aenter__(self) -> "AsyncModel":
@@ -165,40 +186,26 @@ class AsyncModel:
     # -- requests ------------------------------------------------------------------
 
     @asynccontextmanager
-    async def _lease(self) -> AsyncIterator[Context]:
-        """A context for one request, waiting for capacity; reset on return."""
-        async with self._limiter:
-            check_open(self._closed, "AsyncModel")
-            if not self._idle:
-                await anyio.to_thread.run_sync(self._new_context)
-            ctx = self._idle.pop()
-            try:
-                yield ctx
-            finally:
-                if not ctx.closed:
-                    ctx._core.reset()  # KV metadata only: cheap, safe on the loop
-                    self._idle.append(ctx)
-
-    def _new_context(self) -> None:
-        cfg = self._config
-        ctx = self._model.create_context(context_size=cfg.context_size, threads=cfg.threads,
-                                         flash_attention=cfg.flash_attention)
-        # put straight into the idle list: a cancelled caller loses nothing
-        self._contexts.append(ctx)
-        self._idle.append(ctx)
-
-    @asynccontextmanager
     async def generate_stream(self, prompt: Prompt,
                               config: Optional[StreamConfig] = None) -> AsyncIterator[TokenStream]:
         """Stream a generation: ``async with model.generate_stream(p) as s: async for tok in s:``.
 
-        Waits for capacity first. The request's deadline (``timeout_ms``)
-        covers the wait and the generation and raises RequestTimeoutError.
+        The request joins the batching engine at its next step, or waits in the
+        queue (OverloadedError at once if the queue is full). The deadline
+        (``timeout_ms``) covers the wait and the generation and raises
+        RequestTimeoutError. A request whose prompt plus ``max_tokens`` cannot
+        fit in ``context_size`` is refused with ContextOverflowError.
         """
         check_open(self._closed, "AsyncModel")
-        async with deadline(self._config.timeout_ms), self._lease() as ctx, \
-                open_token_stream(ctx, prompt, config, self._workers) as stream:
-            yield stream
+        config = _with_max_tokens(config, None)
+        async with deadline(self._config.timeout_ms):
+            if isinstance(prompt, str):
+                tokens = await anyio.to_thread.run_sync(self._model.tokenize, prompt)
+            else:
+                tokens = _token_list(prompt)
+            check_open(self._closed, "AsyncModel")
+            async with open_engine_stream(self._engine, tokens, config) as stream:
+                yield stream
 
     async def generate(self, prompt: Prompt, max_tokens: Optional[int] = None,
                        config: Optional[StreamConfig] = None) -> str:

@@ -23,7 +23,7 @@ import sys
 import threading
 from collections import deque
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Deque, List, Optional
+from typing import AsyncIterator, Callable, Deque, List, Optional
 
 import anyio
 import anyio.abc
@@ -33,6 +33,7 @@ import anyio.to_thread
 
 from .._context import Completion, Context, Prompt, TokenData, _Run, STREAM_INTERVAL_S
 from .._config import StreamConfig
+from .._engine import Engine, EngineRequest
 from .._errors import ClosedError, RequestTimeoutError
 
 if sys.version_info < (3, 11):
@@ -72,32 +73,42 @@ class Workers:
 
 
 class Handoff:
-    """A bounded queue of token batches from one worker thread to the event loop.
+    """A bounded queue of token batches from a producer thread to the event loop.
 
-    The worker side (:meth:`put`, :meth:`finish`) is called from the thread and
-    never calls into the event loop: it wakes the consumer by writing a byte to
-    a socket pair, which the loop side awaits with :func:`anyio.wait_readable`.
+    The producer side (:meth:`put`, :meth:`offer`, :meth:`finish`) never calls
+    into the event loop: it wakes the consumer by writing a byte to a socket
+    pair, which the loop side awaits with :func:`anyio.wait_readable`.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, on_space: Optional[Callable[[], None]] = None) -> None:
         self._items: Deque[List[TokenData]] = deque()
-        self._space = threading.Semaphore(capacity)
+        self._capacity = capacity
+        self._cv = threading.Condition()
+        self._on_space = on_space
         self._reader, self._writer = socket.socketpair()
         self._reader.setblocking(False)
         self._writer.setblocking(False)
-        self._done = False      # set by the worker after its last batch
+        self._done = False      # set by the producer after its last batch
         self._closed = False    # set by the consumer when it stops reading
 
-    # -- worker thread ------------------------------------------------------------
+    # -- producer thread -----------------------------------------------------------
+
+    def has_space(self) -> bool:
+        return self._closed or len(self._items) < self._capacity
+
+    def offer(self, batch: List[TokenData]) -> None:
+        """Queue *batch* without waiting (the caller checked :meth:`has_space`)."""
+        self._items.append(batch)
+        self._wake()
 
     def put(self, batch: List[TokenData]) -> bool:
         """Queue *batch*, waiting while the buffer is full; False once the consumer left."""
-        while not self._space.acquire(timeout=0.1):
+        with self._cv:
+            while len(self._items) >= self._capacity and not self._closed:
+                self._cv.wait()
             if self._closed:
                 return False
-        if self._closed:
-            return False
-        self._items.append(batch)
+            self._items.append(batch)
         self._wake()
         return True
 
@@ -113,12 +124,19 @@ class Handoff:
 
     # -- event loop -----------------------------------------------------------------
 
+    @property
+    def finished(self) -> bool:
+        return self._done
+
     async def get(self) -> Optional[List[TokenData]]:
-        """The next batch, or None at the end."""
+        """The next batch, or None at the end (or once the consumer closed it)."""
         while True:
+            if self._closed:
+                return None
             if self._items:
-                self._space.release()
-                return self._items.popleft()
+                batch = self._items.popleft()
+                self._made_room()
+                return batch
             if self._done or self._closed:
                 return None
             await anyio.wait_readable(self._reader)
@@ -127,14 +145,31 @@ class Handoff:
             except OSError:
                 pass
 
+    async def wait_finished(self) -> None:
+        """Wait until the producer is done (discarding what it still sends)."""
+        while not self._done:
+            self._items.clear()
+            self._made_room()
+            await anyio.wait_readable(self._reader)
+            try:
+                self._reader.recv(4096)
+            except OSError:
+                pass
+
+    def _made_room(self) -> None:
+        with self._cv:
+            self._cv.notify()
+        if self._on_space is not None:
+            self._on_space()
+
     def close(self) -> None:
-        """Stop reading: a worker waiting for space returns at once."""
+        """Stop reading: a producer waiting for space returns at once."""
         if not self._closed:
             self._closed = True
-            self._space.release()
+            self._made_room()
 
     def dispose(self) -> None:
-        """Free the sockets (after the worker is done)."""
+        """Free the sockets (after the producer is done)."""
         self.close()
         self._reader.close()
         self._writer.close()
@@ -149,11 +184,12 @@ class TokenStream(anyio.abc.AsyncResource):
     worker thread.
     """
 
-    def __init__(self, handoff: Handoff, run: _Run) -> None:
+    def __init__(self, handoff: Handoff, run: "_Run | EngineRequest") -> None:
         self._handoff = handoff
         self._run = run
         self._batch: List[TokenData] = []
         self._index = 0
+        self._closed = False
         #: position of the last token handed to the consumer, or None
         self.last_position: Optional[int] = None
 
@@ -161,11 +197,16 @@ class TokenStream(anyio.abc.AsyncResource):
         return self
 
     async def __anext__(self) -> TokenData:
+        if self._closed:
+            raise StopAsyncIteration
         if self._index < len(self._batch):
             await anyio.lowlevel.checkpoint_if_cancelled()
         else:
             batch = await self._handoff.get()
             if batch is None:
+                error = getattr(self._run, "error", None)
+                if error is not None:
+                    raise error
                 raise StopAsyncIteration
             self._batch = batch
             self._index = 0
@@ -190,8 +231,12 @@ class TokenStream(anyio.abc.AsyncResource):
         return self._run.completion()
 
     async def aclose(self) -> None:
-        """Stop reading; the generation stops when its ``async with`` exits."""
-        self._handoff.close()
+        """Stop reading and stop the generation (its ``async with`` still waits for it)."""
+        self._closed = True
+        self._handoff.close()  # a worker thread waiting for room returns
+        cancel = getattr(self._run, "cancel", None)
+        if cancel is not None:  # an engine request leaves at the next step
+            cancel()
         await anyio.lowlevel.checkpoint()
 
 
@@ -260,6 +305,32 @@ async def open_token_stream(
                         ctx.cancel()
                     handoff.close()
     finally:
+        handoff.dispose()
+
+
+@asynccontextmanager
+async def open_engine_stream(engine: Engine, tokens: List[int], config: StreamConfig) -> AsyncIterator[TokenStream]:
+    """Submit one request to the batching engine and stream its tokens.
+
+    On exit (normal, early, error or cancellation) an unfinished request is
+    cancelled and the exit waits, shielded, until the engine has released its
+    slot (at the next step boundary: about one token).
+    """
+    handoff = Handoff(STREAM_BUFFER, on_space=engine.notify)
+    request = EngineRequest(tokens, config, handoff)
+    try:
+        engine.submit(request)  # OverloadedError / ContextOverflowError at once
+    except BaseException:
+        handoff.dispose()
+        raise
+    stream = TokenStream(handoff, request)
+    try:
+        yield stream
+    finally:
+        if not handoff.finished:
+            request.cancel()
+            with anyio.CancelScope(shield=True):
+                await handoff.wait_finished()
         handoff.dispose()
 
 

@@ -1,0 +1,354 @@
+"""The continuous batching engine: many requests decoded together on one context.
+
+One driver thread per engine owns the :class:`~mullama._core.BatchEngine` (one
+llama.cpp context with a sequence per slot). Between steps it admits queued
+requests into free slots, pauses slots whose consumer is behind, and hands
+each request's new tokens to its sink; the steps themselves run in C without
+the GIL. A request that finishes or is cancelled leaves at the next step
+boundary and its KV cells are freed at once.
+
+Sync code: the async side (``mullama.aio``) gives each request a sink and
+waits on it; nothing here knows about event loops.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Deque, Dict, List, Optional, Protocol
+
+from . import _core
+from ._config import StreamConfig
+from ._context import Completion, Timings, TokenData, _TextAssembler
+from ._errors import ClosedError, ContextOverflowError, InvalidTokenError, MullamaError, OverloadedError
+
+__all__ = ["Engine", "EngineRequest", "RequestMetrics"]
+
+#: the driver hands tokens to consumers at least this often (seconds)
+STEP_BUDGET_S = 0.02
+
+
+class Sink(Protocol):
+    """Where a request's tokens go (the async side's hand-off)."""
+
+    def has_space(self) -> bool: ...
+
+    def offer(self, batch: List[TokenData]) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class RequestMetrics:
+    """What one request cost. Times in milliseconds."""
+
+    queue_ms: float
+    time_to_first_token_ms: float
+    prompt_tokens: int
+    prompt_tokens_per_s: float
+    generated_tokens: int
+    generation_tokens_per_s: float
+    finish_reason: str
+
+
+class EngineRequest:
+    """One generation in the engine."""
+
+    def __init__(self, tokens: List[int], config: StreamConfig, sink: Sink) -> None:
+        self.tokens_in = tokens
+        self.config = config
+        self.sink = sink
+        self.slot: Optional[int] = None
+        self.text = _TextAssembler(config.stop)
+        self.tokens: List[int] = []
+        self.pieces: List[str] = []
+        self.logprobs: List[float] = []
+        self.finish_reason: Optional[str] = None
+        self.error: Optional[BaseException] = None
+        self.cancelled = False
+        self._engine: Optional["Engine"] = None
+        self.t_submit = time.perf_counter()
+        self.t_start: Optional[float] = None
+        self.t_prompt_done: Optional[float] = None
+        self.t_first: Optional[float] = None
+        self.t_end: Optional[float] = None
+
+    @property
+    def done(self) -> bool:
+        return self.t_end is not None
+
+    finished = done
+
+    @property
+    def prompt_end(self) -> Optional[int]:
+        return len(self.tokens_in)
+
+    def completion(self) -> Completion:
+        if self.error is not None:
+            raise self.error
+        m = self.metrics()
+        return Completion(
+            text="".join(self.pieces),
+            tokens=list(self.tokens),
+            finish_reason=self.finish_reason or "",
+            timings=Timings(
+                prompt_tokens=m.prompt_tokens,
+                prompt_ms=((self.t_first or self.t_end or 0.0) - (self.t_start or self.t_submit)) * 1e3,
+                generated_tokens=m.generated_tokens,
+                generation_ms=((self.t_end or 0.0) - (self.t_first or self.t_end or 0.0)) * 1e3,
+                time_to_first_token_ms=m.time_to_first_token_ms,
+                queue_ms=m.queue_ms,
+            ),
+            logprobs=list(self.logprobs) if self.config.include_probabilities else None,
+            metrics=m,
+        )
+
+    def cancel(self) -> None:
+        """Stop this request (thread-safe); it leaves the engine at the next step."""
+        self.cancelled = True
+        engine = self._engine
+        if engine is not None:
+            engine._cancel(self)
+
+    def metrics(self) -> RequestMetrics:
+        end = self.t_end or time.perf_counter()
+        start = self.t_start or end
+        first = self.t_first or end
+        prompt_s = max(first - start, 1e-9)
+        gen_s = max(end - first, 1e-9)
+        n = len(self.tokens)
+        return RequestMetrics(
+            queue_ms=(start - self.t_submit) * 1e3,
+            time_to_first_token_ms=(first - self.t_submit) * 1e3,
+            prompt_tokens=len(self.tokens_in),
+            prompt_tokens_per_s=len(self.tokens_in) / prompt_s if self.t_first else 0.0,
+            generated_tokens=n,
+            generation_tokens_per_s=(n - 1) / gen_s if n > 1 else 0.0,
+            finish_reason=self.finish_reason or "",
+        )
+
+
+class Engine:
+    """Continuous batching over ``n_seq`` slots of one context.
+
+    Args:
+        model: a loaded :class:`~mullama.Model` (weights are shared, not copied).
+        n_seq: requests decoded together.
+        ctx_per_seq: tokens each request may hold (prompt + generation).
+        max_queue: requests that may wait for a slot; beyond, ``submit`` raises
+            :class:`OverloadedError` at once.
+    """
+
+    def __init__(self, model, n_seq: int, ctx_per_seq: int, threads: int, flash_attention: bool = False,
+                 max_queue: int = 64, batch_size: int = 512) -> None:
+        self._model = model
+        self._core = _core.BatchEngine(model._core, n_seq, ctx_per_seq, batch_size, threads, flash_attention)
+        self.n_seq = n_seq
+        self.max_queue = max_queue
+        self._cv = threading.Condition()
+        self._queue: Deque[EngineRequest] = deque()
+        self._free: List[int] = list(range(n_seq - 1, -1, -1))
+        self._active: Dict[int, EngineRequest] = {}
+        self._thread: Optional[threading.Thread] = None
+        self._closing = False
+        self.completed = 0
+        self.generated_tokens = 0
+        #: KV cells in use over all slots, as of the driver's last step
+        self.kv_cells = 0
+        self.on_done: Optional[Callable[[EngineRequest], None]] = None
+
+    # -- any thread ---------------------------------------------------------------
+
+    @property
+    def ctx_per_seq(self) -> int:
+        return self._core.n_ctx_seq
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+
+    def submit(self, request: EngineRequest) -> None:
+        """Queue *request*; raises OverloadedError if the queue is full."""
+        cfg = request.config
+        if len(request.tokens_in) + cfg.max_tokens > self._core.n_ctx_seq:
+            raise ContextOverflowError(
+                f"the prompt ({len(request.tokens_in)} tokens) plus max_tokens ({cfg.max_tokens}) do not fit in "
+                f"a request's share of the context ({self._core.n_ctx_seq} tokens); lower max_tokens, shorten "
+                "the prompt or raise context_size")
+        if not request.tokens_in:
+            raise MullamaError("the prompt is empty")
+        n_vocab = self._model.n_vocab
+        bad = [t for t in request.tokens_in if not 0 <= t < n_vocab]
+        if bad:
+            raise InvalidTokenError(f"token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})")
+        with self._cv:
+            if self._closing:
+                raise ClosedError("the engine is closed")
+            if len(self._queue) >= self.max_queue:
+                raise OverloadedError(
+                    f"{self.n_seq} requests are running and {len(self._queue)} are waiting (max_queue="
+                    f"{self.max_queue}); try again later")
+            request._engine = self
+            self._queue.append(request)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._drive, name="mullama-engine", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        self._core.wake()
+
+    def notify(self) -> None:
+        """A consumer made room: let the driver resume its paused slot."""
+        with self._cv:
+            self._cv.notify()
+        self._core.wake()
+
+    def _cancel(self, request: EngineRequest) -> None:
+        with self._cv:
+            slot = request.slot
+            if slot is not None:
+                self._core.cancel_slot(slot)  # the driver releases it at the next step
+            elif not request.done and request in self._queue:
+                self._queue.remove(request)  # never started: done now
+                self._finish(request, "cancelled")
+            self._cv.notify()
+        self._core.wake()
+
+    def close(self) -> None:
+        """Stop the driver after cancelling every request; free the context."""
+        with self._cv:
+            self._closing = True
+            for req in list(self._queue) + list(self._active.values()):
+                req.cancelled = True
+                if req.slot is not None:
+                    self._core.cancel_slot(req.slot)
+            self._cv.notify()
+        self._core.wake()
+        if self._thread is not None:
+            self._thread.join()
+        self._core.close()
+
+    # -- the driver thread ----------------------------------------------------------
+
+    def _drive(self) -> None:
+        core = self._core
+        while True:
+            with self._cv:
+                while not self._closing and not self._queue and not self._runnable():
+                    self._cv.wait()
+                if self._closing and not self._active:
+                    for req in self._queue:
+                        self._finish(req, "cancelled")
+                    self._queue.clear()
+                    return
+                core.clear_wake()
+                self._admit()
+            for slot, req in self._active.items():
+                core.set_paused(slot, not req.sink.has_space())
+            try:
+                core.run(STEP_BUDGET_S)
+            except MullamaError as exc:  # a failed step fails the requests in it
+                for req in list(self._active.values()):
+                    req.error = exc
+                    self._leave(req, "error")
+                continue
+            self._deliver()
+            self.kv_cells = core.kv_used()
+
+    def _runnable(self) -> bool:
+        """Some active request needs the driver (unpaused, finished or cancelled)."""
+        for req in self._active.values():
+            if req.cancelled or req.sink.has_space():
+                return True
+        return False
+
+    def _admit(self) -> None:
+        while self._free and self._queue:
+            req = self._queue.popleft()
+            if req.cancelled:
+                self._finish(req, "cancelled")
+                continue
+            slot = self._free.pop()
+            cfg = req.config
+            sampler = _core.SamplerChain(
+                self._model.n_vocab, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repeat_penalty,
+                cfg.repeat_last_n, 0xFFFFFFFF if cfg.seed is None else cfg.seed)
+            try:
+                self._core.start(slot, req.tokens_in, sampler, cfg.max_tokens, cfg.include_probabilities)
+            except MullamaError as exc:
+                sampler.close()
+                self._free.append(slot)
+                req.error = exc
+                self._finish(req, "error")
+                continue
+            req.slot = slot
+            req.t_start = time.perf_counter()
+            self._active[slot] = req
+
+    def _deliver(self) -> None:
+        core = self._core
+        now = time.perf_counter()
+        for slot, req in list(self._active.items()):
+            toks, pieces, lps = core.drain(slot)
+            _, finish, cancelled, _, _, _ = core.slot_state(slot)
+            if toks:
+                if req.t_first is None:
+                    req.t_first = now
+                batch, stopped = self._assemble(req, toks, pieces, lps, finish)
+                if batch:
+                    req.sink.offer(batch)
+                if stopped:
+                    self._leave(req, "stop")
+                    continue
+            if cancelled or req.cancelled:
+                self._leave(req, "cancelled")
+            elif finish != _core.FINISH_NONE:
+                self._leave(req, {_core.FINISH_EOG: "stop", _core.FINISH_LENGTH: "length"}.get(finish, "context_full"))
+
+    @staticmethod
+    def _assemble(req: EngineRequest, toks: List[int], pieces: List[bytes], lps: Optional[List[float]], finish: int):
+        """TokenData for new tokens: UTF-8 holdback and stop strings, as in the sync API."""
+        batch = []
+        first_pos = len(req.tokens_in) + len(req.tokens)
+        last = len(toks) - 1
+        for i, tok in enumerate(toks):
+            text, stopped = req.text.feed(pieces[i])
+            final = stopped or (i == last and finish != _core.FINISH_NONE)
+            if final and not stopped:
+                text += req.text.flush()
+            lp = lps[i] if lps is not None else None
+            req.tokens.append(tok)
+            req.pieces.append(text)
+            if lp is not None:
+                req.logprobs.append(lp)
+            batch.append(TokenData(tok, text, first_pos + i, lp, final))
+            if stopped:
+                return batch, True
+        return batch, False
+
+    def _leave(self, req: EngineRequest, reason: str) -> None:
+        slot = req.slot
+        if slot is not None:
+            self._core.release(slot)  # KV cells freed now
+            del self._active[slot]
+            self._free.append(slot)
+            req.slot = None
+            self.kv_cells = self._core.kv_used()  # before the consumer hears of it
+        self._finish(req, reason)
+
+    def _finish(self, req: EngineRequest, reason: str) -> None:
+        if req.done:
+            return
+        req.finish_reason = reason
+        req.t_end = time.perf_counter()
+        self.completed += 1
+        self.generated_tokens += len(req.tokens)
+        if self.on_done is not None:
+            self.on_done(req)
+        req.sink.finish()
