@@ -157,6 +157,8 @@ class Engine:
         self.generated_tokens = 0
         #: KV cells in use over all slots, as of the driver's last step
         self.kv_cells = 0
+        #: the exception that stopped the driver thread, if one did
+        self.broken: Optional[BaseException] = None
         self.on_done: Optional[Callable[[EngineRequest], None]] = None
 
     # -- any thread ---------------------------------------------------------------
@@ -237,6 +239,20 @@ class Engine:
     # -- the driver thread ----------------------------------------------------------
 
     def _drive(self) -> None:
+        try:
+            self._drive_loop()
+        except BaseException as exc:  # never leave requests waiting on a dead driver
+            with self._cv:
+                self._closing = True
+                self.broken = exc
+                for req in list(self._queue) + list(self._active.values()):
+                    req.error = MullamaError(f"the batching engine stopped: {exc!r}")
+                    self._finish(req, "error")
+                self._queue.clear()
+                self._active.clear()
+            raise
+
+    def _drive_loop(self) -> None:
         core = self._core
         while True:
             with self._cv:

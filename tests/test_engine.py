@@ -1,0 +1,150 @@
+"""The continuous batching engine behind AsyncModel (asyncio and trio)."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+import mullama
+from mullama import StreamConfig
+from mullama.aio import AsyncModel
+
+pytestmark = pytest.mark.anyio
+
+PROMPTS = ["once upon", "hello there", "abc", "The capital of France is", "xyz", "q", "zz top", "mm"]
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request):
+    return request.param
+
+
+def sequential(model, prompts, configs, ctx_size=512):
+    out = []
+    for p, cfg in zip(prompts, configs):
+        with model.create_context(ctx_size, threads=1) as ctx:
+            out.append(ctx.generate(p, cfg))
+    return out
+
+
+async def run_all(model, prompts, configs):
+    results = [None] * len(prompts)
+
+    async def one(i):
+        results[i] = await model.complete(prompts[i], config=configs[i])
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(prompts)):
+            tg.start_soon(one, i)
+    return results
+
+
+@pytest.mark.parametrize("path_fixture", ["tiny_model_path", "default_model_path"])
+async def test_batched_greedy_equals_one_at_a_time(request, path_fixture):
+    path = request.getfixturevalue(path_fixture)
+    cfgs = [StreamConfig.greedy(24)] * len(PROMPTS)
+    with mullama.Model.load(path) as m:
+        expected = sequential(m, PROMPTS, cfgs)
+    async with await AsyncModel.load(path, max_concurrent=4, context_size=512, threads=1) as model:
+        got = await run_all(model, PROMPTS, cfgs)
+        assert [c.tokens for c in got] == [c.tokens for c in expected]
+        assert [c.text for c in got] == [c.text for c in expected]
+        assert [c.finish_reason for c in got] == [c.finish_reason for c in expected]
+        assert model.kv_used() == 0 and model.active_workers == 0
+
+
+async def test_mixed_sampling_settings(tiny_model_path):
+    cfgs = [StreamConfig.greedy(20), StreamConfig(max_tokens=20, temperature=1.2, seed=3),
+            StreamConfig(max_tokens=20, temperature=0.7, top_k=5, seed=9, repeat_penalty=1.3),
+            StreamConfig.greedy(20, stop=["a"]), StreamConfig(max_tokens=20, temperature=2.0, min_p=0.0,
+                                                              top_p=0.5, seed=1, include_probabilities=True)]
+    prompts = PROMPTS[: len(cfgs)]
+    with mullama.Model.load(tiny_model_path) as m:
+        expected = sequential(m, prompts, cfgs)
+    async with await AsyncModel.load(tiny_model_path, max_concurrent=3, context_size=512, threads=1) as model:
+        got = await run_all(model, prompts, cfgs)
+    for g, e, cfg in zip(got, expected, cfgs):
+        assert g.tokens == e.tokens, cfg
+        assert g.text == e.text
+    assert got[4].logprobs is not None and len(got[4].logprobs) == len(got[4].tokens)
+
+
+async def test_cancelling_one_leaves_the_others_unchanged(tiny_model_path):
+    cfg = StreamConfig.greedy(200)
+    with mullama.Model.load(tiny_model_path) as m:
+        expected = sequential(m, PROMPTS[:3], [cfg] * 3)
+    async with await AsyncModel.load(tiny_model_path, max_concurrent=4, context_size=512, threads=1) as model:
+        results = {}
+
+        async def keep(i):
+            results[i] = await model.complete(PROMPTS[i], config=cfg)
+
+        async def cancel_after(n):
+            with anyio.CancelScope() as scope:
+                async with model.generate_stream("victim", cfg) as stream:
+                    async for tok in stream:
+                        if tok.position >= n:
+                            scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            for i in range(3):
+                tg.start_soon(keep, i)
+            tg.start_soon(cancel_after, 10)
+        assert [results[i].tokens for i in range(3)] == [e.tokens for e in expected]
+        assert model.kv_used() == 0 and model.active_workers == 0
+
+
+async def test_queue_overflow(tiny_model_path):
+    async with await AsyncModel.load(tiny_model_path, max_concurrent=1, max_queue=1, context_size=2048,
+                                     threads=1) as model:
+        hold = anyio.Event()
+        started = anyio.Event()
+
+        async def holder():
+            async with model.generate_stream("abc", StreamConfig.greedy(1500)) as stream:
+                await stream.__anext__()
+                started.set()
+                await hold.wait()
+
+        async def waiter():
+            await model.generate("q", config=StreamConfig.greedy(3))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(holder)
+            await started.wait()
+            tg.start_soon(waiter)
+            while model.waiting == 0:
+                await anyio.sleep(0.001)
+            with pytest.raises(mullama.OverloadedError, match="max_queue=1"):
+                await model.generate("x", config=StreamConfig.greedy(3))
+            hold.set()
+        assert model.waiting == 0 and model.active_workers == 0 and model.kv_used() == 0
+
+
+async def test_prompt_too_long_refused_up_front(tiny_model_path):
+    async with await AsyncModel.load(tiny_model_path, max_concurrent=2, context_size=256, threads=1) as model:
+        # a prompt of 3 tokens plus max_tokens 300 cannot fit in 256; nothing is queued
+        with pytest.raises(mullama.ContextOverflowError, match=r"max_tokens \(300\).*256"):
+            await model.generate("ab", config=StreamConfig.greedy(300))
+        assert model.waiting == 0 and model.active_workers == 0
+        with pytest.raises(mullama.ContextOverflowError, match=r"prompt \(502 tokens\).*\(256 tokens\)"):
+            await model.generate("a" * 1000, config=StreamConfig.greedy(5))
+        assert await model.generate("ab", config=StreamConfig.greedy(5))
+
+
+async def test_metrics_add_up(tiny_model_path):
+    cfg = StreamConfig.greedy(16)
+    async with await AsyncModel.load(tiny_model_path, max_concurrent=2, context_size=512, threads=1) as model:
+        done_before = model._engine.completed
+        got = await run_all(model, PROMPTS[:5], [cfg] * 5)
+        engine = model._engine
+        assert engine.completed - done_before == 5
+        assert engine.generated_tokens >= sum(len(c.tokens) for c in got)
+        for c in got:
+            m = c.metrics
+            assert m.generated_tokens == len(c.tokens) == c.timings.generated_tokens
+            assert m.finish_reason == c.finish_reason
+            assert m.queue_ms >= 0 and m.time_to_first_token_ms >= m.queue_ms
+            assert m.prompt_tokens > 0
+        # with 2 slots and 5 requests, someone waited in the queue
+        assert max(c.metrics.queue_ms for c in got) > min(c.metrics.queue_ms for c in got)
