@@ -41,10 +41,12 @@ __all__ = [
 
 
 def _at_exit() -> None:
-    # llama.cpp may log from its own threads while the interpreter shuts down;
-    # from here on its log goes nowhere instead of into Python
+    # a decode still running in another thread would crash in static destructors:
+    # stop every generation and wait (bounded) until no thread is inside C; then
+    # llama.cpp's log goes nowhere instead of into a finalizing interpreter
     from . import _core
 
+    _core.shutdown(timeout=5.0)
     _core.silence_logging()
 
 

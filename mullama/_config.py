@@ -12,6 +12,7 @@ from ._errors import InvalidConfigError
 __all__ = ["StreamConfig", "default_threads"]
 
 _U32_MAX = 0xFFFFFFFF
+_I32_MAX = 0x7FFFFFFF
 
 
 def default_threads() -> int:
@@ -73,13 +74,13 @@ class StreamConfig:
     include_probabilities: bool = False
 
     def __post_init__(self) -> None:
-        check_int("max_tokens", self.max_tokens, minimum=1)
+        check_int("max_tokens", self.max_tokens, minimum=1, maximum=_I32_MAX)
         check_float("temperature", self.temperature, minimum=0.0)
-        check_int("top_k", self.top_k, minimum=0)
+        check_int("top_k", self.top_k, minimum=0, maximum=_I32_MAX)
         check_float("top_p", self.top_p, minimum=0.0, maximum=1.0, min_open=True)
         check_float("min_p", self.min_p, minimum=0.0, maximum=1.0)
         check_float("repeat_penalty", self.repeat_penalty, minimum=0.0, min_open=True)
-        check_int("repeat_last_n", self.repeat_last_n, minimum=0)
+        check_int("repeat_last_n", self.repeat_last_n, minimum=0, maximum=1 << 16)
         if self.seed is not None:
             check_int("seed", self.seed, minimum=0, maximum=_U32_MAX - 1)
         object.__setattr__(self, "stop", _check_stop(self.stop))

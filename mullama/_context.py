@@ -226,10 +226,14 @@ class Context:
         Raises:
             InvalidTokenError, ContextOverflowError, AbortedError (cancel()).
         """
+        self._eval(tokens, clear_cancel=True)
+
+    def _eval(self, tokens: Sequence[int], clear_cancel: bool) -> None:
         toks = _token_list(tokens)
         self._core.claim()
         try:
-            self._core.clear_cancel()
+            if clear_cancel:  # the async side clears the flag itself, before its worker starts
+                self._core.clear_cancel()
             if self._core.decode(toks) == _core.STATUS_ABORTED:
                 raise AbortedError("the evaluation was cancelled")
         finally:

@@ -52,6 +52,59 @@ cdef extern from *:
     double mullama_now() nogil
 
 
+# set once at interpreter exit: every loop and abort callback stops, and no new
+# call enters C (see shutdown())
+cdef int _g_shutdown = 0
+_live = weakref.WeakSet()   # LlamaModel / LlamaContext / BatchEngine objects that may be inside C
+
+
+def shutdown(double timeout=5.0):
+    """Stop every generation and wait (bounded) until no thread is inside C.
+
+    Registered with atexit by ``mullama``: a decode still running in a daemon
+    thread while the process exits would otherwise crash in static destructors.
+    """
+    import time as _time
+    mullama_store_flag(&_g_shutdown, 1)
+    deadline = _time.monotonic() + timeout
+    for obj in list(_live):
+        (<_InC>obj)._wait_out(max(0.0, deadline - _time.monotonic()))
+
+
+cdef class _InC:
+    """Counts the threads inside a nogil section of an owner, so that close()
+    (and interpreter exit) can wait for them before freeing anything."""
+    cdef int _in_c
+    cdef object _idle        # threading.Condition
+    cdef object __weakref__
+
+    def __cinit__(self):
+        self._in_c = 0
+        self._idle = threading.Condition(threading.Lock())
+        _live.add(self)
+
+    cdef inline int _enter_c(self) except -1:
+        if mullama_load_flag(&_g_shutdown):
+            raise _errors.ClosedError("the interpreter is shutting down")
+        self._in_c += 1   # under the GIL
+        return 0
+
+    cdef inline void _leave_c(self):
+        self._in_c -= 1
+        if self._in_c == 0:
+            with self._idle:
+                self._idle.notify_all()
+
+    def _wait_out(self, double timeout=-1.0):
+        """Wait until no thread is inside C (the GIL is released meanwhile)."""
+        with self._idle:
+            if timeout < 0:
+                while self._in_c:
+                    self._idle.wait()
+            elif self._in_c:
+                self._idle.wait_for(lambda: self._in_c == 0, timeout)
+
+
 # status codes of a generation step (mirrored in mullama/_context.py)
 DEF ST_OK = 0          # chunk finished (token budget or time budget), more may follow
 DEF ST_EOG = 1         # the model produced an end-of-generation token
@@ -166,19 +219,20 @@ cdef cbool _progress_callback(float progress, void * user_data) noexcept with gi
 
 
 @cython.no_gc_clear
-cdef class LlamaModel:
+cdef class LlamaModel(_InC):
     """Owns a ``llama_model``. Build with :meth:`load`."""
 
     cdef llama_model * ptr
     cdef const llama_vocab * vocab
     cdef readonly int n_vocab
     cdef readonly object path
-    cdef object _contexts   # WeakSet of LlamaContext created from this model
-    cdef object __weakref__
+    cdef object _contexts   # WeakSet of LlamaContext / BatchEngine created from this model
+    cdef bint _closing      # close() was called; ptr is freed once no context needs it
 
     def __cinit__(self):
         self.ptr = NULL
         self.vocab = NULL
+        self._closing = False
         self._contexts = weakref.WeakSet()
 
     def __init__(self):
@@ -221,19 +275,40 @@ cdef class LlamaModel:
         return self
 
     cdef inline _check(self):
-        if self.ptr == NULL:
+        if self.ptr == NULL or self._closing:
             raise _errors.ClosedError("the model is closed")
+
+    cdef inline int _enter(self) except -1:
+        self._check()
+        return self._enter_c()
 
     @property
     def closed(self):
-        return self.ptr == NULL
+        return self.ptr == NULL or self._closing
 
     def close(self):
-        """Free the model, closing every context still open on it first."""
-        if self.ptr == NULL:
+        """Free the model, closing every context still open on it first.
+
+        Waits for threads inside C on this model (tokenizing, creating a
+        context). A context whose logits are still viewed keeps the model's
+        memory until that view is gone.
+        """
+        if self.ptr == NULL or self._closing:
             return
+        self._closing = True
         for ctx in list(self._contexts):
-            (<LlamaContext>ctx).close()
+            ctx.close()
+        self._wait_out()
+        self._release()
+
+    cdef _release(self):
+        """Free the model once it is closing and no context still holds C memory."""
+        if self.ptr == NULL or not self._closing:
+            return
+        for ctx in self._contexts:
+            if ((isinstance(ctx, LlamaContext) and (<LlamaContext>ctx).ptr != NULL)
+                    or (isinstance(ctx, BatchEngine) and (<BatchEngine>ctx).ptr != NULL)):
+                return  # freed by that context's _free()
         llama_model_free(self.ptr)
         self.ptr = NULL
         self.vocab = NULL
@@ -308,7 +383,7 @@ cdef class LlamaModel:
 
     def tokenize(self, bytes text, bint add_special, bint parse_special):
         """Token ids of UTF-8 *text* (list of int)."""
-        self._check()
+        self._enter()
         cdef const char * ctext = text
         cdef Py_ssize_t tlen = len(text)
         if tlen > 0x7FFFFFF0:
@@ -317,12 +392,15 @@ cdef class LlamaModel:
         cdef vector[llama_token] out
         out.resize(cap)
         cdef int32_t n
-        with nogil:
-            n = llama_tokenize(self.vocab, ctext, <int32_t>tlen, out.data(), cap, add_special, parse_special)
-            if n < 0 and n != -0x7FFFFFFF - 1:
-                cap = -n
-                out.resize(cap)
+        try:
+            with nogil:
                 n = llama_tokenize(self.vocab, ctext, <int32_t>tlen, out.data(), cap, add_special, parse_special)
+                if n < 0 and n != -0x7FFFFFFF - 1:
+                    cap = -n
+                    out.resize(cap)
+                    n = llama_tokenize(self.vocab, ctext, <int32_t>tlen, out.data(), cap, add_special, parse_special)
+        finally:
+            self._leave_c()
         if n < 0:
             raise _errors.MullamaError(f"llama.cpp could not tokenize the text ({tlen} bytes)")
         return [out[i] for i in range(n)]
@@ -354,18 +432,22 @@ cdef class LlamaModel:
         self._check()
         cdef vector[llama_token] toks = tokens
         self._check_tokens(toks)
+        self._enter()
         cdef int32_t cap = <int32_t>(toks.size() * 8 + 16)
         cdef string out
         out.resize(cap)
         cdef int32_t n
-        with nogil:
-            n = llama_detokenize(self.vocab, toks.data(), <int32_t>toks.size(), &out[0], cap,
-                                 remove_special, unparse_special)
-            if n < 0:
-                cap = -n
-                out.resize(cap)
+        try:
+            with nogil:
                 n = llama_detokenize(self.vocab, toks.data(), <int32_t>toks.size(), &out[0], cap,
                                      remove_special, unparse_special)
+                if n < 0:
+                    cap = -n
+                    out.resize(cap)
+                    n = llama_detokenize(self.vocab, toks.data(), <int32_t>toks.size(), &out[0], cap,
+                                         remove_special, unparse_special)
+        finally:
+            self._leave_c()
         if n < 0:
             raise _errors.MullamaError("llama.cpp could not detokenize the tokens")
         return out.substr(0, n)
@@ -438,12 +520,13 @@ cdef class SamplerChain:
 
 cdef cbool _abort_callback(void * data) noexcept nogil:
     # polled by ggml inside llama_decode; a plain flag read, no GIL
-    return mullama_load_flag(<int *>data) != 0
+    return mullama_load_flag(<int *>data) != 0 or mullama_load_flag(&_g_shutdown) != 0
 
 
 cdef cbool _engine_abort_callback(void * data) noexcept nogil:
     # data points at BatchEngine._abort: [0] closing, [1] a slot was cancelled
-    return mullama_load_flag(<int *>data) != 0 or mullama_load_flag((<int *>data) + 1) != 0
+    return (mullama_load_flag(<int *>data) != 0 or mullama_load_flag((<int *>data) + 1) != 0
+            or mullama_load_flag(&_g_shutdown) != 0)
 
 
 cdef class _LogitsView:
@@ -476,7 +559,7 @@ cdef class _LogitsView:
 
 
 @cython.no_gc_clear
-cdef class LlamaContext:
+cdef class LlamaContext(_InC):
     """Owns a ``llama_context`` with one sequence and its token history.
 
     ``tokens`` is the conversation: every token logically in the context. The
@@ -496,12 +579,9 @@ cdef class LlamaContext:
     cdef int _n_kv
     cdef bint _logits_ok     # the last decode produced logits for tokens[-1]
     cdef int _abort          # set by cancel()/close(), read by C without the GIL
-    cdef int _in_c           # threads currently inside a nogil section
     cdef bint _closed
     cdef int _exports        # live buffer exports of the logits
-    cdef object _idle        # threading.Condition: close() waits for _in_c == 0
     cdef object _owner       # threading.Lock: one user at a time (claim/release)
-    cdef object __weakref__
 
     def __cinit__(self):
         self.ptr = NULL
@@ -509,7 +589,6 @@ cdef class LlamaContext:
         self.has_batch = False
         self._n_kv = 0
         self._abort = 0
-        self._in_c = 0
         self._closed = False
         self._exports = 0
         self._logits_ok = False
@@ -528,11 +607,14 @@ cdef class LlamaContext:
         p.abort_callback = _abort_callback
         p.abort_callback_data = <void *>&self._abort
         p.no_perf = True
-        self._idle = threading.Condition(threading.Lock())
         self._owner = threading.Lock()
         take_errors()
-        with nogil:
-            self.ptr = llama_init_from_model(model.ptr, p)
+        model._enter()
+        try:
+            with nogil:
+                self.ptr = llama_init_from_model(model.ptr, p)
+        finally:
+            model._leave_c()
         errors = take_errors()
         if self.ptr == NULL:
             reason = "; ".join(errors) if errors else "llama.cpp gave no reason"
@@ -540,6 +622,7 @@ cdef class LlamaContext:
                 f"could not create a context (n_ctx={n_ctx}, n_batch={n_batch}): {reason}; "
                 "try a smaller context_size or batch_size")
         self.model = model
+        model._contexts.add(self)
         # a thread pool per context: threads that poll briefly, then sleep when idle
         cdef ggml_threadpool_params tp = ggml_threadpool_params_default(max(n_threads, n_threads_batch))
         self.pool = ggml_threadpool_new(&tp)
@@ -550,7 +633,6 @@ cdef class LlamaContext:
         self.n_batch = llama_n_batch(self.ptr)
         self.batch = llama_batch_init(self.n_batch, 0, 1)
         self.has_batch = True
-        model._contexts.add(self)
 
     # -- lifetime ---------------------------------------------------------
 
@@ -564,6 +646,8 @@ cdef class LlamaContext:
         if self.pool != NULL:
             ggml_threadpool_free(self.pool)
             self.pool = NULL
+        if self.model is not None:
+            self.model._release()  # a closing model waits for its last context
 
     def close(self):
         """Free the context. Aborts and waits for a thread that is inside C."""
@@ -571,9 +655,7 @@ cdef class LlamaContext:
             return
         self._closed = True
         mullama_store_flag(&self._abort, 1)
-        with self._idle:
-            while self._in_c:
-                self._idle.wait()
+        self._wait_out()
         if self._exports == 0:
             self._free()   # else the last logits view frees it
 
@@ -589,14 +671,10 @@ cdef class LlamaContext:
         if self._closed:
             raise _errors.ClosedError("the context is closed")
         self.model._check()
-        self._in_c += 1   # under the GIL
-        return 0
+        return self._enter_c()
 
     cdef inline void _leave(self):
-        self._in_c -= 1
-        if self._closed and self._in_c == 0:
-            with self._idle:
-                self._idle.notify_all()
+        self._leave_c()
 
     def claim(self, bint blocking=False):
         """Take exclusive use of the context; BusyError if another holder has it."""
@@ -626,6 +704,8 @@ cdef class LlamaContext:
 
     @property
     def tokens(self):
+        if self._in_c:
+            raise _errors.BusyError("the context is generating; read its tokens when the generation is done")
         return [t for t in self._tokens]
 
     @property
@@ -697,7 +777,14 @@ cdef class LlamaContext:
                 reason = "; ".join(errors) if errors else "not a state file of this model and context size"
                 raise _errors.StateError(f"could not load the context state from {path}: {reason}")
             toks.resize(n)
-            self.model._check_tokens(toks)
+            try:
+                self.model._check_tokens(toks)
+            except _errors.InvalidTokenError as exc:
+                llama_memory_clear(llama_get_memory(self.ptr), False)
+                self._tokens.clear()
+                self._n_kv = 0
+                self._logits_ok = False
+                raise _errors.StateError(f"{path} was saved from another model: {exc}") from None
             pmax = llama_memory_seq_pos_max(llama_get_memory(self.ptr), 0)
             self._tokens = toks
             self._n_kv = min(<int>n, pmax + 1)
@@ -721,7 +808,7 @@ cdef class LlamaContext:
         if end > self.n_ctx:
             return ST_CTX_FULL
         while self._n_kv < end:
-            if mullama_load_flag(&self._abort):
+            if mullama_load_flag(&self._abort) or mullama_load_flag(&_g_shutdown):
                 rc = ST_ABORTED
                 break
             n = min(self.n_batch, end - self._n_kv)
@@ -742,7 +829,8 @@ cdef class LlamaContext:
                 break
             self._n_kv += n
         else:
-            self._logits_ok = True
+            if self._n_kv > start:
+                self._logits_ok = True  # the last decoded token is tokens[-1]
             return 0
         # failure: undo the partial evaluation of this call
         llama_memory_seq_rm(llama_get_memory(self.ptr), 0, start, -1)
@@ -798,6 +886,7 @@ cdef class LlamaContext:
             if self._tokens.empty():
                 raise _errors.MullamaError("the context is empty: decode some tokens before asking for logits")
             if not self._logits_ok or self._n_kv < <int>self._tokens.size():
+                mullama_store_flag(&self._abort, 0)  # an earlier cancel() of nothing must not stick
                 if self._n_kv == <int>self._tokens.size():
                     self._n_kv -= 1
                     llama_memory_seq_rm(llama_get_memory(self.ptr), 0, self._n_kv, -1)
@@ -828,7 +917,7 @@ cdef class LlamaContext:
         cdef const llama_vocab * vocab = self.model.vocab
         cdef char buf[PIECE_BUF]
         for i in range(n_max):
-            if mullama_load_flag(&self._abort):
+            if mullama_load_flag(&self._abort) or mullama_load_flag(&_g_shutdown):
                 return ST_ABORTED
             if not self._logits_ok and self._n_kv == <int>self._tokens.size():
                 # logits were lost (state load, truncate): recompute the last token
@@ -944,7 +1033,7 @@ cdef struct Slot:
 
 
 @cython.no_gc_clear
-cdef class BatchEngine:
+cdef class BatchEngine(_InC):
     """One llama.cpp context decoding many sequences together.
 
     Each slot is a sequence (its id is the slot index) with its own share of
@@ -974,10 +1063,7 @@ cdef class BatchEngine:
     cdef vector[llama_sampler *] smpls  # their pointers, for the nogil step (NULL: greedy)
     cdef int _abort[2]       # [0] close(), [1] a slot was cancelled: abort the decode in progress
     cdef int _wake           # the driver has work: return from run() early
-    cdef int _in_c
     cdef bint _closed
-    cdef object _idle
-    cdef object __weakref__
 
     def __cinit__(self):
         self.ptr = NULL
@@ -986,7 +1072,6 @@ cdef class BatchEngine:
         self._abort[0] = 0
         self._abort[1] = 0
         self._wake = 0
-        self._in_c = 0
         self._closed = False
 
     def __init__(self, LlamaModel model not None, int n_seq, int n_ctx_seq, int n_batch=512, int n_threads=1,
@@ -1006,10 +1091,13 @@ cdef class BatchEngine:
         p.abort_callback = _engine_abort_callback
         p.abort_callback_data = <void *>&self._abort[0]
         p.no_perf = True
-        self._idle = threading.Condition(threading.Lock())
         take_errors()
-        with nogil:
-            self.ptr = llama_init_from_model(model.ptr, p)
+        model._enter()
+        try:
+            with nogil:
+                self.ptr = llama_init_from_model(model.ptr, p)
+        finally:
+            model._leave_c()
         errors = take_errors()
         if self.ptr == NULL:
             reason = "; ".join(errors) if errors else "llama.cpp gave no reason"
@@ -1068,6 +1156,8 @@ cdef class BatchEngine:
                     (<SamplerChain>s).close()
             self.samplers = [None] * self.n_seq
             self.smpls.assign(self.n_seq, NULL)
+        if self.model is not None:
+            self.model._release()
 
     def close(self):
         """Free the engine; a step running in another thread is aborted and awaited."""
@@ -1075,9 +1165,7 @@ cdef class BatchEngine:
             return
         self._closed = True
         mullama_store_flag(&self._abort[0], 1)
-        with self._idle:
-            while self._in_c:
-                self._idle.wait()
+        self._wait_out()
         self._free()
 
     @property
@@ -1091,14 +1179,10 @@ cdef class BatchEngine:
         if self._closed:
             raise _errors.ClosedError("the engine is closed")
         self.model._check()
-        self._in_c += 1
-        return 0
+        return self._enter_c()
 
     cdef inline void _leave(self):
-        self._in_c -= 1
-        if self._closed and self._in_c == 0:
-            with self._idle:
-                self._idle.notify_all()
+        self._leave_c()
 
     # -- slots --------------------------------------------------------------------
 
@@ -1347,7 +1431,7 @@ cdef class BatchEngine:
         cdef double deadline = mullama_now() + budget_s
         try:
             with nogil:
-                while not mullama_load_flag(&self._abort[0]):
+                while not mullama_load_flag(&self._abort[0]) and not mullama_load_flag(&_g_shutdown):
                     mullama_store_flag(&self._abort[1], 0)
                     rc = self._step()
                     if rc == -1002 and not mullama_load_flag(&self._abort[0]):

@@ -67,6 +67,7 @@ class EngineRequest:
         self.logprobs: List[float] = []
         self.finish_reason: Optional[str] = None
         self.error: Optional[BaseException] = None
+        self.sampler: Optional["_core.SamplerChain"] = None
         self.cancelled = False
         self._engine: Optional["Engine"] = None
         self.t_submit = time.perf_counter()
@@ -190,10 +191,17 @@ class Engine:
         bad = [t for t in request.tokens_in if not 0 <= t < n_vocab]
         if bad:
             raise InvalidTokenError(f"token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})")
+        cfg = request.config
+        # built here, on the caller's side: the driver runs no code that bad input can break
+        request.sampler = _core.SamplerChain(
+            self._model.n_vocab, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repeat_penalty,
+            cfg.repeat_last_n, 0xFFFFFFFF if cfg.seed is None else cfg.seed)
         with self._cv:
             if self._closing:
+                request.sampler.close()
                 raise ClosedError("the engine is closed")
             if len(self._queue) >= self.max_queue:
+                request.sampler.close()
                 raise OverloadedError(
                     f"{self.n_seq} requests are running and {len(self._queue)} are waiting (max_queue="
                     f"{self.max_queue}); try again later")
@@ -292,13 +300,10 @@ class Engine:
                 continue
             slot = self._free.pop()
             cfg = req.config
-            sampler = _core.SamplerChain(
-                self._model.n_vocab, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repeat_penalty,
-                cfg.repeat_last_n, 0xFFFFFFFF if cfg.seed is None else cfg.seed)
             try:
-                self._core.start(slot, req.tokens_in, sampler, cfg.max_tokens, cfg.include_probabilities)
-            except MullamaError as exc:
-                sampler.close()
+                self._core.start(slot, req.tokens_in, req.sampler, cfg.max_tokens, cfg.include_probabilities)
+            except Exception as exc:
+                req.sampler.close()
                 self._free.append(slot)
                 req.error = exc
                 self._finish(req, "error")
@@ -361,6 +366,8 @@ class Engine:
     def _finish(self, req: EngineRequest, reason: str) -> None:
         if req.done:
             return
+        if req.slot is None and req.sampler is not None:
+            req.sampler.close()  # never started (a started one is freed with its slot)
         req.finish_reason = reason
         req.t_end = time.perf_counter()
         self.completed += 1

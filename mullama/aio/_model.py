@@ -85,8 +85,7 @@ class AsyncModel:
         self._model = model
         self._engine = engine
         self._config = config
-        self._contexts: List[Context] = []  # AsyncContext conversations
-        self._workers = Workers()            # their worker threads
+        self._conversations: "set[AsyncContext]" = set()
         self._info: Optional[ModelInfo] = None
         self._closed = False
 
@@ -150,7 +149,7 @@ class AsyncModel:
     @property
     def active_workers(self) -> int:
         """Requests being generated now (engine slots in use and conversation workers)."""
-        return self._engine.active + self._workers.active
+        return self._engine.active + sum(c._workers.active for c in self._conversations)
 
     @property
     def waiting(self) -> int:
@@ -170,12 +169,10 @@ class AsyncModel:
             return
         self._closed = True
         with anyio.CancelScope(shield=True):
-            for ctx in self._contexts:
-                ctx.cancel()
+            for conv in list(self._conversations):
+                await conv.aclose()
             await anyio.to_thread.run_sync(self._engine.close)  # cancels its requests, joins its thread
-            await self._workers.wait_idle()
-            await anyio.to_thread.run_sync(self._model.close)  # closes the contexts too
-            self._contexts.clear()
+            await anyio.to_thread.run_sync(self._model.close)
 
     async def __aenter__(self) -> "AsyncModel":
         return self
@@ -246,8 +243,9 @@ class AsyncModel:
         ctx = await anyio.to_thread.run_sync(
             lambda: self._model.create_context(context_size=size, threads=cfg.threads,
                                                flash_attention=cfg.flash_attention))
-        self._contexts.append(ctx)
-        return AsyncContext(self, ctx)
+        conv = AsyncContext(self, ctx)
+        self._conversations.add(conv)
+        return conv
 
 
 class AsyncContext:
@@ -261,7 +259,7 @@ class AsyncContext:
         self._owner = owner
         self._ctx = ctx
         self._lock = anyio.Lock()
-        self._workers = owner._workers
+        self._workers = Workers()
         self._closed = False
 
     @property
@@ -316,9 +314,11 @@ class AsyncContext:
         evaluation inside llama.cpp and leaves the context as it was.
         """
         async with deadline(self._owner._config.timeout_ms), self._use(wait) as ctx:
-            tokens = (ctx.model.tokenize(prompt, add_bos=ctx.n_past == 0) if isinstance(prompt, str)
-                      else list(prompt))
-            await _run_cancellable(ctx, self._workers, ctx.eval, tokens)
+            if isinstance(prompt, str):
+                tokens = await anyio.to_thread.run_sync(ctx.model.tokenize, prompt, ctx.n_past == 0)
+            else:
+                tokens = _token_list(prompt)
+            await _run_cancellable(ctx, self._workers, ctx._eval, tokens, False)
             return ctx.n_past
 
     async def save_state(self, path: PathLike) -> None:
@@ -334,14 +334,20 @@ class AsyncContext:
             ctx.reset()
 
     async def aclose(self) -> None:
-        """Free the context (shielded, idempotent)."""
+        """Stop what runs on the context and free it (shielded, idempotent).
+
+        Does not wait for a consumer that holds a stream open: its worker is
+        stopped and the stream ends.
+        """
         if self._closed:
             return
         self._closed = True
         with anyio.CancelScope(shield=True):
             self._ctx.cancel()
-            async with self._lock:
-                await anyio.to_thread.run_sync(self._ctx.close)
+            self._workers.close_handoffs()
+            await self._workers.wait_idle()
+            await anyio.to_thread.run_sync(self._ctx.close)
+            self._owner._conversations.discard(self)
 
     async def __aenter__(self) -> "AsyncContext":
         return self

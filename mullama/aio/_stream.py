@@ -46,14 +46,21 @@ STREAM_BUFFER = 4
 
 
 class Workers:
-    """Counts the worker threads of one owner that are using a context."""
+    """Counts the worker threads of one owner that are using a context, and
+    knows their hand-offs (closing the owner closes them: a worker waiting for
+    a consumer that stopped reading returns)."""
 
-    __slots__ = ("active", "started", "_idle")
+    __slots__ = ("active", "started", "handoffs", "_idle")
 
     def __init__(self) -> None:
         self.active = 0
         self.started = 0
+        self.handoffs: "set[Handoff]" = set()
         self._idle: Optional[anyio.Event] = None
+
+    def close_handoffs(self) -> None:
+        for h in list(self.handoffs):
+            h.close()
 
     def enter(self) -> None:
         self.active += 1
@@ -267,9 +274,6 @@ async def _produce(ctx: Context, run: _Run, handoff: Handoff, workers: Workers,
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(watch)
-        # cleared here, on the loop, before the thread starts: a cancellation that
-        # arrives from now on is seen by the worker
-        ctx._core.clear_cancel()
         workers.enter()
         try:
             await anyio.to_thread.run_sync(_work, run, handoff, abandon_on_cancel=False, limiter=limiter)
@@ -294,6 +298,10 @@ async def open_token_stream(
     run = _Run(ctx, prompt, config, interval=STREAM_INTERVAL_S, clear_cancel=False)  # validates arguments
     handoff = Handoff(STREAM_BUFFER)
     stream = TokenStream(handoff, run)
+    # cleared here, on the loop, before the worker exists: a cancellation or an
+    # early exit from now on is seen by the worker, even before it starts
+    ctx._core.clear_cancel()
+    workers.handoffs.add(handoff)
     try:
         with unwrap_single():
             async with anyio.create_task_group() as tg:
@@ -305,6 +313,7 @@ async def open_token_stream(
                         ctx.cancel()
                     handoff.close()
     finally:
+        workers.handoffs.discard(handoff)
         handoff.dispose()
 
 

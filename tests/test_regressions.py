@@ -1,0 +1,156 @@
+"""Regression tests for bugs found in review (each failed before its fix)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+
+import anyio
+import numpy as np
+import pytest
+
+import mullama
+from mullama import StreamConfig
+from mullama.aio import AsyncModel
+
+
+def test_logits_fresh_after_truncate(tiny_model):
+    with tiny_model.create_context(256, threads=1) as a, tiny_model.create_context(256, threads=1) as b:
+        a.eval([1, 5, 9, 13, 17, 21])
+        a._core.truncate(3)
+        a.eval([])
+        b.eval([1, 5, 9])
+        assert np.allclose(a.logits(), b.logits(), atol=1e-4)  # the fresh distribution, not the stale one
+        assert a.generate("", StreamConfig.greedy(5)).tokens == b.generate("", StreamConfig.greedy(5)).tokens
+
+
+def test_cancel_of_nothing_does_not_stick(tiny_ctx):
+    tiny_ctx.eval([1, 5, 9])
+    tiny_ctx._core.truncate(2)
+    tiny_ctx.cancel()  # nothing runs
+    assert tiny_ctx.logits().shape == (512,)
+
+
+def test_tokens_while_generating_is_refused_not_racy(tiny_model):
+    with tiny_model.create_context(4096, threads=1) as ctx:
+        errors = []
+        t = threading.Thread(target=lambda: ctx.generate("ab", StreamConfig.greedy(3000)))
+        t.start()
+        try:
+            while t.is_alive():
+                try:
+                    toks = ctx.tokens
+                    assert all(0 <= x < 512 for x in toks)
+                except mullama.BusyError as exc:
+                    errors.append(exc)
+        finally:
+            t.join()
+        assert errors  # it was generating while we looked
+
+
+def test_model_close_waits_for_tokenize(tiny_model_path):
+    model = mullama.Model.load(tiny_model_path)
+    text = "hello world " * 200_000
+    out = {}
+
+    def run():
+        try:
+            out["n"] = len(model.tokenize(text))
+        except mullama.ClosedError as exc:  # close() came first
+            out["closed"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    model.close()  # waits for a tokenize that is inside C
+    t.join()
+    assert out.get("n", 0) > 400_000 or "closed" in out
+    with pytest.raises(mullama.ClosedError):
+        model.tokenize("x")
+
+
+def test_logits_view_keeps_model_memory_until_dropped(tiny_model_path):
+    model = mullama.Model.load(tiny_model_path)
+    ctx = model.create_context(64, threads=1)
+    ctx.eval([1, 5])
+    view = ctx.logits()
+    model.close()
+    assert model.closed and ctx.closed
+    assert np.isfinite(view).all()  # still readable: nothing was freed under it
+    del view
+
+
+@pytest.mark.parametrize("what", ["generate", "prefill"])
+def test_interpreter_exit_while_generating(tiny_model_path, what):
+    code = textwrap.dedent(f"""
+        import threading, time, mullama
+        from mullama import StreamConfig
+        m = mullama.Model.load({str(tiny_model_path)!r})
+        ctx = m.create_context(4096, batch_size=4096, threads=2)
+        started = threading.Event()
+        def run():
+            started.set()
+            while True:
+                ctx.reset()
+                if {what!r} == "generate":
+                    ctx.generate("ab", StreamConfig.greedy(3000))
+                else:
+                    ctx.eval([1] + [300] * 4000)
+        threading.Thread(target=run, daemon=True).start()
+        started.wait()
+        time.sleep(0.2)
+        print("exiting")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "exiting" in r.stdout
+
+
+def test_out_of_range_sampling_values_are_config_errors():
+    with pytest.raises(mullama.InvalidConfigError, match="top_k"):
+        StreamConfig(top_k=2**31)
+    with pytest.raises(mullama.InvalidConfigError, match="repeat_last_n"):
+        StreamConfig(repeat_last_n=2**31)
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request):
+    return request.param
+
+
+@pytest.mark.anyio
+async def test_leaving_conversation_stream_before_reading_skips_the_prefill(default_model_path):
+    async with await AsyncModel.load(default_model_path, context_size=4096) as model:
+        conv = await model.create_context()
+        async with conv.generate_stream("word " * 3000, StreamConfig.greedy(5)):
+            pass  # leave at once
+        assert conv.n_past == 0  # the prefill was aborted, not run to the end
+        assert model.active_workers == 0
+
+
+@pytest.mark.anyio
+async def test_aclose_does_not_wait_for_a_stalled_consumer(tiny_model_path):
+    model = await AsyncModel.load(tiny_model_path, context_size=2048, threads=1)
+    conv = await model.create_context()
+    async with conv.generate_stream("ab", StreamConfig.greedy(1500)) as stream:
+        await stream.__anext__()
+        await anyio.sleep(0.1)  # the worker fills the buffer and waits
+        with anyio.fail_after(10):
+            await model.aclose()  # the same task still holds the stream
+    assert model.active_workers == 0 and not model.is_ready()
+    assert not model._conversations
+
+
+@pytest.mark.anyio
+async def test_process_batch_cancel_never_keeps_the_prompt(tiny_model_path):
+    async with await AsyncModel.load(tiny_model_path, context_size=4096, threads=1) as model:
+        conv = await model.create_context()
+        prompt = [1] + [300 + i % 100 for i in range(3000)]
+        for delay in (0.0, 0.001, 0.002, 0.005):
+            with anyio.move_on_after(delay) as scope:
+                await conv.process_batch(prompt)
+            if scope.cancelled_caught:
+                assert conv.n_past == 0
+            else:
+                await conv.reset()
