@@ -156,6 +156,11 @@ class Engine:
         self._closing = False
         self.completed = 0
         self.generated_tokens = 0
+        #: requests that reached a slot and finished, and their wall time in slots (ms)
+        self.generations = 0
+        self.generation_ms = 0.0
+        #: name of the driver thread (set before the first request)
+        self.thread_name = "mullama-engine"
         #: KV cells in use over all slots, as of the driver's last step
         self.kv_cells = 0
         #: the exception that stopped the driver thread, if one did
@@ -208,7 +213,7 @@ class Engine:
             request._engine = self
             self._queue.append(request)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._drive, name="mullama-engine", daemon=True)
+                self._thread = threading.Thread(target=self._drive, name=self.thread_name, daemon=True)
                 self._thread.start()
             self._cv.notify()
         self._core.wake()
@@ -372,6 +377,9 @@ class Engine:
         req.t_end = time.perf_counter()
         self.completed += 1
         self.generated_tokens += len(req.tokens)
+        if req.t_start is not None:
+            self.generations += 1
+            self.generation_ms += (req.t_end - req.t_start) * 1e3
         if self.on_done is not None:
             self.on_done(req)
         req.sink.finish()

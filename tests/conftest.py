@@ -13,6 +13,12 @@ sys.path.insert(0, str(ROOT / "tools"))
 import mullama  # noqa: E402
 
 
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request):
+    """Every async test runs on both backends; trio cannot be skipped silently."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> Path:
     """A 0.6 MB random-weight llama GGUF, written once per test run."""

@@ -18,11 +18,6 @@ GREEDY = StreamConfig.greedy(24)
 LONG = StreamConfig.greedy(1500)  # fits a 2048-token request context
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request):
-    """Every async test runs on both backends; trio cannot be skipped silently."""
-    return request.param
-
 
 @pytest.fixture
 def baseline(tiny_model):

@@ -14,10 +14,6 @@ pytestmark = pytest.mark.anyio
 PROMPTS = ["once upon", "hello there", "abc", "The capital of France is", "xyz", "q", "zz top", "mm"]
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request):
-    return request.param
-
 
 def sequential(model, prompts, configs, ctx_size=512):
     out = []

@@ -17,7 +17,10 @@ context's abort flag.
 from .._config import StreamConfig
 from .._context import Completion, TokenData
 from .._model import ModelInfo
+from .._engine import RequestMetrics
 from ._model import AsyncConfig, AsyncContext, AsyncModel
+from ._pool import ModelPool, PooledModel, PoolStats
+from ._runtime import GenerationResult, Runtime, RuntimeMetrics, TaskHandle, TaskManager, WorkerStatus
 from ._stream import TokenStream
 
 __all__ = [
@@ -25,6 +28,16 @@ __all__ = [
     "AsyncModel",
     "AsyncContext",
     "TokenStream",
+    "ModelPool",
+    "PooledModel",
+    "PoolStats",
+    "Runtime",
+    "RuntimeMetrics",
+    "TaskHandle",
+    "TaskManager",
+    "WorkerStatus",
+    "GenerationResult",
+    "RequestMetrics",
     "StreamConfig",
     "TokenData",
     "Completion",

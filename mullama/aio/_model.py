@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, List, Optional, Sequence, Union
@@ -88,6 +89,8 @@ class AsyncModel:
         self._conversations: "set[AsyncContext]" = set()
         self._info: Optional[ModelInfo] = None
         self._closed = False
+        self._conv_generations = 0
+        self._conv_generation_ms = 0.0
 
     # -- loading ----------------------------------------------------------------
 
@@ -159,6 +162,16 @@ class AsyncModel:
     def kv_used(self) -> int:
         """KV cells the engine's requests hold (0 when none runs)."""
         return self._engine.kv_cells
+
+    def generation_stats(self) -> "tuple[int, float]":
+        """Generations finished (engine requests that reached a slot, and
+        conversation calls) and their total wall time in milliseconds."""
+        engine = self._engine
+        return engine.generations + self._conv_generations, engine.generation_ms + self._conv_generation_ms
+
+    def _record_generation(self, ms: float) -> None:
+        self._conv_generations += 1
+        self._conv_generation_ms += ms
 
     async def aclose(self) -> None:
         """Cancel running requests, wait for their threads, free everything.
@@ -255,6 +268,9 @@ class AsyncContext:
     task waits, or gets :class:`~mullama.BusyError` if it passes ``wait=False``.
     """
 
+    # its owner (an AsyncModel or a ModelPool) provides ``_closed``,
+    # ``_config.timeout_ms``, ``_conversations`` and ``_record_generation(ms)``
+
     def __init__(self, owner: AsyncModel, ctx: Context) -> None:
         self._owner = owner
         self._ctx = ctx
@@ -290,10 +306,13 @@ class AsyncContext:
         """
         async with deadline(self._owner._config.timeout_ms), self._use(wait) as ctx:
             stream: Optional[TokenStream] = None
+            t0 = time.perf_counter()
             try:
                 async with open_token_stream(ctx, prompt, config, self._workers) as stream:
                     yield stream
             finally:
+                if stream is not None:
+                    self._owner._record_generation((time.perf_counter() - t0) * 1e3)
                 # the worker is done: trimming on the loop is safe and cheap
                 keep = stream.seen_tokens() if stream is not None else None
                 if keep is not None and not ctx.closed and keep < ctx.n_past:

@@ -1,0 +1,446 @@
+"""ModelPool: members with their own KV caches, sharing one copy of the weights."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Deque, Generator, List, Optional, Sequence
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+
+from .._config import StreamConfig, check_int
+from .._context import Completion, Prompt
+from .._errors import BusyError, ClosedError, InvalidConfigError
+from .._model import Model, ModelInfo, check_model_file
+from ._model import AsyncConfig, AsyncContext, PathLike
+from ._stream import check_open
+
+__all__ = ["ModelPool", "PooledModel", "PoolStats"]
+
+log = logging.getLogger("mullama.aio")
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """A snapshot of a :class:`ModelPool`.
+
+    Attributes:
+        size: members that exist now (available + in use; above the target
+            while a shrink drains).
+        available: members ready to be acquired.
+        in_use: members lent out.
+        waiting: tasks waiting in :meth:`ModelPool.acquire`.
+    """
+
+    size: int
+    available: int
+    in_use: int
+    waiting: int
+
+
+class _Waiter:
+    __slots__ = ("event", "member")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.member: Optional[AsyncContext] = None
+
+
+class ModelPool:
+    """A pool of ``size`` members that share one loaded model.
+
+    Each member has its own context (its own KV cache), so up to ``size``
+    conversations run at once while the weights are in memory once. A member
+    is lent with :meth:`acquire` (asyncpg style: ``async with pool.acquire() as
+    m:`` or ``m = await pool.acquire()`` then ``await pool.release(m)``); its
+    KV cache is reset when it comes back, and a member whose reset fails is
+    closed and replaced by a new one. Tasks beyond ``size`` wait their turn,
+    first come first served.
+
+    >>> async with ModelPool(AsyncConfig(path), size=4) as pool:   # or: await ModelPool.load(...)
+    ...     async with pool.acquire() as m:
+    ...         text = await m.generate("Hello", max_tokens=16)
+
+    Members use ``config.context_size``, ``threads`` and ``flash_attention``;
+    each request has ``config.timeout_ms`` as its deadline.
+    """
+
+    def __init__(self, config: AsyncConfig, size: int) -> None:
+        if not isinstance(config, AsyncConfig):
+            raise InvalidConfigError(f"config must be an AsyncConfig, got {type(config).__name__}")
+        check_int("size", size, minimum=1, maximum=1024)
+        self._model: Optional[Model] = None
+        self._config = config
+        self._target = size
+        self._available: Deque[AsyncContext] = deque()
+        self._in_use: "set[AsyncContext]" = set()
+        self._creating = 0
+        self._waiters: Deque[_Waiter] = deque()
+        self._conversations: "set[AsyncContext]" = set()  # every member: AsyncContext's owner protocol
+        self._closed = False
+        self._drained: Optional[anyio.Event] = None
+        self._generations = 0
+        self._generation_ms = 0.0
+        #: members replaced because their reset failed
+        self.replaced = 0
+
+    # -- loading ----------------------------------------------------------------------
+
+    @classmethod
+    async def load(cls, config: AsyncConfig, size: int, *,
+                   progress: Optional[Callable[[float], None]] = None) -> "ModelPool":
+        """``await ModelPool.load(config, size)``: a pool, opened."""
+        pool = cls(config, size)
+        await pool.open(progress=progress)
+        return pool
+
+    async def open(self, *, progress: Optional[Callable[[float], None]] = None) -> None:
+        """Load the model once and create the members (``async with`` does it for you).
+
+        Args:
+            progress: called on the event loop with the load fraction in [0, 1].
+
+        **Cancellation**: cancelling the load leaves nothing loaded.
+        """
+        check_open(self._closed, "ModelPool")
+        if self._model is not None:
+            return
+        config = self._config
+
+        def on_progress(fraction: float) -> None:
+            anyio.from_thread.check_cancelled()
+            if progress is not None:
+                anyio.from_thread.run_sync(progress, fraction)
+
+        def load() -> Model:
+            return Model.load(check_model_file(config.model_path), gpu_layers=config.gpu_layers,
+                              progress=on_progress)
+
+        self._model = await anyio.to_thread.run_sync(load)
+        try:
+            await self._grow(self._target)
+        except BaseException:
+            await self.aclose()
+            raise
+
+    # -- lending ----------------------------------------------------------------------
+
+    def acquire(self, *, wait: bool = True) -> "_Acquire":
+        """Lend a member: ``async with pool.acquire() as m:`` or ``m = await pool.acquire()``.
+
+        Args:
+            wait: if False and no member is free, raise :class:`~mullama.BusyError`
+                at once instead of waiting.
+
+        **Cancellation**: a task cancelled while waiting leaves the queue and
+        holds nothing; a member handed to it in the same instant goes to the
+        next waiter.
+        """
+        return _Acquire(self, wait)
+
+    async def _acquire(self, wait: bool) -> "PooledModel":
+        self._check_open()
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        if self._available and not self._waiters:
+            member = self._available.popleft()
+        elif not wait:
+            raise BusyError(f"all {len(self._in_use)} members of the pool are in use (wait=False)")
+        else:
+            waiter = _Waiter()
+            self._waiters.append(waiter)
+            try:
+                await waiter.event.wait()
+            except BaseException:
+                if waiter.member is not None:  # handed over as we were cancelled: pass it on
+                    self._in_use.discard(waiter.member)
+                    self._put_back(waiter.member)
+                else:
+                    self._waiters.remove(waiter)
+                raise
+            if waiter.member is None:
+                raise ClosedError("the ModelPool was closed while waiting for a member")
+            member = waiter.member
+        self._in_use.add(member)
+        return PooledModel(self, member)
+
+    async def release(self, lease: "PooledModel") -> None:
+        """Give a member back: its KV cache is reset (a member that fails the reset is replaced).
+
+        Shielded and idempotent per lease.
+        """
+        if not isinstance(lease, PooledModel) or lease._pool is not self:
+            raise InvalidConfigError("release() takes a member acquired from this pool")
+        member = lease._member
+        if member is None:
+            return
+        lease._member = None
+        with anyio.CancelScope(shield=True):
+            self._in_use.discard(member)
+            if self._closed or member._closed:
+                await member.aclose()
+                self._after_removal()
+                return
+            try:
+                await member.reset()
+            except Exception as exc:  # a member we cannot reset is not lent again
+                log.warning("pool member reset failed (%r): replacing it", exc)
+                await member.aclose()
+                self.replaced += 1
+                if self._size() < self._target:
+                    try:
+                        await self._grow(1)
+                    except Exception as exc2:
+                        log.error("could not replace a pool member: %r", exc2)
+                self._after_removal()
+                return
+            self._put_back(member)
+
+    def _put_back(self, member: AsyncContext) -> None:
+        """An idle member: to the first waiter, to the shelf, or closed if the pool shrinks."""
+        if self._size() + 1 > self._target and not self._closed:
+            self._conversations.discard(member)
+            self._retire(member)
+            return
+        if self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.member = member
+            self._in_use.add(member)
+            waiter.event.set()
+        else:
+            self._available.append(member)
+
+    def _retire(self, member: AsyncContext) -> None:
+        # the member is idle (nobody holds it): freeing its context is quick
+        member._closed = True
+        member._ctx.close()
+        self._after_removal()
+
+    def _after_removal(self) -> None:
+        if self._drained is not None and self._size() <= self._target:
+            self._drained.set()
+            self._drained = None
+
+    # -- size -------------------------------------------------------------------------
+
+    def _size(self) -> int:
+        return len(self._available) + len(self._in_use) + self._creating
+
+    def stats(self) -> PoolStats:
+        """Members available, in use and waiting tasks, now."""
+        return PoolStats(self._size(), len(self._available), len(self._in_use), len(self._waiters))
+
+    @property
+    def size(self) -> int:
+        """The target number of members."""
+        return self._target
+
+    async def resize(self, size: int) -> None:
+        """Grow to *size* members at once, or shrink by draining.
+
+        Shrinking closes idle members now and members in use when they come
+        back; it returns when the pool has *size* members. Cancelling it stops
+        the wait, not the shrink.
+        """
+        check_int("size", size, minimum=1, maximum=1024)
+        self._check_open()
+        self._target = size
+        if self._size() < size:
+            await self._grow(size - self._size())
+            return
+        while self._size() > size and self._available:
+            member = self._available.pop()
+            self._conversations.discard(member)
+            self._retire(member)
+        while self._size() > self._target:
+            if self._drained is None:
+                self._drained = anyio.Event()
+            await self._drained.wait()
+            check_open(self._closed, "ModelPool")
+
+    async def _grow(self, n: int) -> None:
+        cfg, model = self._config, self._model
+        assert model is not None
+        for _ in range(n):
+            self._creating += 1
+            try:
+                ctx = await anyio.to_thread.run_sync(
+                    lambda: model.create_context(context_size=cfg.context_size, threads=cfg.threads,
+                                                       flash_attention=cfg.flash_attention))
+            finally:
+                self._creating -= 1
+            member = AsyncContext(self, ctx)
+            if self._closed:
+                ctx.close()
+                return
+            self._conversations.add(member)
+            self._put_back(member)
+
+    # -- the owner protocol of AsyncContext -------------------------------------------
+
+    def _record_generation(self, ms: float) -> None:
+        self._generations += 1
+        self._generation_ms += ms
+
+    def generation_stats(self) -> "tuple[int, float]":
+        """Generations finished by members and their total wall time in milliseconds."""
+        return self._generations, self._generation_ms
+
+    # -- model-wide -------------------------------------------------------------------
+
+    @property
+    def config(self) -> AsyncConfig:
+        return self._config
+
+    @property
+    def model(self) -> Model:
+        """The shared sync :class:`~mullama.Model`."""
+        self._check_open()
+        assert self._model is not None
+        return self._model
+
+    def _check_open(self) -> None:
+        check_open(self._closed, "ModelPool")
+        if self._model is None:
+            raise ClosedError("the ModelPool is not open yet: use `async with ModelPool(...)` or ModelPool.load()")
+
+    def is_ready(self) -> bool:
+        """True while the pool is open."""
+        return self._model is not None and not self._closed
+
+    def kv_used(self) -> int:
+        """Tokens held in the KV caches of all members."""
+        return sum(m._ctx.n_past for m in self._conversations if not m._closed)
+
+    async def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> List[int]:
+        return await anyio.to_thread.run_sync(self.model.tokenize, text, add_bos, special)
+
+    async def model_info(self) -> ModelInfo:
+        model = self.model
+        return await anyio.to_thread.run_sync(lambda: model.info)
+
+    async def aclose(self) -> None:
+        """Close every member (stopping what runs on it) and free the model.
+
+        Shielded and idempotent; waiting tasks get ClosedError; later calls raise ClosedError.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            while self._waiters:
+                self._waiters.popleft().event.set()  # member None: ClosedError
+            for member in list(self._conversations):
+                await member.aclose()
+            self._available.clear()
+            if self._drained is not None:
+                self._drained.set()
+            if self._model is not None:
+                await anyio.to_thread.run_sync(self._model.close)
+
+    async def __aenter__(self) -> "ModelPool":
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        state = "closed" if self._closed else f"size={s.size} available={s.available} in_use={s.in_use}"
+        return f"<mullama.aio.ModelPool {state}>"
+
+
+class _Acquire:
+    """What :meth:`ModelPool.acquire` returns: awaitable, and an async context manager."""
+
+    __slots__ = ("_pool", "_wait", "_lease")
+
+    def __init__(self, pool: ModelPool, wait: bool) -> None:
+        self._pool = pool
+        self._wait = wait
+        self._lease: Optional[PooledModel] = None
+
+    def __await__(self) -> Generator[Any, None, "PooledModel"]:
+        return self._pool._acquire(self._wait).__await__()
+
+    async def __aenter__(self) -> "PooledModel":
+        self._lease = await self._pool._acquire(self._wait)
+        return self._lease
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._lease is not None
+        await self._pool.release(self._lease)
+
+
+class PooledModel:
+    """A member lent by a :class:`ModelPool`: a conversation of its own until released.
+
+    Calls continue the member's conversation (its KV cache) until it goes
+    back to the pool, where it is reset. After release the lease is dead:
+    every call raises :class:`~mullama.ClosedError`, so a stale reference
+    cannot reach a member now lent to someone else.
+    """
+
+    __slots__ = ("_pool", "_member")
+
+    def __init__(self, pool: ModelPool, member: AsyncContext) -> None:
+        self._pool = pool
+        self._member: Optional[AsyncContext] = member
+
+    def _m(self) -> AsyncContext:
+        member = self._member
+        if member is None:
+            raise ClosedError("this pool member was released; acquire another")
+        return member
+
+    def generate_stream(self, prompt: Prompt, config: Optional[StreamConfig] = None, *, wait: bool = True):
+        """``async with m.generate_stream(prompt, config) as stream: async for tok in stream:``."""
+        return self._m().generate_stream(prompt, config, wait=wait)
+
+    async def generate(self, prompt: Prompt, max_tokens: Optional[int] = None,
+                       config: Optional[StreamConfig] = None) -> str:
+        return (await self._m().generate(prompt, max_tokens, config)).text
+
+    async def complete(self, prompt: Prompt, max_tokens: Optional[int] = None,
+                       config: Optional[StreamConfig] = None) -> Completion:
+        return await self._m().generate(prompt, max_tokens, config)
+
+    async def process_batch(self, prompt: Prompt) -> int:
+        return await self._m().process_batch(prompt)
+
+    async def save_state(self, path: PathLike) -> None:
+        await self._m().save_state(path)
+
+    async def load_state(self, path: PathLike) -> None:
+        await self._m().load_state(path)
+
+    async def reset(self) -> None:
+        await self._m().reset()
+
+    async def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> List[int]:
+        self._m()
+        return await self._pool.tokenize(text, add_bos, special)
+
+    async def detokenize(self, tokens: Sequence[int]) -> str:
+        self._m()
+        return await anyio.to_thread.run_sync(self._pool.model.detokenize, tokens)
+
+    async def model_info(self) -> ModelInfo:
+        self._m()
+        return await self._pool.model_info()
+
+    @property
+    def n_past(self) -> int:
+        """Tokens in this member's conversation."""
+        return self._m().n_past
+
+    async def release(self) -> None:
+        """Give the member back to its pool (same as ``await pool.release(m)``)."""
+        await self._pool.release(self)
+
+    def __repr__(self) -> str:
+        return f"<mullama.aio.PooledModel {'released' if self._member is None else f'{self.n_past} tokens'}>"

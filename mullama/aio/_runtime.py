@@ -1,0 +1,579 @@
+"""Runtime (metrics, limits, graceful shutdown) and TaskManager (named supervised workers)."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import (Any, AsyncIterable, Awaitable, Callable, Dict, Generic, List, Optional, Tuple, TypeVar,
+                    Union)
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+
+from .._config import StreamConfig, check_float, check_int, default_threads
+from .._context import Completion, Prompt
+from .._errors import ClosedError, InvalidConfigError, MullamaError
+from ._model import AsyncConfig, AsyncModel, PathLike
+from ._pool import ModelPool
+
+__all__ = ["Runtime", "RuntimeMetrics", "TaskHandle", "TaskManager", "WorkerStatus", "GenerationResult"]
+
+log = logging.getLogger("mullama.aio")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RuntimeMetrics:
+    """A snapshot of a :class:`Runtime`.
+
+    Attributes:
+        active_tasks: spawned tasks and blocking calls running now.
+        completed_tasks: spawned tasks and blocking calls that have ended (any outcome).
+        worker_threads: llama.cpp compute threads of each model the runtime loads.
+        blocking_threads: threads running :meth:`Runtime.run_blocking` calls now.
+        total_generations: generations finished by the runtime's models and pools.
+        avg_generation_ms: their mean wall time (0.0 before the first).
+        uptime_seconds: time since the runtime started.
+    """
+
+    active_tasks: int
+    completed_tasks: int
+    worker_threads: int
+    blocking_threads: int
+    total_generations: int
+    avg_generation_ms: float
+    uptime_seconds: float
+
+
+class TaskHandle(Generic[T]):
+    """A task spawned on a :class:`Runtime`: its outcome is kept here, never lost.
+
+    A task that raises does not disturb the runtime or its other tasks; the
+    error is re-raised by :meth:`wait` / :meth:`result` and logged if nobody
+    asked for it by shutdown.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._scope = anyio.CancelScope()
+        self._done = anyio.Event()
+        self._value: Any = None
+        self._error: Optional[BaseException] = None
+        self._cancelled = False
+        self._observed = False
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> None:
+        """Cancel the task (it ends at its next checkpoint)."""
+        self._scope.cancel()
+
+    def result(self) -> T:
+        """The task's return value; re-raises its error. The task must be done."""
+        if not self.done:
+            raise MullamaError(f"task {self.name!r} is still running")
+        self._observed = True
+        if self._cancelled:
+            raise MullamaError(f"task {self.name!r} was cancelled")
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    async def wait(self) -> T:
+        """Wait for the task to end and return :meth:`result`."""
+        await self._done.wait()
+        return self.result()
+
+    async def _run(self, fn: Callable[..., Awaitable[T]], args: Tuple[Any, ...]) -> None:
+        try:
+            with self._scope:
+                self._value = await fn(*args)
+            self._cancelled = self._scope.cancelled_caught
+        except Exception as exc:  # kept on the handle, not thrown into the task group
+            self._error = exc
+        finally:
+            self._done.set()
+
+
+class Runtime:
+    """The async counterpart of Mullama's MullamaRuntime, on anyio.
+
+    It runs tasks on a task group of its own, caps blocking calls, loads
+    models and pools whose generations it counts, and shuts down gracefully::
+
+        async with Runtime(worker_threads=2, max_blocking_threads=8) as rt:
+            model = await rt.load_model(path, max_concurrent=4)
+            handle = rt.spawn(model.generate, "Hello", 16)
+            print(await handle.wait(), rt.metrics())
+
+    Args:
+        worker_threads: llama.cpp compute threads of each model loaded through
+            the runtime (default: the cores this process may use).
+        max_blocking_threads: how many :meth:`run_blocking` calls run at once.
+        thread_name: prefix of the names of the threads the runtime starts
+            (engine drivers and blocking calls).
+    """
+
+    def __init__(self, *, worker_threads: Optional[int] = None, max_blocking_threads: int = 16,
+                 thread_name: str = "mullama") -> None:
+        self.worker_threads = default_threads() if worker_threads is None else check_int(
+            "worker_threads", worker_threads, minimum=1, maximum=1024)
+        check_int("max_blocking_threads", max_blocking_threads, minimum=1, maximum=4096)
+        if not isinstance(thread_name, str) or not thread_name:
+            raise InvalidConfigError(f"thread_name must be a non-empty str, got {thread_name!r}")
+        self.thread_name = thread_name
+        self._limiter = anyio.CapacityLimiter(max_blocking_threads)
+        self._tg: Optional[anyio.abc.TaskGroup] = None
+        self._tasks: "set[TaskHandle[Any]]" = set()
+        self._resources: List[Union[AsyncModel, ModelPool]] = []
+        self._active = 0
+        self._completed = 0
+        self._blocking_seq = 0
+        self._started: Optional[float] = None
+        self._stopping = False
+        self._stopped = False
+
+    # -- lifetime -------------------------------------------------------------------
+
+    async def __aenter__(self) -> "Runtime":
+        if self._started is not None:
+            raise MullamaError("a Runtime can be entered once")
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._started = time.monotonic()
+        return self
+
+    async def __aexit__(self, typ: Any, exc: Any, tb: Any) -> Optional[bool]:
+        try:
+            if exc is None:
+                await self.shutdown()
+            else:
+                await self.shutdown(timeout=0)
+        finally:
+            assert self._tg is not None
+            result = await self._tg.__aexit__(typ, exc, tb)
+        return result
+
+    def is_running(self) -> bool:
+        """True between entering the runtime and the start of its shutdown."""
+        return self._started is not None and not self._stopping
+
+    def _check_running(self) -> anyio.abc.TaskGroup:
+        if self._started is None:
+            raise ClosedError("the Runtime is not started: use `async with Runtime(...) as rt:`")
+        if self._stopping:
+            raise ClosedError("the Runtime is shutting down")
+        assert self._tg is not None
+        return self._tg
+
+    async def shutdown(self, timeout: Optional[float] = None) -> None:
+        """Stop taking work, let running tasks finish, then close the models.
+
+        Args:
+            timeout: seconds to wait for running tasks (None: as long as they
+                take); those still running then are cancelled.
+
+        Shielded from cancellation; idempotent.
+        """
+        if timeout is not None:
+            check_float("timeout", timeout, minimum=0.0)
+        if self._stopped or self._started is None:
+            return
+        self._stopping = True
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(timeout):
+                for task in list(self._tasks):
+                    await task._done.wait()
+            for task in list(self._tasks):
+                task.cancel()
+            for task in list(self._tasks):
+                await task._done.wait()
+            for task in self._tasks:
+                if task._error is not None and not task._observed:
+                    log.error("runtime task %r failed", task.name, exc_info=task._error)
+            self._tasks.clear()
+            for res in reversed(self._resources):
+                await res.aclose()
+            self._stopped = True
+
+    # -- work -----------------------------------------------------------------------
+
+    def spawn(self, fn: Callable[..., Awaitable[T]], *args: Any, name: Optional[str] = None) -> TaskHandle[T]:
+        """Run ``await fn(*args)`` as a task of the runtime; returns its :class:`TaskHandle`."""
+        tg = self._check_running()
+        handle: TaskHandle[T] = TaskHandle(name or getattr(fn, "__qualname__", repr(fn)))
+        self._tasks.add(handle)
+        self._active += 1
+
+        async def run() -> None:
+            try:
+                await handle._run(fn, args)
+            finally:
+                self._active -= 1
+                self._completed += 1
+                if handle._observed or handle._error is None:
+                    self._tasks.discard(handle)
+
+        tg.start_soon(run, name=handle.name)
+        return handle
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run the blocking ``fn(*args)`` on a named worker thread, at most
+        ``max_blocking_threads`` at once.
+
+        **Cancellation**: waiting for a thread can be cancelled; a call that
+        has started runs to its end (a thread cannot be interrupted).
+        """
+        self._check_running()
+        self._blocking_seq += 1
+        name = f"{self.thread_name}-blocking-{self._blocking_seq}"
+
+        def call() -> T:
+            thread = threading.current_thread()
+            old, thread.name = thread.name, name
+            try:
+                return fn(*args)
+            finally:
+                thread.name = old
+
+        self._active += 1
+        try:
+            return await anyio.to_thread.run_sync(call, limiter=self._limiter)
+        finally:
+            self._active -= 1
+            self._completed += 1
+
+    async def load_model(self, path_or_config: Union[PathLike, AsyncConfig], **options: Any) -> AsyncModel:
+        """Load an :class:`AsyncModel` with ``worker_threads`` threads; the
+        runtime counts its generations and closes it at shutdown."""
+        self._check_running()
+        config = self._config(path_or_config, options)
+        model = await AsyncModel.load_with_config(config, progress=options.get("progress"))
+        model._engine.thread_name = f"{self.thread_name}-engine-{len(self._resources) + 1}"
+        return self._own(model)
+
+    async def open_pool(self, path_or_config: Union[PathLike, AsyncConfig], size: int,
+                        **options: Any) -> ModelPool:
+        """Open a :class:`ModelPool` of *size* members; closed at shutdown."""
+        self._check_running()
+        config = self._config(path_or_config, options)
+        return self._own(await ModelPool.load(config, size, progress=options.get("progress")))
+
+    def _config(self, path_or_config: Union[PathLike, AsyncConfig], options: Dict[str, Any]) -> AsyncConfig:
+        options = {k: v for k, v in options.items() if k != "progress"}
+        if isinstance(path_or_config, AsyncConfig):
+            if options:
+                raise InvalidConfigError("pass either an AsyncConfig or options, not both")
+            return path_or_config
+        options.setdefault("threads", self.worker_threads)
+        return AsyncConfig(model_path=path_or_config, **options)
+
+    def _own(self, res: Any) -> Any:
+        if self._stopping:  # shut down while loading: do not leak it
+            raise ClosedError("the Runtime shut down while loading")
+        self._resources.append(res)
+        return res
+
+    # -- metrics --------------------------------------------------------------------
+
+    def metrics(self) -> RuntimeMetrics:
+        """Counters of tasks, threads and generations, now."""
+        count, total_ms = 0, 0.0
+        for res in self._resources:
+            c, ms = res.generation_stats()
+            count += c
+            total_ms += ms
+        return RuntimeMetrics(
+            active_tasks=self._active,
+            completed_tasks=self._completed,
+            worker_threads=self.worker_threads,
+            blocking_threads=int(self._limiter.borrowed_tokens),
+            total_generations=count,
+            avg_generation_ms=total_ms / count if count else 0.0,
+            uptime_seconds=time.monotonic() - self._started if self._started is not None else 0.0,
+        )
+
+
+# -- TaskManager ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """A snapshot of one worker of a :class:`TaskManager`.
+
+    Attributes:
+        name: the worker's name.
+        kind: ``"worker"``, ``"generation"`` or ``"metrics"``.
+        state: ``"running"``, ``"completed"``, ``"failed"`` or ``"cancelled"``.
+        restarts: times it was restarted after failing.
+        processed: items handled (requests of a generation worker, samples of
+            a metrics collector).
+        error: the last exception it raised, or None.
+        started_at / finished_at: ``time.monotonic()`` values (finished_at None while running).
+    """
+
+    name: str
+    kind: str
+    state: str
+    restarts: int
+    processed: int
+    error: Optional[BaseException]
+    started_at: float
+    finished_at: Optional[float]
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What a generation worker sends for each request: a completion or the error it raised."""
+
+    prompt: Prompt
+    completion: Optional[Completion]
+    error: Optional[MullamaError]
+
+
+GenerationRequest = Union[Prompt, Tuple[Prompt, Optional[StreamConfig]]]
+
+
+class _Worker:
+    def __init__(self, name: str, kind: str) -> None:
+        self.name = name
+        self.kind = kind
+        self.state = "running"
+        self.restarts = 0
+        self.processed = 0
+        self.error: Optional[BaseException] = None
+        self.started_at = time.monotonic()
+        self.finished_at: Optional[float] = None
+        self.scope = anyio.CancelScope()
+        self.done = anyio.Event()
+
+    def status(self) -> WorkerStatus:
+        return WorkerStatus(self.name, self.kind, self.state, self.restarts, self.processed, self.error,
+                            self.started_at, self.finished_at)
+
+
+class TaskManager:
+    """Named, supervised workers on a task group of their own.
+
+    A worker that raises is recorded in its :class:`WorkerStatus` (and logged),
+    restarted up to ``max_restarts`` times, and never takes down the manager or
+    the other workers. Leaving ``async with`` stops the workers still running::
+
+        async with TaskManager() as tm:
+            tm.spawn_worker("poller", poll, url, max_restarts=3)
+            tm.spawn_generation_worker("gen-1", model, requests_rx, results_tx)
+            tm.spawn_metrics_collector("metrics", runtime, interval=1.0, sink=print)
+            ...
+            print(tm.worker_status())
+    """
+
+    def __init__(self) -> None:
+        self._tg: Optional[anyio.abc.TaskGroup] = None
+        self._workers: Dict[str, _Worker] = {}
+        self._samples: Dict[str, Any] = {}
+        self._closed = False
+
+    async def __aenter__(self) -> "TaskManager":
+        if self._tg is not None or self._closed:
+            raise MullamaError("a TaskManager can be entered once")
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        return self
+
+    async def __aexit__(self, typ: Any, exc: Any, tb: Any) -> Optional[bool]:
+        try:
+            await self.stop_all()
+        finally:
+            self._closed = True
+            assert self._tg is not None
+            result = await self._tg.__aexit__(typ, exc, tb)
+        return result
+
+    # -- spawning -------------------------------------------------------------------
+
+    def spawn_worker(self, name: str, fn: Callable[..., Awaitable[Any]], *args: Any, max_restarts: int = 0,
+                     restart_delay: float = 0.1) -> None:
+        """Run ``await fn(*args)`` as the worker *name*.
+
+        Args:
+            max_restarts: restarts allowed after the worker raises (0: none).
+            restart_delay: seconds between a failure and the restart.
+        """
+        if not callable(fn):
+            raise InvalidConfigError(f"fn must be an async callable, got {type(fn).__name__}")
+        self._spawn(name, "worker", lambda w: fn(*args), max_restarts, restart_delay)
+
+    def _spawn(self, name: str, kind: str, body: Callable[[_Worker], Awaitable[Any]], max_restarts: int,
+               restart_delay: float = 0.1, cleanup: Optional[Callable[[], Awaitable[Any]]] = None) -> None:
+        if self._tg is None or self._closed:
+            raise ClosedError("the TaskManager is not running: use `async with TaskManager() as tm:`")
+        if not isinstance(name, str) or not name:
+            raise InvalidConfigError(f"a worker name must be a non-empty str, got {name!r}")
+        old = self._workers.get(name)
+        if old is not None and old.state == "running":
+            raise InvalidConfigError(f"a worker named {name!r} is already running")
+        check_int("max_restarts", max_restarts, minimum=0)
+        check_float("restart_delay", restart_delay, minimum=0.0)
+        worker = _Worker(name, kind)
+        self._workers[name] = worker
+        self._tg.start_soon(_supervise, worker, body, max_restarts, restart_delay, cleanup, name=name)
+
+    def spawn_generation_worker(self, name: str, model: Union[AsyncModel, ModelPool],
+                                requests: AsyncIterable[GenerationRequest],
+                                results: Optional[anyio.abc.ObjectSendStream[GenerationResult]] = None, *,
+                                max_restarts: int = 0) -> None:
+        """A worker that completes each request it receives, one at a time.
+
+        Args:
+            model: an :class:`AsyncModel`, or a :class:`ModelPool` (a member is
+                acquired for each request).
+            requests: prompts, or ``(prompt, StreamConfig)`` pairs, e.g. a memory
+                object receive stream; the worker ends when it ends.
+            results: where each :class:`GenerationResult` goes, in request order.
+
+        The worker owns both streams and closes them when it ends (give each
+        worker its own clones).
+
+        A request that fails with a :class:`~mullama.MullamaError` (a prompt too
+        long, a timeout) yields a result with that error; the worker goes on.
+        """
+        if not isinstance(model, (AsyncModel, ModelPool)):
+            raise InvalidConfigError(f"model must be an AsyncModel or a ModelPool, got {type(model).__name__}")
+        async def close_streams() -> None:
+            for stream in (requests, results):
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+
+        self._spawn(name, "generation", lambda w: _generation_loop(w, model, requests, results), max_restarts,
+                    cleanup=close_streams)
+
+    def spawn_metrics_collector(self, name: str, source: Any, interval: float = 1.0,
+                                sink: Optional[Callable[[Any], Any]] = None) -> None:
+        """A worker that samples ``source.metrics()`` (a :class:`Runtime`),
+        ``source.stats()`` (a :class:`ModelPool`) or ``source()`` every
+        *interval* seconds and passes each sample to *sink* (sync or async).
+
+        The latest sample is also kept: :meth:`last_sample`.
+        """
+        check_float("interval", interval, minimum=1e-3)
+        if hasattr(source, "metrics"):
+            read = source.metrics
+        elif hasattr(source, "stats"):
+            read = source.stats
+        elif callable(source):
+            read = source
+        else:
+            raise InvalidConfigError("source must have metrics() or stats(), or be callable")
+        self._samples.pop(name, None)
+        self._spawn(name, "metrics", lambda w: _metrics_loop(w, self._samples, read, interval, sink), 0)
+
+    def last_sample(self, name: str) -> Any:
+        """The latest sample of the metrics collector *name* (None before the first)."""
+        return self._samples.get(name)
+
+    # -- supervision ----------------------------------------------------------------
+
+    def worker_status(self) -> Dict[str, WorkerStatus]:
+        """Every worker spawned so far (running or ended), by name."""
+        return {name: w.status() for name, w in self._workers.items()}
+
+    async def wait(self, name: str) -> WorkerStatus:
+        """Wait until the worker *name* ends; its final status."""
+        w = self._get(name)
+        await w.done.wait()
+        return w.status()
+
+    async def stop(self, name: str) -> WorkerStatus:
+        """Cancel the worker *name* and wait until it has ended."""
+        w = self._get(name)
+        w.scope.cancel()
+        with anyio.CancelScope(shield=True):
+            await w.done.wait()
+        return w.status()
+
+    async def stop_all(self) -> None:
+        """Cancel every running worker and wait until all have ended (shielded)."""
+        with anyio.CancelScope(shield=True):
+            for w in list(self._workers.values()):
+                w.scope.cancel()
+            for w in list(self._workers.values()):
+                await w.done.wait()
+
+    def _get(self, name: str) -> _Worker:
+        try:
+            return self._workers[name]
+        except KeyError:
+            raise InvalidConfigError(f"no worker named {name!r}") from None
+
+
+async def _supervise(w: _Worker, body: Callable[[_Worker], Awaitable[Any]], max_restarts: int,
+                     delay: float, cleanup: Optional[Callable[[], Awaitable[Any]]]) -> None:
+    try:
+        with w.scope:
+            while True:
+                try:
+                    await body(w)
+                    w.state = "completed"
+                    return
+                except Exception as exc:  # recorded and logged: a failing worker is never lost
+                    w.error = exc
+                    log.error("worker %r failed", w.name, exc_info=exc)
+                    if w.restarts >= max_restarts:
+                        w.state = "failed"
+                        return
+                    w.restarts += 1
+                await anyio.sleep(delay)
+    finally:
+        if w.state == "running":
+            w.state = "cancelled"
+        try:
+            if cleanup is not None:
+                with anyio.CancelScope(shield=True):
+                    await cleanup()
+        finally:
+            w.finished_at = time.monotonic()
+            w.done.set()
+
+
+async def _generation_loop(w: _Worker, model: Union[AsyncModel, ModelPool],
+                           requests: AsyncIterable[GenerationRequest],
+                           results: Optional[anyio.abc.ObjectSendStream[GenerationResult]]) -> None:
+    async for item in requests:
+        prompt, config = item if isinstance(item, tuple) else (item, None)
+        try:
+            if isinstance(model, ModelPool):
+                async with model.acquire() as member:
+                    completion = await member.complete(prompt, config=config)
+            else:
+                completion = await model.complete(prompt, config=config)
+            result = GenerationResult(prompt, completion, None)
+        except MullamaError as exc:
+            result = GenerationResult(prompt, None, exc)
+        w.processed += 1
+        if results is not None:
+            await results.send(result)
+
+
+async def _metrics_loop(w: _Worker, samples: Dict[str, Any], read: Callable[[], Any], interval: float,
+                        sink: Optional[Callable[[Any], Any]]) -> None:
+    while True:
+        sample = read()
+        samples[w.name] = sample
+        w.processed += 1
+        if sink is not None:
+            out = sink(sample)
+            if inspect.isawaitable(out):
+                await out
+        await anyio.sleep(interval)
