@@ -9,9 +9,11 @@ generated model:
 * mullama: ``Context.generate`` greedy from a one-token prompt, timing the
   generation phase (decode + greedy sampling + token-to-piece + Python side).
 
-Prints one JSON line per figure; ``ratio`` is mullama / native in this run.
+The two alternate over several rounds (this machine's speed drifts by tens of
+percent within a minute). Prints one JSON line per figure; ``ratio`` is the
+median over rounds of mullama / native, with its range.
 
-Usage: python bench/decode.py [--reps 5] [--tokens 128] [--threads 2] [--tiny-threads 2]
+Usage: python bench/decode.py [--rounds 7] [--reps 3] [--tokens 128] [--threads 2] [--tiny-threads 2]
 """
 
 from __future__ import annotations
@@ -57,26 +59,38 @@ def native_tg(exe: Path, model: Path, tokens: int, threads: int, reps: int) -> f
     return statistics.median(samples)
 
 
-def mullama_tg(model_path: Path, tokens: int, threads: int, reps: int) -> float:
-    """Median tokens/s of greedy generation (generation phase only)."""
+def mullama_tg(ctx, tokens: int, reps: int) -> float:
+    """Median tokens/s of greedy generation (generation phase only) on *ctx*."""
     rates = []
-    with mullama.Model.load(model_path) as model:
-        with model.create_context(context_size=tokens + 16, threads=threads) as ctx:
-            bos = model.tokenize("", add_bos=True) or [0]
-            cfg = StreamConfig.greedy(tokens)
-            for i in range(reps + 1):  # the first run is the warm-up
-                ctx.reset()
-                t0 = time.perf_counter()
-                done = ctx.generate(bos, cfg)
-                elapsed = done.timings.generation_ms / 1e3 or (time.perf_counter() - t0)
-                if i:
-                    rates.append(len(done.tokens) / elapsed)
+    bos = ctx.model.tokenize("", add_bos=True) or [0]
+    cfg = StreamConfig.greedy(tokens)
+    for i in range(reps + 1):  # the first run is the warm-up
+        ctx.reset()
+        t0 = time.perf_counter()
+        done = ctx.generate(bos, cfg)
+        elapsed = done.timings.generation_ms / 1e3 or (time.perf_counter() - t0)
+        if i:
+            rates.append(len(done.tokens) / elapsed)
     return statistics.median(rates)
+
+
+def compare(exe: Path, path: Path, tokens: int, threads: int, rounds: int, reps: int) -> dict:
+    """Native and mullama in alternating rounds, so that the machine's drift hits both alike."""
+    natives, ours = [], []
+    with mullama.Model.load(path) as model, model.create_context(context_size=tokens + 16, threads=threads) as ctx:
+        for _ in range(rounds):
+            natives.append(native_tg(exe, path, tokens, threads, reps))
+            ours.append(mullama_tg(ctx, tokens, reps))
+    ratios = sorted(o / n for o, n in zip(ours, natives))
+    return dict(mullama=round(statistics.median(ours), 1), native=round(statistics.median(natives), 1),
+                ratio=round(statistics.median(ratios), 3), ratio_min=round(ratios[0], 3),
+                ratio_max=round(ratios[-1], 3), rounds=rounds)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7, help="alternating native/mullama rounds")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions per round")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2, help="threads on the default model")
     ap.add_argument("--tiny-threads", type=int, default=2, help="threads on the tiny model")
@@ -90,10 +104,8 @@ def main() -> int:
         cases = [("default", mullama.default_model_path(progress=False), args.threads),
                  ("tiny", tiny, args.tiny_threads)]
         for name, path, threads in cases:
-            native = native_tg(exe, path, args.tokens, threads, args.reps)
-            ours = mullama_tg(path, args.tokens, threads, args.reps)
             emit(figure="decode_tok_s", model=name, threads=threads, tokens=args.tokens,
-                 mullama=round(ours, 1), native=round(native, 1), ratio=round(ours / native, 3))
+                 **compare(exe, path, args.tokens, threads, args.rounds, args.reps))
     return 0
 
 

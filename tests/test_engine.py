@@ -144,3 +144,18 @@ async def test_metrics_add_up(tiny_model_path):
             assert m.prompt_tokens > 0
         # with 2 slots and 5 requests, someone waited in the queue
         assert max(c.metrics.queue_ms for c in got) > min(c.metrics.queue_ms for c in got)
+
+
+async def test_slow_consumer_pauses_only_its_own_sequence(default_model_path):
+    async with await AsyncModel.load(default_model_path, max_concurrent=2, context_size=2048) as model:
+        async with model.generate_stream("Once upon a time", StreamConfig.greedy(1000)) as slow:
+            await slow.__anext__()  # then it stops reading
+            fast = await model.complete("Once upon a time", config=StreamConfig.greedy(64))
+            assert fast.finish_reason == "length"  # the other request ran to its end meanwhile
+            stalled = len(slow._run.tokens)
+            assert stalled < 32  # paused after a few buffered batches, not generating on
+            await anyio.sleep(0.2)
+            assert len(slow._run.tokens) == stalled
+            got = [await slow.__anext__() for _ in range(stalled + 4)]  # reading resumes it
+            assert [t.id for t in got[:4]] == fast.tokens[1:5]  # same prompt, greedy: same tokens
+        assert model.kv_used() == 0 and model.active_workers == 0

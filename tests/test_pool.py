@@ -178,29 +178,148 @@ async def test_resize_up_and_down_under_load(config, expected):
             tg.start_soon(shrink)
             await wait_until(lambda: pool.stats().available == 0)  # the idle member went at once
             assert pool.stats() == PoolStats(size=3, available=0, in_use=3, waiting=0)
-            assert not done.is_set()
             # in-use members finish their work first
             assert await a.generate("once upon", config=GREEDY) == expected.text
             await pool.release(a)
+            assert pool.stats() == PoolStats(size=2, available=0, in_use=2, waiting=0)
+            assert not done.is_set()
             await pool.release(b)
-            assert not done.is_set() and pool.stats().size == 1
-            await pool.release(c)
             await wait_until(done.is_set)
-        assert pool.size == 1 and pool.stats() == PoolStats(size=1, available=1, in_use=0, waiting=0)
+            assert pool.stats() == PoolStats(size=1, available=0, in_use=1, waiting=0)
+            assert await c.generate("once upon", config=GREEDY) == expected.text  # untouched by the shrink
+            await pool.release(c)
+        assert pool.target_size == 1 and pool.stats() == PoolStats(size=1, available=1, in_use=0, waiting=0)
         assert len(pool._conversations) == 1
+        async with pool.acquire() as m:
+            assert await m.generate("once upon", config=GREEDY) == expected.text
+
+
+async def test_a_later_resize_ends_a_waiting_shrink(config):
+    async with ModelPool(config, 2) as pool:
+        a, b = await pool.acquire(), await pool.acquire()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.resize, 1)
+            await wait_until(lambda: pool.target_size == 1)
+            await pool.resize(3)  # the waiting shrink returns: the newer size wins
+        assert pool.stats() == PoolStats(size=3, available=1, in_use=2, waiting=0)
+        await a.release()
+        await b.release()
+        assert pool.stats() == PoolStats(size=3, available=3, in_use=0, waiting=0)
+
+
+async def test_close_while_a_member_is_being_created(config):
+    import threading
+
+    async with ModelPool(config, 1) as pool:
+        model = pool.model
+        go, made = threading.Event(), []
+        create = model.create_context
+
+        def slow_create(**kw):
+            go.wait(10)
+            made.append(create(**kw))
+            return made[-1]
+
+        model.create_context = slow_create
+        outcome = []
+
+        async def grow():
+            try:
+                await pool.resize(2)
+                outcome.append("returned")
+            except mullama.ClosedError:
+                outcome.append("closed")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(grow)
+            await wait_until(lambda: pool.stats().size == 2 and pool._creating == 1)
+            tg.start_soon(pool.aclose)
+            await anyio.sleep(0.05)
+            assert pool._model is not None and not model.closed  # close waits for the context
+            go.set()
+        assert outcome and made and made[0].closed and model.closed
+
+
+async def test_an_empty_pool_fails_waiters_and_recovers_by_resize(config, expected):
+    async with ModelPool(config, 1) as pool:
+        lease = await pool.acquire()
+        model = pool.model
+        create = model.create_context
+
+        def fail_create(**kw):
+            raise mullama.ContextCreationError("out of memory (injected)")
+
+        model.create_context = fail_create
+        errors = []
+
+        async def waiter():
+            try:
+                await pool.acquire()
+            except mullama.ContextCreationError as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            await wait_until(lambda: pool.stats().waiting == 1)
+
+            def fail_reset():
+                raise mullama.StateError("reset failed (injected)")
+
+            lease._member._ctx.reset = fail_reset
+            await lease.release()
+        assert len(errors) == 1 and "injected" in str(errors[0])
+        assert pool.stats() == PoolStats(size=0, available=0, in_use=0, waiting=0)
+        with pytest.raises(mullama.ContextCreationError, match="no members"):
+            await pool.acquire()
+        model.create_context = create
+        await pool.resize(1)
         async with pool.acquire() as m:
             assert await m.generate("once upon", config=GREEDY) == expected.text
 
 
 async def test_cancel_mid_generation_then_member_is_clean(config, expected):
     async with ModelPool(config, 1) as pool:
-        with anyio.move_on_after(0.05):
+        with anyio.CancelScope() as scope:
             async with pool.acquire() as m:
-                await m.generate("once upon", max_tokens=200)
+                async with m.generate_stream("once upon", StreamConfig.greedy(200)) as stream:
+                    async for _ in stream:
+                        scope.cancel()  # after the first token
+        assert scope.cancelled_caught
         async with pool.acquire() as m:
             assert m.n_past == 0
             assert await m.generate("once upon", config=GREEDY) == expected.text
         assert pool.kv_used() == 0
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_asyncio_cancel_of_a_waiter_handed_a_member(config):
+    """A plain Task.cancel() can land after the hand-over: the member goes on to the next waiter."""
+    import asyncio
+
+    async with ModelPool(config, 1) as pool:
+        lease = await pool.acquire()
+        got = []
+
+        async def waiter(tag):
+            async with pool.acquire() as m:
+                got.append(tag)
+                await m.generate("x", max_tokens=2)
+
+        first = asyncio.ensure_future(waiter("first"))
+        await wait_until(lambda: pool.stats().waiting == 1)
+        second = asyncio.ensure_future(waiter("second"))
+        await wait_until(lambda: pool.stats().waiting == 2)
+        lease._member = None  # hand the member over without release()'s awaits, as release() does last
+        member = next(iter(pool._in_use))
+        pool._in_use.discard(member)
+        pool._put_back(member)
+        first.cancel()  # same tick: "first" was handed the member but never resumed
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        with anyio.fail_after(10):  # without the pass-on, "second" would wait forever
+            await second
+        assert got == ["second"]
+        assert pool.stats() == PoolStats(size=1, available=1, in_use=0, waiting=0)
 
 
 async def test_close_wakes_waiters_and_refuses_use(config):

@@ -79,7 +79,8 @@ async def test_run_blocking_names_threads_and_respects_the_limit():
         async with anyio.create_task_group() as tg:
             for i in range(5):
                 tg.start_soon(call, i)
-            await wait_until(lambda: rt.metrics().blocking_threads == 2)
+            await wait_until(lambda: running == 2)
+            await anyio.sleep(0.05)  # a third call would be running by now if the limit let it
             m = rt.metrics()
             assert m.active_tasks == 5 and m.blocking_threads == 2
             release.set()
@@ -143,6 +144,55 @@ async def test_graceful_shutdown_with_timeout(tiny_model_path):
             await rt.load_model(tiny_model_path)
         await rt.shutdown()  # idempotent
     assert model.kv_used() == 0 and model.active_workers == 0
+
+
+async def test_shutdown_from_a_task_and_loading_during_shutdown(tiny_model_path):
+    async with Runtime() as rt:
+        others = []
+
+        async def worker():
+            await anyio.sleep_forever()
+
+        async def stopper():
+            await rt.shutdown(timeout=0.01)  # must not wait for itself
+            return "stopped"
+
+        others.append(rt.spawn(worker))
+        loading = rt.spawn(lambda: rt.load_model(tiny_model_path, threads=1))  # starts before the shutdown
+        stop = rt.spawn(stopper)
+        with anyio.fail_after(10):
+            assert await stop.wait() == "stopped"
+        assert others[0].cancelled
+        # the load was cancelled, refused by the stopping runtime, or closed by it: nothing leaks
+        assert loading.done
+        if not loading.cancelled:
+            try:
+                assert not loading.result().is_ready()
+            except mullama.ClosedError:
+                pass
+
+
+async def test_task_cancelled_by_an_outer_scope_is_not_a_success():
+    async with Runtime() as rt:
+        async def forever():
+            await anyio.sleep_forever()
+
+        h = rt.spawn(forever)
+        await anyio.sleep(0.01)
+        rt._tg.cancel_scope.cancel()  # cancelled from outside its own scope
+        await h._done.wait()
+        assert h.cancelled
+        with pytest.raises(mullama.MullamaError, match="cancelled"):
+            h.result()
+
+
+async def test_body_errors_come_out_bare():
+    with pytest.raises(KeyError):
+        async with Runtime():
+            raise KeyError("mine")
+    with pytest.raises(KeyError):
+        async with TaskManager():
+            raise KeyError("mine")
 
 
 async def test_runtime_errors():
@@ -215,7 +265,7 @@ async def test_stop_and_stop_all():
 
 
 async def test_generation_worker(tiny_model_path, expected):
-    prompts = ["once upon", "once upon", "x" * 3000, "once upon"]
+    prompts = ["once upon", "once upon", "x" * 3000, "once upon", (7, 8, 9), (1, 99999)]
     async with Runtime(worker_threads=1) as rt, TaskManager() as tm:
         model = await rt.load_model(tiny_model_path, context_size=256)
         send, recv = anyio.create_memory_object_stream(10)
@@ -228,12 +278,14 @@ async def test_generation_worker(tiny_model_path, expected):
             results = [r async for r in res_recv]  # ends: the worker closed its results
         assert [r.prompt for r in results] == prompts
         assert all(isinstance(r, GenerationResult) for r in results)
-        for r in results[:2] + results[3:]:
+        for r in results[:2] + results[3:4]:
             assert r.error is None and r.completion.text == expected.text
         assert isinstance(results[2].error, mullama.ContextOverflowError) and results[2].completion is None
+        assert results[4].error is None and results[4].completion.tokens  # token ids are a prompt too
+        assert isinstance(results[5].error, mullama.InvalidTokenError)
         status = await tm.wait("gen")
-        assert status.state == "completed" and status.processed == 4 and status.kind == "generation"
-        assert rt.metrics().total_generations == 3
+        assert status.state == "completed" and status.processed == 6 and status.kind == "generation"
+        assert rt.metrics().total_generations == 4
 
 
 async def test_generation_worker_on_a_pool(tiny_model_path, expected):

@@ -13,7 +13,7 @@ import anyio.to_thread
 
 from .._config import StreamConfig, check_int
 from .._context import Completion, Prompt
-from .._errors import BusyError, ClosedError, InvalidConfigError
+from .._errors import BusyError, ClosedError, ContextCreationError, InvalidConfigError
 from .._model import Model, ModelInfo, check_model_file
 from ._model import AsyncConfig, AsyncContext, PathLike
 from ._stream import check_open
@@ -42,11 +42,12 @@ class PoolStats:
 
 
 class _Waiter:
-    __slots__ = ("event", "member")
+    __slots__ = ("event", "member", "error")
 
     def __init__(self) -> None:
         self.event = anyio.Event()
         self.member: Optional[AsyncContext] = None
+        self.error: Optional[Exception] = None
 
 
 class ModelPool:
@@ -81,7 +82,8 @@ class ModelPool:
         self._waiters: Deque[_Waiter] = deque()
         self._conversations: "set[AsyncContext]" = set()  # every member: AsyncContext's owner protocol
         self._closed = False
-        self._drained: Optional[anyio.Event] = None
+        self._change: Optional[anyio.Event] = None
+        self._create_error: Optional[Exception] = None
         self._generations = 0
         self._generation_ms = 0.0
         #: members replaced because their reset failed
@@ -147,6 +149,8 @@ class ModelPool:
         self._check_open()
         if self._available and not self._waiters:
             member = self._available.popleft()
+        elif self._size() == 0:
+            raise self._empty_error()
         elif not wait:
             raise BusyError(f"all {len(self._in_use)} members of the pool are in use (wait=False)")
         else:
@@ -158,11 +162,11 @@ class ModelPool:
                 if waiter.member is not None:  # handed over as we were cancelled: pass it on
                     self._in_use.discard(waiter.member)
                     self._put_back(waiter.member)
-                else:
+                elif waiter in self._waiters:
                     self._waiters.remove(waiter)
                 raise
             if waiter.member is None:
-                raise ClosedError("the ModelPool was closed while waiting for a member")
+                raise waiter.error or ClosedError("the ModelPool was closed while waiting for a member")
             member = waiter.member
         self._in_use.add(member)
         return PooledModel(self, member)
@@ -179,33 +183,30 @@ class ModelPool:
             return
         lease._member = None
         with anyio.CancelScope(shield=True):
-            self._in_use.discard(member)
-            if self._closed or member._closed:
-                await member.aclose()
-                self._after_removal()
-                return
             try:
-                await member.reset()
+                if not self._closed and not member._closed:
+                    await member.reset()  # counted as in use until it is clean
+                    self._in_use.discard(member)
+                    self._put_back(member)
+                    return
             except Exception as exc:  # a member we cannot reset is not lent again
                 log.warning("pool member reset failed (%r): replacing it", exc)
-                await member.aclose()
                 self.replaced += 1
-                if self._size() < self._target:
-                    try:
-                        await self._grow(1)
-                    except Exception as exc2:
-                        log.error("could not replace a pool member: %r", exc2)
-                self._after_removal()
-                return
-            self._put_back(member)
+            self._in_use.discard(member)
+            await member.aclose()
+            if not self._closed and self._size() < self._target:
+                try:
+                    await self._grow(1)
+                except Exception as exc:
+                    log.error("could not replace a pool member: %r", exc)
+            self._changed()
 
     def _put_back(self, member: AsyncContext) -> None:
-        """An idle member: to the first waiter, to the shelf, or closed if the pool shrinks."""
+        """An idle member (not counted in the size): to the first waiter, to the
+        shelf, or closed if the pool is above its target size."""
         if self._size() + 1 > self._target and not self._closed:
-            self._conversations.discard(member)
             self._retire(member)
-            return
-        if self._waiters:
+        elif self._waiters:
             waiter = self._waiters.popleft()
             waiter.member = member
             self._in_use.add(member)
@@ -217,12 +218,29 @@ class ModelPool:
         # the member is idle (nobody holds it): freeing its context is quick
         member._closed = True
         member._ctx.close()
-        self._after_removal()
+        self._conversations.discard(member)
+        self._changed()
 
-    def _after_removal(self) -> None:
-        if self._drained is not None and self._size() <= self._target:
-            self._drained.set()
-            self._drained = None
+    def _changed(self) -> None:
+        """The size or the target changed: wake resize() and aclose(); an empty
+        pool with nothing being created fails its waiters."""
+        if self._change is not None:
+            self._change.set()
+            self._change = None
+        if self._size() == 0 and not self._closed:
+            while self._waiters:
+                waiter = self._waiters.popleft()
+                waiter.error = self._empty_error()
+                waiter.event.set()
+
+    async def _wait_change(self) -> None:
+        if self._change is None:
+            self._change = anyio.Event()
+        await self._change.wait()
+
+    def _empty_error(self) -> Exception:
+        why = f": creating a member failed ({self._create_error!r})" if self._create_error else ""
+        return ContextCreationError(f"the pool has no members{why}; resize() it to try again")
 
     # -- size -------------------------------------------------------------------------
 
@@ -234,32 +252,35 @@ class ModelPool:
         return PoolStats(self._size(), len(self._available), len(self._in_use), len(self._waiters))
 
     @property
-    def size(self) -> int:
-        """The target number of members."""
+    def target_size(self) -> int:
+        """The size the pool grows or drains to (``stats().size`` is the size now)."""
         return self._target
 
     async def resize(self, size: int) -> None:
         """Grow to *size* members at once, or shrink by draining.
 
         Shrinking closes idle members now and members in use when they come
-        back; it returns when the pool has *size* members. Cancelling it stops
-        the wait, not the shrink.
+        back; it returns when the pool has *size* members, or when a later
+        resize() set another size. Cancelling it stops the wait, not the
+        shrink; a grow that fails or is cancelled keeps the members it made.
         """
         check_int("size", size, minimum=1, maximum=1024)
         self._check_open()
         self._target = size
+        self._changed()
         if self._size() < size:
-            await self._grow(size - self._size())
+            try:
+                await self._grow(size - self._size())
+            except BaseException:
+                if self._target == size:
+                    self._target = self._size()
+                raise
             return
         while self._size() > size and self._available:
-            member = self._available.pop()
-            self._conversations.discard(member)
-            self._retire(member)
-        while self._size() > self._target:
-            if self._drained is None:
-                self._drained = anyio.Event()
-            await self._drained.wait()
-            check_open(self._closed, "ModelPool")
+            self._retire(self._available.pop())
+        while self._target == size and self._size() > size:
+            await self._wait_change()
+            self._check_open()
 
     async def _grow(self, n: int) -> None:
         cfg, model = self._config, self._model
@@ -269,15 +290,23 @@ class ModelPool:
             try:
                 ctx = await anyio.to_thread.run_sync(
                     lambda: model.create_context(context_size=cfg.context_size, threads=cfg.threads,
-                                                       flash_attention=cfg.flash_attention))
-            finally:
+                                                 flash_attention=cfg.flash_attention))
+            except BaseException as exc:
                 self._creating -= 1
-            member = AsyncContext(self, ctx)
-            if self._closed:
+                if isinstance(exc, Exception):
+                    self._create_error = exc
+                self._changed()
+                raise
+            self._creating -= 1
+            if self._closed:  # closed meanwhile: aclose() waits for this
                 ctx.close()
+                self._changed()
                 return
+            self._create_error = None
+            member = AsyncContext(self, ctx)
             self._conversations.add(member)
             self._put_back(member)
+            self._changed()
 
     # -- the owner protocol of AsyncContext -------------------------------------------
 
@@ -333,11 +362,12 @@ class ModelPool:
         with anyio.CancelScope(shield=True):
             while self._waiters:
                 self._waiters.popleft().event.set()  # member None: ClosedError
+            self._changed()  # a waiting resize() raises ClosedError
+            while self._creating:  # a context being created is closed by _grow
+                await self._wait_change()
             for member in list(self._conversations):
                 await member.aclose()
             self._available.clear()
-            if self._drained is not None:
-                self._drained.set()
             if self._model is not None:
                 await anyio.to_thread.run_sync(self._model.close)
 
@@ -402,15 +432,18 @@ class PooledModel:
         return self._m().generate_stream(prompt, config, wait=wait)
 
     async def generate(self, prompt: Prompt, max_tokens: Optional[int] = None,
-                       config: Optional[StreamConfig] = None) -> str:
-        return (await self._m().generate(prompt, max_tokens, config)).text
+                       config: Optional[StreamConfig] = None, *, wait: bool = True) -> str:
+        """Continue the conversation and return the generated text."""
+        return (await self._m().generate(prompt, max_tokens, config, wait=wait)).text
 
     async def complete(self, prompt: Prompt, max_tokens: Optional[int] = None,
-                       config: Optional[StreamConfig] = None) -> Completion:
-        return await self._m().generate(prompt, max_tokens, config)
+                       config: Optional[StreamConfig] = None, *, wait: bool = True) -> Completion:
+        """Continue the conversation and return the :class:`~mullama.Completion`."""
+        return await self._m().generate(prompt, max_tokens, config, wait=wait)
 
-    async def process_batch(self, prompt: Prompt) -> int:
-        return await self._m().process_batch(prompt)
+    async def process_batch(self, prompt: Prompt, *, wait: bool = True) -> int:
+        """Evaluate *prompt* into the conversation without generating."""
+        return await self._m().process_batch(prompt, wait=wait)
 
     async def save_state(self, path: PathLike) -> None:
         await self._m().save_state(path)

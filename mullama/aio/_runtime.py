@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import logging
 import threading
@@ -19,12 +20,17 @@ from .._context import Completion, Prompt
 from .._errors import ClosedError, InvalidConfigError, MullamaError
 from ._model import AsyncConfig, AsyncModel, PathLike
 from ._pool import ModelPool
+from ._stream import unwrap_single
 
 __all__ = ["Runtime", "RuntimeMetrics", "TaskHandle", "TaskManager", "WorkerStatus", "GenerationResult"]
 
 log = logging.getLogger("mullama.aio")
 
 T = TypeVar("T")
+
+#: the TaskHandle of the runtime task running now (shutdown() must not wait for itself)
+_current_task: "contextvars.ContextVar[Optional[TaskHandle[Any]]]" = contextvars.ContextVar(
+    "mullama_runtime_task", default=None)
 
 
 @dataclass(frozen=True)
@@ -54,8 +60,8 @@ class TaskHandle(Generic[T]):
     """A task spawned on a :class:`Runtime`: its outcome is kept here, never lost.
 
     A task that raises does not disturb the runtime or its other tasks; the
-    error is re-raised by :meth:`wait` / :meth:`result` and logged if nobody
-    asked for it by shutdown.
+    error is re-raised by :meth:`wait` / :meth:`result`, and logged when the
+    task ends if nobody is waiting for it then.
     """
 
     def __init__(self, name: str) -> None:
@@ -65,7 +71,7 @@ class TaskHandle(Generic[T]):
         self._value: Any = None
         self._error: Optional[BaseException] = None
         self._cancelled = False
-        self._observed = False
+        self._waiters = 0
 
     @property
     def done(self) -> bool:
@@ -83,7 +89,6 @@ class TaskHandle(Generic[T]):
         """The task's return value; re-raises its error. The task must be done."""
         if not self.done:
             raise MullamaError(f"task {self.name!r} is still running")
-        self._observed = True
         if self._cancelled:
             raise MullamaError(f"task {self.name!r} was cancelled")
         if self._error is not None:
@@ -92,18 +97,28 @@ class TaskHandle(Generic[T]):
 
     async def wait(self) -> T:
         """Wait for the task to end and return :meth:`result`."""
-        await self._done.wait()
+        self._waiters += 1
+        try:
+            await self._done.wait()
+        finally:
+            self._waiters -= 1
         return self.result()
 
     async def _run(self, fn: Callable[..., Awaitable[T]], args: Tuple[Any, ...]) -> None:
+        returned = False
+        token = _current_task.set(self)
         try:
             with self._scope:
                 self._value = await fn(*args)
-            self._cancelled = self._scope.cancelled_caught
+                returned = True
         except Exception as exc:  # kept on the handle, not thrown into the task group
             self._error = exc
         finally:
+            _current_task.reset(token)
+            self._cancelled = not returned and self._error is None  # by its own scope or an outer one
             self._done.set()
+            if self._error is not None and not self._waiters:
+                log.error("runtime task %r failed", self.name, exc_info=self._error)
 
 
 class Runtime:
@@ -156,14 +171,12 @@ class Runtime:
 
     async def __aexit__(self, typ: Any, exc: Any, tb: Any) -> Optional[bool]:
         try:
-            if exc is None:
-                await self.shutdown()
-            else:
-                await self.shutdown(timeout=0)
+            await self.shutdown(timeout=None if exc is None else 0)
         finally:
             assert self._tg is not None
-            result = await self._tg.__aexit__(typ, exc, tb)
-        return result
+            with unwrap_single():  # the body's own exception comes out as itself
+                suppress = await self._tg.__aexit__(typ, exc, tb)
+        return suppress
 
     def is_running(self) -> bool:
         """True between entering the runtime and the start of its shutdown."""
@@ -191,18 +204,15 @@ class Runtime:
         if self._stopped or self._started is None:
             return
         self._stopping = True
+        others = [t for t in self._tasks if t is not _current_task.get()]  # called from a task: not itself
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(timeout):
-                for task in list(self._tasks):
+                for task in others:
                     await task._done.wait()
-            for task in list(self._tasks):
+            for task in others:
                 task.cancel()
-            for task in list(self._tasks):
+            for task in others:
                 await task._done.wait()
-            for task in self._tasks:
-                if task._error is not None and not task._observed:
-                    log.error("runtime task %r failed", task.name, exc_info=task._error)
-            self._tasks.clear()
             for res in reversed(self._resources):
                 await res.aclose()
             self._stopped = True
@@ -222,8 +232,7 @@ class Runtime:
             finally:
                 self._active -= 1
                 self._completed += 1
-                if handle._observed or handle._error is None:
-                    self._tasks.discard(handle)
+                self._tasks.discard(handle)
 
         tg.start_soon(run, name=handle.name)
         return handle
@@ -261,14 +270,14 @@ class Runtime:
         config = self._config(path_or_config, options)
         model = await AsyncModel.load_with_config(config, progress=options.get("progress"))
         model._engine.thread_name = f"{self.thread_name}-engine-{len(self._resources) + 1}"
-        return self._own(model)
+        return await self._own(model)
 
     async def open_pool(self, path_or_config: Union[PathLike, AsyncConfig], size: int,
                         **options: Any) -> ModelPool:
         """Open a :class:`ModelPool` of *size* members; closed at shutdown."""
         self._check_running()
         config = self._config(path_or_config, options)
-        return self._own(await ModelPool.load(config, size, progress=options.get("progress")))
+        return await self._own(await ModelPool.load(config, size, progress=options.get("progress")))
 
     def _config(self, path_or_config: Union[PathLike, AsyncConfig], options: Dict[str, Any]) -> AsyncConfig:
         options = {k: v for k, v in options.items() if k != "progress"}
@@ -279,8 +288,9 @@ class Runtime:
         options.setdefault("threads", self.worker_threads)
         return AsyncConfig(model_path=path_or_config, **options)
 
-    def _own(self, res: Any) -> Any:
+    async def _own(self, res: Any) -> Any:
         if self._stopping:  # shut down while loading: do not leak it
+            await res.aclose()
             raise ClosedError("the Runtime shut down while loading")
         self._resources.append(res)
         return res
@@ -339,7 +349,7 @@ class GenerationResult:
 
     prompt: Prompt
     completion: Optional[Completion]
-    error: Optional[MullamaError]
+    error: Optional[Exception]
 
 
 GenerationRequest = Union[Prompt, Tuple[Prompt, Optional[StreamConfig]]]
@@ -392,13 +402,14 @@ class TaskManager:
         return self
 
     async def __aexit__(self, typ: Any, exc: Any, tb: Any) -> Optional[bool]:
+        self._closed = True  # no new workers from here on
         try:
             await self.stop_all()
         finally:
-            self._closed = True
             assert self._tg is not None
-            result = await self._tg.__aexit__(typ, exc, tb)
-        return result
+            with unwrap_single():  # the body's own exception comes out as itself
+                suppress = await self._tg.__aexit__(typ, exc, tb)
+        return suppress
 
     # -- spawning -------------------------------------------------------------------
 
@@ -445,8 +456,8 @@ class TaskManager:
         The worker owns both streams and closes them when it ends (give each
         worker its own clones).
 
-        A request that fails with a :class:`~mullama.MullamaError` (a prompt too
-        long, a timeout) yields a result with that error; the worker goes on.
+        A request that fails (a prompt too long, a timeout) yields a result
+        with its error, and the worker goes on.
         """
         if not isinstance(model, (AsyncModel, ModelPool)):
             raise InvalidConfigError(f"model must be an AsyncModel or a ModelPool, got {type(model).__name__}")
@@ -551,7 +562,10 @@ async def _generation_loop(w: _Worker, model: Union[AsyncModel, ModelPool],
                            requests: AsyncIterable[GenerationRequest],
                            results: Optional[anyio.abc.ObjectSendStream[GenerationResult]]) -> None:
     async for item in requests:
-        prompt, config = item if isinstance(item, tuple) else (item, None)
+        if isinstance(item, tuple) and len(item) == 2 and (item[1] is None or isinstance(item[1], StreamConfig)):
+            prompt, config = item
+        else:  # a prompt: text, or token ids (a tuple of ints among them)
+            prompt, config = item, None
         try:
             if isinstance(model, ModelPool):
                 async with model.acquire() as member:
@@ -559,7 +573,7 @@ async def _generation_loop(w: _Worker, model: Union[AsyncModel, ModelPool],
             else:
                 completion = await model.complete(prompt, config=config)
             result = GenerationResult(prompt, completion, None)
-        except MullamaError as exc:
+        except Exception as exc:  # this request's error, sent in its place; the worker goes on
             result = GenerationResult(prompt, None, exc)
         w.processed += 1
         if results is not None:
