@@ -141,8 +141,10 @@ class Handoff:
             if self._closed:
                 return None
             if self._items:
+                was_full = len(self._items) >= self._capacity
                 batch = self._items.popleft()
-                self._made_room()
+                if was_full:  # only a full buffer stops the producer: waking it otherwise costs it a step
+                    self._made_room()
                 return batch
             if self._done or self._closed:
                 return None
