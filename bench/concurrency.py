@@ -4,9 +4,9 @@ llama.cpp's llama-batched-bench, in one run, on the default model.
 
 Figures (one JSON line each):
 
-* ``aggregate_tok_s``: for 1, 2, 4 and 8 concurrent requests (each a ~32-token
-  prompt and 128 greedy tokens), generated tokens per second over all of them,
-  counted from the first token to the last (the generation phase), against
+* ``aggregate_tok_s``: for 1, 2, 4 and 8 concurrent streaming requests (each a
+  19-token prompt and 128 greedy tokens), generated tokens per second over all
+  of them, counted from the first token to the last (the generation phase), against
   llama-batched-bench's ``speed_tg`` at the same parallelism (same threads,
   same pinned source and flags), the two alternating over several rounds.
   ``ratio`` = median over rounds of mullama / native, with its range;
@@ -19,7 +19,7 @@ Figures (one JSON line each):
   tokens, from the model's metadata); ``ratio`` = measured / that sum
   (target <= 1.15). Each figure comes from a fresh process.
 
-Usage: python bench/concurrency.py [--threads 2] [--tokens 128] [--rounds 5] [--context-size 2048]
+Usage: python bench/concurrency.py [--threads 2] [--tokens 128] [--rounds 7] [--context-size 2048]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import statistics
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -55,37 +56,47 @@ def pct(values, q):
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
-def native(model: Path, npp: int, ntg: int, threads: int) -> dict:
+def native(model: Path, npp: int, ntg: int, threads: int, npl: int) -> float:
+    """llama-batched-bench's aggregate generation tokens/s at *npl* sequences."""
     import build_llama_cpp
 
     bdir = build_llama_cpp.build(("llama-bench", "llama-batched-bench"), tools=True)
     exe = bdir / "bin" / "llama-batched-bench"
-    ctx = max(PARALLEL) * (npp + ntg) + 256
+    ctx = npl * (npp + ntg) + 256
     cmd = [str(exe), "-m", str(model), "-c", str(ctx), "-npp", str(npp), "-ntg", str(ntg),
-           "-npl", ",".join(map(str, PARALLEL)), "-t", str(threads), "-fa", "off", "--output-format", "jsonl"]
+           "-npl", str(npl), "-t", str(threads), "-fa", "off", "--output-format", "jsonl"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    return {row["pl"]: row["speed_tg"] for row in rows}
+    return rows[-1]["speed_tg"]
 
 
 async def aggregate(model_path: Path, n: int, ntg: int, threads: int) -> float:
+    """Generated tokens/s over *n* concurrent streams, from the first token of
+    the first to the last token of the last (each stream's first token is not
+    counted: it belongs to the prompt phase, as in llama-batched-bench)."""
     cfg = StreamConfig.greedy(ntg)
     async with await AsyncModel.load(model_path, max_concurrent=n, context_size=256, threads=threads,
                                      timeout_ms=None) as model:
-        await model.generate(PROMPT, config=StreamConfig.greedy(4))  # warm-up
-        results = []
+        # token ids: the n requests are submitted in the same tick and join the same step,
+        # as llama-batched-bench's sequences do (text would take a thread hop each)
+        prompt = model.model.tokenize(PROMPT)
+        await model.generate(prompt, config=StreamConfig.greedy(4))  # warm-up
+        firsts, ends, counts = [], [], []
 
         async def one():
-            results.append(await model.complete(PROMPT, config=cfg))
+            count = 0
+            async with model.generate_stream(prompt, cfg) as stream:
+                async for _ in stream:
+                    if count == 0:
+                        firsts.append(time.perf_counter())
+                    count += 1
+            ends.append(time.perf_counter())
+            counts.append(count - 1)
 
         async with anyio.create_task_group() as tg:
             for _ in range(n):
                 tg.start_soon(one)
-    # generation phase: first token of the first request to the last token of the last
-    starts = [r.metrics.time_to_first_token_ms for r in results]
-    ends = [r.metrics.time_to_first_token_ms + r.timings.generation_ms for r in results]
-    tokens = sum(len(r.tokens) - 1 for r in results)
-    return tokens / ((max(ends) - min(starts)) / 1e3)
+    return sum(counts) / (max(ends) - min(firsts))
 
 
 async def ttft(model_path: Path, threads: int, requests: int = 32, slots: int = 4) -> list:
@@ -149,7 +160,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=5, help="alternating native/mullama rounds")
+    ap.add_argument("--rounds", type=int, default=7, help="alternating native/mullama rounds")
     ap.add_argument("--context-size", type=int, default=2048, help="per pool member")
     ap.add_argument("--rss-probe", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -161,14 +172,14 @@ def main() -> int:
     path = mullama.default_model_path(progress=False)
     with mullama.Model.load(path) as m:
         npp = len(m.tokenize(PROMPT))
-    # native and mullama alternate round by round: this machine's speed drifts
-    # by tens of percent within a minute, and both should see the same drift
+    # native and mullama run back to back at each parallelism, round after
+    # round: this machine's speed drifts by tens of percent within a minute,
+    # and both should see the same drift
     nat: dict = {n: [] for n in PARALLEL}
     ours: dict = {n: [] for n in PARALLEL}
     for _ in range(args.rounds):
-        for n, speed in native(path, npp, args.tokens, args.threads).items():
-            nat[n].append(speed)
-        for n in PARALLEL:
+        for n in PARALLEL:  # each pair back to back
+            nat[n].append(native(path, npp, args.tokens, args.threads, n))
             ours[n].append(anyio.run(aggregate, path, n, args.tokens, args.threads))
     single = statistics.median(ours[1])
     native_single = statistics.median(nat[1])

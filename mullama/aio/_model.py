@@ -115,14 +115,8 @@ class AsyncModel:
         if not isinstance(config, AsyncConfig):
             raise InvalidConfigError(f"config must be an AsyncConfig, got {type(config).__name__}")
 
-        def on_progress(fraction: float) -> None:
-            anyio.from_thread.check_cancelled()  # raises in the loader: the load is aborted
-            if progress is not None:
-                anyio.from_thread.run_sync(progress, fraction)
-
         def load() -> "tuple[Model, Engine]":
-            path = check_model_file(config.model_path)
-            model = Model.load(path, gpu_layers=config.gpu_layers, progress=on_progress)
+            model = load_model(config, progress)
             try:
                 engine = Engine(model, config.max_concurrent, config.context_size, config.threads,
                                 config.flash_attention, config.max_queue)
@@ -404,6 +398,22 @@ async def _run_cancellable(ctx: Context, workers: Workers, fn: Callable[..., obj
                 finished = True
                 workers.leave()
                 tg.cancel_scope.cancel()
+
+
+def load_model(config: AsyncConfig, progress: Optional[Callable[[float], None]]) -> Model:
+    """Load *config*'s model; call from a worker thread (``anyio.to_thread``).
+
+    *progress* is called on the event loop with the load fraction. Cancelling
+    the awaiting task stops llama.cpp's loader at its next progress report and
+    frees what it had loaded.
+    """
+
+    def on_progress(fraction: float) -> None:
+        anyio.from_thread.check_cancelled()  # raises in the loader: the load is aborted
+        if progress is not None:
+            anyio.from_thread.run_sync(progress, fraction)
+
+    return Model.load(check_model_file(config.model_path), gpu_layers=config.gpu_layers, progress=on_progress)
 
 
 def _with_max_tokens(config: Optional[StreamConfig], max_tokens: Optional[int]) -> StreamConfig:

@@ -14,8 +14,8 @@ import anyio.to_thread
 from .._config import StreamConfig, check_int
 from .._context import Completion, Prompt
 from .._errors import BusyError, ClosedError, ContextCreationError, InvalidConfigError
-from .._model import Model, ModelInfo, check_model_file
-from ._model import AsyncConfig, AsyncContext, PathLike
+from .._model import Model, ModelInfo
+from ._model import AsyncConfig, AsyncContext, PathLike, load_model
 from ._stream import check_open
 
 __all__ = ["ModelPool", "PooledModel", "PoolStats"]
@@ -110,18 +110,7 @@ class ModelPool:
         check_open(self._closed, "ModelPool")
         if self._model is not None:
             return
-        config = self._config
-
-        def on_progress(fraction: float) -> None:
-            anyio.from_thread.check_cancelled()
-            if progress is not None:
-                anyio.from_thread.run_sync(progress, fraction)
-
-        def load() -> Model:
-            return Model.load(check_model_file(config.model_path), gpu_layers=config.gpu_layers,
-                              progress=on_progress)
-
-        self._model = await anyio.to_thread.run_sync(load)
+        self._model = await anyio.to_thread.run_sync(load_model, self._config, progress)
         try:
             await self._grow(self._target)
         except BaseException:
