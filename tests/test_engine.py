@@ -159,3 +159,19 @@ async def test_slow_consumer_pauses_only_its_own_sequence(default_model_path):
             got = [await slow.__anext__() for _ in range(stalled + 4)]  # reading resumes it
             assert [t.id for t in got[:4]] == fast.tokens[1:5]  # same prompt, greedy: same tokens
         assert model.kv_used() == 0 and model.active_workers == 0
+
+
+async def test_metrics_on_the_stream(tiny_model_path):
+    async with await AsyncModel.load(tiny_model_path, max_concurrent=2, context_size=512, threads=1) as model:
+        async with model.generate_stream("once upon", StreamConfig.greedy(40)) as stream:
+            seen = 0
+            async for _ in stream:
+                seen += 1
+                m = stream.metrics()
+                assert m.generated_tokens >= seen and m.prompt_tokens == len(await model.tokenize("once upon"))
+        final = stream.metrics()
+        assert final == stream.completion().metrics
+        assert final.finish_reason == stream.finish_reason and final.generated_tokens == seen
+        async with await model.create_context() as conv:
+            async with conv.generate_stream("ab", StreamConfig.greedy(2)) as s2:
+                assert s2.metrics() is None

@@ -33,7 +33,7 @@ import anyio.to_thread
 
 from .._context import Completion, Context, Prompt, TokenData, _Run, STREAM_INTERVAL_S
 from .._config import StreamConfig
-from .._engine import Engine, EngineRequest
+from .._engine import Engine, EngineRequest, RequestMetrics
 from .._errors import ClosedError, RequestTimeoutError
 
 if sys.version_info < (3, 11):
@@ -238,6 +238,11 @@ class TokenStream(anyio.abc.AsyncResource):
     def completion(self) -> Completion:
         """The whole result, once the stream is exhausted."""
         return self._run.completion()
+
+    def metrics(self) -> Optional[RequestMetrics]:
+        """This request's metrics so far (queue wait, time to first token, speeds,
+        tokens; finish reason once done), or None for a conversation's stream."""
+        return self._run.metrics() if isinstance(self._run, EngineRequest) else None
 
     async def aclose(self) -> None:
         """Stop reading and stop the generation (its ``async with`` still waits for it)."""
