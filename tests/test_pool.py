@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import anyio
 import pytest
 
@@ -105,11 +107,7 @@ async def test_a_cancelled_waiter_passes_its_turn_to_the_next(config):
     async with ModelPool(config, 1) as pool:
         lease = await pool.acquire()
         got = []
-
-        async def waiter(tag):
-            async with pool.acquire() as m:
-                got.append(tag)
-                await m.generate("x", max_tokens=2)
+        waiter = functools.partial(use_once, pool, got)
 
         first = anyio.CancelScope()
         async with anyio.create_task_group() as tg:
@@ -122,6 +120,12 @@ async def test_a_cancelled_waiter_passes_its_turn_to_the_next(config):
             await pool.release(lease)
         assert got == ["second"]
         assert pool.stats() == PoolStats(size=1, available=1, in_use=0, waiting=0)
+
+
+async def use_once(pool, got, tag):
+    async with pool.acquire() as m:
+        got.append(tag)
+        await m.generate("x", max_tokens=2)
 
 
 async def _in_scope(scope, fn, *args):
@@ -299,11 +303,7 @@ async def test_asyncio_cancel_of_a_waiter_handed_a_member(config):
     async with ModelPool(config, 1) as pool:
         lease = await pool.acquire()
         got = []
-
-        async def waiter(tag):
-            async with pool.acquire() as m:
-                got.append(tag)
-                await m.generate("x", max_tokens=2)
+        waiter = functools.partial(use_once, pool, got)
 
         first = asyncio.ensure_future(waiter("first"))
         await wait_until(lambda: pool.stats().waiting == 1)
