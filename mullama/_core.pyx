@@ -182,6 +182,13 @@ llama_log_set(_log_callback, NULL)
 llama_backend_init()
 
 
+def ggml_type_sizes():
+    """(block size, bytes per block) of each ggml tensor type, indexed by type
+    id; (0, 0) for ids whose support was removed."""
+    cdef int t
+    return [(int(ggml_blck_size(<ggml_type>t)), int(ggml_type_size(<ggml_type>t))) for t in range(<int>GGML_TYPE_COUNT)]
+
+
 def system_info():
     """llama.cpp's description of the CPU features it was built with."""
     return llama_print_system_info().decode("utf-8", "replace")

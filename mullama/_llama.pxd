@@ -31,6 +31,12 @@ cdef extern from "ggml.h" nogil:
 
     ggml_threadpool_params ggml_threadpool_params_default(int n_threads)
 
+    # tensor types: GGML_TYPE_COUNT is one past the last; removed types have size 0
+    cdef enum ggml_type:
+        GGML_TYPE_COUNT
+    int64_t ggml_blck_size(ggml_type type)
+    size_t  ggml_type_size(ggml_type type)   # size in bytes of one block
+
 
 cdef extern from "ggml-cpu.h" nogil:
     ggml_threadpool * ggml_threadpool_new(ggml_threadpool_params * params)

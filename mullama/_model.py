@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Union
 
 from . import _core
 from ._config import check_int, default_threads
+from ._gguf import GGUFInfo, read_gguf
 from ._errors import (
     ClosedError,
     InvalidConfigError,
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
 __all__ = ["Model", "ModelInfo"]
 
 PathLike = Union[str, "os.PathLike[str]"]
-_GGUF_MAGIC = b"GGUF"
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,10 @@ class ModelInfo:
     path: str = ""
 
 
-def check_model_file(path: PathLike) -> str:
-    """Cheap checks before llama.cpp sees the file; returns the path as str."""
+def check_model_file(path: PathLike) -> "tuple[str, GGUFInfo]":
+    """Checks before llama.cpp sees the file: it exists, is readable and is a
+    well-formed GGUF file (see :mod:`mullama._gguf`). Returns the path as str
+    and what the file's header says."""
     if not isinstance(path, (str, os.PathLike)):
         raise InvalidConfigError(f"model path must be a str or os.PathLike, got {type(path).__name__}")
     p = Path(path)
@@ -61,9 +63,10 @@ def check_model_file(path: PathLike) -> str:
         raise InvalidModelError(f"cannot read {p}: {exc.strerror or exc}") from exc
     if not head:
         raise InvalidModelError(f"{p} is empty")
-    if head != _GGUF_MAGIC:
-        raise InvalidModelError(f"{p} is not a GGUF file (it starts with {head!r}, not b'GGUF')")
-    return str(p)
+    try:
+        return str(p), read_gguf(str(p))
+    except OSError as exc:
+        raise InvalidModelError(f"cannot read {p}: {exc.strerror or exc}") from exc
 
 
 class Model:
@@ -101,11 +104,18 @@ class Model:
         Raises:
             ModelNotFoundError, InvalidModelError, UnsupportedModelError.
         """
-        spath = check_model_file(path)
+        spath, gguf = check_model_file(path)
         check_int("gpu_layers", gpu_layers, minimum=-1)
         if progress is not None and not callable(progress):
             raise InvalidConfigError(f"progress must be callable, got {type(progress).__name__}")
-        core = _core.LlamaModel.load(spath, gpu_layers, bool(use_mmap), bool(vocab_only), progress)
+        try:
+            core = _core.LlamaModel.load(spath, gpu_layers, bool(use_mmap), bool(vocab_only), progress)
+        except InvalidModelError as exc:
+            if gguf.n_tensors == 0 and not vocab_only:
+                raise InvalidModelError(
+                    f"{spath} holds no weights (a vocabulary-only GGUF file): it cannot generate; load it with "
+                    "vocab_only=True to tokenize") from exc
+            raise
         return cls(core, bool(vocab_only))
 
     # -- lifetime -------------------------------------------------------------

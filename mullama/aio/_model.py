@@ -17,7 +17,7 @@ from .._config import StreamConfig, check_int, default_threads
 from .._context import Completion, Context, Prompt
 from .._errors import AbortedError, BusyError, InvalidConfigError
 from .._engine import Engine
-from .._model import Model, ModelInfo, _token_list, check_model_file
+from .._model import Model, ModelInfo, _token_list
 from ._stream import (TokenStream, Workers, check_open, deadline, open_engine_stream, open_token_stream,
                       unwrap_single)
 
@@ -413,7 +413,7 @@ def load_model(config: AsyncConfig, progress: Optional[Callable[[float], None]])
         if progress is not None:
             anyio.from_thread.run_sync(progress, fraction)
 
-    return Model.load(check_model_file(config.model_path), gpu_layers=config.gpu_layers, progress=on_progress)
+    return Model.load(config.model_path, gpu_layers=config.gpu_layers, progress=on_progress)
 
 
 def _with_max_tokens(config: Optional[StreamConfig], max_tokens: Optional[int]) -> StreamConfig:
