@@ -35,6 +35,7 @@ _SCALARS: Dict[int, Tuple[str, int]] = {
 }
 _STRING, _ARRAY = 8, 9
 _U64 = struct.Struct("<Q")
+_TOKENS = "tokenizer.ggml.tokens"
 _TYPE_NAMES = {0: "uint8", 1: "int8", 2: "uint16", 3: "int16", 4: "uint32", 5: "int32", 6: "float32", 7: "bool",
                8: "string", 9: "array", 10: "uint64", 11: "int64", 12: "float64"}
 # smallest encodings, to bound counts by the bytes left
@@ -128,8 +129,9 @@ class _Reader:
             elif etype == _STRING:
                 if count * 8 > self.size - self.pos:
                     raise self.fail(f"{what} claims {count} strings, more than the file can hold")
-                # lengths only, in a tight loop: vocabularies hold 100k+ strings
+                # a tight loop: vocabularies hold 100k+ strings
                 buf, pos, size, length = self.buf, self.pos, self.size, _U64.unpack_from
+                seen: Optional[Dict[bytes, int]] = {} if what == repr(_TOKENS) else None
                 for i in range(count):
                     if pos + 8 > size:
                         self.pos = pos
@@ -138,6 +140,15 @@ class _Reader:
                     if end > size:
                         self.pos = pos + 8
                         self.need(end - pos - 8, f"string {i} of {what}")
+                    if seen is not None:  # llama.cpp aborts the process on a repeated token
+                        text = bytes(buf[pos + 8:end])
+                        nul = text.find(b"\0")
+                        if nul >= 0:  # llama.cpp reads a token as a C string
+                            text = text[:nul]
+                        first = seen.setdefault(text, i)
+                        if first != i:
+                            raise self.fail(f"token {i} of the vocabulary repeats token {first} ({text[:40]!r}; "
+                                            "a token ends at its first NUL byte)")
                     pos = end
                 self.pos = pos
             else:

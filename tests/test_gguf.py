@@ -109,6 +109,12 @@ BAD = {
                          "'t' appears twice"),
     "offset out of order": (gguf(tensors=[tensor("a", (8,)), tensor("b", (8,), offset=64)], data=b"\0" * 96),
                             "starts at data offset 64, expected 32"),
+    # found by tools/fuzz_gguf.py: llama.cpp aborts the process on a repeated token, and reads a
+    # token only up to its first NUL byte
+    "repeated token": (gguf([s("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 3) + s("a") + s("b") + s("a")]),
+                       "token 2 of the vocabulary repeats token 0"),
+    "token repeated up to a NUL": (gguf([s("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2) + s("ab") +
+                                         s("ab\0cd")]), "token 1 of the vocabulary repeats token 0 .b'ab'"),
     "data past the end": (gguf(tensors=[tensor("a", (8,)), tensor("b", (1000,), offset=32)], data=b"\0" * 64),
                           "data of tensor 'b' .4000 bytes"),
 }
@@ -154,3 +160,15 @@ def test_vocabulary_only_file_used_for_generation(llama_cpp_dir):
         assert m.tokenize("hello")
         with pytest.raises(mullama.InvalidModelError, match="tokenize but not generate"):
             m.create_context()
+
+
+def test_short_fuzz_campaign():
+    """Mutated and truncated real GGUF files, loaded in a worker process: each
+    loads or raises MullamaError (the long campaign: python tools/fuzz_gguf.py)."""
+    from fuzz_gguf import campaign
+
+    c = campaign(150, seed=12345)
+    assert c.findings == []
+    assert (c.crashes, c.hangs, c.other_errors) == (0, 0, 0)
+    assert c.loaded + c.mullama_errors == c.inputs == 150
+    assert c.loaded > 0 and c.mullama_errors > 0  # the mutants exercise both outcomes
