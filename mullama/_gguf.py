@@ -49,6 +49,8 @@ class GGUFArray:
 
     type: str
     count: int
+    #: file offset of its first element
+    offset: int = field(default=0, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -71,13 +73,15 @@ class GGUFInfo:
 
 
 class _Reader:
-    __slots__ = ("buf", "pos", "size", "path")
+    __slots__ = ("buf", "pos", "size", "path", "tokens")
 
     def __init__(self, buf: Any, size: int, path: str) -> None:
         self.buf = buf
         self.pos = 0
         self.size = size
         self.path = path
+        #: the vocabulary's token texts (as llama.cpp reads them), once read
+        self.tokens: List[bytes] = []
 
     def fail(self, what: str) -> InvalidModelError:
         return InvalidModelError(f"{self.path} is not a valid GGUF file: {what}")
@@ -123,6 +127,7 @@ class _Reader:
             count = self.u64(f"the length of {what}")
             if etype == _ARRAY:
                 raise self.fail(f"{what} is an array of arrays, which GGUF does not allow")
+            offset = self.pos
             if etype in _SCALARS:
                 self.need(count * _SCALARS[etype][1], f"{what} ({count} {_TYPE_NAMES[etype]} values)")
                 self.pos += count * _SCALARS[etype][1]
@@ -132,6 +137,8 @@ class _Reader:
                 # a tight loop: vocabularies hold 100k+ strings
                 buf, pos, size, length = self.buf, self.pos, self.size, _U64.unpack_from
                 seen: Optional[Dict[bytes, int]] = {} if what == repr(_TOKENS) else None
+                if seen is not None:
+                    self.tokens = []
                 for i in range(count):
                     if pos + 8 > size:
                         self.pos = pos
@@ -149,11 +156,12 @@ class _Reader:
                         if first != i:
                             raise self.fail(f"token {i} of the vocabulary repeats token {first} ({text[:40]!r}; "
                                             "a token ends at its first NUL byte)")
+                        self.tokens.append(text)
                     pos = end
                 self.pos = pos
             else:
                 raise self.fail(f"{what} has unknown element type {etype}")
-            return GGUFArray(_TYPE_NAMES[etype], count)
+            return GGUFArray(_TYPE_NAMES[etype], count, offset)
         raise self.fail(f"{what} has unknown value type {vtype}")
 
 
@@ -212,6 +220,7 @@ def _read(r: _Reader, type_sizes: List[Tuple[int, int]]) -> GGUFInfo:
         vtype = r.u32(f"the type of {key!r}")
         metadata[key] = r.value(vtype, repr(key))
 
+    _check_vocabulary(r, metadata)
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if "general.alignment" in metadata:
         if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
@@ -259,3 +268,26 @@ def _read(r: _Reader, type_sizes: List[Tuple[int, int]]) -> GGUFInfo:
                          f"the end of the file ({r.size} bytes; truncated?)")
         expected += -(-nbytes // alignment) * alignment
     return GGUFInfo(version, n_tensors, n_kv, alignment, data_offset, expected, r.size, metadata, tensors)
+
+
+# tokenizer.ggml.model values (SPM, BPE, UGM) whose byte tokens ("<0xXX>") llama.cpp can decode,
+# and those (WPM, RWKV, ...) where a byte token aborts the process
+_BYTE_TOKEN_MODELS = {"llama", "gpt2", "hybriddna", "whitespace", "gemma4", "t5"}
+_NO_BYTE_TOKEN_MODELS = {"bert", "rwkv", "test", "plamo2", "no_vocab", "none"}
+_BYTE_TYPE = 6  # LLAMA_TOKEN_TYPE_BYTE
+
+
+def _check_vocabulary(r: _Reader, metadata: Dict[str, Any]) -> None:
+    """What llama.cpp asserts about a vocabulary (it aborts the process otherwise)."""
+    types = metadata.get("tokenizer.ggml.token_type")
+    if not isinstance(types, GGUFArray) or types.type != "int32" or not r.tokens:
+        return
+    model = metadata.get("tokenizer.ggml.model")
+    values = struct.unpack_from(f"<{types.count}i", r.buf, types.offset)
+    for i in (i for i, t in enumerate(values) if t == _BYTE_TYPE and i < len(r.tokens)):
+        text = r.tokens[i]
+        if model in _NO_BYTE_TOKEN_MODELS:
+            raise r.fail(f"token {i} ({text[:40]!r}) is a byte token, which a {model!r} vocabulary cannot have")
+        if len(text) != 6 or not text.startswith(b"<0x") or not text.endswith(b">") or \
+                not all(c in b"0123456789abcdefABCDEF" for c in text[3:5]):
+            raise r.fail(f"token {i} ({text[:40]!r}) is a byte token but is not written <0xXX>")

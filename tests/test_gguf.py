@@ -40,6 +40,12 @@ def gguf(kvs=(), tensors=(), data=b"", version=3, n_kv=None, n_tensors=None, ali
     return body + data
 
 
+def vocab(model: str, tokens, types):
+    return [kv_str("tokenizer.ggml.model", model),
+            s("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, len(tokens)) + b"".join(s(t) for t in tokens),
+            s("tokenizer.ggml.token_type") + struct.pack("<IIQ", 9, 5, len(types)) + struct.pack(f"<{len(types)}i", *types)]
+
+
 def good_tensors():
     # two f32 tensors of 8 and 4 elements: 32 bytes, then 16 (+16 padding)
     return [tensor("a", (8,)), tensor("b", (2, 2), offset=32)], b"\1" * 32 + b"\2" * 16
@@ -115,6 +121,9 @@ BAD = {
                        "token 2 of the vocabulary repeats token 0"),
     "token repeated up to a NUL": (gguf([s("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2) + s("ab") +
                                          s("ab\0cd")]), "token 1 of the vocabulary repeats token 0 .b'ab'"),
+    "byte token in a WPM vocabulary": (gguf(vocab("bert", ["a", "<0x41>"], [1, 6])),
+                                       "token 1 .b'<0x41>'. is a byte token, which a 'bert' vocabulary cannot have"),
+    "byte token not written <0xXX>": (gguf(vocab("llama", ["a", "zz"], [1, 6])), "not written <0xXX>"),
     "data past the end": (gguf(tensors=[tensor("a", (8,)), tensor("b", (1000,), offset=32)], data=b"\0" * 64),
                           "data of tensor 'b' .4000 bytes"),
 }
