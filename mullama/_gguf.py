@@ -27,6 +27,8 @@ MAX_DIMS = 4         # GGML_MAX_DIMS
 MAX_NAME = 64        # GGML_MAX_NAME, terminator included
 DEFAULT_ALIGNMENT = 32
 INT64_MAX = (1 << 63) - 1
+MAX_STRING = 1 << 30   # GGUF_MAX_STRING_LENGTH
+MAX_ARRAY = 1 << 30    # GGUF_MAX_ARRAY_ELEMENTS
 
 # GGUF value types: id -> (struct format, size); 8 = string, 9 = array
 _SCALARS: Dict[int, Tuple[str, int]] = {
@@ -103,17 +105,15 @@ class _Reader:
     def u64(self, what: str) -> int:
         return self.unpack("<Q", 8, what)
 
-    def string(self, what: str, decode: bool = True) -> str:
+    def string(self, what: str) -> str:
+        """A string; bytes that are not UTF-8 kept as surrogates (llama.cpp does not check)."""
         n = self.u64(f"the length of {what}")
+        if n > MAX_STRING:
+            raise self.fail(f"{what} claims {n} bytes (llama.cpp reads at most {MAX_STRING})")
         self.need(n, f"{what} ({n} bytes)")
         start = self.pos
         self.pos += n
-        if not decode:
-            return ""
-        try:
-            return bytes(self.buf[start:self.pos]).decode("utf-8")
-        except UnicodeDecodeError:
-            raise self.fail(f"{what} at byte {start} is not valid UTF-8") from None
+        return bytes(self.buf[start:self.pos]).decode("utf-8", "surrogateescape")
 
     def value(self, vtype: int, what: str) -> Any:
         if vtype in _SCALARS:
@@ -127,6 +127,8 @@ class _Reader:
             count = self.u64(f"the length of {what}")
             if etype == _ARRAY:
                 raise self.fail(f"{what} is an array of arrays, which GGUF does not allow")
+            if count > MAX_ARRAY:
+                raise self.fail(f"{what} claims {count} elements (llama.cpp reads at most {MAX_ARRAY})")
             offset = self.pos
             if etype in _SCALARS:
                 self.need(count * _SCALARS[etype][1], f"{what} ({count} {_TYPE_NAMES[etype]} values)")
@@ -136,8 +138,8 @@ class _Reader:
                     raise self.fail(f"{what} claims {count} strings, more than the file can hold")
                 # a tight loop: vocabularies hold 100k+ strings
                 buf, pos, size, length = self.buf, self.pos, self.size, _U64.unpack_from
-                seen: Optional[Dict[bytes, int]] = {} if what == repr(_TOKENS) else None
-                if seen is not None:
+                keep = what == repr(_TOKENS)
+                if keep:
                     self.tokens = []
                 for i in range(count):
                     if pos + 8 > size:
@@ -147,16 +149,12 @@ class _Reader:
                     if end > size:
                         self.pos = pos + 8
                         self.need(end - pos - 8, f"string {i} of {what}")
-                    if seen is not None:  # llama.cpp aborts the process on a repeated token
+                    if keep:  # the token as llama.cpp reads it: a C string, "[EMPTY_i]" if empty
                         text = bytes(buf[pos + 8:end])
                         nul = text.find(b"\0")
-                        if nul >= 0:  # llama.cpp reads a token as a C string
+                        if nul >= 0:
                             text = text[:nul]
-                        first = seen.setdefault(text, i)
-                        if first != i:
-                            raise self.fail(f"token {i} of the vocabulary repeats token {first} ({text[:40]!r}; "
-                                            "a token ends at its first NUL byte)")
-                        self.tokens.append(text)
+                        self.tokens.append(text or b"[EMPTY_%d]" % i)
                     pos = end
                 self.pos = pos
             else:
@@ -189,7 +187,7 @@ def read_gguf(path: str, type_sizes: Optional[List[Tuple[int, int]]] = None) -> 
         if size < 4 + 4 + 8 + 8:
             raise InvalidModelError(f"{path} is too small ({size} bytes) to be a GGUF file")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _read(_Reader(buf, size, path), type_sizes)
+            return _read(_Reader(buf, len(buf), path), type_sizes)
 
 
 def _read(r: _Reader, type_sizes: List[Tuple[int, int]]) -> GGUFInfo:
@@ -211,28 +209,32 @@ def _read(r: _Reader, type_sizes: List[Tuple[int, int]]) -> GGUFInfo:
         raise r.fail(f"it claims {n_tensors} tensors, more than its {r.size} bytes can hold")
 
     metadata: Dict[str, Any] = {}
+    types: Dict[str, int] = {}
     for i in range(n_kv):
         key = r.string(f"the key of metadata entry {i}")
         if not key:
             raise r.fail(f"metadata entry {i} has an empty key")
         if key in metadata:
             raise r.fail(f"metadata key {key!r} appears twice")
-        vtype = r.u32(f"the type of {key!r}")
+        vtype = types[key] = r.u32(f"the type of {key!r}")
         metadata[key] = r.value(vtype, repr(key))
 
     _check_vocabulary(r, metadata)
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if "general.alignment" in metadata:
-        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
-            raise r.fail(f"general.alignment is {alignment!r}, not a power of two")
+        if types["general.alignment"] != 4:
+            raise r.fail(f"general.alignment is a {_TYPE_NAMES.get(types['general.alignment'])}, not a uint32")
+        if alignment <= 0 or alignment & (alignment - 1):
+            raise r.fail(f"general.alignment is {alignment}, not a power of two")
 
     tensors: List[Tuple[str, Tuple[int, ...], int, int]] = []
     offsets: List[int] = []
     names = set()
     for i in range(n_tensors):
         name = r.string(f"the name of tensor {i}")
-        if len(name.encode()) >= MAX_NAME:
-            raise r.fail(f"tensor {i} has a name of {len(name.encode())} bytes (at most {MAX_NAME - 1})")
+        name_bytes = len(name.encode("utf-8", "surrogateescape"))
+        if name_bytes >= MAX_NAME:
+            raise r.fail(f"tensor {i} has a name of {name_bytes} bytes (at most {MAX_NAME - 1})")
         if name in names:
             raise r.fail(f"tensor name {name!r} appears twice")
         names.add(name)
@@ -270,24 +272,33 @@ def _read(r: _Reader, type_sizes: List[Tuple[int, int]]) -> GGUFInfo:
     return GGUFInfo(version, n_tensors, n_kv, alignment, data_offset, expected, r.size, metadata, tensors)
 
 
-# tokenizer.ggml.model values (SPM, BPE, UGM) whose byte tokens ("<0xXX>") llama.cpp can decode,
-# and those (WPM, RWKV, ...) where a byte token aborts the process
-_BYTE_TOKEN_MODELS = {"llama", "gpt2", "hybriddna", "whitespace", "gemma4", "t5"}
-_NO_BYTE_TOKEN_MODELS = {"bert", "rwkv", "test", "plamo2", "no_vocab", "none"}
+# tokenizer.ggml.model values whose token_to_piece aborts the process on a byte token (WPM)
+_NO_BYTE_TOKEN_MODELS = {"bert"}
 _BYTE_TYPE = 6  # LLAMA_TOKEN_TYPE_BYTE
 
 
 def _check_vocabulary(r: _Reader, metadata: Dict[str, Any]) -> None:
-    """What llama.cpp asserts about a vocabulary (it aborts the process otherwise)."""
-    types = metadata.get("tokenizer.ggml.token_type")
-    if not isinstance(types, GGUFArray) or types.type != "int32" or not r.tokens:
-        return
+    """What llama.cpp asserts about a vocabulary (it aborts the process otherwise): no
+    token repeated (llama-vocab.cpp: id_to_token.size() == token_to_id.size()), and no
+    byte token in a WPM vocabulary (token_to_byte)."""
     model = metadata.get("tokenizer.ggml.model")
-    values = struct.unpack_from(f"<{types.count}i", r.buf, types.offset)
-    for i in (i for i, t in enumerate(values) if t == _BYTE_TYPE and i < len(r.tokens)):
-        text = r.tokens[i]
-        if model in _NO_BYTE_TOKEN_MODELS:
-            raise r.fail(f"token {i} ({text[:40]!r}) is a byte token, which a {model!r} vocabulary cannot have")
-        if len(text) != 6 or not text.startswith(b"<0x") or not text.endswith(b">") or \
-                not all(c in b"0123456789abcdefABCDEF" for c in text[3:5]):
-            raise r.fail(f"token {i} ({text[:40]!r}) is a byte token but is not written <0xXX>")
+    if model in ("no_vocab", "none"):  # llama.cpp does not read the tokens
+        return
+    seen: Dict[bytes, int] = {}
+    for i, text in enumerate(r.tokens):
+        first = seen.setdefault(text, i)
+        if first != i:
+            raise r.fail(f"token {i} of the vocabulary repeats token {first} ({text[:40]!r}; a token ends at its "
+                         "first NUL byte)")
+    types = metadata.get("tokenizer.ggml.token_type")
+    if model not in _NO_BYTE_TOKEN_MODELS or not isinstance(types, GGUFArray) or types.type != "int32":
+        return
+    n = min(types.count, len(r.tokens))
+    values = memoryview(r.buf)[types.offset:types.offset + 4 * n].cast("i")  # little-endian hosts only
+    try:
+        for i in range(n):
+            if values[i] == _BYTE_TYPE:
+                raise r.fail(f"token {i} ({r.tokens[i][:40]!r}) is a byte token, which a {model!r} vocabulary "
+                             "cannot have")
+    finally:
+        values.release()
