@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Memory over time: RSS across many generations and many load/close cycles,
+and live mullama objects back to their baseline afterwards.
+
+Each phase warms up first, then reads RSS before and after its loop:
+* ``generations``: sync greedy generations on one context;
+* ``async_generations``: AsyncModel requests on the batching engine (asyncio);
+* ``load_close``: Model.load + create_context + a short generation + close.
+
+Prints one JSON line per phase: RSS before/after, growth in percent and MiB,
+and the mullama objects alive after the phase that were not alive before.
+
+Usage: python tools/leaks.py [--generations 5000] [--cycles 300] [--model PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def live_mullama_objects() -> Counter:
+    gc.collect()
+    names = Counter()
+    for o in gc.get_objects():
+        module = getattr(type(o), "__module__", None)  # a descriptor on some builtin types
+        if isinstance(module, str) and module.startswith("mullama"):
+            names[type(o).__qualname__] += 1
+    return names
+
+
+def measure(name: str, warmup, loop, n: int, warm: int) -> dict:
+    for _ in range(warm):
+        warmup()
+    gc.collect()
+    before_objects = live_mullama_objects()
+    before = rss()
+    for _ in range(n):
+        loop()
+    gc.collect()
+    after = rss()
+    extra = live_mullama_objects() - before_objects
+    return dict(figure="leak", phase=name, iterations=n, rss_before_mb=round(before / 2**20, 1),
+                rss_after_mb=round(after / 2**20, 1), growth_mb=round((after - before) / 2**20, 2),
+                growth_pct=round(100 * (after - before) / before, 2), extra_objects=dict(extra))
+
+
+def run(model_path: Path, generations: int, cycles: int, tokens: int = 16) -> list:
+    import anyio
+
+    import mullama
+    from mullama import StreamConfig
+    from mullama.aio import AsyncModel
+
+    cfg = StreamConfig.greedy(tokens)
+    results = []
+    with mullama.Model.load(model_path) as model, model.create_context(256, threads=1) as ctx:
+        def gen() -> None:
+            ctx.reset()
+            ctx.generate("once upon a time", cfg)
+
+        results.append(measure("generations", gen, gen, generations, max(50, generations // 20)))
+
+    async def async_phase() -> dict:
+        async with await AsyncModel.load(model_path, max_concurrent=4, context_size=256, threads=1) as amodel:
+            async def batch(k: int) -> None:
+                async with anyio.create_task_group() as tg:
+                    for _ in range(k):
+                        tg.start_soon(amodel.generate, "once upon a time", None, cfg)
+
+            warm, n = max(50, generations // 20), generations
+            for _ in range(warm // 4):
+                await batch(4)
+            gc.collect()
+            before_objects, before = live_mullama_objects(), rss()
+            for _ in range(n // 4):
+                await batch(4)
+            gc.collect()
+            after = rss()
+            extra = live_mullama_objects() - before_objects
+            return dict(figure="leak", phase="async_generations", iterations=n // 4 * 4,
+                        rss_before_mb=round(before / 2**20, 1), rss_after_mb=round(after / 2**20, 1),
+                        growth_mb=round((after - before) / 2**20, 2),
+                        growth_pct=round(100 * (after - before) / before, 2), extra_objects=dict(extra))
+
+    results.append(anyio.run(async_phase))
+
+    def cycle() -> None:
+        with mullama.Model.load(model_path) as m, m.create_context(64, threads=1) as c:
+            c.generate("ab", StreamConfig.greedy(2))
+
+    results.append(measure("load_close", cycle, cycle, cycles, max(10, cycles // 10)))
+    return results
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--generations", type=int, default=5000)
+    ap.add_argument("--cycles", type=int, default=300)
+    ap.add_argument("--model", type=Path, default=None, help="default: the tiny generated model")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.model
+        if path is None:
+            sys.path.insert(0, str(HERE))
+            from tiny_model import write_tiny_model
+
+            path = write_tiny_model(Path(tmp) / "tiny.gguf")
+        for r in run(path, args.generations, args.cycles):
+            print(json.dumps(r), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
