@@ -118,7 +118,7 @@ BAD = {
                          "'t' appears twice"),
     "offset out of order": (gguf(tensors=[tensor("a", (8,)), tensor("b", (8,), offset=64)], data=b"\0" * 96),
                             "starts at data offset 64, expected 32"),
-    # found by tools/fuzz_gguf.py: llama.cpp aborts the process on a repeated token, and reads a
+    # found by bench/fuzz_gguf.py: llama.cpp aborts the process on a repeated token, and reads a
     # token only up to its first NUL byte
     "repeated token": (gguf([s("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 3) + s("a") + s("b") + s("a")]),
                        "token 2 of the vocabulary repeats token 0"),
@@ -187,7 +187,7 @@ def test_vocabulary_only_file_used_for_generation(llama_cpp_dir):
 
 def test_short_fuzz_campaign():
     """Mutated and truncated real GGUF files, loaded in a worker process: each
-    loads or raises MullamaError (the long campaign: python tools/fuzz_gguf.py)."""
+    loads or raises MullamaError (the long campaign: python bench/fuzz_gguf.py)."""
     from fuzz_gguf import campaign
 
     c = campaign(150, seed=12345)

@@ -1,5 +1,5 @@
 """Memory stays flat over many generations and load/close cycles, and no mullama object
-outlives its use (the long run: python tools/leaks.py --generations 5000 --cycles 300)."""
+outlives its use (the long run: python bench/leaks.py --generations 5000 --cycles 300)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
+BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
 def test_rss_flat_and_objects_back_to_baseline(tiny_model_path):
     # a fresh process: the test session's own allocations must not blur the figures
-    out = subprocess.run([sys.executable, str(TOOLS / "leaks.py"), "--generations", "600", "--cycles", "40",
+    out = subprocess.run([sys.executable, str(BENCH / "leaks.py"), "--generations", "600", "--cycles", "40",
                           "--model", str(tiny_model_path)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     phases = {r["phase"]: r for r in map(json.loads, out.stdout.splitlines())}

@@ -1,5 +1,5 @@
 """A short soak: random cancellations, timeouts and abandoned streams, then nothing left over
-(the long one: python tools/soak.py --requests 1000)."""
+(the long one: python bench/soak.py --requests 1000)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ a finding: the mutant is saved to the output folder and the worker restarted.
 
 Prints one JSON line with the counts. Exit code 1 if anything was found.
 
-Usage: python tools/fuzz_gguf.py [--count 10000] [--seed 0] [--out fuzz-findings] [--timeout 30]
+Usage: python bench/fuzz_gguf.py [--count 10000] [--seed 0] [--out fuzz-findings] [--timeout 30]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-HERE = Path(__file__).resolve().parent
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
 EDGE_U32 = [0, 1, 2, 3, 4, 7, 31, 32, 33, 63, 64, 255, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFE, 0xFFFFFFFF]
 EDGE_U64 = [0, 1, 2, 1 << 31, 1 << 32, 1 << 40, 1 << 62, (1 << 63) - 1, 1 << 63, (1 << 64) - 1]
 
@@ -82,7 +82,7 @@ class Counts:
 
 def default_seeds(workdir: Path) -> List[Seed]:
     """The tiny model and the smallest upstream vocabulary files."""
-    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(TOOLS))
     from fetch_llama_cpp import ensure_llama_cpp
     from tiny_model import write_tiny_model
 

@@ -10,7 +10,7 @@ Each phase warms up first, then reads RSS before and after its loop:
 Prints one JSON line per phase: RSS before/after, growth in percent and MiB,
 and the mullama objects alive after the phase that were not alive before.
 
-Usage: python tools/leaks.py [--generations 5000] [--cycles 300] [--model PATH]
+Usage: python bench/leaks.py [--generations 5000] [--cycles 300] [--model PATH]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
 
 def rss() -> int:
@@ -117,7 +117,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model
         if path is None:
-            sys.path.insert(0, str(HERE))
+            sys.path.insert(0, str(TOOLS))
             from tiny_model import write_tiny_model
 
             path = write_tiny_model(Path(tmp) / "tiny.gguf")

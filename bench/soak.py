@@ -12,7 +12,7 @@ whole run missing its deadline.
 
 Prints one JSON line per backend. Exit code 1 if a check failed.
 
-Usage: python tools/soak.py [--requests 1000] [--backends asyncio,trio] [--model PATH] [--seed 0]
+Usage: python bench/soak.py [--requests 1000] [--backends asyncio,trio] [--model PATH] [--seed 0]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Dict
 
 import anyio
 
-HERE = Path(__file__).resolve().parent
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
 PROMPTS = ["once upon", "hello there", "abc", "The capital of France is", "xyz", "q", "zz top", "mm"]
 
 
@@ -135,7 +135,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model
         if path is None:
-            sys.path.insert(0, str(HERE))
+            sys.path.insert(0, str(TOOLS))
             from tiny_model import write_tiny_model
 
             path = write_tiny_model(Path(tmp) / "tiny.gguf")
