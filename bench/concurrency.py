@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import mullama  # noqa: E402
+from leaks import rss  # noqa: E402
 from mullama import StreamConfig  # noqa: E402
 from mullama.aio import AsyncModel  # noqa: E402
 
@@ -113,27 +114,19 @@ async def ttft(model_path: Path, threads: int, requests: int = 32, slots: int = 
     return [r.metrics.time_to_first_token_ms for r in results]
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
 async def pool_probe(model_path: Path, members: int, context_size: int, threads: int) -> None:
     """(In a fresh process) RSS with *members* pool members that have each generated."""
     from mullama.aio import AsyncConfig, ModelPool
 
     if members == 0:
-        print(rss_bytes())
+        print(rss())
         return
     cfg = AsyncConfig(model_path, context_size=context_size, threads=threads, timeout_ms=None)
     async with ModelPool(cfg, members) as pool:
         leases = [await pool.acquire() for _ in range(members)]
         for m in leases:
             await m.generate(PROMPT, config=StreamConfig.greedy(32))
-        print(rss_bytes())
+        print(rss())
         for m in leases:
             await m.release()
 

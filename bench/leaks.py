@@ -44,20 +44,21 @@ def live_mullama_objects() -> Counter:
     return names
 
 
-def measure(name: str, warmup, loop, n: int, warm: int) -> dict:
-    for _ in range(warm):
-        warmup()
-    gc.collect()
-    before_objects = live_mullama_objects()
-    before = rss()
-    for _ in range(n):
-        loop()
-    gc.collect()
-    after = rss()
-    extra = live_mullama_objects() - before_objects
+def figure(name: str, n: int, before: int, after: int, extra: Counter) -> dict:
     return dict(figure="leak", phase=name, iterations=n, rss_before_mb=round(before / 2**20, 1),
                 rss_after_mb=round(after / 2**20, 1), growth_mb=round((after - before) / 2**20, 2),
                 growth_pct=round(100 * (after - before) / before, 2), extra_objects=dict(extra))
+
+
+def measure(name: str, step, n: int, warm: int) -> dict:
+    for _ in range(warm):
+        step()
+    gc.collect()
+    before_objects, before = live_mullama_objects(), rss()
+    for _ in range(n):
+        step()
+    gc.collect()
+    return figure(name, n, before, rss(), live_mullama_objects() - before_objects)
 
 
 def run(model_path: Path, generations: int, cycles: int, tokens: int = 16) -> list:
@@ -74,7 +75,7 @@ def run(model_path: Path, generations: int, cycles: int, tokens: int = 16) -> li
             ctx.reset()
             ctx.generate("once upon a time", cfg)
 
-        results.append(measure("generations", gen, gen, generations, max(50, generations // 20)))
+        results.append(measure("generations", gen, generations, max(50, generations // 20)))
 
     async def async_phase() -> dict:
         async with await AsyncModel.load(model_path, max_concurrent=4, context_size=256, threads=1) as amodel:
@@ -91,12 +92,7 @@ def run(model_path: Path, generations: int, cycles: int, tokens: int = 16) -> li
             for _ in range(n // 4):
                 await batch(4)
             gc.collect()
-            after = rss()
-            extra = live_mullama_objects() - before_objects
-            return dict(figure="leak", phase="async_generations", iterations=n // 4 * 4,
-                        rss_before_mb=round(before / 2**20, 1), rss_after_mb=round(after / 2**20, 1),
-                        growth_mb=round((after - before) / 2**20, 2),
-                        growth_pct=round(100 * (after - before) / before, 2), extra_objects=dict(extra))
+            return figure("async_generations", n // 4 * 4, before, rss(), live_mullama_objects() - before_objects)
 
     results.append(anyio.run(async_phase))
 
@@ -104,7 +100,7 @@ def run(model_path: Path, generations: int, cycles: int, tokens: int = 16) -> li
         with mullama.Model.load(model_path) as m, m.create_context(64, threads=1) as c:
             c.generate("ab", StreamConfig.greedy(2))
 
-    results.append(measure("load_close", cycle, cycle, cycles, max(10, cycles // 10)))
+    results.append(measure("load_close", cycle, cycles, max(10, cycles // 10)))
     return results
 
 
