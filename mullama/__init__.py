@@ -16,6 +16,7 @@ from ._config import StreamConfig, default_threads
 from ._model import Model, ModelInfo
 from ._context import Completion, Context, Timings, TokenData
 from ._cache import DEFAULT_MODEL, default_model_path, model_home, pull
+from ._chat import Message, builtin_templates
 
 # llama.cpp's log goes to the "mullama.llama_cpp" logger; quiet unless the
 # application configures logging
@@ -31,6 +32,8 @@ __all__ = [
     "TokenData",
     "Completion",
     "Timings",
+    "Message",
+    "builtin_templates",
     "default_threads",
     "DEFAULT_MODEL",
     "default_model_path",

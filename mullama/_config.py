@@ -55,7 +55,11 @@ class StreamConfig:
         top_p: nucleus sampling threshold (1.0 = off).
         min_p: drop tokens below ``min_p`` times the top probability (0 = off).
         repeat_penalty: penalty for tokens among the last ``repeat_last_n`` (1.0 = off).
-        repeat_last_n: how many recent tokens the repeat penalty looks at.
+        repeat_last_n: how many recent tokens the penalties look at.
+        frequency_penalty: subtract this times a token's count among the last
+            ``repeat_last_n`` tokens from its logit (0 = off; -2..2, as in OpenAI's API).
+        presence_penalty: subtract this from the logit of every token seen among
+            the last ``repeat_last_n`` tokens (0 = off; -2..2).
         seed: random seed of the sampler; ``None`` picks a random one.
         stop: strings that end the generation; the stop string is not returned.
         include_probabilities: fill ``TokenData.logprob`` with the log-probability
@@ -69,6 +73,8 @@ class StreamConfig:
     min_p: float = 0.05
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: Optional[int] = None
     stop: Tuple[str, ...] = field(default=())
     include_probabilities: bool = False
@@ -81,6 +87,8 @@ class StreamConfig:
         check_float("min_p", self.min_p, minimum=0.0, maximum=1.0)
         check_float("repeat_penalty", self.repeat_penalty, minimum=0.0, min_open=True)
         check_int("repeat_last_n", self.repeat_last_n, minimum=0, maximum=1 << 16)
+        check_float("frequency_penalty", self.frequency_penalty, minimum=-2.0, maximum=2.0)
+        check_float("presence_penalty", self.presence_penalty, minimum=-2.0, maximum=2.0)
         if self.seed is not None:
             check_int("seed", self.seed, minimum=0, maximum=_U32_MAX - 1)
         object.__setattr__(self, "stop", _check_stop(self.stop))

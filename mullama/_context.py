@@ -16,6 +16,7 @@ from ._errors import AbortedError, InvalidConfigError, MullamaError, StateError
 from ._model import _token_list
 
 if TYPE_CHECKING:
+    from ._chat import Message
     from ._model import Model
 
 __all__ = ["Context", "TokenData", "Completion", "Timings"]
@@ -85,6 +86,13 @@ class Completion:
     logprobs: Optional[List[float]] = None
     #: per-request metrics of the batching engine (``mullama.aio``), else None
     metrics: Optional[object] = None
+
+
+def new_sampler(n_vocab: int, cfg: StreamConfig) -> "_core.SamplerChain":
+    """The C sampler chain for *cfg*."""
+    return _core.SamplerChain(
+        n_vocab, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repeat_penalty, cfg.repeat_last_n,
+        0xFFFFFFFF if cfg.seed is None else cfg.seed, cfg.frequency_penalty, cfg.presence_penalty)
 
 
 class _TextAssembler:
@@ -264,6 +272,41 @@ class Context:
             pass
         return run.completion()
 
+    def chat(self, messages: Sequence["Message"], config: Optional[StreamConfig] = None, *,
+             template: Optional[str] = None) -> Completion:
+        """Answer a conversation: the assistant's next message.
+
+        The context then holds *messages* and the answer. Pass the whole
+        conversation each turn (with the previous answers as ``"assistant"``
+        messages): the tokens it shares with what the context already holds are
+        not evaluated again, so a turn costs only its new tokens.
+
+        Args:
+            messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
+            template: a Jinja chat template or a llama.cpp built-in format name
+                (default: the model's own; ChatTemplateError if it has none).
+        """
+        return self.generate(self.chat_prompt(messages, template), config)
+
+    def chat_stream(self, messages: Sequence["Message"], config: Optional[StreamConfig] = None, *,
+                    template: Optional[str] = None) -> Iterator[TokenData]:
+        """Like :meth:`chat`, yielding the tokens of the answer as they come."""
+        return self.stream(self.chat_prompt(messages, template), config)
+
+    def chat_prompt(self, messages: Sequence["Message"], template: Optional[str] = None) -> List[int]:
+        """Format *messages*, keep the part of the context they share, and
+        return the tokens still to evaluate (at least one)."""
+        from ._chat import chat_tokens, common_prefix
+
+        tokens = chat_tokens(self._model, messages, template)
+        self._core.claim()
+        try:
+            keep = min(common_prefix(self._core.tokens, tokens), len(tokens) - 1)
+            self._core.truncate(keep)
+        finally:
+            self._core.release()
+        return tokens[keep:]
+
     def stream(self, prompt: Prompt, config: Optional[StreamConfig] = None) -> Iterator[TokenData]:
         """Yield the tokens of a generation as they are produced.
 
@@ -359,9 +402,7 @@ class _Run:
             elif limit <= 0:
                 self.finish_reason = "context_full"
             else:
-                sampler = _core.SamplerChain(
-                    model.n_vocab, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repeat_penalty,
-                    cfg.repeat_last_n, 0xFFFFFFFF if cfg.seed is None else cfg.seed)
+                sampler = new_sampler(model.n_vocab, cfg)
                 try:
                     yield from self._loop(core, sampler, limit)
                 finally:

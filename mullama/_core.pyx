@@ -24,7 +24,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.ref cimport PyObject
 from libc.math cimport expf, logf
 from libc.stdint cimport int32_t, uint32_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free, malloc, realloc
 from libcpp cimport bool as cbool
 from libcpp.string cimport string
 from libcpp.vector cimport vector
@@ -200,6 +200,53 @@ def version():
 
 def supports_gpu_offload():
     return llama_supports_gpu_offload()
+
+
+def chat_builtin_templates():
+    """Names of the chat formats llama.cpp knows without a Jinja template ("chatml", "llama3", ...)."""
+    cdef int32_t n = llama_chat_builtin_templates(NULL, 0)
+    cdef const char ** names = <const char **>malloc(max(n, 1) * sizeof(const char *))
+    if names == NULL:
+        raise MemoryError()
+    try:
+        n = llama_chat_builtin_templates(names, n)
+        return [names[i].decode("utf-8") for i in range(n)]
+    finally:
+        free(names)
+
+
+def apply_builtin_chat_template(bytes name, list roles, list contents, bint add_assistant):
+    """Format a conversation with llama.cpp's built-in template *name*; None if
+    llama.cpp does not know the template. *roles* and *contents* are bytes."""
+    cdef Py_ssize_t n = len(roles), i
+    if len(contents) != n:
+        raise ValueError("roles and contents differ in length")
+    cdef llama_chat_message * msgs = <llama_chat_message *>malloc(max(n, 1) * sizeof(llama_chat_message))
+    cdef char * buf = NULL
+    cdef int32_t size = 256, got
+    cdef bytes r, c
+    if msgs == NULL:
+        raise MemoryError()
+    try:
+        for i in range(n):
+            r = roles[i]
+            c = contents[i]
+            size += len(r) + 2 * len(c) + 64
+            msgs[i].role = r        # the lists keep the bytes alive
+            msgs[i].content = c
+        while True:
+            buf = <char *>realloc(buf, size)
+            if buf == NULL:
+                raise MemoryError()
+            got = llama_chat_apply_template(name, msgs, n, add_assistant, buf, size)
+            if got < 0:
+                return None
+            if got <= size:
+                return buf[:got].decode("utf-8", "replace")
+            size = got + 1
+    finally:
+        free(msgs)
+        free(buf)
 
 
 # ---------------------------------------------------------------------------
@@ -480,15 +527,18 @@ cdef class SamplerChain:
         self.greedy = True
 
     def __init__(self, int n_vocab, float temperature=0.0, int top_k=0, float top_p=1.0, float min_p=0.0,
-                 float repeat_penalty=1.0, int repeat_last_n=64, unsigned int seed=0xFFFFFFFF):
+                 float repeat_penalty=1.0, int repeat_last_n=64, unsigned int seed=0xFFFFFFFF,
+                 float frequency_penalty=0.0, float presence_penalty=0.0):
         cdef llama_sampler_chain_params p = llama_sampler_chain_default_params()
         p.no_perf = True
-        if temperature <= 0.0 and repeat_penalty == 1.0:
+        cdef bint penalties = repeat_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0
+        if temperature <= 0.0 and not penalties:
             return  # greedy: argmax in the loop
         self.greedy = False
         self.ptr = llama_sampler_chain_init(p)
-        if repeat_penalty != 1.0:
-            llama_sampler_chain_add(self.ptr, llama_sampler_init_penalties(n_vocab, repeat_last_n, repeat_penalty, 0.0, 0.0))
+        if penalties:
+            llama_sampler_chain_add(self.ptr, llama_sampler_init_penalties(
+                n_vocab, repeat_last_n, repeat_penalty, frequency_penalty, presence_penalty))
         if temperature <= 0.0:
             llama_sampler_chain_add(self.ptr, llama_sampler_init_greedy())
             return

@@ -21,7 +21,7 @@ from typing import Callable, Deque, Dict, List, Optional, Protocol
 
 from . import _core
 from ._config import StreamConfig
-from ._context import Completion, Timings, TokenData, _TextAssembler
+from ._context import Completion, Timings, TokenData, _TextAssembler, new_sampler
 from ._errors import ClosedError, ContextOverflowError, InvalidTokenError, MullamaError, OverloadedError
 
 __all__ = ["Engine", "EngineRequest", "RequestMetrics"]
@@ -198,9 +198,7 @@ class Engine:
             raise InvalidTokenError(f"token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})")
         cfg = request.config
         # built here, on the caller's side: the driver runs no code that bad input can break
-        request.sampler = _core.SamplerChain(
-            self._model.n_vocab, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repeat_penalty,
-            cfg.repeat_last_n, 0xFFFFFFFF if cfg.seed is None else cfg.seed)
+        request.sampler = new_sampler(self._model.n_vocab, cfg)
         with self._cv:
             if self._closing:
                 request.sampler.close()

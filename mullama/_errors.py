@@ -20,6 +20,7 @@ __all__ = [
     "DownloadError",
     "RequestTimeoutError",
     "OverloadedError",
+    "ChatTemplateError",
 ]
 
 
@@ -89,3 +90,8 @@ class RequestTimeoutError(MullamaError, TimeoutError):
 
 class OverloadedError(MullamaError):
     """Every slot is busy and the waiting queue is full: try again later."""
+
+
+class ChatTemplateError(MullamaError):
+    """A conversation could not be formatted: the model has no chat template
+    and none was given, or the template failed on the messages."""

@@ -207,6 +207,7 @@ cdef extern from "llama.h" nogil:
     # Chat templates
     int32_t llama_chat_apply_template(const char * tmpl, const llama_chat_message * chat, size_t n_msg,
                                       bint add_ass, char * buf, int32_t length)
+    int32_t llama_chat_builtin_templates(const char ** output, size_t len)
 
     # Sampling
     void llama_sampler_reset(llama_sampler * smpl)

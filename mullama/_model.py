@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, Union
 
 from . import _core
-from ._config import check_int, default_threads
+from ._config import StreamConfig, check_int, default_threads
 from ._gguf import GGUFInfo, read_gguf
 from ._errors import (
     ClosedError,
@@ -19,7 +19,8 @@ from ._errors import (
 )
 
 if TYPE_CHECKING:
-    from ._context import Context
+    from ._chat import Message
+    from ._context import Completion, Context, TokenData
 
 __all__ = ["Model", "ModelInfo"]
 
@@ -196,6 +197,68 @@ class Model:
 
     def is_end_of_generation(self, token: int) -> bool:
         return self._core.is_eog(_token_list([token])[0])
+
+    # -- chat -----------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: Sequence["Message"], *, template: Optional[str] = None,
+                            add_generation_prompt: bool = True) -> str:
+        """The prompt text of *messages* (``[{"role": "user", "content": "Hi"}]``)
+        in the model's chat format.
+
+        Args:
+            template: a Jinja chat template or the name of a llama.cpp built-in
+                format (:func:`mullama.builtin_templates`); default: the model's own.
+            add_generation_prompt: end with the header of an assistant turn.
+
+        Raises:
+            ChatTemplateError: no template (the model has none and none was
+                given), or the template failed on these messages.
+        """
+        from ._chat import format_chat
+
+        if self._core.closed:
+            raise ClosedError("the model is closed")
+        return format_chat(self, messages, template=template, add_generation_prompt=add_generation_prompt)
+
+    def chat(self, messages: Sequence["Message"], config: Optional[StreamConfig] = None, *,
+             template: Optional[str] = None, context_size: Optional[int] = None) -> "Completion":
+        """Answer a conversation: the assistant's next message, as a :class:`Completion`.
+
+        A one-off: a context sized for the prompt plus ``config.max_tokens`` (or
+        *context_size*) is created and freed. To keep a conversation's KV cache
+        between turns, use :meth:`Context.chat`.
+        """
+        tokens, size = self._chat_setup(messages, config, template, context_size)
+        with self.create_context(context_size=size) as ctx:
+            return ctx.generate(tokens, config)
+
+    def chat_stream(self, messages: Sequence["Message"], config: Optional[StreamConfig] = None, *,
+                    template: Optional[str] = None, context_size: Optional[int] = None) -> Iterator["TokenData"]:
+        """Like :meth:`chat`, yielding the tokens of the answer as they come.
+
+        The messages are checked and formatted at the call; the context lives
+        until the iterator is exhausted or closed.
+        """
+        tokens, size = self._chat_setup(messages, config, template, context_size)
+
+        def run() -> Iterator["TokenData"]:
+            with self.create_context(context_size=size) as ctx:
+                yield from ctx.stream(tokens, config)
+
+        return run()
+
+    def _chat_setup(self, messages, config, template, context_size) -> "tuple[List[int], int]":
+        from ._chat import chat_tokens
+
+        if self._core.closed:
+            raise ClosedError("the model is closed")
+        tokens = chat_tokens(self, messages, template)
+        if context_size is None:
+            if config is not None and not isinstance(config, StreamConfig):
+                raise InvalidConfigError(f"config must be a StreamConfig, got {type(config).__name__}")
+            max_tokens = config.max_tokens if config is not None else StreamConfig.max_tokens
+            context_size = min(len(tokens) + max_tokens, self.info.n_ctx_train or (1 << 24))
+        return tokens, context_size
 
     # -- contexts -----------------------------------------------------------------
 

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, List, Optional, Sequence, Union
+from typing import AsyncContextManager, AsyncIterator, Callable, List, Optional, Sequence, Union
 
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 
+from .._chat import Message, chat_tokens, check_messages
 from .._config import StreamConfig, check_int, default_threads
 from .._context import Completion, Context, Prompt
 from .._errors import AbortedError, BusyError, InvalidConfigError
@@ -189,9 +191,8 @@ class AsyncModel:
 
     # -- requests ------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def generate_stream(self, prompt: Prompt,
-                              config: Optional[StreamConfig] = None) -> AsyncIterator[TokenStream]:
+    def generate_stream(self, prompt: Prompt,
+                        config: Optional[StreamConfig] = None) -> AsyncContextManager[TokenStream]:
         """Stream a generation: ``async with model.generate_stream(p) as s: async for tok in s:``.
 
         The request joins the batching engine at its next step, or waits in the
@@ -200,13 +201,29 @@ class AsyncModel:
         RequestTimeoutError. A request whose prompt plus ``max_tokens`` cannot
         fit in ``context_size`` is refused with ContextOverflowError.
         """
+        if isinstance(prompt, str):
+            return self._open_stream(functools.partial(self._model.tokenize, prompt), config)
+        tokens = _token_list(prompt)
+        return self._open_stream(lambda: tokens, config)
+
+    def chat_stream(self, messages: Sequence[Message], config: Optional[StreamConfig] = None, *,
+                    template: Optional[str] = None) -> AsyncContextManager[TokenStream]:
+        """Stream the assistant's answer to *messages*, formatted with the model's
+        chat template (or *template*: Jinja source or a llama.cpp built-in name).
+
+        ``async with model.chat_stream([{"role": "user", "content": "Hi"}]) as s:``.
+        Raises ChatTemplateError if the model has no template and none is given.
+        """
+        check_messages(messages)
+        return self._open_stream(functools.partial(chat_tokens, self._model, messages, template), config)
+
+    @asynccontextmanager
+    async def _open_stream(self, make_tokens: Callable[[], List[int]],
+                           config: Optional[StreamConfig]) -> AsyncIterator[TokenStream]:
         check_open(self._closed, "AsyncModel")
         config = _with_max_tokens(config, None)
         async with deadline(self._config.timeout_ms):
-            if isinstance(prompt, str):
-                tokens = await anyio.to_thread.run_sync(self._model.tokenize, prompt)
-            else:
-                tokens = _token_list(prompt)
+            tokens = await anyio.to_thread.run_sync(make_tokens)
             check_open(self._closed, "AsyncModel")
             async with open_engine_stream(self._engine, tokens, config) as stream:
                 yield stream
@@ -219,11 +236,13 @@ class AsyncModel:
     async def complete(self, prompt: Prompt, max_tokens: Optional[int] = None,
                        config: Optional[StreamConfig] = None) -> Completion:
         """Like :meth:`generate`, returning the whole :class:`~mullama.Completion`."""
-        config = _with_max_tokens(config, max_tokens)
-        async with self.generate_stream(prompt, config) as stream:
-            async for _ in stream:
-                pass
-        return stream.completion()
+        return await drain(self.generate_stream(prompt, _with_max_tokens(config, max_tokens)))
+
+    async def chat(self, messages: Sequence[Message], config: Optional[StreamConfig] = None, *,
+                   max_tokens: Optional[int] = None, template: Optional[str] = None) -> Completion:
+        """The assistant's answer to *messages* as a :class:`~mullama.Completion`
+        (its ``text`` is the reply); see :meth:`chat_stream`."""
+        return await drain(self.chat_stream(messages, _with_max_tokens(config, max_tokens), template=template))
 
     async def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> List[int]:
         """Token ids of *text* (on a worker thread)."""
@@ -290,15 +309,31 @@ class AsyncContext:
             check_open(self._closed or self._owner._closed, "AsyncContext")
             yield self._ctx
 
-    @asynccontextmanager
-    async def generate_stream(self, prompt: Prompt, config: Optional[StreamConfig] = None, *,
-                              wait: bool = True) -> AsyncIterator[TokenStream]:
+    def generate_stream(self, prompt: Prompt, config: Optional[StreamConfig] = None, *,
+                        wait: bool = True) -> AsyncContextManager[TokenStream]:
         """Continue the conversation with *prompt* (text or token ids), streaming tokens.
 
         A stream left early keeps in the conversation only the tokens the
         consumer received.
         """
+        return self._open_stream(prompt, config, wait)
+
+    def chat_stream(self, messages: Sequence[Message], config: Optional[StreamConfig] = None, *,
+                    template: Optional[str] = None, wait: bool = True) -> AsyncContextManager[TokenStream]:
+        """Stream the assistant's answer to *messages* (the whole conversation,
+        earlier answers included as ``"assistant"`` messages). The tokens the
+        conversation shares with what this context holds are not evaluated
+        again, so a turn costs only its new tokens."""
+        check_messages(messages)
+        return self._open_stream(functools.partial(Context.chat_prompt, messages=messages, template=template),
+                                 config, wait)
+
+    @asynccontextmanager
+    async def _open_stream(self, prompt: Union[Prompt, Callable[[Context], List[int]]],
+                           config: Optional[StreamConfig], wait: bool) -> AsyncIterator[TokenStream]:
         async with deadline(self._owner._config.timeout_ms), self._use(wait) as ctx:
+            if callable(prompt):
+                prompt = await anyio.to_thread.run_sync(prompt, ctx)
             stream: Optional[TokenStream] = None
             t0 = time.perf_counter()
             try:
@@ -315,10 +350,14 @@ class AsyncContext:
     async def generate(self, prompt: Prompt, max_tokens: Optional[int] = None,
                        config: Optional[StreamConfig] = None, *, wait: bool = True) -> Completion:
         """Continue the conversation and return the :class:`~mullama.Completion`."""
-        async with self.generate_stream(prompt, _with_max_tokens(config, max_tokens), wait=wait) as stream:
-            async for _ in stream:
-                pass
-        return stream.completion()
+        return await drain(self.generate_stream(prompt, _with_max_tokens(config, max_tokens), wait=wait))
+
+    async def chat(self, messages: Sequence[Message], config: Optional[StreamConfig] = None, *,
+                   max_tokens: Optional[int] = None, template: Optional[str] = None,
+                   wait: bool = True) -> Completion:
+        """The assistant's answer to *messages*; see :meth:`chat_stream`."""
+        return await drain(self.chat_stream(messages, _with_max_tokens(config, max_tokens), template=template,
+                                            wait=wait))
 
     async def process_batch(self, prompt: Prompt, *, wait: bool = True) -> int:
         """Evaluate *prompt* (text or token ids) into the conversation without generating.
@@ -414,6 +453,14 @@ def load_model(config: AsyncConfig, progress: Optional[Callable[[float], None]])
             anyio.from_thread.run_sync(progress, fraction)
 
     return Model.load(config.model_path, gpu_layers=config.gpu_layers, progress=on_progress)
+
+
+async def drain(stream_cm: AsyncContextManager[TokenStream]) -> Completion:
+    """Run a stream to its end and return its :class:`~mullama.Completion`."""
+    async with stream_cm as stream:
+        async for _ in stream:
+            pass
+    return stream.completion()
 
 
 def _with_max_tokens(config: Optional[StreamConfig], max_tokens: Optional[int]) -> StreamConfig:

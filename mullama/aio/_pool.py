@@ -11,6 +11,7 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
+from .._chat import Message
 from .._config import StreamConfig, check_int
 from .._context import Completion, Prompt
 from .._errors import BusyError, ClosedError, ContextCreationError, InvalidConfigError
@@ -429,6 +430,18 @@ class PooledModel:
                        config: Optional[StreamConfig] = None, *, wait: bool = True) -> Completion:
         """Continue the conversation and return the :class:`~mullama.Completion`."""
         return await self._m().generate(prompt, max_tokens, config, wait=wait)
+
+    def chat_stream(self, messages: Sequence[Message], config: Optional[StreamConfig] = None, *,
+                    template: Optional[str] = None, wait: bool = True):
+        """Stream the answer to *messages* (see :meth:`AsyncContext.chat_stream`)."""
+        return self._m().chat_stream(messages, config, template=template, wait=wait)
+
+    async def chat(self, messages: Sequence[Message], config: Optional[StreamConfig] = None, *,
+                   max_tokens: Optional[int] = None, template: Optional[str] = None,
+                   wait: bool = True) -> Completion:
+        """The answer to *messages* as a :class:`~mullama.Completion`; the
+        conversation keeps it (see :meth:`AsyncContext.chat`)."""
+        return await self._m().chat(messages, config, max_tokens=max_tokens, template=template, wait=wait)
 
     async def process_batch(self, prompt: Prompt, *, wait: bool = True) -> int:
         """Evaluate *prompt* into the conversation without generating."""
