@@ -203,11 +203,12 @@ class Engine:
             if self._closing:
                 request.sampler.close()
                 raise ClosedError("the engine is closed")
-            if len(self._queue) >= self.max_queue:
+            # queued requests first take the free slots (at the driver's next step); only the rest wait
+            if len(self._queue) >= self.max_queue + len(self._free):
                 request.sampler.close()
                 raise OverloadedError(
-                    f"{self.n_seq} requests are running and {len(self._queue)} are waiting (max_queue="
-                    f"{self.max_queue}); try again later")
+                    f"all {self.n_seq} slots are busy and {len(self._queue) - len(self._free)} requests are "
+                    f"waiting (max_queue={self.max_queue}); try again later")
             request._engine = self
             self._queue.append(request)
             if self._thread is None:

@@ -7,7 +7,7 @@ import sys
 from dataclasses import asdict
 from typing import List, Optional
 
-from ._errors import MullamaError
+from ._errors import InvalidConfigError, MullamaError
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
@@ -54,6 +54,36 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from ._cache import default_model_path
+    from ._model import check_model_file
+    from .aio import AsyncConfig
+    from .server import BACKENDS, create_app, serve
+
+    path = args.model or default_model_path(progress=True)
+    check_model_file(path)  # a missing or broken file is named now, not in the server's log
+    template = args.chat_template
+    if args.chat_template_file:
+        try:
+            with open(args.chat_template_file, encoding="utf-8") as f:
+                template = f.read()
+        except OSError as exc:
+            raise InvalidConfigError(f"cannot read --chat-template-file: {exc}") from None
+    config = AsyncConfig(
+        model_path=path, context_size=args.context_size, threads=args.threads, max_concurrent=args.max_concurrent,
+        max_queue=args.max_queue, timeout_ms=int(args.timeout * 1000) if args.timeout else None,
+        gpu_layers=args.gpu_layers, flash_attention=args.flash_attention)
+    app = create_app(config, model_id=args.name, chat_template=template, api_key=args.api_key)
+
+    def ready(url: str) -> None:
+        print(f"mullama: serving {app.model_id!r} at {url}/v1 ({args.backend}, {BACKENDS[args.backend]})",
+              flush=True)
+
+    serve(app, host=args.host, port=args.port, backend=args.backend, log_level=args.log_level,
+          access_log=not args.no_access_log, on_ready=ready)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mullama", description="Run local GGUF language models through llama.cpp.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -72,6 +102,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--context-size", type=int, default=2048)
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(fn=_cmd_run)
+
+    p = sub.add_parser("serve", help="serve a model with OpenAI's HTTP API",
+                       description="An OpenAI-compatible HTTP server: /v1/models, /v1/completions, "
+                                   "/v1/chat/completions (streaming too), /health and /metrics (Prometheus).")
+    p.add_argument("-m", "--model", help="a .gguf file (default: the default model, pulled if needed)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
+    p.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio",
+                   help="event loop: asyncio (uvicorn) or trio (hypercorn); default asyncio")
+    p.add_argument("--name", help="the model id clients ask for (default: the file name without .gguf)")
+    p.add_argument("-c", "--context-size", type=int, default=2048, help="tokens per request (prompt + completion)")
+    p.add_argument("--max-concurrent", type=int, default=4, help="requests decoded together (default: 4)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a slot; beyond, 503 at once (default: 64)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--gpu-layers", type=int, default=0)
+    p.add_argument("--flash-attention", action="store_true")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds a request may take, queue included (0 = none; default: 600)")
+    p.add_argument("--chat-template", help="a Jinja chat template, or a llama.cpp built-in name such as chatml "
+                                           "(default: the model's own)")
+    p.add_argument("--chat-template-file", help="read the Jinja chat template from this file")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--no-access-log", action="store_true", help="do not log each request")
+    p.set_defaults(fn=_cmd_serve)
 
     p = sub.add_parser("info", help="describe a model file")
     p.add_argument("path")

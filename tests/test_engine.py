@@ -117,6 +117,21 @@ async def test_queue_overflow(tiny_model_path):
         assert model.waiting == 0 and model.active_workers == 0 and model.kv_used() == 0
 
 
+async def test_no_queue_still_fills_every_slot(tiny_model_path):
+    """max_queue=0: requests take free slots (even several in the same step); only beyond them, overload."""
+    async with await AsyncModel.load(tiny_model_path, max_concurrent=2, max_queue=0, context_size=2048,
+                                     threads=1) as model:
+        got = await run_all(model, PROMPTS[:2], [StreamConfig.greedy(8)] * 2)
+        assert all(c.finish_reason == "length" for c in got)
+        async with model.generate_stream("abc", StreamConfig.greedy(1500)) as one, \
+                model.generate_stream("xyz", StreamConfig.greedy(1500)) as two:
+            await one.__anext__()
+            await two.__anext__()
+            with pytest.raises(mullama.OverloadedError, match="all 2 slots are busy and 0 requests are waiting"):
+                await model.generate("x", config=StreamConfig.greedy(3))
+        assert await model.generate("q", config=StreamConfig.greedy(3))
+
+
 async def test_prompt_too_long_refused_up_front(tiny_model_path):
     async with await AsyncModel.load(tiny_model_path, max_concurrent=2, context_size=256, threads=1) as model:
         # a prompt of 3 tokens plus max_tokens 300 cannot fit in 256; nothing is queued

@@ -155,6 +155,11 @@ class AsyncModel:
         """Requests queued for a free slot."""
         return self._engine.waiting
 
+    @property
+    def request_context_size(self) -> int:
+        """Tokens one request may hold: its prompt plus ``max_tokens``."""
+        return self._engine.ctx_per_seq
+
     def kv_used(self) -> int:
         """KV cells the engine's requests hold (0 when none runs)."""
         return self._engine.kv_cells
@@ -250,6 +255,13 @@ class AsyncModel:
         return await anyio.to_thread.run_sync(self._model.tokenize, text, add_bos, special)
 
     tokenize_async = tokenize  # Mullama's name
+
+    async def tokenize_chat(self, messages: Sequence[Message], *, template: Optional[str] = None) -> List[int]:
+        """Token ids of *messages* formatted for the assistant's turn (what
+        :meth:`chat` generates from); ChatTemplateError without a template."""
+        check_open(self._closed, "AsyncModel")
+        check_messages(messages)
+        return await anyio.to_thread.run_sync(chat_tokens, self._model, messages, template)
 
     async def detokenize(self, tokens: Sequence[int]) -> str:
         check_open(self._closed, "AsyncModel")

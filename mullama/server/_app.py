@@ -1,0 +1,450 @@
+"""The OpenAI-compatible ASGI application, on :mod:`mullama.aio` (anyio only).
+
+It runs unchanged under any ASGI server on asyncio or trio (``mullama serve``
+uses uvicorn or hypercorn's trio worker). Requests share one
+:class:`~mullama.aio.AsyncModel`, so they are decoded together by its
+continuous batching engine.
+
+**Disconnects**: while a request is generating, a task beside it waits for
+the client's ``http.disconnect``; when it comes, the request's cancel scope is
+cancelled, which stops the generation inside llama.cpp within about one token
+and frees its slot (mullama's cancel contract, end to end).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, MutableMapping, Optional, Tuple, Union
+
+import anyio
+
+from .._errors import (ChatTemplateError, ClosedError, ContextOverflowError, InvalidConfigError,
+                       InvalidTokenError, MullamaError, OverloadedError, RequestTimeoutError)
+from ..aio import AsyncConfig, AsyncModel, Runtime, TokenData
+from ..aio._stream import unwrap_single
+from . import _openai as oa
+from ._metrics import CONTENT_TYPE, ServerMetrics
+
+__all__ = ["create_app", "OpenAIApp"]
+
+log = logging.getLogger("mullama.server")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+#: largest request body accepted (bytes)
+MAX_BODY = 8 << 20
+
+
+class _Disconnected(Exception):
+    """The client went away while we were answering."""
+
+
+class _Exchange:
+    """One HTTP request and its response."""
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scope = scope
+        self.receive = receive
+        self._send = send
+        self.started = False
+        self.status = 0
+
+    def header(self, name: bytes) -> Optional[str]:
+        for key, value in self.scope.get("headers", ()):
+            if key.lower() == name:
+                return value.decode("latin-1")
+        return None
+
+    async def body(self) -> bytes:
+        chunks: List[bytes] = []
+        size = 0
+        while True:
+            msg = await self.receive()
+            if msg["type"] == "http.disconnect":
+                raise _Disconnected()
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise oa.ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                return b"".join(chunks)
+
+    async def json(self) -> Any:
+        raw = await self.body()
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise oa.ApiError(400, f"the request body is not valid JSON: {exc}") from None
+
+    async def start(self, status: int, headers: List[Tuple[str, str]]) -> None:
+        self.started = True
+        self.status = status
+        await self.send({"type": "http.response.start", "status": status,
+                         "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]})
+
+    async def send(self, message: Message) -> None:
+        try:
+            await self._send(message)
+        except OSError as exc:  # the connection is gone (uvicorn's ClientDisconnected is an OSError)
+            raise _Disconnected() from exc
+
+    async def respond(self, status: int, body: bytes, content_type: str,
+                      headers: List[Tuple[str, str]] = ()) -> None:  # type: ignore[assignment]
+        await self.start(status, [("content-type", content_type), ("content-length", str(len(body))), *headers])
+        await self.send({"type": "http.response.body", "body": body})
+
+    async def respond_json(self, status: int, obj: Any, headers: List[Tuple[str, str]] = ()) -> None:  # type: ignore[assignment]
+        await self.respond(status, _dumps(obj), "application/json", headers)
+
+    async def event(self, obj: Any) -> None:
+        """One server-sent event."""
+        await self.send({"type": "http.response.body", "body": b"data: " + _dumps(obj) + b"\n\n",
+                         "more_body": True})
+
+    async def end_events(self) -> None:
+        await self.send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+class _DisconnectWatch:
+    disconnected = False
+
+
+@asynccontextmanager
+async def _cancel_on_disconnect(receive: Receive) -> AsyncIterator[_DisconnectWatch]:
+    """Run the body in a cancel scope that is cancelled when the client disconnects."""
+    watch = _DisconnectWatch()
+    with unwrap_single():
+        async with anyio.create_task_group() as tg:
+            async def wait_for_disconnect() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                watch.disconnected = True
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(wait_for_disconnect)
+            try:
+                yield watch
+            finally:
+                tg.cancel_scope.cancel()
+
+
+class OpenAIApp:
+    """An ASGI application serving one model with OpenAI's HTTP API.
+
+    Endpoints: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST
+    /v1/completions``, ``POST /v1/chat/completions`` (both with ``"stream":
+    true`` as server-sent events), ``GET /health`` and ``GET /metrics``
+    (Prometheus text format).
+
+    Args:
+        model: a ``.gguf`` path or an :class:`~mullama.aio.AsyncConfig`, loaded
+            at the ASGI lifespan's startup (on a :class:`~mullama.aio.Runtime`
+            whose metrics ``/metrics`` exposes) and closed at its shutdown; or
+            an :class:`~mullama.aio.AsyncModel` you loaded and close yourself.
+        model_id: the name clients use in ``"model"`` (default: the file's stem).
+        chat_template: a Jinja chat template or a llama.cpp built-in format name
+            for ``/v1/chat/completions`` (default: the model's own).
+        api_key: if set, ``/v1/`` requests need ``Authorization: Bearer <api_key>``.
+    """
+
+    def __init__(self, model: Union[str, "os.PathLike[str]", AsyncConfig, AsyncModel], *,
+                 model_id: Optional[str] = None, chat_template: Optional[str] = None,
+                 api_key: Optional[str] = None) -> None:
+        self._given: Optional[AsyncModel] = model if isinstance(model, AsyncModel) else None
+        if self._given is not None:
+            self._config = self._given.config
+        elif isinstance(model, AsyncConfig):
+            self._config = model
+        else:
+            self._config = AsyncConfig(model_path=model)
+        self.model_id = model_id or Path(self._config.model_path).stem
+        if chat_template is not None and (not isinstance(chat_template, str) or not chat_template.strip()):
+            raise InvalidConfigError("chat_template must be a non-empty string")
+        self.chat_template = chat_template
+        self.api_key = api_key
+        self.model: Optional[AsyncModel] = self._given
+        self.runtime: Optional[Runtime] = None
+        self.metrics = ServerMetrics()
+        #: called once the model is loaded and requests are served
+        self.on_startup: Optional[Callable[[], None]] = None
+        self._created = int(time.time())
+        self._routes: Dict[str, Tuple[str, Dict[str, Callable[[_Exchange], Awaitable[None]]]]] = {
+            "/v1/models": ("models", {"GET": self._list_models}),
+            "/v1/completions": ("completions", {"POST": self._completions}),
+            "/v1/chat/completions": ("chat_completions", {"POST": self._chat_completions}),
+            "/health": ("health", {"GET": self._health}),
+            "/metrics": ("metrics", {"GET": self._metrics}),
+        }
+
+    # -- ASGI ---------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(_Exchange(scope, receive, send))
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        else:  # websocket: not served
+            await send({"type": "websocket.close", "code": 1000})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        await receive()  # lifespan.startup
+        started = False
+        try:
+            async with Runtime(thread_name="mullama-serve") as rt:
+                self.runtime = rt
+                if self._given is None:
+                    self.model = await rt.load_model(self._config)
+                started = True
+                await send({"type": "lifespan.startup.complete"})
+                if self.on_startup is not None:
+                    self.on_startup()
+                await receive()  # lifespan.shutdown: leaving the runtime closes the model
+        except BaseException as exc:
+            if started:
+                raise
+            log.error("could not load %s: %s", self._config.model_path, exc)
+            await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
+            return
+        finally:
+            if self._given is None:
+                self.model = None
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def _http(self, ex: _Exchange) -> None:
+        path = ex.scope["path"]
+        route = self._routes.get(path)
+        if route is None and path.startswith("/v1/models/"):
+            route = ("models", {"GET": self._get_model})
+        endpoint = route[0] if route else "other"
+        self.metrics.in_flight += 1
+        try:
+            if route is None:
+                raise oa.ApiError(404, f"no such endpoint: {ex.scope['method']} {path}", code="not_found")
+            handler = route[1].get(ex.scope["method"])
+            if handler is None:
+                raise oa.ApiError(405, f"{path} does not allow {ex.scope['method']}; use {', '.join(route[1])}",
+                                  headers=[("allow", ", ".join(route[1]))])
+            if path.startswith("/v1/"):
+                self._check_key(ex)
+            await handler(ex)
+        except oa.ApiError as exc:
+            if not ex.started:
+                await self._error(ex, exc)
+        except _Disconnected:
+            ex.status = ex.status if ex.started else 499  # nginx's "client closed request"
+        except Exception as exc:
+            log.exception("error answering %s %s", ex.scope["method"], path)
+            if not ex.started:
+                await self._error(ex, oa.ApiError(500, f"internal error: {type(exc).__name__}: {exc}",
+                                                  type="server_error"))
+        finally:
+            self.metrics.in_flight -= 1
+            self.metrics.response(endpoint, ex.status or 499)
+
+    async def _error(self, ex: _Exchange, exc: oa.ApiError) -> None:
+        try:
+            await ex.respond_json(exc.status, exc.body(), exc.headers)
+        except _Disconnected:
+            pass
+
+    def _check_key(self, ex: _Exchange) -> None:
+        if self.api_key is None:
+            return
+        auth = ex.header(b"authorization") or ""
+        if auth != f"Bearer {self.api_key}":
+            raise oa.ApiError(401, "invalid or missing API key (Authorization: Bearer <key>)",
+                              code="invalid_api_key")
+
+    def _ready(self) -> AsyncModel:
+        model = self.model
+        if model is None or not model.is_ready():
+            raise oa.ApiError(503, "the model is not loaded (starting or shutting down)", type="server_error",
+                              code="model_not_ready", headers=[("retry-after", "1")])
+        return model
+
+    def _check_model_name(self, name: Optional[str]) -> None:
+        if name is not None and name != self.model_id:
+            raise oa.ApiError(404, f"the model {name!r} does not exist; this server serves {self.model_id!r}",
+                              param="model", code="model_not_found")
+
+    # -- endpoints ------------------------------------------------------------------------
+
+    def _model_card(self) -> Dict[str, Any]:
+        return {"id": self.model_id, "object": "model", "created": self._created, "owned_by": "mullama"}
+
+    async def _list_models(self, ex: _Exchange) -> None:
+        await ex.respond_json(200, {"object": "list", "data": [self._model_card()]})
+
+    async def _get_model(self, ex: _Exchange) -> None:
+        self._check_model_name(ex.scope["path"][len("/v1/models/"):])
+        await ex.respond_json(200, self._model_card())
+
+    async def _health(self, ex: _Exchange) -> None:
+        model = self.model
+        if model is None or not model.is_ready():
+            await ex.respond_json(503, {"status": "unavailable", "model": self.model_id})
+            return
+        await ex.respond_json(200, {"status": "ok", "model": self.model_id, "slots": model.config.max_concurrent,
+                                    "active": model.active_workers, "waiting": model.waiting})
+
+    async def _metrics(self, ex: _Exchange) -> None:
+        text = self.metrics.render(self.model, self.runtime)
+        await ex.respond(200, text.encode("utf-8"), CONTENT_TYPE)
+
+    async def _completions(self, ex: _Exchange) -> None:
+        await self._generate(ex, chat=False)
+
+    async def _chat_completions(self, ex: _Exchange) -> None:
+        await self._generate(ex, chat=True)
+
+    # -- generation -----------------------------------------------------------------------
+
+    async def _generate(self, ex: _Exchange, chat: bool) -> None:
+        req = oa.parse_request(await ex.json(), chat=chat)
+        self._check_model_name(req.model)
+        model = self._ready()
+        async with _cancel_on_disconnect(ex.receive) as watch:
+            tokens = await self._prompt_tokens(model, req)
+            config = req.config(self._max_tokens(model, req, len(tokens)))
+            ids = oa.ResponseIds(chat, self.model_id)
+            t0 = time.perf_counter()
+            stream = None
+            try:
+                async with model.generate_stream(tokens, config) as stream:
+                    if req.stream:
+                        await self._stream_events(ex, model, req, stream, ids, len(tokens))
+                    else:
+                        await self._respond_whole(ex, model, req, stream, ids, len(tokens))
+            except MullamaError as exc:
+                err = _api_error(exc)
+                if not ex.started:
+                    raise err from None
+                # a stream has answered 200 already: the error goes into it, as OpenAI does
+                await ex.event(err.body())
+                await ex.send({"type": "http.response.body", "body": b"", "more_body": False})
+            finally:
+                if stream is not None:
+                    self.metrics.generation(stream.metrics(), time.perf_counter() - t0,
+                                            "disconnected" if watch.disconnected else None)
+        if watch.disconnected:
+            raise _Disconnected()
+
+    async def _prompt_tokens(self, model: AsyncModel, req: oa.GenerationRequest) -> List[int]:
+        try:
+            if req.chat:
+                return await model.tokenize_chat(req.messages, template=self.chat_template)  # type: ignore[arg-type]
+            if isinstance(req.prompt, str):
+                return await model.tokenize(req.prompt)
+            return list(req.prompt)  # type: ignore[arg-type]
+        except ChatTemplateError as exc:
+            raise oa.ApiError(400, str(exc), param="messages", code="chat_template") from None
+
+    def _max_tokens(self, model: AsyncModel, req: oa.GenerationRequest, n_prompt: int) -> int:
+        limit = model.request_context_size
+        wanted = req.max_tokens
+        room = limit - n_prompt
+        if room < 1 or (wanted is not None and wanted > room):
+            asked = f"{n_prompt + wanted} tokens ({n_prompt} in the prompt, {wanted} for the completion)" \
+                if wanted is not None else f"{n_prompt} tokens in the prompt, leaving no room for the completion"
+            raise oa.ApiError(400, f"this model's maximum context length is {limit} tokens; however you "
+                                   f"requested {asked}. Shorten the prompt or lower max_tokens.",
+                              param="messages" if req.chat else "prompt", code="context_length_exceeded")
+        return wanted if wanted is not None else room
+
+    async def _prompt_text(self, model: AsyncModel, req: oa.GenerationRequest) -> str:
+        if isinstance(req.prompt, str):
+            return req.prompt
+        return await model.detokenize(req.prompt or [])
+
+    def _logprobs(self, model: AsyncModel, req: oa.GenerationRequest, toks: List[TokenData],
+                  offset: int) -> Optional[Dict[str, Any]]:
+        if not req.logprobs or not toks:
+            return None
+        pieces = [model.model.token_to_piece(t.id, special=True) for t in toks]
+        if req.chat:
+            return oa.chat_logprobs(toks, pieces)
+        return oa.completion_logprobs(toks, pieces, offset)
+
+    async def _respond_whole(self, ex: _Exchange, model: AsyncModel, req: oa.GenerationRequest, stream: Any,
+                             ids: oa.ResponseIds, n_prompt: int) -> None:
+        toks: List[TokenData] = []
+        async for batch in stream.batches():
+            toks.extend(batch)
+        done = stream.completion()
+        if done.finish_reason == "cancelled":  # not by us: the model was closed under it
+            raise ClosedError("the server is shutting down")
+        if req.chat:
+            body = oa.chat_response(ids, done, n_prompt, self._logprobs(model, req, toks, 0))
+        else:
+            prefix = await self._prompt_text(model, req) if req.echo else ""
+            body = oa.completion_response(ids, prefix + done.text, done, n_prompt,
+                                          self._logprobs(model, req, toks, len(prefix)))
+        await ex.respond_json(200, body)
+
+    async def _stream_events(self, ex: _Exchange, model: AsyncModel, req: oa.GenerationRequest, stream: Any,
+                             ids: oa.ResponseIds, n_prompt: int) -> None:
+        prefix = await self._prompt_text(model, req) if req.echo else ""
+        await ex.start(200, [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache"),
+                             ("x-accel-buffering", "no")])
+        usage = req.include_usage
+        if req.chat:
+            await ex.event(oa.chat_chunk(ids, {"role": "assistant", "content": ""}, with_usage=usage))
+        elif prefix:
+            await ex.event(oa.completion_chunk(ids, prefix, with_usage=usage))
+        offset = len(prefix)
+        n = 0
+        async for batch in stream.batches():
+            n += len(batch)
+            text = "".join(t.text for t in batch)
+            lp = self._logprobs(model, req, batch, offset)
+            offset += len(text)
+            if not text and lp is None:
+                continue  # bytes held back (part of a character or of a stop string)
+            if req.chat:
+                await ex.event(oa.chat_chunk(ids, {"content": text}, logprobs=lp, with_usage=usage))
+            else:
+                await ex.event(oa.completion_chunk(ids, text, logprobs=lp, with_usage=usage))
+        done = stream.completion()
+        if done.finish_reason == "cancelled":  # not by us: the model was closed under it
+            raise ClosedError("the server is shutting down")
+        reason = oa.finish_reason(done.finish_reason)
+        if req.chat:
+            await ex.event(oa.chat_chunk(ids, {}, finish=reason, with_usage=usage))
+        else:
+            await ex.event(oa.completion_chunk(ids, "", finish=reason, with_usage=usage))
+        if usage:
+            await ex.event(oa.usage_chunk(ids, req.chat, n_prompt, n))
+        await ex.end_events()
+
+
+def _api_error(exc: MullamaError) -> oa.ApiError:
+    """The HTTP answer to an error of the model."""
+    if isinstance(exc, OverloadedError):
+        return oa.ApiError(503, str(exc), type="server_error", code="overloaded", headers=[("retry-after", "1")])
+    if isinstance(exc, ContextOverflowError):
+        return oa.ApiError(400, str(exc), code="context_length_exceeded")
+    if isinstance(exc, (InvalidTokenError, InvalidConfigError)):
+        return oa.ApiError(400, str(exc), param="prompt")
+    if isinstance(exc, RequestTimeoutError):
+        return oa.ApiError(504, str(exc), type="timeout_error", code="timeout")
+    if isinstance(exc, ClosedError):
+        return oa.ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
+    return oa.ApiError(500, str(exc), type="server_error")
+
+
+def create_app(model: Union[str, "os.PathLike[str]", AsyncConfig, AsyncModel], **options: Any) -> OpenAIApp:
+    """The ASGI application serving *model* (see :class:`OpenAIApp`)."""
+    return OpenAIApp(model, **options)

@@ -1,0 +1,157 @@
+"""Prometheus text exposition (format 0.0.4) of the server's metrics.
+
+Counters and histograms of the requests, written by hand: a scrape reads
+the live counters of the Runtime and the engine at that moment.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:
+    from .._engine import RequestMetrics
+    from ..aio import AsyncModel, Runtime
+
+__all__ = ["ServerMetrics", "CONTENT_TYPE"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_RATE = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000)
+
+
+class Histogram:
+    __slots__ = ("bounds", "counts", "total", "n")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.total = 0.0
+        self.n = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.n += 1
+
+    def lines(self, name: str) -> List[str]:
+        out = []
+        cumulative = 0
+        for bound, count in zip(self.bounds, self.counts):
+            cumulative += count
+            out.append(f'{name}_bucket{{le="{_num(bound)}"}} {cumulative}')
+        out.append(f'{name}_bucket{{le="+Inf"}} {self.n}')
+        out.append(f"{name}_sum {_num(self.total)}")
+        out.append(f"{name}_count {self.n}")
+        return out
+
+
+def _num(v: float) -> str:
+    return repr(float(v)) if isinstance(v, float) else str(v)
+
+
+def _labels(labels: Tuple[Tuple[str, str], ...]) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+                     for k, v in labels)
+    return "{" + inner + "}"
+
+
+class ServerMetrics:
+    """What the server counts; :meth:`render` writes it with the live gauges."""
+
+    def __init__(self) -> None:
+        #: (endpoint, status) -> responses
+        self.responses: Dict[Tuple[str, str], int] = {}
+        self.in_flight = 0
+        #: finish reason -> generations (``disconnected`` when the client left)
+        self.generations: Dict[str, int] = {}
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self.queue = Histogram(_SECONDS)
+        self.first_token = Histogram(_SECONDS)
+        self.duration = Histogram(_SECONDS)
+        self.prompt_rate = Histogram(_RATE)
+        self.generation_rate = Histogram(_RATE)
+
+    def response(self, endpoint: str, status: int) -> None:
+        key = (endpoint, str(status))
+        self.responses[key] = self.responses.get(key, 0) + 1
+
+    def generation(self, m: "RequestMetrics", duration_s: float, reason: Optional[str] = None) -> None:
+        reason = reason or m.finish_reason or "unknown"
+        self.generations[reason] = self.generations.get(reason, 0) + 1
+        self.prompt_tokens += m.prompt_tokens
+        self.generated_tokens += m.generated_tokens
+        self.queue.observe(m.queue_ms / 1e3)
+        self.duration.observe(duration_s)
+        if m.generated_tokens:
+            self.first_token.observe(m.time_to_first_token_ms / 1e3)
+            self.prompt_rate.observe(m.prompt_tokens_per_s)
+        if m.generated_tokens > 1:
+            self.generation_rate.observe(m.generation_tokens_per_s)
+
+    def render(self, model: Optional["AsyncModel"], runtime: Optional["Runtime"]) -> str:
+        out: List[str] = []
+
+        def metric(name: str, kind: str, help: str, samples: Sequence[Tuple[Tuple[Tuple[str, str], ...], float]]):
+            out.append(f"# HELP {name} {help}")
+            out.append(f"# TYPE {name} {kind}")
+            for labels, value in samples:
+                out.append(f"{name}{_labels(labels)} {_num(value)}")
+
+        def histogram(name: str, help: str, h: Histogram) -> None:
+            out.append(f"# HELP {name} {help}")
+            out.append(f"# TYPE {name} histogram")
+            out.extend(h.lines(name))
+
+        metric("mullama_http_responses_total", "counter", "HTTP responses by endpoint and status code.",
+               [((("endpoint", e), ("status", s)), n) for (e, s), n in sorted(self.responses.items())])
+        metric("mullama_http_requests_in_flight", "gauge", "HTTP requests being answered now.",
+               [((), self.in_flight)])
+        metric("mullama_generations_total", "counter",
+               "Generations ended, by finish reason (disconnected: the client left).",
+               [((("finish_reason", r),), n) for r, n in sorted(self.generations.items())])
+        metric("mullama_prompt_tokens_total", "counter", "Prompt tokens of ended generations.",
+               [((), self.prompt_tokens)])
+        metric("mullama_generated_tokens_total", "counter", "Tokens generated by ended generations.",
+               [((), self.generated_tokens)])
+        histogram("mullama_request_queue_seconds", "Time requests waited for a slot of the batching engine.",
+                  self.queue)
+        histogram("mullama_time_to_first_token_seconds", "Time from submission to the first generated token.",
+                  self.first_token)
+        histogram("mullama_generation_duration_seconds", "Wall time of generations, queue included.",
+                  self.duration)
+        histogram("mullama_prompt_tokens_per_second", "Prompt evaluation speed of each request.", self.prompt_rate)
+        histogram("mullama_generation_tokens_per_second", "Decode speed of each request.", self.generation_rate)
+        if model is not None:
+            cfg = model.config
+            metric("mullama_engine_slots", "gauge", "Requests the batching engine decodes together (max_concurrent).",
+                   [((), cfg.max_concurrent)])
+            metric("mullama_engine_active_requests", "gauge", "Requests holding a slot now.",
+                   [((), model.active_workers)])
+            metric("mullama_engine_waiting_requests", "gauge", "Requests queued for a slot now.",
+                   [((), model.waiting)])
+            metric("mullama_engine_max_queue", "gauge", "Queue length beyond which requests get 503.",
+                   [((), cfg.max_queue)])
+            metric("mullama_kv_cells_used", "gauge", "KV cache cells held by running requests.",
+                   [((), model.kv_used())])
+        if runtime is not None:
+            rm = runtime.metrics()
+            metric("mullama_runtime_active_tasks", "gauge", "Runtime tasks and blocking calls running now.",
+                   [((), rm.active_tasks)])
+            metric("mullama_runtime_completed_tasks_total", "counter", "Runtime tasks and blocking calls ended.",
+                   [((), rm.completed_tasks)])
+            metric("mullama_runtime_worker_threads", "gauge", "llama.cpp compute threads per model.",
+                   [((), rm.worker_threads)])
+            metric("mullama_runtime_blocking_threads", "gauge", "Threads running blocking calls now.",
+                   [((), rm.blocking_threads)])
+            metric("mullama_runtime_generations_total", "counter", "Generations finished by the runtime's models.",
+                   [((), rm.total_generations)])
+            metric("mullama_runtime_generation_seconds_avg", "gauge", "Mean wall time of those generations.",
+                   [((), rm.avg_generation_ms / 1e3)])
+            metric("mullama_runtime_uptime_seconds", "gauge", "Time since the runtime started.",
+                   [((), rm.uptime_seconds)])
+        return "\n".join(out) + "\n"

@@ -1,0 +1,288 @@
+"""The OpenAI API's shapes: request bodies in, response bodies out.
+
+Parsing is strict about what it cannot honour (a parameter that would change
+the answer and is not supported is refused with a 400 naming it, never
+ignored) and lenient about what does not matter (``user``, unknown fields).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from .._chat import check_messages
+from .._config import StreamConfig
+from .._context import Completion, TokenData
+from .._errors import InvalidConfigError, MullamaError
+
+__all__ = ["ApiError", "GenerationRequest", "parse_request", "finish_reason"]
+
+#: what OpenAI's completions endpoint generates when max_tokens is not given
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+
+class ApiError(Exception):
+    """An error answered with an OpenAI-style body: ``{"error": {message, type, param, code}}``."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Sequence["tuple[str, str]"] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = list(headers)
+
+    def body(self) -> Dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class GenerationRequest:
+    """A parsed ``/v1/completions`` or ``/v1/chat/completions`` body."""
+
+    chat: bool
+    model: Optional[str]
+    #: chat: the messages; completions: the prompt (text or token ids)
+    messages: Optional[List[Dict[str, Any]]] = None
+    prompt: Union[str, List[int], None] = None
+    #: None: as many as fit in the context (chat's default)
+    max_tokens: Optional[int] = None
+    sampling: Dict[str, Any] = field(default_factory=dict)
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False
+    echo: bool = False
+
+    def config(self, max_tokens: int) -> StreamConfig:
+        return StreamConfig(max_tokens=max_tokens, include_probabilities=self.logprobs, **self.sampling)
+
+
+def _get(body: Dict[str, Any], name: str, types: "tuple[type, ...]", what: str) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) and bool not in types:
+        raise ApiError(400, f"'{name}' must be {what}, got {value!r}", param=name)
+    if not isinstance(value, types):
+        raise ApiError(400, f"'{name}' must be {what}, got {type(value).__name__} {value!r}", param=name)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ApiError(400, f"'{name}' must be a finite number, got {value!r}", param=name)
+    return value
+
+
+def _refuse_unless(body: Dict[str, Any], name: str, ok: Any, why: str) -> None:
+    value = body.get(name)
+    if value is not None and not ok(value):
+        raise ApiError(400, f"'{name}'={value!r} is not supported: {why}", param=name)
+
+
+_NUM = (int, float)
+
+
+def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
+    """Check an OpenAI request body; :class:`ApiError` (400) names the first problem."""
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    model = _get(body, "model", (str,), "a string")
+    req = GenerationRequest(chat=chat, model=model)
+
+    if chat:
+        if "messages" not in body:
+            raise ApiError(400, "'messages' is required", param="messages")
+        try:
+            req.messages = check_messages(body["messages"])
+        except InvalidConfigError as exc:
+            raise ApiError(400, str(exc), param="messages") from None
+        max_tokens = _get(body, "max_completion_tokens", (int,), "an integer")
+        if max_tokens is None:
+            max_tokens = _get(body, "max_tokens", (int,), "an integer")
+        _refuse_unless(body, "tools", lambda v: v == [], "this server does not call tools")
+        _refuse_unless(body, "functions", lambda v: v == [], "this server does not call functions")
+        _refuse_unless(body, "tool_choice", lambda v: v == "none", "this server does not call tools")
+        _refuse_unless(body, "response_format", lambda v: isinstance(v, dict) and v.get("type") == "text",
+                       "only plain text responses are supported")
+        _refuse_unless(body, "audio", lambda v: False, "only text output is supported")
+        _refuse_unless(body, "modalities", lambda v: v == ["text"], "only text output is supported")
+        logprobs = _get(body, "logprobs", (bool,), "a boolean")
+        req.logprobs = bool(logprobs)
+        _refuse_unless(body, "top_logprobs", lambda v: v == 0,
+                       "only the chosen token's log-probability is available (top_logprobs=0)")
+    else:
+        if "prompt" not in body:
+            raise ApiError(400, "'prompt' is required", param="prompt")
+        req.prompt = _parse_prompt(body["prompt"])
+        max_tokens = _get(body, "max_tokens", (int,), "an integer")
+        if max_tokens is None:
+            max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
+        logprobs = _get(body, "logprobs", (int,), "an integer")
+        if logprobs is not None and logprobs != 0:
+            raise ApiError(400, f"'logprobs'={logprobs} is not supported: only the chosen token's log-probability "
+                                "is available (logprobs=0)", param="logprobs")
+        req.logprobs = logprobs is not None
+        req.echo = bool(_get(body, "echo", (bool,), "a boolean"))
+        _refuse_unless(body, "suffix", lambda v: v == "", "insertion (suffix) is not supported")
+        _refuse_unless(body, "best_of", lambda v: v == 1, "best_of must be 1")
+    if max_tokens is not None and max_tokens < 1:
+        param = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+        raise ApiError(400, f"'{param}' must be at least 1, got {max_tokens}", param=param)
+    req.max_tokens = max_tokens
+
+    n = _get(body, "n", (int,), "an integer")
+    if n is not None and n != 1:
+        raise ApiError(400, f"'n'={n} is not supported: one choice per request (send several requests)", param="n")
+    _refuse_unless(body, "logit_bias", lambda v: v == {}, "logit bias is not supported")
+    req.stream = bool(_get(body, "stream", (bool,), "a boolean"))
+    options = _get(body, "stream_options", (dict,), "an object")
+    if options is not None:
+        if not req.stream:
+            raise ApiError(400, "'stream_options' is only allowed with 'stream': true", param="stream_options")
+        req.include_usage = bool(options.get("include_usage"))
+
+    sampling: Dict[str, Any] = {"temperature": 1.0, "top_p": 1.0}  # OpenAI's defaults
+    for name, types, what in (("temperature", _NUM, "a number"), ("top_p", _NUM, "a number"),
+                              ("frequency_penalty", _NUM, "a number"), ("presence_penalty", _NUM, "a number"),
+                              ("seed", (int,), "an integer"),
+                              # llama.cpp's extensions, as llama.cpp's own server takes them
+                              ("top_k", (int,), "an integer"), ("min_p", _NUM, "a number"),
+                              ("repeat_penalty", _NUM, "a number"), ("repeat_last_n", (int,), "an integer")):
+        value = _get(body, name, types, what)
+        if value is not None:
+            sampling[name] = value
+    if "temperature" in body and body["temperature"] is not None and not 0 <= body["temperature"] <= 2:
+        raise ApiError(400, f"'temperature' must be between 0 and 2, got {body['temperature']}", param="temperature")
+    if sampling.get("seed") is not None:
+        sampling["seed"] = sampling["seed"] % 0xFFFFFFFF  # OpenAI takes any integer; llama.cpp a 32-bit one
+    stop = body.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
+        sampling["stop"] = tuple(s for s in stop if s)
+    req.sampling = sampling
+    try:  # every value checked once more by the same rules as the Python API
+        req.config(max_tokens or 1)
+    except InvalidConfigError as exc:
+        raise ApiError(400, str(exc), param=_param_of(exc, sampling)) from None
+    return req
+
+
+def _param_of(exc: MullamaError, fields: Dict[str, Any]) -> Optional[str]:
+    text = str(exc)
+    return next((name for name in fields if text.startswith(name)), None)
+
+
+def _parse_prompt(prompt: Any) -> Union[str, List[int]]:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ApiError(400, "'prompt' must not be empty", param="prompt")
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+        raise ApiError(400, "a batch of several prompts is not supported: send one request per prompt",
+                       param="prompt")
+    raise ApiError(400, "'prompt' must be a non-empty string or a non-empty list of token ids", param="prompt")
+
+
+def finish_reason(reason: str) -> str:
+    """OpenAI's name for a mullama finish reason."""
+    return "stop" if reason == "stop" else "length"
+
+
+# -- responses -------------------------------------------------------------------------
+
+
+class ResponseIds:
+    """The id, creation time and model name one response's bodies share."""
+
+    __slots__ = ("id", "created", "model")
+
+    def __init__(self, chat: bool, model: str) -> None:
+        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        self.created = int(time.time())
+        self.model = model
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> Dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_logprobs(tokens: Sequence[TokenData], pieces: Sequence[bytes]) -> Dict[str, Any]:
+    return {"content": [{"token": piece.decode("utf-8", "replace"), "logprob": tok.logprob,
+                         "bytes": list(piece), "top_logprobs": []} for tok, piece in zip(tokens, pieces)]}
+
+
+def completion_logprobs(tokens: Sequence[TokenData], pieces: Sequence[bytes], offset: int) -> Dict[str, Any]:
+    offsets = []
+    for piece in pieces:
+        offsets.append(offset)
+        offset += len(piece.decode("utf-8", "replace"))
+    return {"tokens": [p.decode("utf-8", "replace") for p in pieces], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": None, "text_offset": offsets}
+
+
+def chat_response(ids: ResponseIds, done: Completion, prompt_tokens: int,
+                  logprobs: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    return {
+        "id": ids.id, "object": "chat.completion", "created": ids.created, "model": ids.model,
+        "system_fingerprint": _FINGERPRINT,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text, "refusal": None},
+                     "logprobs": logprobs, "finish_reason": finish_reason(done.finish_reason)}],
+        "usage": usage(prompt_tokens, len(done.tokens)),
+    }
+
+
+def completion_response(ids: ResponseIds, text: str, done: Completion, prompt_tokens: int,
+                        logprobs: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    return {
+        "id": ids.id, "object": "text_completion", "created": ids.created, "model": ids.model,
+        "system_fingerprint": _FINGERPRINT,
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs,
+                     "finish_reason": finish_reason(done.finish_reason)}],
+        "usage": usage(prompt_tokens, len(done.tokens)),
+    }
+
+
+def chat_chunk(ids: ResponseIds, delta: Dict[str, Any], finish: Optional[str] = None,
+               logprobs: Optional[Dict[str, Any]] = None, with_usage: bool = False) -> Dict[str, Any]:
+    chunk = {"id": ids.id, "object": "chat.completion.chunk", "created": ids.created, "model": ids.model,
+             "system_fingerprint": _FINGERPRINT,
+             "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+    if with_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def completion_chunk(ids: ResponseIds, text: str, finish: Optional[str] = None,
+                     logprobs: Optional[Dict[str, Any]] = None, with_usage: bool = False) -> Dict[str, Any]:
+    chunk = {"id": ids.id, "object": "text_completion", "created": ids.created, "model": ids.model,
+             "system_fingerprint": _FINGERPRINT,
+             "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+    if with_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(ids: ResponseIds, chat: bool, prompt_tokens: int, completion_tokens: int) -> Dict[str, Any]:
+    return {"id": ids.id, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": ids.created, "model": ids.model, "system_fingerprint": _FINGERPRINT, "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def _fingerprint() -> str:
+    from .. import __version__
+
+    return f"mullama-{__version__}"
+
+
+_FINGERPRINT = _fingerprint()

@@ -1,0 +1,335 @@
+"""`mullama serve` under asyncio (uvicorn) and trio (hypercorn), driven by the official openai client.
+
+Each server runs as a real `mullama serve` process on a loopback port; every
+test here runs against both modes.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, Tuple
+
+import anyio
+import httpx
+import openai
+import pytest
+
+import mullama
+from mullama import StreamConfig
+
+# the openai client stops reading its SSE async generators (and httpx2's) at [DONE] without closing them; under
+# trio they are then collected unexhausted, which trio reports as a ResourceWarning (the client's, not ours)
+pytestmark = pytest.mark.filterwarnings(
+    r"ignore:Async generator '(openai|httpx2|httpcore2)\..*' was garbage collected:ResourceWarning")
+
+MODES = ["asyncio", "trio"]
+PROMPTS = ["once upon", "hello there", "abc", "zz top"]
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, url: str, lines: "queue.Queue[str]") -> None:
+        self.proc = proc
+        self.url = url  # ends with /v1
+        self.base = url[: -len("/v1")]
+        self.lines = lines
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url, api_key="unused", max_retries=0, **kw)
+
+    def async_client(self, **kw) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.url, api_key="unused", max_retries=0, **kw)
+
+    def metrics(self) -> Dict[str, float]:
+        text = httpx.get(self.base + "/metrics", timeout=10).text
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def wait_for(self, predicate, what: str, timeout: float = 60.0) -> Dict[str, float]:
+        """Poll /metrics until predicate(metrics) holds (a bound, not a timing assertion)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics()
+            if predicate(m):
+                return m
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: still not true after {timeout} s: {m}")
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=60)
+        finally:
+            self.proc.stdout.close()
+
+
+def start_server(model: Path, backend: str, *args: str) -> Server:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mullama", "serve", "--model", str(model), "--port", "0", "--backend", backend,
+         "--threads", "1", "--no-access-log", "--log-level", "warning", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: "queue.Queue[str]" = queue.Queue()
+
+    def pump() -> None:  # keeps the pipe drained for the server's whole life
+        for line in proc.stdout:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + 120
+    seen = []
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            if proc.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        m = re.search(r"serving '.*' at (http://\S+/v1) \((\w+), (\w+)\)", line)
+        if m:
+            assert m.group(2) == backend and m.group(3) == {"asyncio": "uvicorn", "trio": "hypercorn"}[backend]
+            return Server(proc, m.group(1), lines)
+    proc.kill()
+    raise AssertionError(f"mullama serve did not start: {''.join(seen)}")
+
+
+@pytest.fixture(scope="module", params=MODES)
+def tiny_server(request, tiny_model_path) -> Iterator[Server]:
+    server = start_server(tiny_model_path, request.param, "--name", "tiny", "--chat-template", "chatml",
+                          "--context-size", "256", "--max-concurrent", "2", "--max-queue", "8")
+    yield server
+    assert server.stop() == 0
+
+
+@pytest.fixture(scope="module", params=MODES)
+def default_server(request, default_model_path) -> Iterator[Server]:
+    """The real model, one slot and no queue: a second request while one runs gets 503."""
+    server = start_server(default_model_path, request.param, "--name", "smol", "--context-size", "1024",
+                          "--max-concurrent", "1", "--max-queue", "0")
+    yield server
+    assert server.stop() == 0
+
+
+def expected_completion(model: mullama.Model, prompt: str, max_tokens: int) -> mullama.Completion:
+    with model.create_context(256, threads=1) as ctx:
+        return ctx.generate(prompt, StreamConfig.greedy(max_tokens))
+
+
+# -- the tiny model: the API's shapes and behaviour ------------------------------------------
+
+
+def test_models(tiny_server):
+    client = tiny_server.client()
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    assert client.models.retrieve("tiny").owned_by == "mullama"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("gpt-4")
+    with pytest.raises(openai.NotFoundError, match="'gpt-4' does not exist"):
+        client.completions.create(model="gpt-4", prompt="x")
+
+
+def test_completion_equals_the_library(tiny_server, tiny_model):
+    expected = expected_completion(tiny_model, "once upon", 24)
+    got = tiny_server.client().completions.create(model="tiny", prompt="once upon", max_tokens=24, temperature=0)
+    assert got.object == "text_completion" and got.model == "tiny" and got.id.startswith("cmpl-")
+    assert got.choices[0].text == expected.text
+    assert got.choices[0].finish_reason == ("length" if expected.finish_reason == "length" else "stop")
+    assert got.usage.prompt_tokens == len(tiny_model.tokenize("once upon"))
+    assert got.usage.completion_tokens == len(expected.tokens)
+    # token ids as the prompt, echo and the chosen tokens' log-probabilities
+    ids = tiny_model.tokenize("once upon")
+    got = tiny_server.client().completions.create(model="tiny", prompt=ids, max_tokens=24, temperature=0,
+                                                  echo=True, logprobs=0)
+    assert got.choices[0].text == tiny_model.detokenize(ids) + expected.text
+    lp = got.choices[0].logprobs
+    assert len(lp.token_logprobs) == len(expected.tokens) and all(v <= 0 for v in lp.token_logprobs)
+
+
+def test_completion_stream(tiny_server, tiny_model):
+    expected = expected_completion(tiny_model, "hello there", 40)
+    stream = tiny_server.client().completions.create(model="tiny", prompt="hello there", max_tokens=40,
+                                                     temperature=0, stream=True,
+                                                     stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.text
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(expected.tokens)
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_chat(tiny_server, tiny_model):
+    expected = tiny_model.chat(CHAT, StreamConfig.greedy(20), template="chatml")
+    client = tiny_server.client()
+    got = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=20, temperature=0, logprobs=True)
+    assert got.object == "chat.completion" and got.id.startswith("chatcmpl-")
+    assert got.choices[0].message.role == "assistant"
+    assert got.choices[0].message.content == expected.text
+    assert got.usage.completion_tokens == len(expected.tokens)
+    assert len(got.choices[0].logprobs.content) == len(expected.tokens)
+    stream = client.chat.completions.create(model="tiny", messages=CHAT, max_completion_tokens=20, temperature=0,
+                                            stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    # sampling with a seed is repeatable through the server
+    kw = dict(model="tiny", messages=CHAT, max_tokens=16, temperature=1.1, top_p=0.9, seed=7,
+              presence_penalty=0.5, frequency_penalty=0.3)
+    assert client.chat.completions.create(**kw).choices[0].message.content == \
+        client.chat.completions.create(**kw).choices[0].message.content
+
+
+@pytest.mark.anyio
+async def test_concurrent_streams_async_client(tiny_server, tiny_model):
+    """More streams than slots (2): they share the engine or wait in its queue; each gets its own answer."""
+    expected = [expected_completion(tiny_model, p, 32).text for p in PROMPTS]
+    got: List[str] = [""] * len(PROMPTS)
+    client = tiny_server.async_client()
+
+    async def one(i: int) -> None:
+        stream = await client.completions.create(model="tiny", prompt=PROMPTS[i], max_tokens=32, temperature=0,
+                                                 stream=True)
+        async for chunk in stream:
+            got[i] += chunk.choices[0].text
+
+    async with client:
+        async with anyio.create_task_group() as tg:
+            for i in range(len(PROMPTS)):
+                tg.start_soon(one, i)
+    assert got == expected
+    tiny_server.wait_for(lambda m: m["mullama_engine_active_requests"] == 0 and m["mullama_kv_cells_used"] == 0,
+                         "slots free after the streams")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(messages=[]), "messages must not be empty"),
+    (dict(messages=CHAT, temperature=5), "temperature"),
+    (dict(messages=CHAT, n=2), "'n'=2 is not supported"),
+    (dict(messages=CHAT, max_tokens=0), "max_tokens"),
+    (dict(messages=CHAT, max_tokens=10_000), "maximum context length is 256 tokens"),
+    (dict(messages=CHAT, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
+    (dict(messages=CHAT, top_logprobs=3, logprobs=True), "top_logprobs"),
+    (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+     "only text content"),
+])
+def test_bad_chat_requests_answer_400(tiny_server, kwargs, match):
+    with pytest.raises(openai.BadRequestError, match=match) as info:
+        tiny_server.client().chat.completions.create(model="tiny", **kwargs)
+    assert info.value.status_code == 400
+    assert info.value.body["message"] and info.value.body["type"] == "invalid_request_error"
+
+
+def test_bad_requests_answer_4xx(tiny_server, tiny_model):
+    client = tiny_server.client()
+    with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
+        client.completions.create(model="tiny", prompt=[1, 2, tiny_model.n_vocab + 5])
+    with pytest.raises(openai.BadRequestError, match="several prompts"):
+        client.completions.create(model="tiny", prompt=["a", "b"])
+    with pytest.raises(openai.BadRequestError, match="context_length_exceeded|maximum context length"):
+        client.completions.create(model="tiny", prompt="word " * 300)
+    base = tiny_server.base
+    r = httpx.post(base + "/v1/completions", content=b"{not json", timeout=10)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(base + "/v1/completions", json={"prompt": "x", "max_tokens": "many"}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    r = httpx.get(base + "/v1/completions", timeout=10)
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    r = httpx.get(base + "/v2/anything", timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_health_and_metrics(tiny_server):
+    r = httpx.get(tiny_server.base + "/health", timeout=10)
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["slots"] == 2
+    before = tiny_server.metrics()
+    tiny_server.client().completions.create(model="tiny", prompt="abc", max_tokens=5, temperature=0)
+    r = httpx.get(tiny_server.base + "/metrics", timeout=10)
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    after = tiny_server.metrics()
+    key = 'mullama_http_responses_total{endpoint="completions",status="200"}'
+    assert after[key] == before.get(key, 0) + 1
+    assert after["mullama_generated_tokens_total"] >= before.get("mullama_generated_tokens_total", 0) + 1
+    assert after["mullama_runtime_generations_total"] >= 1 and after["mullama_runtime_uptime_seconds"] > 0
+    assert after["mullama_time_to_first_token_seconds_count"] >= 1
+    assert after['mullama_time_to_first_token_seconds_bucket{le="+Inf"}'] == \
+        after["mullama_time_to_first_token_seconds_count"]
+
+
+# -- the real model: disconnects and overload ---------------------------------------------------
+
+LONG = dict(model="smol", prompt="1, 2, 3, 4, 5, 6,", max_tokens=900, temperature=0)
+
+
+def test_client_disconnect_stops_the_generation(default_server):
+    """A client that leaves mid-stream cancels its generation; the slot comes back."""
+    before = default_server.metrics()
+    stream = default_server.client().completions.create(stream=True, **LONG)
+    received = 0
+    for chunk in stream:
+        received += 1
+        if received == 3:
+            break
+    stream.close()  # closes the connection
+    m = default_server.wait_for(
+        lambda m: m.get('mullama_generations_total{finish_reason="disconnected"}', 0)
+        == before.get('mullama_generations_total{finish_reason="disconnected"}', 0) + 1
+        and m["mullama_engine_active_requests"] == 0 and m["mullama_kv_cells_used"] == 0,
+        "the disconnected request ended and freed its slot")
+    generated = m["mullama_generated_tokens_total"] - before.get("mullama_generated_tokens_total", 0)
+    assert generated < 300  # it stopped, far short of the 900 tokens asked for
+    time.sleep(0.3)
+    assert default_server.metrics()["mullama_generated_tokens_total"] == m["mullama_generated_tokens_total"]
+    # capacity came back: one slot, no queue, and this request is served
+    got = default_server.client().completions.create(model="smol", prompt="The capital of France is",
+                                                     max_tokens=4, temperature=0)
+    assert got.choices[0].text.strip().startswith("Paris")
+
+
+def test_disconnect_during_a_whole_response(default_server):
+    """A non-streaming request whose client gives up is cancelled too."""
+    before = default_server.metrics()
+    with pytest.raises(openai.APITimeoutError):
+        default_server.client(timeout=1.0).completions.create(**LONG)
+    default_server.wait_for(
+        lambda m: m.get('mullama_generations_total{finish_reason="disconnected"}', 0)
+        == before.get('mullama_generations_total{finish_reason="disconnected"}', 0) + 1
+        and m["mullama_engine_active_requests"] == 0 and m["mullama_kv_cells_used"] == 0,
+        "the abandoned request ended and freed its slot")
+
+
+def test_full_queue_answers_503_at_once(default_server):
+    client = default_server.client()
+    stream = client.completions.create(stream=True, **LONG)
+    next(iter(stream))  # the one slot is busy generating
+    try:
+        with pytest.raises(openai.InternalServerError) as info:
+            client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+        assert info.value.status_code == 503
+        assert info.value.body["code"] == "overloaded" and info.value.response.headers["retry-after"] == "1"
+    finally:
+        stream.close()
+    default_server.wait_for(lambda m: m["mullama_engine_active_requests"] == 0, "the slot is free again")
+    assert client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=4).choices[0].message.content
+
+
+def test_default_model_chat(default_server, default_model):
+    msgs = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    expected = default_model.chat(msgs, StreamConfig.greedy(32))
+    got = default_server.client().chat.completions.create(model="smol", messages=msgs, max_tokens=32, temperature=0)
+    assert got.choices[0].message.content == expected.text and "Paris" in expected.text
+    assert got.choices[0].finish_reason == "stop"
