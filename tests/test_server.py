@@ -333,3 +333,96 @@ def test_default_model_chat(default_server, default_model):
     got = default_server.client().chat.completions.create(model="smol", messages=msgs, max_tokens=32, temperature=0)
     assert got.choices[0].message.content == expected.text and "Paris" in expected.text
     assert got.choices[0].finish_reason == "stop"
+
+
+# -- the app in-process (any ASGI server), the CLI's errors, the examples -------------------------
+
+
+@pytest.mark.anyio
+async def test_app_on_a_loaded_model_with_an_api_key(tiny_model_path, tiny_model):
+    from mullama.aio import AsyncModel
+    from mullama.server import create_app
+
+    expected = tiny_model.chat(CHAT, StreamConfig.greedy(8), template="chatml")
+    auth = {"authorization": "Bearer s3cret"}
+    async with await AsyncModel.load(tiny_model_path, context_size=256, threads=1) as model:
+        app = create_app(model, model_id="t", api_key="s3cret")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as c:
+            r = await c.get("/v1/models")
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+            r = await c.get("/v1/models", headers={"authorization": "Bearer wrong"})
+            assert r.status_code == 401
+            assert (await c.get("/v1/models", headers=auth)).json()["data"][0]["id"] == "t"
+            assert (await c.get("/health")).json()["status"] == "ok"  # no key needed
+            # the tiny model has no chat template and none was configured
+            r = await c.post("/v1/chat/completions", json={"messages": CHAT}, headers=auth)
+            assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]
+        app = create_app(model, model_id="t", chat_template="chatml")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as c:
+            r = await c.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 8, "temperature": 0})
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == expected.text
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as c:
+        assert (await c.get("/health")).status_code == 503  # the model was closed
+        r = await c.post("/v1/completions", json={"prompt": "x"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
+
+
+def test_serve_names_a_missing_model(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "mullama", "serve", "--model", str(tmp_path / "nope.gguf")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "model file not found" in r.stderr
+
+
+def test_examples_run(default_model_path):
+    root = Path(__file__).resolve().parent.parent / "examples"
+    model = ["--model", str(default_model_path)]
+    r = subprocess.run([sys.executable, str(root / "asyncio_chat.py"), *model], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "What is 2 + 2? ->" in r.stdout and "timed out; generations still running: 0" in r.stdout
+    r = subprocess.run([sys.executable, str(root / "trio_nursery.py"), *model, "--deadline", "1.0"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "deadline hit: 1.0 s" in r.stdout and "generations still running: 0" in r.stdout
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_openai_client_example(default_model_path, mode):
+    root = Path(__file__).resolve().parent.parent / "examples"
+    server = start_server(default_model_path, mode, "--context-size", "512")
+    try:
+        r = subprocess.run([sys.executable, str(root / "openai_client.py"), "--url", server.url],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert "chat: " in r.stdout and "stream: " in r.stdout and "completion: ' Jupiter" in r.stdout
+    finally:
+        assert server.stop() == 0
+
+
+def test_embed_server_example(default_model_path):
+    import socket
+
+    with socket.socket() as s:  # a free port (the example takes a fixed one, as a real app would)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent / "examples"
+    proc = subprocess.Popen([sys.executable, str(root / "embed_server.py"), "--model", str(default_model_path),
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "the embedded server did not come up"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["local"]
+        assert client.completions.create(model="local", prompt="The capital of France is", max_tokens=3,
+                                         temperature=0).choices[0].text.strip().startswith("Paris")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
