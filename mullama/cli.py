@@ -80,7 +80,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
               flush=True)
 
     serve(app, host=args.host, port=args.port, backend=args.backend, log_level=args.log_level,
-          access_log=not args.no_access_log, on_ready=ready)
+          access_log=not args.no_access_log, graceful_timeout=args.graceful_timeout, on_ready=ready)
     return 0
 
 
@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(default: the model's own)")
     p.add_argument("--chat-template-file", help="read the Jinja chat template from this file")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    p.add_argument("--graceful-timeout", type=float, default=10.0,
+                   help="seconds open requests get to finish at shutdown (SIGINT/SIGTERM; default: 10)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--no-access-log", action="store_true", help="do not log each request")
     p.set_defaults(fn=_cmd_serve)

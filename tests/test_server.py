@@ -394,7 +394,7 @@ def test_openai_client_example(default_model_path, mode):
         r = subprocess.run([sys.executable, str(root / "openai_client.py"), "--url", server.url],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
-        assert "chat: " in r.stdout and "stream: " in r.stdout and "completion: ' Jupiter" in r.stdout
+        assert "chat: " in r.stdout and "stream: " in r.stdout and "completion: ' the planet of Neptune" in r.stdout
     finally:
         assert server.stop() == 0
 
@@ -426,3 +426,23 @@ def test_embed_server_example(default_model_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sigterm_while_streaming_exits_cleanly(default_model_path, mode):
+    """Shutdown with a generation running: open requests get --graceful-timeout seconds, then the
+    stream is cut, the generation stopped, and the process exits 0 (no crash, no hang)."""
+    server = start_server(default_model_path, mode, "--name", "smol", "--context-size", "1024",
+                          "--graceful-timeout", "1")
+    stream = server.client(timeout=60).completions.create(stream=True, **LONG)
+    next(iter(stream))
+    server.proc.send_signal(signal.SIGTERM)
+    received = 0
+    try:
+        for _ in stream:
+            received += 1
+    except (openai.APIError, httpx.HTTPError):
+        pass  # the connection was closed under the stream
+    assert server.proc.wait(timeout=60) == 0
+    server.proc.stdout.close()
+    assert received < 600  # cut short: 900 tokens were asked for
