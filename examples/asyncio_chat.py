@@ -29,9 +29,10 @@ async def main(model_path: str) -> None:
         # 3. a timeout cancels the generation inside llama.cpp; the model is ready again at once
         counting = model.generate("1, 2, 3, 4,", max_tokens=1500, config=mullama.StreamConfig.greedy())
         try:
-            print("finished early:", await asyncio.wait_for(counting, timeout=0.5))
+            print("finished within the timeout:", len(await asyncio.wait_for(counting, timeout=0.5)), "chars")
         except asyncio.TimeoutError:
-            print("timed out; generations still running:", model.active_workers)
+            print("timed out")
+        print("generations still running:", model.active_workers)
 
 
 if __name__ == "__main__":

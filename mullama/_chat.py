@@ -58,6 +58,8 @@ def check_messages(messages: Sequence[Message]) -> List[Dict[str, Any]]:
             content = ""
         elif not isinstance(content, str):
             content = _text_of_parts(content, i)
+        if "\0" in content or "\0" in role:
+            raise InvalidConfigError(f"messages[{i}] contains a NUL character")
         m = dict(msg)
         m["content"] = content
         out.append(m)
@@ -99,12 +101,27 @@ def format_chat(model: "Model", messages: Sequence[Message], *, template: Option
             raise ChatTemplateError(
                 f"the model {model.info.name!r} has no chat template in its GGUF metadata; pass template= a Jinja "
                 f"chat template or one of llama.cpp's built-in formats: {', '.join(_builtin_names())}")
-    elif not isinstance(template, str) or not template.strip():
-        raise InvalidConfigError(f"template must be a non-empty string, got {template!r}")
+    else:
+        check_template(template)
     if template in _builtin_names():
         return _apply_builtin(template, msgs, add_generation_prompt)
     bos, eos, _ = model._core.special_tokens()
     return _render(template, msgs, add_generation_prompt, _piece(model, bos), _piece(model, eos))
+
+
+def check_template(template: object) -> None:
+    """Check a ``template=`` value: a llama.cpp built-in name, or Jinja source
+    that compiles. A bare word that is no built-in name is refused (it would
+    otherwise be a "template" that renders as itself)."""
+    if not isinstance(template, str) or not template.strip():
+        raise InvalidConfigError(f"template must be a non-empty string, got {template!r}")
+    if template in _builtin_names():
+        return
+    if "{{" not in template and "{%" not in template:
+        raise ChatTemplateError(
+            f"unknown chat template {template.strip()[:40]!r}: not one of llama.cpp's built-in formats "
+            f"({', '.join(_builtin_names())}) and not Jinja source")
+    _compile(template)
 
 
 def _piece(model: "Model", token: int) -> str:
@@ -137,11 +154,33 @@ def _render(source: str, msgs: List[Dict[str, Any]], add_generation_prompt: bool
         raise ChatTemplateError(f"the chat template failed: {type(exc).__name__}: {exc}") from exc
 
 
+def _generation_tag() -> type:
+    """``{% generation %}...{% endgeneration %}``, which transformers registers
+    to mark assistant text for training masks: here it renders its body."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class GenerationTag(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller: Any) -> str:
+            return caller()
+
+    return GenerationTag
+
+
 @functools.lru_cache(maxsize=16)
 def _compile(source: str) -> Any:
     import jinja2
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    _GenerationTag = _generation_tag()
 
     def raise_exception(message: str) -> None:
         raise ChatTemplateError(f"the chat template refused the messages: {message}")
@@ -154,7 +193,8 @@ def _compile(source: str) -> Any:
     def strftime_now(fmt: str) -> str:
         return datetime.datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols, _GenerationTag])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
@@ -171,7 +211,7 @@ def chat_tokens(model: "Model", messages: Sequence[Message], template: Optional[
     such; the model's BOS token is added unless the template wrote it.
     """
     text = format_chat(model, messages, template=template)
-    bos, _, _ = model._core.special_tokens()
+    bos = model._core.special_tokens()[0]
     add_bos = not (bos >= 0 and text.startswith(_piece(model, bos)))
     return model.tokenize(text, add_bos=add_bos, special=True)
 

@@ -223,6 +223,7 @@ def apply_builtin_chat_template(bytes name, list roles, list contents, bint add_
         raise ValueError("roles and contents differ in length")
     cdef llama_chat_message * msgs = <llama_chat_message *>malloc(max(n, 1) * sizeof(llama_chat_message))
     cdef char * buf = NULL
+    cdef char * grown
     cdef int32_t size = 256, got
     cdef bytes r, c
     if msgs == NULL:
@@ -235,9 +236,10 @@ def apply_builtin_chat_template(bytes name, list roles, list contents, bint add_
             msgs[i].role = r        # the lists keep the bytes alive
             msgs[i].content = c
         while True:
-            buf = <char *>realloc(buf, size)
-            if buf == NULL:
-                raise MemoryError()
+            grown = <char *>realloc(buf, size)
+            if grown == NULL:
+                raise MemoryError()  # buf is still ours: freed below
+            buf = grown
             got = llama_chat_apply_template(name, msgs, n, add_assistant, buf, size)
             if got < 0:
                 return None
@@ -256,17 +258,21 @@ cdef class _LoadState:
     """Carries the Python progress callback into C and its exception back out."""
     cdef object fn
     cdef object exc
+    cdef bint cancelled   # the callback returned False
 
     def __cinit__(self, fn):
         self.fn = fn
         self.exc = None
+        self.cancelled = False
 
 
 cdef cbool _progress_callback(float progress, void * user_data) noexcept with gil:
     cdef _LoadState st = <_LoadState>user_data
     try:
-        result = st.fn(float(progress))
-        return result is not False  # returning False cancels the load
+        if st.fn(float(progress)) is False:  # returning False cancels the load
+            st.cancelled = True
+            return False
+        return True
     except BaseException as exc:
         st.exc = exc  # re-raised by LlamaModel.load after C returns
         return False
@@ -318,7 +324,7 @@ cdef class LlamaModel(_InC):
             raise st.exc
         if self.ptr == NULL:
             reason = "; ".join(errors) if errors else "llama.cpp gave no reason"
-            if st is not None:
+            if st is not None and st.cancelled:
                 raise _errors.ModelLoadError(f"loading {path} was cancelled by the progress callback")
             if "unknown model architecture" in reason or "unsupported" in reason:
                 raise _errors.UnsupportedModelError(f"{path}: {reason}")

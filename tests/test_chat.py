@@ -75,6 +75,19 @@ def test_template_errors_are_named(tiny_model):
         tiny_model.apply_chat_template(CONV, template="{{ messages.__class__.__subclasses__() }}")
     with pytest.raises(mullama.InvalidConfigError, match="template must be"):
         tiny_model.apply_chat_template(CONV, template="  ")
+    # a mistyped built-in name is not taken for a template that renders as itself
+    with pytest.raises(mullama.ChatTemplateError, match="unknown chat template 'chatlm'.*chatml"):
+        tiny_model.apply_chat_template(CONV, template="chatlm")
+    with pytest.raises(mullama.InvalidConfigError, match="NUL"):
+        tiny_model.apply_chat_template([{"role": "user", "content": "a\0b"}], template="chatml")
+
+
+def test_generation_tag(tiny_model):
+    """transformers' {% generation %} block (it marks assistant text for training) renders its body."""
+    tmpl = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}<a>{{ m['content'] }}"
+            "{% endgeneration %}{% else %}<u>{{ m['content'] }}{% endif %}{% endfor %}")
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert tiny_model.apply_chat_template(msgs, template=tmpl) == "<u>hi<a>yo"
 
 
 @pytest.mark.parametrize("messages, match", [

@@ -154,3 +154,10 @@ async def test_process_batch_cancel_never_keeps_the_prompt(tiny_model_path):
                 assert conv.n_past == 0
             else:
                 await conv.reset()
+
+
+def test_a_failed_load_with_a_progress_callback_names_its_cause(llama_cpp_dir):
+    """A load that fails for its own reason is not blamed on a progress callback that never cancelled."""
+    vocab = llama_cpp_dir / "models" / "ggml-vocab-llama-spm.gguf"
+    with pytest.raises(mullama.InvalidModelError, match="holds no weights"):
+        mullama.Model.load(vocab, progress=lambda f: None)

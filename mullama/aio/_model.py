@@ -208,8 +208,7 @@ class AsyncModel:
         """
         if isinstance(prompt, str):
             return self._open_stream(functools.partial(self._model.tokenize, prompt), config)
-        tokens = _token_list(prompt)
-        return self._open_stream(lambda: tokens, config)
+        return self._open_stream(_token_list(prompt), config)
 
     def chat_stream(self, messages: Sequence[Message], config: Optional[StreamConfig] = None, *,
                     template: Optional[str] = None) -> AsyncContextManager[TokenStream]:
@@ -223,12 +222,14 @@ class AsyncModel:
         return self._open_stream(functools.partial(chat_tokens, self._model, messages, template), config)
 
     @asynccontextmanager
-    async def _open_stream(self, make_tokens: Callable[[], List[int]],
+    async def _open_stream(self, tokens: Union[List[int], Callable[[], List[int]]],
                            config: Optional[StreamConfig]) -> AsyncIterator[TokenStream]:
+        """*tokens*, or a function that makes them on a worker thread (tokenizing)."""
         check_open(self._closed, "AsyncModel")
         config = _with_max_tokens(config, None)
         async with deadline(self._config.timeout_ms):
-            tokens = await anyio.to_thread.run_sync(make_tokens)
+            if callable(tokens):
+                tokens = await anyio.to_thread.run_sync(tokens)
             check_open(self._closed, "AsyncModel")
             async with open_engine_stream(self._engine, tokens, config) as stream:
                 yield stream

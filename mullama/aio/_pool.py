@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Generator, List, Optional, Sequence
+from typing import Any, AsyncContextManager, Callable, Deque, Generator, List, Optional, Sequence
 
 import anyio
 import anyio.lowlevel
@@ -17,7 +17,7 @@ from .._context import Completion, Prompt
 from .._errors import BusyError, ClosedError, ContextCreationError, InvalidConfigError
 from .._model import Model, ModelInfo
 from ._model import AsyncConfig, AsyncContext, PathLike, load_model
-from ._stream import check_open
+from ._stream import TokenStream, check_open
 
 __all__ = ["ModelPool", "PooledModel", "PoolStats"]
 
@@ -432,7 +432,7 @@ class PooledModel:
         return await self._m().generate(prompt, max_tokens, config, wait=wait)
 
     def chat_stream(self, messages: Sequence[Message], config: Optional[StreamConfig] = None, *,
-                    template: Optional[str] = None, wait: bool = True):
+                    template: Optional[str] = None, wait: bool = True) -> AsyncContextManager[TokenStream]:
         """Stream the answer to *messages* (see :meth:`AsyncContext.chat_stream`)."""
         return self._m().chat_stream(messages, config, template=template, wait=wait)
 

@@ -13,6 +13,7 @@ and frees its slot (mullama's cancel contract, end to end).
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, MutableM
 
 import anyio
 
+from .._chat import check_template
 from .._errors import (ChatTemplateError, ClosedError, ContextOverflowError, InvalidConfigError,
                        InvalidTokenError, MullamaError, OverloadedError, RequestTimeoutError)
 from ..aio import AsyncConfig, AsyncModel, Runtime, TokenData
@@ -55,6 +57,8 @@ class _Exchange:
         self.receive = receive
         self._send = send
         self.started = False
+        #: the last part of the response is being sent (a disconnect from now on is the normal end)
+        self.complete = False
         self.status = 0
 
     def header(self, name: bytes) -> Optional[str]:
@@ -92,6 +96,8 @@ class _Exchange:
                          "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]})
 
     async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.complete = True  # hypercorn answers this send with http.disconnect on receive()
         try:
             await self._send(message)
         except OSError as exc:  # the connection is gone (uvicorn's ClientDisconnected is an OSError)
@@ -123,16 +129,18 @@ class _DisconnectWatch:
 
 
 @asynccontextmanager
-async def _cancel_on_disconnect(receive: Receive) -> AsyncIterator[_DisconnectWatch]:
-    """Run the body in a cancel scope that is cancelled when the client disconnects."""
+async def _cancel_on_disconnect(ex: _Exchange) -> AsyncIterator[_DisconnectWatch]:
+    """Run the body in a cancel scope that is cancelled when the client
+    disconnects before the response is complete."""
     watch = _DisconnectWatch()
     with unwrap_single():
         async with anyio.create_task_group() as tg:
             async def wait_for_disconnect() -> None:
-                while (await receive())["type"] != "http.disconnect":
+                while (await ex.receive())["type"] != "http.disconnect":
                     pass
-                watch.disconnected = True
-                tg.cancel_scope.cancel()
+                if not ex.complete:
+                    watch.disconnected = True
+                    tg.cancel_scope.cancel()
 
             tg.start_soon(wait_for_disconnect)
             try:
@@ -171,8 +179,8 @@ class OpenAIApp:
         else:
             self._config = AsyncConfig(model_path=model)
         self.model_id = model_id or Path(self._config.model_path).stem
-        if chat_template is not None and (not isinstance(chat_template, str) or not chat_template.strip()):
-            raise InvalidConfigError("chat_template must be a non-empty string")
+        if chat_template is not None:
+            check_template(chat_template)  # a broken template fails here, not on every request
         self.chat_template = chat_template
         self.api_key = api_key
         self.model: Optional[AsyncModel] = self._given
@@ -180,6 +188,8 @@ class OpenAIApp:
         self.metrics = ServerMetrics()
         #: called once the model is loaded and requests are served
         self.on_startup: Optional[Callable[[], None]] = None
+        #: why the lifespan startup failed, if it did
+        self.startup_error: Optional[BaseException] = None
         self._created = int(time.time())
         self._routes: Dict[str, Tuple[str, Dict[str, Callable[[_Exchange], Awaitable[None]]]]] = {
             "/v1/models": ("models", {"GET": self._list_models}),
@@ -215,6 +225,7 @@ class OpenAIApp:
         except BaseException as exc:
             if started:
                 raise
+            self.startup_error = exc
             log.error("could not load %s: %s", self._config.model_path, exc)
             await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
             return
@@ -264,7 +275,7 @@ class OpenAIApp:
         if self.api_key is None:
             return
         auth = ex.header(b"authorization") or ""
-        if auth != f"Bearer {self.api_key}":
+        if not hmac.compare_digest(auth.encode("utf-8", "surrogateescape"), f"Bearer {self.api_key}".encode()):
             raise oa.ApiError(401, "invalid or missing API key (Authorization: Bearer <key>)",
                               code="invalid_api_key")
 
@@ -316,8 +327,11 @@ class OpenAIApp:
         req = oa.parse_request(await ex.json(), chat=chat)
         self._check_model_name(req.model)
         model = self._ready()
-        async with _cancel_on_disconnect(ex.receive) as watch:
+        async with _cancel_on_disconnect(ex) as watch:
             tokens = await self._prompt_tokens(model, req)
+            if req.sampling.get("frequency_penalty") or req.sampling.get("presence_penalty"):
+                # OpenAI's penalties count every token so far, not only the last 64
+                req.sampling.setdefault("repeat_last_n", min(model.request_context_size, 1 << 16))
             config = req.config(self._max_tokens(model, req, len(tokens)))
             ids = oa.ResponseIds(chat, self.model_id)
             t0 = time.perf_counter()
@@ -328,10 +342,18 @@ class OpenAIApp:
                         await self._stream_events(ex, model, req, stream, ids, len(tokens))
                     else:
                         await self._respond_whole(ex, model, req, stream, ids, len(tokens))
-            except MullamaError as exc:
-                err = _api_error(exc)
-                if not ex.started:
-                    raise err from None
+            except _Disconnected:
+                raise
+            except Exception as exc:
+                if isinstance(exc, MullamaError):
+                    err = _api_error(exc, "messages" if chat else "prompt")
+                    if not ex.started:
+                        raise err from None
+                elif not ex.started:
+                    raise
+                else:
+                    log.exception("error while streaming a response")
+                    err = oa.ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
                 # a stream has answered 200 already: the error goes into it, as OpenAI does
                 await ex.event(err.body())
                 await ex.send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -430,14 +452,14 @@ class OpenAIApp:
         await ex.end_events()
 
 
-def _api_error(exc: MullamaError) -> oa.ApiError:
+def _api_error(exc: MullamaError, param: str) -> oa.ApiError:
     """The HTTP answer to an error of the model."""
     if isinstance(exc, OverloadedError):
         return oa.ApiError(503, str(exc), type="server_error", code="overloaded", headers=[("retry-after", "1")])
     if isinstance(exc, ContextOverflowError):
         return oa.ApiError(400, str(exc), code="context_length_exceeded")
     if isinstance(exc, (InvalidTokenError, InvalidConfigError)):
-        return oa.ApiError(400, str(exc), param="prompt")
+        return oa.ApiError(400, str(exc), param=param)
     if isinstance(exc, RequestTimeoutError):
         return oa.ApiError(504, str(exc), type="timeout_error", code="timeout")
     if isinstance(exc, ClosedError):

@@ -84,11 +84,27 @@ def _refuse_unless(body: Dict[str, Any], name: str, ok: Any, why: str) -> None:
 
 _NUM = (int, float)
 
+#: parameters of both endpoints that this server reads (anything else is refused by name)
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
+           "frequency_penalty", "presence_penalty", "logprobs", "logit_bias",
+           "top_k", "min_p", "repeat_penalty", "repeat_last_n",  # llama.cpp's extensions
+           # no effect on the answer
+           "user", "metadata", "store", "service_tier"}
+_KNOWN = {
+    True: _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "functions",
+                     "function_call", "parallel_tool_calls", "response_format", "audio", "modalities"},
+    False: _COMMON | {"prompt", "echo", "suffix", "best_of"},
+}
+
 
 def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
     """Check an OpenAI request body; :class:`ApiError` (400) names the first problem."""
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    unknown = sorted(set(body) - _KNOWN[chat])
+    if unknown:
+        raise ApiError(400, f"unsupported parameter '{unknown[0]}': this server does not implement it",
+                       param=unknown[0])
     model = _get(body, "model", (str,), "a string")
     req = GenerationRequest(chat=chat, model=model)
 
@@ -104,6 +120,7 @@ def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
             max_tokens = _get(body, "max_tokens", (int,), "an integer")
         _refuse_unless(body, "tools", lambda v: v == [], "this server does not call tools")
         _refuse_unless(body, "functions", lambda v: v == [], "this server does not call functions")
+        _refuse_unless(body, "function_call", lambda v: v == "none", "this server does not call functions")
         _refuse_unless(body, "tool_choice", lambda v: v == "none", "this server does not call tools")
         _refuse_unless(body, "response_format", lambda v: isinstance(v, dict) and v.get("type") == "text",
                        "only plain text responses are supported")
@@ -126,6 +143,9 @@ def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
                                 "is available (logprobs=0)", param="logprobs")
         req.logprobs = logprobs is not None
         req.echo = bool(_get(body, "echo", (bool,), "a boolean"))
+        if req.echo and req.logprobs:
+            raise ApiError(400, "'echo' with 'logprobs' is not supported: the prompt's log-probabilities are not "
+                                "computed", param="echo")
         _refuse_unless(body, "suffix", lambda v: v == "", "insertion (suffix) is not supported")
         _refuse_unless(body, "best_of", lambda v: v == 1, "best_of must be 1")
     if max_tokens is not None and max_tokens < 1:
@@ -164,7 +184,7 @@ def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
             stop = [stop]
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
             raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
-        sampling["stop"] = tuple(s for s in stop if s)
+        sampling["stop"] = tuple(stop)
     req.sampling = sampling
     try:  # every value checked once more by the same rules as the Python API
         req.config(max_tokens or 1)

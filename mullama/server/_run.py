@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import socket
 import threading
 from typing import Callable, Iterator, Optional
 
+from .._config import check_int
 from .._errors import InvalidConfigError, MullamaError
 from ._app import OpenAIApp
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 __all__ = ["serve", "BACKENDS"]
 
@@ -24,6 +29,7 @@ BACKENDS = {"asyncio": "uvicorn", "trio": "hypercorn"}
 
 def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket on *host*:*port* (0 = any free port)."""
+    check_int("port", port, minimum=0, maximum=65535)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -90,14 +96,16 @@ def _serve_uvicorn(app: OpenAIApp, sock: socket.socket, log_level: str, access_l
                     signal.signal(sig, handler)
 
     config = uvicorn.Config(app, loop="asyncio", lifespan="on", log_level=log_level, access_log=access_log,
-                            timeout_graceful_shutdown=max(1, int(graceful_timeout)), ws="none")
+                            timeout_graceful_shutdown=graceful_timeout, ws="none")  # type: ignore[arg-type]
     server = Server(config)
     try:
         server.run(sockets=[sock])
+    except SystemExit:  # uvicorn exits the process when the lifespan startup fails
+        pass
     finally:
         sock.close()
     if not server.started:
-        raise MullamaError("the server did not start (see the log above)")
+        raise _startup_failed(app)
 
 
 def _serve_hypercorn(app: OpenAIApp, sock: socket.socket, log_level: str, access_log: bool,
@@ -116,7 +124,7 @@ def _serve_hypercorn(app: OpenAIApp, sock: socket.socket, log_level: str, access
 
     async def until_signal() -> None:
         if threading.current_thread() is not threading.main_thread():
-            await trio.sleep_forever()
+            await trio.sleep_forever()  # signals reach the main thread only: run until cancelled
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
                 return
@@ -126,5 +134,16 @@ def _serve_hypercorn(app: OpenAIApp, sock: socket.socket, log_level: str, access
 
     try:
         trio.run(main)
-    except LifespanFailureError as exc:
-        raise MullamaError(f"the server did not start: {exc}") from None
+    except BaseException as exc:
+        group = exc if isinstance(exc, BaseExceptionGroup) else BaseExceptionGroup("", [exc])
+        failed, _ = group.split(LifespanFailureError)
+        if failed is None:
+            raise
+        raise _startup_failed(app) from None
+
+
+def _startup_failed(app: OpenAIApp) -> MullamaError:
+    cause = app.startup_error
+    if isinstance(cause, MullamaError):
+        return type(cause)(f"the server did not start: {cause}")
+    return MullamaError(f"the server did not start: {cause!r}" if cause else "the server did not start")
