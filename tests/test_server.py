@@ -33,6 +33,8 @@ pytestmark = pytest.mark.filterwarnings(
 MODES = ["asyncio", "trio"]
 PROMPTS = ["once upon", "hello there", "abc", "zz top"]
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
+LONG = dict(model="smol", prompt="1, 2, 3, 4, 5, 6,", max_tokens=900, temperature=0)  # a greedy count: no early end
+DISCONNECTED = 'mullama_generations_total{finish_reason="disconnected"}'
 
 
 class Server:
@@ -269,9 +271,9 @@ def test_finished_requests_count_as_finished(tiny_server):
     client.completions.create(model="tiny", prompt="abc", max_tokens=5, temperature=0)
     list(client.completions.create(model="tiny", prompt="abc", max_tokens=5, temperature=0, stream=True))
     after = tiny_server.wait_for(lambda m: m["mullama_http_requests_in_flight"] <= 1, "requests ended")
-    key = 'mullama_generations_total{finish_reason="%s"}'
-    assert after.get(key % "disconnected", 0) == before.get(key % "disconnected", 0)
-    assert after.get(key % "length", 0) == before.get(key % "length", 0) + 2
+    length = 'mullama_generations_total{finish_reason="length"}'
+    assert after.get(DISCONNECTED, 0) == before.get(DISCONNECTED, 0)
+    assert after.get(length, 0) == before.get(length, 0) + 2
 
 
 def test_stop_strings_usage_and_logprobs_when_streaming(tiny_server, tiny_model):
@@ -309,7 +311,14 @@ def test_health_and_metrics(tiny_server):
 
 # -- the real model: disconnects and overload ---------------------------------------------------
 
-LONG = dict(model="smol", prompt="1, 2, 3, 4, 5, 6,", max_tokens=900, temperature=0)
+
+
+def wait_disconnected(server: Server, before: Dict[str, float]) -> Dict[str, float]:
+    """Wait until one more request ended as disconnected and every slot and KV cell is free."""
+    return server.wait_for(
+        lambda m: m.get(DISCONNECTED, 0) == before.get(DISCONNECTED, 0) + 1
+        and m["mullama_engine_active_requests"] == 0 and m["mullama_kv_cells_used"] == 0,
+        "the request the client left ended and freed its slot")
 
 
 def test_client_disconnect_stops_the_generation(default_server):
@@ -322,11 +331,7 @@ def test_client_disconnect_stops_the_generation(default_server):
         if received == 3:
             break
     stream.close()  # closes the connection
-    m = default_server.wait_for(
-        lambda m: m.get('mullama_generations_total{finish_reason="disconnected"}', 0)
-        == before.get('mullama_generations_total{finish_reason="disconnected"}', 0) + 1
-        and m["mullama_engine_active_requests"] == 0 and m["mullama_kv_cells_used"] == 0,
-        "the disconnected request ended and freed its slot")
+    m = wait_disconnected(default_server, before)
     generated = m["mullama_generated_tokens_total"] - before.get("mullama_generated_tokens_total", 0)
     assert generated < 300  # it stopped, far short of the 900 tokens asked for
     time.sleep(0.3)
@@ -342,11 +347,7 @@ def test_disconnect_during_a_whole_response(default_server):
     before = default_server.metrics()
     with pytest.raises(openai.APITimeoutError):
         default_server.client(timeout=1.0).completions.create(**LONG)
-    m = default_server.wait_for(
-        lambda m: m.get('mullama_generations_total{finish_reason="disconnected"}', 0)
-        == before.get('mullama_generations_total{finish_reason="disconnected"}', 0) + 1
-        and m["mullama_engine_active_requests"] == 0 and m["mullama_kv_cells_used"] == 0,
-        "the abandoned request ended and freed its slot")
+    m = wait_disconnected(default_server, before)
     generated = m["mullama_generated_tokens_total"] - before.get("mullama_generated_tokens_total", 0)
     assert generated < 900  # stopped before its end
 

@@ -275,21 +275,21 @@ def completion_response(ids: ResponseIds, text: str, done: Completion, prompt_to
 
 def chat_chunk(ids: ResponseIds, delta: Dict[str, Any], finish: Optional[str] = None,
                logprobs: Optional[Dict[str, Any]] = None, with_usage: bool = False) -> Dict[str, Any]:
-    chunk = {"id": ids.id, "object": "chat.completion.chunk", "created": ids.created, "model": ids.model,
-             "system_fingerprint": _FINGERPRINT,
-             "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
-    if with_usage:
-        chunk["usage"] = None
-    return chunk
+    return _chunk(ids, "chat.completion.chunk", with_usage,
+                  {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
 
 
 def completion_chunk(ids: ResponseIds, text: str, finish: Optional[str] = None,
                      logprobs: Optional[Dict[str, Any]] = None, with_usage: bool = False) -> Dict[str, Any]:
-    chunk = {"id": ids.id, "object": "text_completion", "created": ids.created, "model": ids.model,
-             "system_fingerprint": _FINGERPRINT,
-             "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+    return _chunk(ids, "text_completion", with_usage,
+                  {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish})
+
+
+def _chunk(ids: ResponseIds, obj: str, with_usage: bool, choice: Dict[str, Any]) -> Dict[str, Any]:
+    chunk = {"id": ids.id, "object": obj, "created": ids.created, "model": ids.model,
+             "system_fingerprint": _FINGERPRINT, "choices": [choice]}
     if with_usage:
-        chunk["usage"] = None
+        chunk["usage"] = None  # the last chunk carries it
     return chunk
 
 
