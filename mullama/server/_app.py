@@ -113,15 +113,35 @@ class _Exchange:
 
     async def event(self, obj: Any) -> None:
         """One server-sent event."""
-        await self.send({"type": "http.response.body", "body": b"data: " + _dumps(obj) + b"\n\n",
-                         "more_body": True})
+        await self.send_event(b"data: " + _dumps(obj) + b"\n\n")
+
+    async def send_event(self, data: bytes) -> None:
+        await self.send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def end_events(self) -> None:
         await self.send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return _ENCODER.encode(obj).encode("utf-8")
+
+
+class _EventTemplate:
+    """The bytes of a chunk event around its one changing string: one
+    string encoding per token event instead of a whole dict."""
+
+    _MARK = "\x01mullama\x01"
+
+    def __init__(self, chunk_with_mark: Any) -> None:
+        raw = b"data: " + _dumps(chunk_with_mark) + b"\n\n"
+        self._head, mark, self._tail = raw.partition(_dumps(self._MARK))
+        assert mark, "the chunk holds no mark"
+
+    def render(self, text: str) -> bytes:
+        return self._head + _dumps(text) + self._tail
 
 
 class _DisconnectWatch:
@@ -428,17 +448,19 @@ class OpenAIApp:
             await ex.event(oa.completion_chunk(ids, prefix, with_usage=usage))
         offset = len(prefix)
         n = 0
+        mark = _EventTemplate._MARK
+        template = _EventTemplate(oa.chat_chunk(ids, {"content": mark}, with_usage=usage) if req.chat
+                                  else oa.completion_chunk(ids, mark, with_usage=usage))
         async for batch in stream.batches():
             n += len(batch)
             text = "".join(t.text for t in batch)
             lp = self._logprobs(model, req, batch, offset)
             offset += len(text)
-            if not text and lp is None:
-                continue  # bytes held back (part of a character or of a stop string)
-            if req.chat:
-                await ex.event(oa.chat_chunk(ids, {"content": text}, logprobs=lp, with_usage=usage))
-            else:
-                await ex.event(oa.completion_chunk(ids, text, logprobs=lp, with_usage=usage))
+            if lp is not None:
+                await ex.event(oa.chat_chunk(ids, {"content": text}, logprobs=lp, with_usage=usage) if req.chat
+                               else oa.completion_chunk(ids, text, logprobs=lp, with_usage=usage))
+            elif text:  # (no text: bytes held back, part of a character or of a stop string)
+                await ex.send_event(template.render(text))
         done = stream.completion()
         if done.finish_reason == "cancelled":  # not by us: the model was closed under it
             raise ClosedError("the server is shutting down")
