@@ -6,7 +6,6 @@ test here runs against both modes.
 
 from __future__ import annotations
 
-import json
 import queue
 import re
 import signal
@@ -15,7 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List
 
 import anyio
 import httpx
