@@ -9,11 +9,16 @@ generated model:
 * mullama: ``Context.generate`` greedy from a one-token prompt, timing the
   generation phase (decode + greedy sampling + token-to-piece + Python side).
 
-The two alternate over several rounds (this machine's speed drifts by tens of
-percent within a minute). Prints one JSON line per figure; ``ratio`` is the
-median over rounds of mullama / native, with its range.
+* with ``--peer``: llama-cpp-python built from the same pinned sdist in its own
+  environment (bench/peers.py), greedy ``Llama.generate`` with detokenize per
+  token, timed the same way.
 
-Usage: python bench/decode.py [--rounds 7] [--reps 3] [--tokens 128] [--threads 2] [--tiny-threads 2]
+They alternate over several rounds (this machine's speed drifts by tens of
+percent within a minute). Prints one JSON line per figure; ``ratio`` is the
+median over rounds of mullama / native, with its range (``peer_ratio`` the
+same for llama-cpp-python / native).
+
+Usage: python bench/decode.py [--rounds 7] [--reps 3] [--tokens 128] [--threads 2] [--tiny-threads 2] [--peer]
 """
 
 from __future__ import annotations
@@ -26,12 +31,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import List, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
 import mullama  # noqa: E402
 from mullama import StreamConfig  # noqa: E402
+from peers import ensure_peer, run_peer  # noqa: E402
 
 
 def emit(**fields) -> None:
@@ -73,17 +80,28 @@ def mullama_tg(ctx, tokens: int, reps: int) -> float:
     return statistics.median(rates)
 
 
-def compare(exe: Path, path: Path, tokens: int, threads: int, rounds: int, reps: int) -> dict:
-    """Native and mullama in alternating rounds, so that the machine's drift hits both alike."""
-    natives, ours = [], []
+def compare(exe: Path, path: Path, tokens: int, threads: int, rounds: int, reps: int,
+            peer: Optional[Path] = None) -> dict:
+    """Native, mullama (and the peer) in alternating rounds, so that the machine's drift hits all alike."""
+    natives, ours, peers = [], [], []
     with mullama.Model.load(path) as model, model.create_context(context_size=tokens + 16, threads=threads) as ctx:
         for _ in range(rounds):
             natives.append(native_tg(exe, path, tokens, threads, reps))
             ours.append(mullama_tg(ctx, tokens, reps))
-    ratios = sorted(o / n for o, n in zip(ours, natives))
-    return dict(mullama=round(statistics.median(ours), 1), native=round(statistics.median(natives), 1),
-                ratio=round(statistics.median(ratios), 3), ratio_min=round(ratios[0], 3),
-                ratio_max=round(ratios[-1], 3), rounds=rounds)
+            if peer is not None:
+                peers.append(run_peer(peer, dict(task="decode", model=str(path), tokens=tokens, threads=threads,
+                                                 reps=reps))["tok_s"])
+    out = dict(mullama=round(statistics.median(ours), 1), native=round(statistics.median(natives), 1),
+               **_ratios("ratio", ours, natives), rounds=rounds)
+    if peers:
+        out.update(llama_cpp_python=round(statistics.median(peers), 1), **_ratios("peer_ratio", peers, natives))
+    return out
+
+
+def _ratios(name: str, values: List[float], natives: List[float]) -> dict:
+    ratios = sorted(v / n for v, n in zip(values, natives))
+    return {name: round(statistics.median(ratios), 3), f"{name}_min": round(ratios[0], 3),
+            f"{name}_max": round(ratios[-1], 3)}
 
 
 def main() -> int:
@@ -93,9 +111,12 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2, help="threads on the default model")
     ap.add_argument("--tiny-threads", type=int, default=2, help="threads on the tiny model")
+    ap.add_argument("--peer", action="store_true",
+                    help="also measure llama-cpp-python (built once from the pinned sdist: bench/peers.py)")
     args = ap.parse_args()
 
     exe = llama_bench_binary()
+    peer = ensure_peer() if args.peer else None
     from tiny_model import write_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,7 +125,7 @@ def main() -> int:
                  ("tiny", tiny, args.tiny_threads)]
         for name, path, threads in cases:
             emit(figure="decode_tok_s", model=name, threads=threads, tokens=args.tokens,
-                 **compare(exe, path, args.tokens, threads, args.rounds, args.reps))
+                 **compare(exe, path, args.tokens, threads, args.rounds, args.reps, peer))
     return 0
 
 

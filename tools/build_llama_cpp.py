@@ -163,8 +163,9 @@ def build(targets: tuple[str, ...] = ("llama",), src: Path = DEFAULT_DEST, tools
                    stdout=subprocess.DEVNULL if not os.environ.get("MULLAMA_VERBOSE") else None)
     jobs = str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2)
     _log(f"building {', '.join(targets)} with {jobs} jobs (about 1.5 minutes on 2 cores, once per machine) ...")
+    # the build's log goes to stderr: a bench script's stdout carries only its JSON figures
     subprocess.run([cmake, "--build", str(bdir), "--config", "Release", "-j", jobs,
-                    *[a for t in targets for a in ("--target", t)]], check=True)
+                    *[a for t in targets for a in ("--target", t)]], check=True, stdout=2)
     stamp.touch()
     return bdir
 

@@ -1,0 +1,41 @@
+"""Runs inside the llama-cpp-python environment (bench/peers.py): one measurement, one JSON line out.
+
+Task ``decode``: greedy single-stream generation from the BOS token, timing
+the generation phase the way bench/decode.py times mullama's: from the first
+generated token to the last, each token sampled by the binding and turned into
+text (``detokenize``), as a streaming caller needs it.
+"""
+
+import json
+import statistics
+import sys
+import time
+
+from llama_cpp import Llama
+
+
+def decode(task: dict) -> dict:
+    tokens, threads, reps = task["tokens"], task["threads"], task["reps"]
+    llm = Llama(model_path=task["model"], n_ctx=tokens + 16, n_threads=threads, n_threads_batch=threads,
+                n_batch=512, verbose=False)
+    bos = llm.token_bos()
+    rates = []
+    for i in range(reps + 1):  # the first run is the warm-up
+        llm.reset()
+        n, t0 = 0, None
+        for tok in llm.generate([bos], temp=0.0, reset=True):
+            llm.detokenize([tok])
+            if t0 is None:  # the prompt is evaluated: the generation phase starts
+                t0 = time.perf_counter()
+                continue
+            n += 1
+            if n == tokens - 1:
+                break
+        if i:
+            rates.append(n / (time.perf_counter() - t0))
+    return {"tok_s": statistics.median(rates)}
+
+
+if __name__ == "__main__":
+    task = json.loads(sys.argv[1])
+    print(json.dumps({"decode": decode}[task["task"]](task)))
