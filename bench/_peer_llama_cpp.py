@@ -1,5 +1,7 @@
 """Runs inside the llama-cpp-python environment (bench/peers.py): one measurement, one JSON line out.
 
+Task ``prompt``: evaluating a prompt of the given length in batches of 512.
+
 Task ``decode``: greedy single-stream generation from the BOS token, timing
 the generation phase the way bench/decode.py times mullama's: from the first
 generated token to the last, each token sampled by the binding and turned into
@@ -36,6 +38,22 @@ def decode(task: dict) -> dict:
     return {"tok_s": statistics.median(rates)}
 
 
+def prompt(task: dict) -> dict:
+    """Evaluating a prompt of ``tokens`` ids spread over the vocabulary (as bench/decode.py does)."""
+    tokens, threads, reps = task["tokens"], task["threads"], task["reps"]
+    llm = Llama(model_path=task["model"], n_ctx=tokens + 16, n_threads=threads, n_threads_batch=threads,
+                n_batch=512, n_ubatch=512, verbose=False)
+    ids = [(i * 7919 + 13) % llm.n_vocab() for i in range(tokens)]
+    rates = []
+    for i in range(reps + 1):  # the first run is the warm-up
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        if i:
+            rates.append(tokens / (time.perf_counter() - t0))
+    return {"tok_s": statistics.median(rates)}
+
+
 if __name__ == "__main__":
     task = json.loads(sys.argv[1])
-    print(json.dumps({"decode": decode}[task["task"]](task)))
+    print(json.dumps({"decode": decode, "prompt": prompt}[task["task"]](task)))

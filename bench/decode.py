@@ -7,7 +7,9 @@ generated model:
 
 * native: ``llama-bench -p 0 -n N`` (tg: one token per llama_decode, no sampling);
 * mullama: ``Context.generate`` greedy from a one-token prompt, timing the
-  generation phase (decode + greedy sampling + token-to-piece + Python side).
+  generation phase (decode + greedy sampling + token-to-piece + Python side);
+* prompt processing (figure ``prompt_tok_s``): ``llama-bench -p P -n 0`` against
+  ``Context.eval`` of a P-token prompt, both in batches of 512.
 
 * with ``--peer``: llama-cpp-python built from the same pinned sdist in its own
   environment (bench/peers.py), greedy ``Llama.generate`` with detokenize per
@@ -55,9 +57,10 @@ def llama_bench_binary() -> Path:
     return exe
 
 
-def native_tg(exe: Path, model: Path, tokens: int, threads: int, reps: int) -> float:
-    """Median tokens/s of llama-bench's tg test (it runs its own warm-up)."""
-    cmd = [str(exe), "-m", str(model), "-p", "0", "-n", str(tokens), "-t", str(threads),
+def native_rate(exe: Path, model: Path, kind: str, tokens: int, threads: int, reps: int) -> float:
+    """Median tokens/s of llama-bench's tg (decode) or pp (prompt) test (it runs its own warm-up)."""
+    p, n = (0, tokens) if kind == "tg" else (tokens, 0)
+    cmd = [str(exe), "-m", str(model), "-p", str(p), "-n", str(n), "-t", str(threads), "-b", "512", "-ub", "512",
            "-r", str(reps), "-fa", "0", "-o", "jsonl"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
@@ -80,17 +83,39 @@ def mullama_tg(ctx, tokens: int, reps: int) -> float:
     return statistics.median(rates)
 
 
-def compare(exe: Path, path: Path, tokens: int, threads: int, rounds: int, reps: int,
+def mullama_pp(ctx, tokens: int, reps: int) -> float:
+    """Median tokens/s of evaluating a *tokens*-long prompt (batches of 512) on *ctx*."""
+    prompt = prompt_tokens(ctx.model.n_vocab, tokens)
+    rates = []
+    for i in range(reps + 1):  # the first run is the warm-up
+        ctx.reset()
+        t0 = time.perf_counter()
+        ctx.eval(prompt)
+        if i:
+            rates.append(tokens / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def prompt_tokens(n_vocab: int, n: int) -> List[int]:
+    """A prompt of *n* token ids spread over the vocabulary (llama-bench's are random)."""
+    return [(i * 7919 + 13) % n_vocab for i in range(n)]
+
+
+def compare(exe: Path, path: Path, kind: str, tokens: int, threads: int, rounds: int, reps: int,
             peer: Optional[Path] = None) -> dict:
-    """Native, mullama (and the peer) in alternating rounds, so that the machine's drift hits all alike."""
+    """Native, mullama (and the peer) in alternating rounds, so that the machine's drift hits all alike.
+
+    *kind* is ``"tg"`` (decode from one token) or ``"pp"`` (a *tokens*-long prompt)."""
     natives, ours, peers = [], [], []
-    with mullama.Model.load(path) as model, model.create_context(context_size=tokens + 16, threads=threads) as ctx:
+    ours_fn = mullama_tg if kind == "tg" else mullama_pp
+    with mullama.Model.load(path) as model, model.create_context(context_size=tokens + 16, threads=threads,
+                                                                  batch_size=512) as ctx:
         for _ in range(rounds):
-            natives.append(native_tg(exe, path, tokens, threads, reps))
-            ours.append(mullama_tg(ctx, tokens, reps))
+            natives.append(native_rate(exe, path, kind, tokens, threads, reps))
+            ours.append(ours_fn(ctx, tokens, reps))
             if peer is not None:
-                peers.append(run_peer(peer, dict(task="decode", model=str(path), tokens=tokens, threads=threads,
-                                                 reps=reps))["tok_s"])
+                peers.append(run_peer(peer, dict(task="decode" if kind == "tg" else "prompt", model=str(path),
+                                                 tokens=tokens, threads=threads, reps=reps))["tok_s"])
     out = dict(mullama=round(statistics.median(ours), 1), native=round(statistics.median(natives), 1),
                **_ratios("ratio", ours, natives), rounds=rounds)
     if peers:
@@ -108,7 +133,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7, help="alternating native/mullama rounds")
     ap.add_argument("--reps", type=int, default=3, help="repetitions per round")
-    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=128, help="tokens decoded")
+    ap.add_argument("--prompt-tokens", type=int, default=512, help="prompt length of the prompt figure")
     ap.add_argument("--threads", type=int, default=2, help="threads on the default model")
     ap.add_argument("--tiny-threads", type=int, default=2, help="threads on the tiny model")
     ap.add_argument("--peer", action="store_true",
@@ -125,7 +151,9 @@ def main() -> int:
                  ("tiny", tiny, args.tiny_threads)]
         for name, path, threads in cases:
             emit(figure="decode_tok_s", model=name, threads=threads, tokens=args.tokens,
-                 **compare(exe, path, args.tokens, threads, args.rounds, args.reps, peer))
+                 **compare(exe, path, "tg", args.tokens, threads, args.rounds, args.reps, peer))
+            emit(figure="prompt_tok_s", model=name, threads=threads, tokens=args.prompt_tokens,
+                 **compare(exe, path, "pp", args.prompt_tokens, threads, args.rounds, args.reps, peer))
     return 0
 
 
