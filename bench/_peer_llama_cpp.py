@@ -1,5 +1,7 @@
 """Runs inside the llama-cpp-python environment (bench/peers.py): one measurement, one JSON line out.
 
+Task ``gil``: another Python thread's speed during a generation (bench/_gil_probe.py).
+
 Task ``prompt``: evaluating a prompt of the given length in batches of 512.
 
 Task ``decode``: greedy single-stream generation from the BOS token, timing
@@ -54,6 +56,25 @@ def prompt(task: dict) -> dict:
     return {"tok_s": statistics.median(rates)}
 
 
+def gil(task: dict) -> dict:
+    """Another Python thread's speed while ``tokens`` are generated (bench/_gil_probe.py)."""
+    from _gil_probe import other_thread_ratio
+
+    tokens, threads = task["tokens"], task["threads"]
+    llm = Llama(model_path=task["model"], n_ctx=tokens + 16, n_threads=threads, n_threads_batch=threads,
+                verbose=False)
+    bos = llm.token_bos()
+
+    def generate() -> None:
+        llm.reset()
+        for n, tok in enumerate(llm.generate([bos], temp=0.0, reset=True), 1):
+            llm.detokenize([tok])
+            if n == tokens:
+                break
+
+    return {"ratio": other_thread_ratio(generate, task["reps"])}
+
+
 if __name__ == "__main__":
     task = json.loads(sys.argv[1])
-    print(json.dumps({"decode": decode, "prompt": prompt}[task["task"]](task)))
+    print(json.dumps({"decode": decode, "prompt": prompt, "gil": gil}[task["task"]](task)))
