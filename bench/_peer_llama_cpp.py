@@ -1,6 +1,6 @@
 """Runs inside the llama-cpp-python environment (bench/peers.py): one measurement, one JSON line out.
 
-Task ``gil``: another Python thread's speed during a generation (bench/_gil_probe.py).
+Task ``gil``: another Python thread's speed during a generation (bench/_probes.py).
 
 Task ``prompt``: evaluating a prompt of the given length in batches of 512.
 
@@ -16,6 +16,8 @@ import sys
 import time
 
 from llama_cpp import Llama
+
+from _probes import other_thread_ratio, prompt_rate, prompt_tokens
 
 
 def decode(task: dict) -> dict:
@@ -42,24 +44,14 @@ def decode(task: dict) -> dict:
 
 def prompt(task: dict) -> dict:
     """Evaluating a prompt of ``tokens`` ids spread over the vocabulary (as bench/decode.py does)."""
-    tokens, threads, reps = task["tokens"], task["threads"], task["reps"]
+    tokens, threads = task["tokens"], task["threads"]
     llm = Llama(model_path=task["model"], n_ctx=tokens + 16, n_threads=threads, n_threads_batch=threads,
                 n_batch=512, n_ubatch=512, verbose=False)
-    ids = [(i * 7919 + 13) % llm.n_vocab() for i in range(tokens)]
-    rates = []
-    for i in range(reps + 1):  # the first run is the warm-up
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(ids)
-        if i:
-            rates.append(tokens / (time.perf_counter() - t0))
-    return {"tok_s": statistics.median(rates)}
+    return {"tok_s": prompt_rate(llm.reset, llm.eval, prompt_tokens(llm.n_vocab(), tokens), task["reps"])}
 
 
 def gil(task: dict) -> dict:
-    """Another Python thread's speed while ``tokens`` are generated (bench/_gil_probe.py)."""
-    from _gil_probe import other_thread_ratio
-
+    """Another Python thread's speed while ``tokens`` are generated (bench/_probes.py)."""
     tokens, threads = task["tokens"], task["threads"]
     llm = Llama(model_path=task["model"], n_ctx=tokens + 16, n_threads=threads, n_threads_batch=threads,
                 verbose=False)

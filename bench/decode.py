@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import mullama  # noqa: E402
 from mullama import StreamConfig  # noqa: E402
+from _probes import prompt_rate, prompt_tokens  # noqa: E402
 from peers import ensure_peer, run_peer  # noqa: E402
 
 
@@ -85,20 +86,7 @@ def mullama_tg(ctx, tokens: int, reps: int) -> float:
 
 def mullama_pp(ctx, tokens: int, reps: int) -> float:
     """Median tokens/s of evaluating a *tokens*-long prompt (batches of 512) on *ctx*."""
-    prompt = prompt_tokens(ctx.model.n_vocab, tokens)
-    rates = []
-    for i in range(reps + 1):  # the first run is the warm-up
-        ctx.reset()
-        t0 = time.perf_counter()
-        ctx.eval(prompt)
-        if i:
-            rates.append(tokens / (time.perf_counter() - t0))
-    return statistics.median(rates)
-
-
-def prompt_tokens(n_vocab: int, n: int) -> List[int]:
-    """A prompt of *n* token ids spread over the vocabulary (llama-bench's are random)."""
-    return [(i * 7919 + 13) % n_vocab for i in range(n)]
+    return prompt_rate(ctx.reset, ctx.eval, prompt_tokens(ctx.model.n_vocab, tokens), reps)
 
 
 def compare(exe: Path, path: Path, kind: str, tokens: int, threads: int, rounds: int, reps: int,

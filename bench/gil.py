@@ -23,7 +23,7 @@ import sys
 import mullama
 from mullama import StreamConfig
 
-from _gil_probe import other_thread_ratio
+from _probes import other_thread_ratio
 from peers import ensure_peer, run_peer
 
 

@@ -206,7 +206,10 @@ class TokenStream(anyio.abc.AsyncResource):
         return self
 
     async def __anext__(self) -> TokenData:
-        await self._fill()
+        if self._closed or self._index >= len(self._batch):
+            await self._refill()
+        else:  # the per-token path: a token already here costs one cancellation check
+            await anyio.lowlevel.checkpoint_if_cancelled()
         tok = self._batch[self._index]
         self._index += 1
         self.last_position = tok.position
@@ -218,7 +221,10 @@ class TokenStream(anyio.abc.AsyncResource):
 
         Reading in batches costs one step per batch instead of one per token.
         """
-        await self._fill()
+        if self._closed or self._index >= len(self._batch):
+            await self._refill()
+        else:
+            await anyio.lowlevel.checkpoint_if_cancelled()
         batch = self._batch[self._index:]
         self._index = len(self._batch)
         self.last_position = batch[-1].position
@@ -228,13 +234,10 @@ class TokenStream(anyio.abc.AsyncResource):
         """``async for batch in stream.batches():`` (see :meth:`next_batch`)."""
         return _Batches(self)
 
-    async def _fill(self) -> None:
-        """Make sure ``self._batch[self._index]`` is an unread token."""
+    async def _refill(self) -> None:
+        """Wait for the next batch (the current one is read); StopAsyncIteration at the end."""
         if self._closed:
             raise StopAsyncIteration
-        if self._index < len(self._batch):
-            await anyio.lowlevel.checkpoint_if_cancelled()
-            return
         batch = await self._handoff.get()
         if batch is None:
             error = getattr(self._run, "error", None)

@@ -20,7 +20,7 @@ import os
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, MutableMapping, Optional, Tuple, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, MutableMapping, Optional, Sequence, Tuple, Union
 
 import anyio
 
@@ -104,11 +104,11 @@ class _Exchange:
             raise _Disconnected() from exc
 
     async def respond(self, status: int, body: bytes, content_type: str,
-                      headers: List[Tuple[str, str]] = ()) -> None:  # type: ignore[assignment]
+                      headers: Sequence[Tuple[str, str]] = ()) -> None:
         await self.start(status, [("content-type", content_type), ("content-length", str(len(body))), *headers])
         await self.send({"type": "http.response.body", "body": body})
 
-    async def respond_json(self, status: int, obj: Any, headers: List[Tuple[str, str]] = ()) -> None:  # type: ignore[assignment]
+    async def respond_json(self, status: int, obj: Any, headers: Sequence[Tuple[str, str]] = ()) -> None:
         await self.respond(status, _dumps(obj), "application/json", headers)
 
     async def event(self, obj: Any) -> None:

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+from .. import __version__
 from .._chat import check_messages
 from .._config import StreamConfig
 from .._context import Completion, TokenData
@@ -83,6 +84,7 @@ def _refuse_unless(body: Dict[str, Any], name: str, ok: Any, why: str) -> None:
 
 
 _NUM = (int, float)
+_FINGERPRINT = f"mullama-{__version__}"
 
 #: parameters of both endpoints that this server reads (anything else is refused by name)
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
@@ -174,8 +176,9 @@ def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
         value = _get(body, name, types, what)
         if value is not None:
             sampling[name] = value
-    if "temperature" in body and body["temperature"] is not None and not 0 <= body["temperature"] <= 2:
-        raise ApiError(400, f"'temperature' must be between 0 and 2, got {body['temperature']}", param="temperature")
+    if not 0 <= sampling["temperature"] <= 2:
+        raise ApiError(400, f"'temperature' must be between 0 and 2, got {sampling['temperature']}",
+                       param="temperature")
     if sampling.get("seed") is not None:
         sampling["seed"] = sampling["seed"] % 0xFFFFFFFF  # OpenAI takes any integer; llama.cpp a 32-bit one
     stop = body.get("stop")
@@ -299,10 +302,3 @@ def usage_chunk(ids: ResponseIds, chat: bool, prompt_tokens: int, completion_tok
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def _fingerprint() -> str:
-    from .. import __version__
-
-    return f"mullama-{__version__}"
-
-
-_FINGERPRINT = _fingerprint()

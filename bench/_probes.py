@@ -1,0 +1,69 @@
+"""Measurements shared by mullama's bench scripts and the peer worker (bench/_peer_llama_cpp.py).
+
+Standard library only: the same code times both bindings, each in its own
+environment.
+
+* :func:`prompt_rate`: prompt evaluation speed over a prompt from :func:`prompt_tokens`.
+* :func:`other_thread_ratio`: how fast another Python thread runs while a
+  generation runs. A spinner thread counts loop iterations, once while the main
+  thread only sleeps (idle) and once while it generates; the figure is the
+  ratio of the two rates. A binding that holds the GIL while llama.cpp works
+  starves the spinner.
+"""
+
+import statistics
+import threading
+import time
+from typing import Callable, List, Sequence
+
+
+def prompt_tokens(n_vocab: int, n: int) -> List[int]:
+    """A prompt of *n* token ids spread over the vocabulary (llama-bench's are random)."""
+    return [(i * 7919 + 13) % n_vocab for i in range(n)]
+
+
+def prompt_rate(reset: Callable[[], None], evaluate: Callable[[Sequence[int]], None], prompt: Sequence[int],
+                reps: int) -> float:
+    """Median tokens/s of ``evaluate(prompt)`` after ``reset()``, over *reps* runs after a warm-up."""
+    rates = []
+    for i in range(reps + 1):  # the first run is the warm-up
+        reset()
+        t0 = time.perf_counter()
+        evaluate(prompt)
+        if i:
+            rates.append(len(prompt) / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def _spin_during(work: Callable[[], None]) -> float:
+    stop = threading.Event()
+    count = [0]
+
+    def spin() -> None:
+        n = 0
+        while not stop.is_set():
+            for _ in range(200):
+                n += 1
+        count[0] = n
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    t0 = time.perf_counter()
+    work()
+    elapsed = time.perf_counter() - t0
+    stop.set()
+    thread.join()
+    return count[0] / elapsed
+
+
+def other_thread_ratio(generate: Callable[[], None], reps: int) -> float:
+    """Median over *reps* of (spinner rate while generating) / (spinner rate while idle)."""
+    generate()  # warm-up
+    ratios = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        busy = _spin_during(generate)
+        duration = time.perf_counter() - t0
+        idle = _spin_during(lambda: time.sleep(duration))
+        ratios.append(busy / idle)
+    return statistics.median(ratios)
