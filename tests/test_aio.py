@@ -396,3 +396,22 @@ async def test_worker_error_reaches_caller_bare(tiny_model_path, baseline):
             await model.generate([1, 99999], config=GREEDY)
         assert model.active_workers == 0
         assert await model.generate("once upon", config=GREEDY) == baseline.text
+
+
+async def test_stream_in_batches(tiny_model_path, baseline):
+    """next_batch()/batches() hand over every token once, in order, on the engine and on a conversation;
+    reading by token and by batch can be mixed."""
+    async with await load_tiny(tiny_model_path, context_size=256) as model:
+        assert model.request_context_size == 256
+        async with model.generate_stream("once upon", GREEDY) as stream:
+            first = await stream.__anext__()
+            batches = [b async for b in stream.batches()]
+            with pytest.raises(StopAsyncIteration):
+                await stream.next_batch()
+        assert all(batches)
+        assert [first.id] + [t.id for b in batches for t in b] == baseline.tokens
+        assert "".join([first.text] + [t.text for b in batches for t in b]) == baseline.text
+        conv = await model.create_context()
+        async with conv.generate_stream("once upon", GREEDY) as stream:
+            ids = [t.id async for b in stream.batches() for t in b]
+        assert ids == baseline.tokens and stream.seen_tokens() == conv.n_past

@@ -168,8 +168,11 @@ async def test_async_chat_equals_sync(tiny_model_path, tiny_model):
         assert short.tokens == expected.tokens[:3] and short.finish_reason == "length"
         async with model.chat_stream(CONV, GREEDY, template="chatml") as stream:
             assert "".join([t.text async for t in stream]) == expected.text
+        assert await model.tokenize_chat(CONV, template="chatml") == chat_tokens(tiny_model, CONV, "chatml")
         with pytest.raises(mullama.ChatTemplateError, match="no chat template"):
             await model.chat(CONV)
+        with pytest.raises(mullama.ChatTemplateError, match="no chat template"):
+            await model.tokenize_chat(CONV)
         with pytest.raises(mullama.InvalidConfigError, match="must not be empty"):
             model.chat_stream([])
 

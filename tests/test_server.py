@@ -197,6 +197,18 @@ def test_chat(tiny_server, tiny_model):
         client.chat.completions.create(**kw).choices[0].message.content
 
 
+def test_penalties_cover_the_whole_request(tiny_server, tiny_model):
+    """OpenAI's presence/frequency penalties count every token of the request, not llama.cpp's last 64."""
+    whole = tiny_model.chat(CHAT, StreamConfig.greedy(150, presence_penalty=2.0, repeat_last_n=256),
+                            template="chatml", context_size=256)
+    last_64 = tiny_model.chat(CHAT, StreamConfig.greedy(150, presence_penalty=2.0, repeat_last_n=64),
+                              template="chatml", context_size=256)
+    assert whole.text != last_64.text  # the window matters for this request
+    got = tiny_server.client().chat.completions.create(model="tiny", messages=CHAT, max_tokens=150, temperature=0,
+                                                       presence_penalty=2.0)
+    assert got.choices[0].message.content == whole.text
+
+
 @pytest.mark.anyio
 async def test_concurrent_streams_async_client(tiny_server, tiny_model):
     """More streams than slots (2): they share the engine or wait in its queue; each gets its own answer."""
