@@ -4,6 +4,7 @@ Standard library only: the same code times both bindings, each in its own
 environment.
 
 * :func:`prompt_rate`: prompt evaluation speed over a prompt from :func:`prompt_tokens`.
+* :func:`rss`: this process's resident memory.
 * :func:`other_thread_ratio`: how fast another Python thread runs while a
   generation runs. A spinner thread counts loop iterations, once while the main
   thread only sleeps (idle) and once while it generates; the figure is the
@@ -33,6 +34,15 @@ def prompt_rate(reset: Callable[[], None], evaluate: Callable[[Sequence[int]], N
         if i:
             rates.append(len(prompt) / (time.perf_counter() - t0))
     return statistics.median(rates)
+
+
+def rss() -> int:
+    """Resident set size of this process, in bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def _spin_during(work: Callable[[], None]) -> float:

@@ -1,19 +1,26 @@
 #!/usr/bin/env python3
-"""Async streaming against sync streaming, and cancellation latency, in one run.
+"""Async streaming against sync streaming and the native loop, and cancellation latency, in one run.
 
 Figures (one JSON line each):
 
 * ``stream_tok_s``: tokens/s of ``AsyncModel.generate_stream`` under asyncio
-  and under trio against the sync ``Context.stream`` on the same model
-  (greedy, same prompt, same token count; median over rounds that interleave
-  the three); ``ratio`` = async / sync.
-* ``cancel_latency_ms``: time from cancelling a request to the moment its
-  ``async with`` has exited (its worker thread is done and the context is
-  free), during decode and during a 2,000-token prompt evaluation; p50/p99
-  over many cancellations at random moments, with the decode token time and
-  the target measured in the same run.
+  and under trio against the sync ``Context.stream`` on the same model, and
+  against llama-bench's tg (the native loop, no prompt) for the same token
+  count (greedy, same prompt, same token count; median over rounds that
+  interleave all of them); ``ratio`` = async / sync. With the peer,
+  llama-cpp-python's streaming ``create_completion``, sync and async the way
+  its server streams (each chunk fetched in a worker thread; see
+  bench/_peer_llama_cpp.py), in the same rounds.
+* ``cancel_latency_ms``: time from cancelling a request (at a random moment
+  after its first token, or at a random moment of a 2,000-token prompt
+  evaluation) to the moment its ``async with`` has exited (its worker thread
+  is done and the model free for the next request); p50/p99 and every sample,
+  with the decode token time and the target measured in the same run, for
+  mullama and (with the peer) llama-cpp-python. llama.cpp's own tools cannot
+  cancel a request: one decode step (``token_ms``) is the native reference.
 
-Usage: python bench/async_overhead.py [--reps 5] [--tokens 256] [--cancels 50]
+Usage: python bench/async_overhead.py [--reps 5] [--tokens 256] [--cancels 50] [--peer-prefill-cancels 8]
+                                      [--no-peer]
 """
 
 from __future__ import annotations
@@ -26,18 +33,23 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import anyio
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import mullama  # noqa: E402
 from mullama import StreamConfig  # noqa: E402
 from mullama.aio import AsyncModel  # noqa: E402
+from decode import llama_bench_binary, native_rate  # noqa: E402
+from peers import ensure_peer, run_peer  # noqa: E402
 
 PROMPT = "Once upon a time"
+PREFILL_TOKENS = 2000
+DELAYS_S = {"decode": (0.02, 0.3), "prefill": (0.01, 0.3)}  # the cancel's random moment
 
 
 def emit(**fields) -> None:
@@ -79,46 +91,53 @@ async def async_stream_rate(path: Path, tokens: int, reps: int, threads: int) ->
     return rates
 
 
-def stream_rates(path: Path, tokens: int, rounds: int, threads: int) -> Dict[str, float]:
-    """Median tokens/s of sync, asyncio and trio streaming, measured in interleaved
-    rounds so that drift of the machine affects all three alike."""
-    samples: Dict[str, List[float]] = {"sync": [], "asyncio": [], "trio": []}
-    for _ in range(rounds):
-        samples["sync"] += sync_stream_rate(path, tokens, 2, threads)
+def stream_rates(path: Path, tokens: int, rounds: int, threads: int, exe: Path, peer: Optional[Path]) -> dict:
+    """Median tokens/s of sync, asyncio and trio streaming, native and the peer's, measured in
+    interleaved rounds so that drift of the machine affects all alike."""
+    samples: Dict[str, List[float]] = {}
+    for r in range(rounds):
+        got = {"sync": sync_stream_rate(path, tokens, 2, threads)}
         for backend in ("asyncio", "trio"):
-            samples[backend] += anyio.run(async_stream_rate, path, tokens, 2, threads, backend=backend)
+            got[backend] = anyio.run(async_stream_rate, path, tokens, 2, threads, backend=backend)
+        got["native"] = [native_rate(exe, path, "tg", tokens, threads, 2)]
+        if peer is not None:
+            rates = run_peer(peer, dict(task="stream", model=str(path), prompt=PROMPT, tokens=tokens,
+                                        threads=threads, reps=2))
+            got.update({f"peer_{k}": [v] for k, v in rates.items()})
+        for k, v in got.items():
+            samples.setdefault(k, []).extend(v)
+        print(f"[async_overhead] {path.name} round {r + 1}/{rounds}: "
+              + ", ".join(f"{k} {statistics.median(v):.0f}" for k, v in got.items()), file=sys.stderr, flush=True)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
 async def cancel_latencies(path: Path, phase: str, count: int, threads: int) -> list:
-    """Cancel *count* requests at random moments of *phase* ("decode" or "prefill")."""
+    """Cancel *count* requests at random moments of *phase* ("decode": after the first token,
+    or "prefill": during a 2,000-token prompt)."""
     rng = random.Random(1)
     out = []
     async with await AsyncModel.load(path, context_size=4096, threads=threads, max_concurrent=1,
                                      timeout_ms=None) as model:
-        long_prompt = (await model.tokenize("word " * 4000))[:2000]
+        long_prompt = (await model.tokenize("word " * 4000))[:PREFILL_TOKENS]
+        prompt, max_tokens = (PROMPT, 3000) if phase == "decode" else (long_prompt, 1)
         for _ in range(count):
             marks = {}
             with anyio.CancelScope() as scope:
-                if phase == "decode":
-                    async with model.generate_stream(PROMPT, StreamConfig.greedy(3000)) as stream:
-                        stop_at = rng.randint(5, 40)
-                        async for tok in stream:
-                            if tok.position >= stop_at:
-                                marks["cancel"] = time.perf_counter()
-                                scope.cancel()
-                else:
-                    async def cancel_later():
-                        await anyio.sleep(rng.uniform(0.01, 0.3))
-                        marks["cancel"] = time.perf_counter()
-                        scope.cancel()
+                async def cancel_later(started: anyio.Event) -> None:
+                    await started.wait()
+                    await anyio.sleep(rng.uniform(*DELAYS_S[phase]))
+                    marks["cancel"] = time.perf_counter()
+                    scope.cancel()
 
-                    async with anyio.create_task_group() as tg:
-                        tg.start_soon(cancel_later)
-                        async with model.generate_stream(long_prompt, StreamConfig.greedy(1)) as stream:
-                            async for _ in stream:
-                                pass
-                        tg.cancel_scope.cancel()  # the prefill finished first: not a sample
+                started = anyio.Event()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(cancel_later, started)
+                    if phase == "prefill":
+                        started.set()
+                    async with model.generate_stream(prompt, StreamConfig.greedy(max_tokens)) as stream:
+                        async for _ in stream:
+                            started.set()
+                    tg.cancel_scope.cancel()  # the request finished first: not a sample
             end = time.perf_counter()
             assert model.active_workers == 0
             if "cancel" in marks and scope.cancelled_caught:
@@ -126,33 +145,58 @@ async def cancel_latencies(path: Path, phase: str, count: int, threads: int) -> 
     return out
 
 
+def latency_fields(lat: List[float]) -> dict:
+    return dict(samples=len(lat), p50=round(pct(lat, 50), 2), p99=round(pct(lat, 99), 2), max=round(max(lat), 2),
+                samples_ms=[round(x, 3) for x in lat])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5, help="interleaved rounds (2 runs each)")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--cancels", type=int, default=50)
+    ap.add_argument("--peer-prefill-cancels", type=int, default=8,
+                    help="llama-cpp-python cannot abort a prompt: each of its samples lasts a whole prefill")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-peer", action="store_true", help="skip llama-cpp-python")
     args = ap.parse_args()
 
     from tiny_model import write_tiny_model
 
+    exe = llama_bench_binary()
+    peer = None if args.no_peer else ensure_peer()
     default = mullama.default_model_path(progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         tiny = write_tiny_model(Path(tmp) / "tiny.gguf")
         for name, path, tokens in (("default", default, args.tokens), ("tiny", tiny, 2000)):
-            rates = stream_rates(path, tokens, args.reps, args.threads)
+            rates = stream_rates(path, tokens, args.reps, args.threads, exe, peer)
             for backend in ("asyncio", "trio"):
-                emit(figure="stream_tok_s", model=name, backend=backend, tokens=tokens,
-                     async_=round(rates[backend], 1), sync=round(rates["sync"], 1),
-                     ratio=round(rates[backend] / rates["sync"], 3))
+                fig = dict(figure="stream_tok_s", model=name, backend=backend, tokens=tokens,
+                           mullama=round(rates[backend], 1), mullama_sync=round(rates["sync"], 1),
+                           native=round(rates["native"], 1), ratio=round(rates[backend] / rates["sync"], 3),
+                           vs_native=round(rates[backend] / rates["native"], 3))
+                if peer is not None:
+                    fig.update(llama_cpp_python=round(rates[f"peer_{backend}"], 1),
+                               llama_cpp_python_sync=round(rates["peer_sync"], 1),
+                               peer_ratio=round(rates[f"peer_{backend}"] / rates["peer_sync"], 3),
+                               peer_vs_native=round(rates[f"peer_{backend}"] / rates["native"], 3))
+                emit(**fig)
 
     token_ms = 1e3 / statistics.median(sync_stream_rate(default, 64, 3, args.threads))
     for backend in ("asyncio", "trio"):
         for phase, target in (("decode", token_ms + 10), ("prefill", 50.0)):
+            print(f"[async_overhead] cancellation during {phase} under {backend} ...", file=sys.stderr, flush=True)
             lat = anyio.run(cancel_latencies, default, phase, args.cancels, args.threads, backend=backend)
-            emit(figure="cancel_latency_ms", backend=backend, phase=phase, samples=len(lat),
-                 p50=round(pct(lat, 50), 2), p99=round(pct(lat, 99), 2), max=round(max(lat), 2),
-                 token_ms=round(token_ms, 2), target_p99=round(target, 2), met=pct(lat, 99) <= target)
+            fig = dict(figure="cancel_latency_ms", backend=backend, phase=phase, binding="mullama",
+                       **latency_fields(lat), token_ms=round(token_ms, 2), target_p99=round(target, 2),
+                       met=pct(lat, 99) <= target)
+            emit(**fig)
+            if peer is not None:
+                count = args.cancels if phase == "decode" else args.peer_prefill_cancels
+                lat = run_peer(peer, dict(task="cancel", model=str(default), prompt=PROMPT, threads=args.threads,
+                                          phase=phase, count=count, prefill_tokens=PREFILL_TOKENS,
+                                          delay_s=DELAYS_S[phase], backend=backend))["latency_ms"]
+                emit(**dict(fig, binding="llama-cpp-python", **latency_fields(lat), met=pct(lat, 99) <= target))
     return 0
 
 

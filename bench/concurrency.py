@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Aggregate throughput of concurrent requests: mullama's batching engine against
-llama.cpp's llama-batched-bench, in one run, on the default model.
+llama.cpp's llama-batched-bench and llama-cpp-python, in one run, on the default model.
 
 Figures (one JSON line each):
 
@@ -8,18 +8,18 @@ Figures (one JSON line each):
   19-token prompt and 128 greedy tokens), generated tokens per second over all
   of them, counted from the first token to the last (the generation phase), against
   llama-batched-bench's ``speed_tg`` at the same parallelism (same threads,
-  same pinned source and flags), the two alternating over several rounds.
-  ``ratio`` = median over rounds of mullama / native, with its range;
-  ``vs_single`` = mullama at N / mullama at 1.
-* ``ttft_ms``: time to first token (queue wait included) of 32 requests
-  submitted at once to an engine with 4 slots, p50/p99.
-* ``pool_rss_mb``: resident memory of a 4-member ModelPool (each member has
-  generated) over a process with mullama imported and no model, against one
-  model (its file size) plus 4 KV caches (f16 K and V for ``context_size``
-  tokens, from the model's metadata); ``ratio`` = measured / that sum
-  (target <= 1.15). Each figure comes from a fresh process.
+  same pinned source and flags) and, with the peer, llama-cpp-python serving
+  the same requests the way its server does (one at a time on the model, each
+  streamed through a worker thread; bench/_peer_llama_cpp.py). They alternate
+  over several rounds. ``ratio`` = median over rounds of mullama / native,
+  with its range; ``vs_single`` = mullama at N / mullama at 1.
+* ``ttft_ms``: time to first token (queue wait included) of requests submitted
+  at once to an engine with 4 slots, each generating 32 tokens, p50/p99: 4
+  requests (repeated) and 32 requests. For 4 requests llama-batched-bench's
+  prompt time at 4 sequences is the native figure (its 4 first tokens come
+  out of that one batch); no native tool queues requests, so 32 has none.
 
-Usage: python bench/concurrency.py [--threads 2] [--tokens 128] [--rounds 7] [--context-size 2048]
+Usage: python bench/concurrency.py [--threads 2] [--tokens 128] [--rounds 7] [--no-peer]
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Dict, List
 
 import anyio
 
@@ -40,9 +40,9 @@ sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import mullama  # noqa: E402
-from leaks import rss  # noqa: E402
 from mullama import StreamConfig  # noqa: E402
 from mullama.aio import AsyncModel  # noqa: E402
+from peers import ensure_peer, run_peer  # noqa: E402
 
 PARALLEL = (1, 2, 4, 8)
 PROMPT = "The history of the city begins with a small village by the river, where farmers and traders lived"
@@ -57,8 +57,9 @@ def pct(values, q):
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
-def native(model: Path, npp: int, ntg: int, threads: int, npl: int) -> float:
-    """llama-batched-bench's aggregate generation tokens/s at *npl* sequences."""
+def native(model: Path, npp: int, ntg: int, threads: int, npl: int) -> dict:
+    """llama-batched-bench's result row at *npl* sequences (``speed_tg``: aggregate generation
+    tokens/s; ``t_pp``: seconds to evaluate the *npl* prompts in one batch)."""
     import build_llama_cpp
 
     bdir = build_llama_cpp.build(("llama-bench", "llama-batched-bench"), tools=True)
@@ -68,7 +69,7 @@ def native(model: Path, npp: int, ntg: int, threads: int, npl: int) -> float:
            "-npl", str(npl), "-t", str(threads), "-fa", "off", "--output-format", "jsonl"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    return rows[-1]["speed_tg"]
+    return rows[-1]
 
 
 async def aggregate(model_path: Path, n: int, ntg: int, threads: int) -> float:
@@ -100,92 +101,83 @@ async def aggregate(model_path: Path, n: int, ntg: int, threads: int) -> float:
     return sum(counts) / (max(ends) - min(firsts))
 
 
-async def ttft(model_path: Path, threads: int, requests: int = 32, slots: int = 4) -> list:
+async def ttft(model_path: Path, threads: int, requests: int, repeat: int = 1, slots: int = 4) -> list:
+    """Times to first token (ms) of *requests* submitted at once, *repeat* times."""
     async with await AsyncModel.load(model_path, max_concurrent=slots, context_size=256, threads=threads,
                                      timeout_ms=None) as model:
+        await model.generate(PROMPT, config=StreamConfig.greedy(4))  # warm-up
         results = []
 
         async def one():
             results.append(await model.complete(PROMPT, config=StreamConfig.greedy(32)))
 
-        async with anyio.create_task_group() as tg:
-            for _ in range(requests):
-                tg.start_soon(one)
+        for _ in range(repeat):
+            async with anyio.create_task_group() as tg:
+                for _ in range(requests):
+                    tg.start_soon(one)
     return [r.metrics.time_to_first_token_ms for r in results]
-
-
-async def pool_probe(model_path: Path, members: int, context_size: int, threads: int) -> None:
-    """(In a fresh process) RSS with *members* pool members that have each generated."""
-    from mullama.aio import AsyncConfig, ModelPool
-
-    if members == 0:
-        print(rss())
-        return
-    cfg = AsyncConfig(model_path, context_size=context_size, threads=threads, timeout_ms=None)
-    async with ModelPool(cfg, members) as pool:
-        leases = [await pool.acquire() for _ in range(members)]
-        for m in leases:
-            await m.generate(PROMPT, config=StreamConfig.greedy(32))
-        print(rss())
-        for m in leases:
-            await m.release()
-
-
-def pool_rss(model_path: Path, members: int, context_size: int, threads: int) -> dict:
-    def probe(n: int) -> int:
-        out = subprocess.run([sys.executable, __file__, "--rss-probe", str(n), "--context-size", str(context_size),
-                              "--threads", str(threads)], check=True, capture_output=True, text=True).stdout
-        return int(out.split()[-1])
-
-    empty, pool = probe(0), probe(members)
-    with mullama.Model.load(model_path) as m:
-        meta, info = m.metadata(), m.info
-    arch = info.architecture
-    n_head_kv = int(meta.get(f"{arch}.attention.head_count_kv", info.n_head))
-    kv = 2 * info.n_layer * context_size * (info.n_embd // info.n_head) * n_head_kv * 2  # K and V, f16
-    budget = os.path.getsize(model_path) + members * kv
-    return dict(members=members, context_size=context_size, measured_mb=round((pool - empty) / 2**20, 1),
-                model_mb=round(os.path.getsize(model_path) / 2**20, 1), kv_cache_mb=round(kv / 2**20, 1),
-                one_model_plus_kv_mb=round(budget / 2**20, 1), ratio=round((pool - empty) / budget, 3))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=7, help="alternating native/mullama rounds")
-    ap.add_argument("--context-size", type=int, default=2048, help="per pool member")
-    ap.add_argument("--rss-probe", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=7, help="alternating native/mullama/peer rounds")
+    ap.add_argument("--no-peer", action="store_true", help="skip llama-cpp-python")
     args = ap.parse_args()
-    if args.rss_probe is not None:
-        anyio.run(pool_probe, mullama.default_model_path(progress=False), args.rss_probe, args.context_size,
-                  args.threads)
-        return 0
-
+    peer = None if args.no_peer else ensure_peer()
     path = mullama.default_model_path(progress=False)
     with mullama.Model.load(path) as m:
         npp = len(m.tokenize(PROMPT))
     # native and mullama run back to back at each parallelism, round after
     # round: this machine's speed drifts by tens of percent within a minute,
     # and both should see the same drift
-    nat: dict = {n: [] for n in PARALLEL}
-    ours: dict = {n: [] for n in PARALLEL}
-    for _ in range(args.rounds):
+    nat: Dict[int, List[dict]] = {n: [] for n in PARALLEL}
+    ours: Dict[int, List[float]] = {n: [] for n in PARALLEL}
+    peers: Dict[int, List[float]] = {n: [] for n in PARALLEL}
+    task = dict(model=str(path), prompt=PROMPT, threads=args.threads)
+    for r in range(args.rounds):
         for n in PARALLEL:  # each pair back to back
             nat[n].append(native(path, npp, args.tokens, args.threads, n))
             ours[n].append(anyio.run(aggregate, path, n, args.tokens, args.threads))
+        if peer is not None:
+            got = run_peer(peer, dict(task, task="aggregate", tokens=args.tokens, parallel=PARALLEL))
+            for n in PARALLEL:
+                peers[n].append(got[str(n)])
+        print(f"[concurrency] round {r + 1}/{args.rounds}: " + ", ".join(
+            f"{n}: {ours[n][-1]:.0f}/{nat[n][-1]['speed_tg']:.0f}" + (f"/{peers[n][-1]:.0f}" if peers[n] else "")
+            for n in PARALLEL) + " tok/s (mullama/native/peer)", file=sys.stderr, flush=True)
     single = statistics.median(ours[1])
-    native_single = statistics.median(nat[1])
+    native_single = statistics.median(row["speed_tg"] for row in nat[1])
     for n in PARALLEL:
-        ratios = sorted(o / t for o, t in zip(ours[n], nat[n]))
-        mine, theirs = statistics.median(ours[n]), statistics.median(nat[n])
-        emit(figure="aggregate_tok_s", parallel=n, prompt_tokens=npp, gen_tokens=args.tokens, threads=args.threads,
-             mullama=round(mine, 1), native=round(theirs, 1), ratio=round(statistics.median(ratios), 3),
-             ratio_min=round(ratios[0], 3), ratio_max=round(ratios[-1], 3), rounds=args.rounds,
-             vs_single=round(mine / single, 2), native_vs_single=round(theirs / native_single, 2))
-    lat = anyio.run(ttft, path, args.threads)
-    emit(figure="ttft_ms", requests=len(lat), slots=4, p50=round(pct(lat, 50), 1), p99=round(pct(lat, 99), 1))
-    emit(figure="pool_rss_mb", **pool_rss(path, 4, args.context_size, args.threads))
+        natives = [row["speed_tg"] for row in nat[n]]
+        ratios = sorted(o / t for o, t in zip(ours[n], natives))
+        mine, theirs = statistics.median(ours[n]), statistics.median(natives)
+        fig = dict(figure="aggregate_tok_s", parallel=n, prompt_tokens=npp, gen_tokens=args.tokens,
+                   threads=args.threads, mullama=round(mine, 1), native=round(theirs, 1),
+                   ratio=round(statistics.median(ratios), 3), ratio_min=round(ratios[0], 3),
+                   ratio_max=round(ratios[-1], 3), rounds=args.rounds, vs_single=round(mine / single, 2),
+                   native_vs_single=round(theirs / native_single, 2))
+        if peers[n]:
+            fig.update(llama_cpp_python=round(statistics.median(peers[n]), 1),
+                       peer_ratio=round(statistics.median(p / t for p, t in zip(peers[n], natives)), 3))
+        emit(**fig)
+
+    print("[concurrency] time to first token ...", file=sys.stderr, flush=True)
+    for requests, repeat in ((4, 5), (32, 1)):
+        lat = anyio.run(ttft, path, args.threads, requests, repeat)
+        fig = dict(figure="ttft_ms", requests=requests, slots=4, gen_tokens=32, samples=len(lat),
+                   mullama_p50=round(pct(lat, 50), 1), mullama_p99=round(pct(lat, 99), 1),
+                   native_p50=None, native_p99=None)
+        if requests == 4:  # all four first tokens come out of llama-batched-bench's one prompt batch
+            t_pp = [row["t_pp"] * 1e3 for row in nat[4]]
+            fig.update(native_p50=round(statistics.median(t_pp), 1), native_p99=round(pct(t_pp, 99), 1))
+        if peer is not None:
+            plat: List[float] = []
+            for _ in range(repeat):
+                plat += run_peer(peer, dict(task, task="ttft", tokens=32, requests=requests))["ttft_ms"]
+            fig.update(llama_cpp_python_p50=round(pct(plat, 50), 1), llama_cpp_python_p99=round(pct(plat, 99), 1))
+        emit(**fig)
     return 0
 
 

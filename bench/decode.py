@@ -8,6 +8,9 @@ generated model:
 * native: ``llama-bench -p 0 -n N`` (tg: one token per llama_decode, no sampling);
 * mullama: ``Context.generate`` greedy from a one-token prompt, timing the
   generation phase (decode + greedy sampling + token-to-piece + Python side);
+* per-token overhead (figure ``per_token_overhead_us``): each binding's time
+  per generated token minus llama-bench's, median over rounds (what the
+  binding adds to every token; most visible on the tiny model);
 * prompt processing (figure ``prompt_tok_s``): ``llama-bench -p P -n 0`` against
   ``Context.eval`` of a P-token prompt, both in batches of 512.
 
@@ -98,17 +101,29 @@ def compare(exe: Path, path: Path, kind: str, tokens: int, threads: int, rounds:
     ours_fn = mullama_tg if kind == "tg" else mullama_pp
     with mullama.Model.load(path) as model, model.create_context(context_size=tokens + 16, threads=threads,
                                                                   batch_size=512) as ctx:
-        for _ in range(rounds):
+        for r in range(rounds):
             natives.append(native_rate(exe, path, kind, tokens, threads, reps))
             ours.append(ours_fn(ctx, tokens, reps))
             if peer is not None:
                 peers.append(run_peer(peer, dict(task="decode" if kind == "tg" else "prompt", model=str(path),
                                                  tokens=tokens, threads=threads, reps=reps))["tok_s"])
+            print(f"[decode] {path.name} {kind} round {r + 1}/{rounds}: mullama {ours[-1]:.0f}, native "
+                  f"{natives[-1]:.0f}" + (f", llama-cpp-python {peers[-1]:.0f}" if peers else "") + " tok/s",
+                  file=sys.stderr, flush=True)
     out = dict(mullama=round(statistics.median(ours), 1), native=round(statistics.median(natives), 1),
                **_ratios("ratio", ours, natives), rounds=rounds)
     if peers:
         out.update(llama_cpp_python=round(statistics.median(peers), 1), **_ratios("peer_ratio", peers, natives))
+    if kind == "tg":  # time per token above the native loop's, round by round
+        out["overhead_us"] = dict(native=round(statistics.median(1e6 / n for n in natives), 2),
+                                  mullama=_overhead_us(ours, natives))
+        if peers:
+            out["overhead_us"]["llama_cpp_python"] = _overhead_us(peers, natives)
     return out
+
+
+def _overhead_us(values: List[float], natives: List[float]) -> float:
+    return round(statistics.median(1e6 / v - 1e6 / n for v, n in zip(values, natives)), 2)
 
 
 def _ratios(name: str, values: List[float], natives: List[float]) -> dict:
@@ -138,8 +153,11 @@ def main() -> int:
         cases = [("default", mullama.default_model_path(progress=False), args.threads),
                  ("tiny", tiny, args.tiny_threads)]
         for name, path, threads in cases:
-            emit(figure="decode_tok_s", model=name, threads=threads, tokens=args.tokens,
-                 **compare(exe, path, "tg", args.tokens, threads, args.rounds, args.reps, peer))
+            tg = compare(exe, path, "tg", args.tokens, threads, args.rounds, args.reps, peer)
+            overhead = tg.pop("overhead_us")
+            emit(figure="decode_tok_s", model=name, threads=threads, tokens=args.tokens, **tg)
+            emit(figure="per_token_overhead_us", model=name, threads=threads, native_us_per_token=overhead["native"],
+                 **{k: v for k, v in overhead.items() if k != "native"})
             emit(figure="prompt_tok_s", model=name, threads=threads, tokens=args.prompt_tokens,
                  **compare(exe, path, "pp", args.prompt_tokens, threads, args.rounds, args.reps, peer))
     return 0

@@ -23,15 +23,9 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+from _probes import rss
+
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
-
-
-def rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def live_mullama_objects() -> Counter:

@@ -11,7 +11,9 @@ mullama build cache, keyed by the pin and the options; building it takes a few
 minutes, once per machine.
 
 Measurements run inside that environment (``bench/_peer_llama_cpp.py``) and
-come back as JSON, so the two bindings never share a process.
+come back as JSON, so the two bindings never share a process. The async
+measurements drive the peer with the same anyio and trio versions as mullama's
+(installed into that environment too).
 
 Usage: python bench/peers.py            # build (or reuse) the environment and print its python
 """
@@ -19,6 +21,7 @@ Usage: python bench/peers.py            # build (or reuse) the environment and p
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -57,6 +60,7 @@ def ensure_peer() -> Path:
     stamp = env_dir / ".built"
     if stamp.exists():
         _log(f"reusing {env_dir}")
+        _ensure_async_libs(python)
         return python
     _log(f"building {SDIST_NAME}=={SDIST_VERSION} into {env_dir} (a few minutes, once per machine)")
     venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)
@@ -68,7 +72,18 @@ def ensure_peer() -> Path:
         env = dict(os.environ, CMAKE_ARGS=" ".join(args), CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
         subprocess.run([str(python), "-m", "pip", "install", "--quiet", str(sdist)], check=True, env=env)
     stamp.touch()
+    _ensure_async_libs(python)
     return python
+
+
+def _ensure_async_libs(python: Path) -> None:
+    """anyio and trio in the peer's environment, at the versions this environment runs."""
+    wanted = [f"{name}=={importlib.metadata.version(name)}" for name in ("anyio", "trio")]
+    stamp = python.parent.parent / f".async-{'-'.join(wanted)}"
+    if not stamp.exists():
+        _log(f"installing {' '.join(wanted)} into the peer's environment")
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *wanted], check=True)
+        stamp.touch()
 
 
 def run_peer(python: Path, task: Dict[str, Any]) -> Dict[str, Any]:

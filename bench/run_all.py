@@ -5,21 +5,31 @@ Runs, one after the other (never two at once: they would share the 2 cores),
 each bench script of this folder and keeps what it prints:
 
 * ``decode.py --peer``: single-stream decode and prompt tokens/s, mullama /
-  llama-bench / llama-cpp-python, default and tiny model;
+  llama-bench / llama-cpp-python, default and tiny model, and the per-token
+  overhead;
 * ``gil.py``: another Python thread's speed during a generation, mullama /
+  llama-bench (another process) / llama-cpp-python;
+* ``async_overhead.py``: async streaming (asyncio, trio) against sync and
+  native, and cancellation latency during decode and prefill, mullama /
   llama-cpp-python;
-* ``async_overhead.py``: async streaming (asyncio, trio) against sync, and
-  cancellation latency during decode and prefill;
 * ``concurrency.py``: aggregate throughput at 1/2/4/8 requests against
-  llama-batched-bench, time to first token under load, RSS of a 4-member pool;
+  llama-batched-bench and llama-cpp-python, time to first token under load;
+* ``load.py``: model load time, RSS of a 4-member pool, RSS per extra member;
 * ``serve.py``: ``mullama serve`` end to end against the in-process API.
 
 Output goes to ``bench/results/<UTC time>/``: ``figures.jsonl`` (every line,
-tagged with its script), ``summary.md`` (one table per figure name) and each
-script's stderr log. ``--quick`` runs fewer rounds (to check the pipeline, not
-for numbers). A script that fails is reported and the others still run.
+tagged with its script), ``summary.md`` (one table per figure name, the
+machine described, the plots linked), two PNG plots (``throughput.png``:
+aggregate throughput against concurrent requests, with the native curve;
+``cancel_latency.png``: the cancellation latency distributions) and each
+script's stderr log. Progress lines of the scripts are echoed as they come.
+``--quick`` runs fewer rounds (to check the pipeline, not for numbers). A
+script that fails is reported and the others still run. ``--plot DIR`` redraws
+the plots and summary of an earlier run.
 
-Usage: python bench/run_all.py [--quick] [--only decode gil ...]
+Needs the ``bench`` extra: ``pip install -e ".[bench]"``.
+
+Usage: python bench/run_all.py [--quick] [--only decode gil ...] [--plot DIR]
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -41,8 +52,9 @@ HERE = Path(__file__).resolve().parent
 SCRIPTS: Dict[str, tuple] = {
     "decode": (["--peer"], ["--peer", "--rounds", "1", "--reps", "1"]),
     "gil": ([], ["--rounds", "1", "--reps", "1"]),
-    "async_overhead": ([], ["--reps", "1", "--cancels", "10"]),
+    "async_overhead": ([], ["--reps", "1", "--cancels", "10", "--peer-prefill-cancels", "2"]),
     "concurrency": ([], ["--rounds", "1"]),
+    "load": ([], ["--rounds", "1", "--reps", "1"]),
     "serve": ([], ["--rounds", "1"]),
 }
 
@@ -60,52 +72,145 @@ def machine() -> str:
 
 def table(rows: List[dict]) -> str:
     keys: List[str] = []
-    for row in rows:
-        keys += [k for k in row if k not in keys and k not in ("figure", "script")]
+    for row in rows:  # lists (raw samples) stay in figures.jsonl
+        keys += [k for k in row if k not in keys and k not in ("figure", "script") and not isinstance(row[k], list)]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join("" if r.get(k) is None else str(r[k]) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
+
+
+PEERS = (("mullama", "mullama", "o-"), ("native", "llama.cpp (llama-batched-bench)", "s--"),
+         ("llama_cpp_python", "llama-cpp-python", "^:"))
+
+
+def plot_throughput(figures: List[dict], out: Path) -> bool:
+    """Aggregate generated tokens/s against concurrent requests, one line per binding."""
+    import matplotlib.pyplot as plt
+
+    rows = sorted((f for f in figures if f["figure"] == "aggregate_tok_s"), key=lambda f: f["parallel"])
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for key, label, style in PEERS:
+        points = [(r["parallel"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), style, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([r["parallel"] for r in rows], [str(r["parallel"]) for r in rows])
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("generated tokens/s, all requests")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"Aggregate decode throughput ({rows[0]['gen_tokens']} tokens each, {rows[0]['threads']} threads)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_cancel(figures: List[dict], out: Path) -> bool:
+    """The distribution (empirical CDF) of cancellation latencies, one panel per phase."""
+    import matplotlib.pyplot as plt
+
+    rows = [f for f in figures if f["figure"] == "cancel_latency_ms" and f.get("samples_ms")]
+    phases = sorted({r["phase"] for r in rows}, key=["decode", "prefill"].index)
+    if not rows:
+        return False
+    fig, axes = plt.subplots(1, len(phases), figsize=(6.0 * len(phases), 4.2), squeeze=False)
+    for ax, phase in zip(axes[0], phases):
+        for r in (r for r in rows if r["phase"] == phase):
+            values = sorted(r["samples_ms"])
+            ys = [(i + 1) / len(values) for i in range(len(values))]
+            style = "-" if r.get("binding", "mullama") == "mullama" else "--"
+            ax.step(values, ys, style, where="post", label=f"{r.get('binding', 'mullama')}, {r['backend']}")
+        target = next(r["target_p99"] for r in rows if r["phase"] == phase)
+        ax.axvline(target, color="grey", linestyle=":", label=f"target p99 ({target:g} ms)")
+        ax.set_xscale("log")
+        ax.set_xlabel("cancel → model free (ms, log scale)")
+        ax.set_ylabel("fraction of cancellations")
+        ax.set_title(f"Cancellation during {phase}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def summarise(out_dir: Path, figures: List[dict], quick: bool, failed: List[str]) -> Path:
+    """Write the plots and summary.md of a run into *out_dir*."""
+    plots = [name for name, draw in (("throughput.png", plot_throughput), ("cancel_latency.png", plot_cancel))
+             if draw(figures, out_dir / name)]
+    by_name: Dict[str, List[dict]] = {}
+    for fig in figures:
+        by_name.setdefault(fig["figure"], []).append(fig)
+    parts = [f"# mullama benchmarks, {out_dir.name}", "", f"Machine: {machine()}.", ""]
+    if quick:
+        parts += ["**Quick run (one round each): checks the pipeline; these are not figures to quote.**", ""]
+    if failed:
+        parts += [f"Failed: {', '.join(failed)} (see their logs).", ""]
+    parts += [f"![{name}]({name})" for name in plots] + [""]
+    for name, rows in by_name.items():
+        parts += [f"## {name} ({rows[0]['script']}.py)", "", table(rows), ""]
+    summary = out_dir / "summary.md"
+    summary.write_text("\n".join(parts))
+    return summary
+
+
+def run(name: str, argv: List[str], log_path: Path) -> tuple:
+    """Run one script: its JSON lines, exit code; its stderr goes to *log_path*, progress lines echoed."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, str(HERE / f"{name}.py"), *argv], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        stdout: List[str] = []
+        reader = threading.Thread(target=lambda: stdout.extend(proc.stdout), daemon=True)
+        reader.start()
+        for line in proc.stderr:
+            log.write(line)
+            if line.startswith("[") and not line.startswith("[peer]"):
+                print("    " + line.rstrip(), file=sys.stderr, flush=True)
+        rc = proc.wait()
+        reader.join()
+    return [dict(json.loads(line), script=name) for line in stdout if line.startswith("{")], rc
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one round each: checks the pipeline, not for numbers")
     ap.add_argument("--only", nargs="+", choices=list(SCRIPTS), help="run only these scripts")
+    ap.add_argument("--plot", type=Path, metavar="DIR", help="redraw the plots and summary of an earlier run")
     args = ap.parse_args()
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+    except ImportError:
+        raise SystemExit('run_all.py draws plots with matplotlib: pip install -e ".[bench]"') from None
+    if args.plot:
+        lines = (args.plot / "figures.jsonl").read_text().splitlines()
+        print(summarise(args.plot, [json.loads(line) for line in lines], False, []))
+        return 0
     out_dir = HERE / "results" / datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out_dir.mkdir(parents=True)
     figures: List[dict] = []
     failed = []
     names = args.only or list(SCRIPTS)
+    t_start = time.monotonic()
     for i, name in enumerate(names, 1):
         argv = SCRIPTS[name][1 if args.quick else 0]
         print(f"[run_all] {i}/{len(names)} {name}.py {' '.join(argv)} ...", file=sys.stderr, flush=True)
         t0 = time.monotonic()
-        with open(out_dir / f"{name}.log", "w") as log:
-            proc = subprocess.run([sys.executable, str(HERE / f"{name}.py"), *argv], stdout=subprocess.PIPE,
-                                  stderr=log, text=True)
-        got = [dict(json.loads(line), script=name) for line in proc.stdout.splitlines() if line.startswith("{")]
+        got, rc = run(name, argv, out_dir / f"{name}.log")
         figures += got
-        took = time.monotonic() - t0
-        status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {name}.log)"
-        if proc.returncode:
+        with open(out_dir / "figures.jsonl", "a") as f:  # kept as it comes: nothing lost if a later script dies
+            f.writelines(json.dumps(fig) + "\n" for fig in got)
+        status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {name}.log)"
+        if rc:
             failed.append(name)
-        print(f"[run_all] {name}: {len(got)} figures in {took:.0f} s, {status}", file=sys.stderr, flush=True)
-    with open(out_dir / "figures.jsonl", "w") as f:
-        for fig in figures:
-            f.write(json.dumps(fig) + "\n")
-    by_name: Dict[str, List[dict]] = {}
-    for fig in figures:
-        by_name.setdefault(fig["figure"], []).append(fig)
-    parts = [f"# mullama benchmarks, {out_dir.name}", "", f"Machine: {machine()}.", ""]
-    if args.quick:
-        parts += ["**Quick run (one round each): checks the pipeline; these are not figures to quote.**", ""]
-    if failed:
-        parts += [f"Failed: {', '.join(failed)} (see their logs).", ""]
-    for name, rows in by_name.items():
-        parts += [f"## {name} ({rows[0]['script']}.py)", "", table(rows), ""]
-    (out_dir / "summary.md").write_text("\n".join(parts))
-    print(out_dir / "summary.md")
+        print(f"[run_all] {name}: {len(got)} figures in {time.monotonic() - t0:.0f} s, {status} "
+              f"({time.monotonic() - t_start:.0f} s so far)", file=sys.stderr, flush=True)
+    print(summarise(out_dir, figures, args.quick, failed))
     return 1 if failed else 0
 
 

@@ -23,7 +23,8 @@ from cpython.buffer cimport PyBUF_FORMAT, PyBUF_ND, PyBUF_WRITABLE
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.ref cimport PyObject
 from libc.math cimport expf, logf
-from libc.stdint cimport int32_t, uint32_t
+from libc.stdint cimport int32_t, uint32_t, uint64_t
+from libc.string cimport memchr
 from libc.stdlib cimport free, malloc, realloc
 from libcpp cimport bool as cbool
 from libcpp.string cimport string
@@ -187,6 +188,40 @@ def ggml_type_sizes():
     id; (0, 0) for ids whose support was removed."""
     cdef int t
     return [(int(ggml_blck_size(<ggml_type>t)), int(ggml_type_size(<ggml_type>t))) for t in range(<int>GGML_TYPE_COUNT)]
+
+
+def gguf_walk_strings(const unsigned char[::1] buf, Py_ssize_t pos, Py_ssize_t count, bint keep):
+    """Walk *count* GGUF strings (little-endian u64 length, then the bytes) from *pos* in *buf*.
+
+    Returns (offset after the last one, or -1 when one lies outside *buf*; with
+    *keep*, each string as llama.cpp reads a token: up to its first NUL byte,
+    ``b"[EMPTY_i]"`` when that leaves nothing). mullama._gguf walks again in
+    Python to name what is wrong when this returns -1."""
+    cdef Py_ssize_t size = buf.shape[0], i, start, end, k
+    cdef uint64_t n
+    cdef const unsigned char *nul
+    tokens = [] if keep else None
+    for i in range(count):
+        if pos > size - 8:
+            return -1, None
+        n = 0
+        for k in range(7, -1, -1):
+            n = (n << 8) | buf[pos + k]
+        start = pos + 8
+        if n > <uint64_t>(size - start):
+            return -1, None
+        pos = start + <Py_ssize_t>n
+        if keep:
+            end = pos
+            if n:
+                nul = <const unsigned char *>memchr(&buf[start], 0, n)
+                if nul != NULL:
+                    end = start + (nul - &buf[start])
+            if end > start:
+                tokens.append(PyBytes_FromStringAndSize(<const char *>&buf[start], end - start))
+            else:
+                tokens.append(b"[EMPTY_%d]" % i)
+    return pos, tokens
 
 
 def system_info():

@@ -115,6 +115,20 @@ class _Reader:
         self.pos += n
         return bytes(self.buf[start:self.pos]).decode("utf-8", "surrogateescape")
 
+    def _walk_strings_checked(self, count: int, what: str) -> None:
+        """Walk the strings again checking each: raises naming the first that does not fit."""
+        buf, pos, size, length = self.buf, self.pos, self.size, _U64.unpack_from
+        for i in range(count):
+            if pos + 8 > size:
+                self.pos = pos
+                self.need(8, f"the length of string {i} of {what}")
+            end = pos + 8 + length(buf, pos)[0]
+            if end > size:
+                self.pos = pos + 8
+                self.need(end - pos - 8, f"string {i} of {what}")
+            pos = end
+        raise AssertionError("unreachable: the fast walk found a string outside the file")
+
     def value(self, vtype: int, what: str) -> Any:
         if vtype in _SCALARS:
             fmt, n = _SCALARS[vtype]
@@ -136,26 +150,16 @@ class _Reader:
             elif etype == _STRING:
                 if count * 8 > self.size - self.pos:
                     raise self.fail(f"{what} claims {count} strings, more than the file can hold")
-                # a tight loop: vocabularies hold 100k+ strings
-                buf, pos, size, length = self.buf, self.pos, self.size, _U64.unpack_from
+                # vocabularies hold 100k+ strings: walked in C, and again here only to
+                # name what is wrong with a file that failed
+                from ._core import gguf_walk_strings
+
                 keep = what == repr(_TOKENS)
+                pos, tokens = gguf_walk_strings(self.buf, self.pos, count, keep)
+                if pos < 0:
+                    self._walk_strings_checked(count, what)
                 if keep:
-                    self.tokens = []
-                for i in range(count):
-                    if pos + 8 > size:
-                        self.pos = pos
-                        self.need(8, f"the length of string {i} of {what}")
-                    end = pos + 8 + length(buf, pos)[0]
-                    if end > size:
-                        self.pos = pos + 8
-                        self.need(end - pos - 8, f"string {i} of {what}")
-                    if keep:  # the token as llama.cpp reads it: a C string, "[EMPTY_i]" if empty
-                        text = bytes(buf[pos + 8:end])
-                        nul = text.find(b"\0")
-                        if nul >= 0:
-                            text = text[:nul]
-                        self.tokens.append(text or b"[EMPTY_%d]" % i)
-                    pos = end
+                    self.tokens = tokens
                 self.pos = pos
             else:
                 raise self.fail(f"{what} has unknown element type {etype}")
@@ -284,12 +288,13 @@ def _check_vocabulary(r: _Reader, metadata: Dict[str, Any]) -> None:
     model = metadata.get("tokenizer.ggml.model")
     if model in ("no_vocab", "none"):  # llama.cpp does not read the tokens
         return
-    seen: Dict[bytes, int] = {}
-    for i, text in enumerate(r.tokens):
-        first = seen.setdefault(text, i)
-        if first != i:
-            raise r.fail(f"token {i} of the vocabulary repeats token {first} ({text[:40]!r}; a token ends at its "
-                         "first NUL byte)")
+    if len(set(r.tokens)) != len(r.tokens):  # which one: only for a file that fails
+        seen: Dict[bytes, int] = {}
+        for i, text in enumerate(r.tokens):
+            first = seen.setdefault(text, i)
+            if first != i:
+                raise r.fail(f"token {i} of the vocabulary repeats token {first} ({text[:40]!r}; a token ends at "
+                             "its first NUL byte)")
     types = metadata.get("tokenizer.ggml.token_type")
     if model not in _NO_BYTE_TOKEN_MODELS or not isinstance(types, GGUFArray) or types.type != "int32":
         return

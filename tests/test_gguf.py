@@ -101,6 +101,8 @@ BAD = {
     "string array longer than file": (gguf([s("k") + struct.pack("<IIQ", 9, 8, 1 << 29)]), "claims 536870912 strings"),
     "string in array runs past end": (gguf([s("k") + struct.pack("<IIQ", 9, 8, 2) + s("ok") + struct.pack("<Q", 999)]),
                                       "string 1 of 'k'"),
+    "file ends in a string's length": (gguf([s("k") + struct.pack("<IIQ", 9, 8, 2) + s("ok" * 8) + b"\x01\x00"]),
+                                       "the length of string 1 of 'k'"),
     "alignment not a power of two": (gguf([kv_u32("general.alignment", 24)]), "alignment is 24"),
     "alignment of the wrong type": (gguf([kv_str("general.alignment", "32")]), "alignment is a string"),
     "string longer than llama.cpp reads": (gguf([s("k") + struct.pack("<IQ", 8, (1 << 30) + 1) + b"x" * 20]),
