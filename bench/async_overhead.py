@@ -6,8 +6,9 @@ Figures (one JSON line each):
 * ``stream_tok_s``: tokens/s of ``AsyncModel.generate_stream`` under asyncio
   and under trio against the sync ``Context.stream`` on the same model, and
   against llama-bench's tg (the native loop, no prompt) for the same token
-  count (greedy, same prompt, same token count; median over rounds that
-  interleave all of them); ``ratio`` = async / sync. With the peer,
+  count (greedy, same prompt, same token count; rounds interleave all of
+  them); ``ratio`` = async / sync and ``vs_native`` = async / native, each the
+  median of the per-round ratios, with its range. With the peer,
   llama-cpp-python's streaming ``create_completion``, sync and async the way
   its server streams (each chunk fetched in a worker thread; see
   bench/_peer_llama_cpp.py), in the same rounds.
@@ -91,10 +92,12 @@ async def async_stream_rate(path: Path, tokens: int, reps: int, threads: int) ->
     return rates
 
 
-def stream_rates(path: Path, tokens: int, rounds: int, threads: int, exe: Path, peer: Optional[Path]) -> dict:
-    """Median tokens/s of sync, asyncio and trio streaming, native and the peer's, measured in
-    interleaved rounds so that drift of the machine affects all alike."""
-    samples: Dict[str, List[float]] = {}
+def stream_rates(path: Path, tokens: int, rounds: int, threads: int, exe: Path,
+                 peer: Optional[Path]) -> List[Dict[str, float]]:
+    """Tokens/s of sync, asyncio and trio streaming, native and the peer's, one dict per round
+    (medians within the round): the rounds interleave them so that drift of the machine affects
+    all alike, and ratios are taken within each round."""
+    out = []
     for r in range(rounds):
         got = {"sync": sync_stream_rate(path, tokens, 2, threads)}
         for backend in ("asyncio", "trio"):
@@ -104,11 +107,17 @@ def stream_rates(path: Path, tokens: int, rounds: int, threads: int, exe: Path, 
             rates = run_peer(peer, dict(task="stream", model=str(path), prompt=PROMPT, tokens=tokens,
                                         threads=threads, reps=2))
             got.update({f"peer_{k}": [v] for k, v in rates.items()})
-        for k, v in got.items():
-            samples.setdefault(k, []).extend(v)
+        out.append({k: statistics.median(v) for k, v in got.items()})
         print(f"[async_overhead] {path.name} round {r + 1}/{rounds}: "
-              + ", ".join(f"{k} {statistics.median(v):.0f}" for k, v in got.items()), file=sys.stderr, flush=True)
-    return {k: statistics.median(v) for k, v in samples.items()}
+              + ", ".join(f"{k} {v:.0f}" for k, v in out[-1].items()), file=sys.stderr, flush=True)
+    return out
+
+
+def per_round(rounds: List[Dict[str, float]], name: str, num: str, den: str) -> dict:
+    """The median over rounds of rounds[num] / rounds[den] as *name*, with its range."""
+    ratios = sorted(r[num] / r[den] for r in rounds)
+    return {name: round(statistics.median(ratios), 3), f"{name}_min": round(ratios[0], 3),
+            f"{name}_max": round(ratios[-1], 3)}
 
 
 async def cancel_latencies(path: Path, phase: str, count: int, threads: int) -> list:
@@ -169,17 +178,18 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tiny = write_tiny_model(Path(tmp) / "tiny.gguf")
         for name, path, tokens in (("default", default, args.tokens), ("tiny", tiny, 2000)):
-            rates = stream_rates(path, tokens, args.reps, args.threads, exe, peer)
+            rounds = stream_rates(path, tokens, args.reps, args.threads, exe, peer)
+            rate = {k: round(statistics.median(r[k] for r in rounds), 1) for k in rounds[0]}
             for backend in ("asyncio", "trio"):
-                fig = dict(figure="stream_tok_s", model=name, backend=backend, tokens=tokens,
-                           mullama=round(rates[backend], 1), mullama_sync=round(rates["sync"], 1),
-                           native=round(rates["native"], 1), ratio=round(rates[backend] / rates["sync"], 3),
-                           vs_native=round(rates[backend] / rates["native"], 3))
+                fig = dict(figure="stream_tok_s", model=name, backend=backend, tokens=tokens, mullama=rate[backend],
+                           mullama_sync=rate["sync"], native=rate["native"],
+                           **per_round(rounds, "ratio", backend, "sync"),
+                           **per_round(rounds, "vs_native", backend, "native"),
+                           sync_vs_native=per_round(rounds, "r", "sync", "native")["r"], rounds=args.reps)
                 if peer is not None:
-                    fig.update(llama_cpp_python=round(rates[f"peer_{backend}"], 1),
-                               llama_cpp_python_sync=round(rates["peer_sync"], 1),
-                               peer_ratio=round(rates[f"peer_{backend}"] / rates["peer_sync"], 3),
-                               peer_vs_native=round(rates[f"peer_{backend}"] / rates["native"], 3))
+                    fig.update(llama_cpp_python=rate[f"peer_{backend}"], llama_cpp_python_sync=rate["peer_sync"],
+                               peer_ratio=per_round(rounds, "r", f"peer_{backend}", "peer_sync")["r"],
+                               peer_vs_native=per_round(rounds, "r", f"peer_{backend}", "native")["r"])
                 emit(**fig)
 
     token_ms = 1e3 / statistics.median(sync_stream_rate(default, 64, 3, args.threads))

@@ -168,7 +168,7 @@ def run(name: str, argv: List[str], log_path: Path) -> tuple:
         reader.start()
         for line in proc.stderr:
             log.write(line)
-            if line.startswith("[") and not line.startswith("[peer]"):
+            if line.startswith("[") and not line.startswith(("[peer] reusing", "[mullama build] reusing")):
                 print("    " + line.rstrip(), file=sys.stderr, flush=True)
         rc = proc.wait()
         reader.join()
