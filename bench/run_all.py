@@ -138,6 +138,66 @@ def plot_cancel(figures: List[dict], out: Path) -> bool:
     return True
 
 
+def _v(x, unit: str = "") -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float) and abs(x) >= 100:
+        x = round(x)
+    return f"{x:,}{unit}" if isinstance(x, (int, float)) else str(x)
+
+
+def _pair(row: dict, a: str, b: str, unit: str = "") -> str:
+    return "n/a" if row.get(a) is None else f"{_v(row[a])} / {_v(row[b])}{unit}"
+
+
+def side_by_side(figures: List[dict]) -> str:
+    """One table of every figure: mullama, native and llama-cpp-python side by side, with the
+    ratios to native (medians of per-round ratios where the script alternates rounds)."""
+    lines = ["| figure | mullama | native | llama-cpp-python | mullama ÷ native | llama-cpp-python ÷ native |",
+             "|---|---|---|---|---|---|"]
+
+    def add(label, ours, native, peer, ratio=None, peer_ratio=None):
+        lines.append(f"| {label} | {ours} | {native} | {peer} | {_v(ratio)} | {_v(peer_ratio)} |")
+
+    for f in figures:
+        kind = f["figure"]
+        if kind in ("decode_tok_s", "prompt_tok_s"):
+            what = "decode" if kind == "decode_tok_s" else f"prompt ({f['tokens']} tokens)"
+            add(f"{what} tok/s, {f['model']} model", _v(f["mullama"]), _v(f["native"]), _v(f.get("llama_cpp_python")),
+                f["ratio"], f.get("peer_ratio"))
+        elif kind == "per_token_overhead_us":
+            add(f"time per token above native (µs), {f['model']} model", _v(f["mullama"], " µs"),
+                _v(f["native_us_per_token"], " µs per token"), _v(f.get("llama_cpp_python"), " µs"))
+        elif kind == "stream_tok_s":
+            add(f"async stream tok/s, {f['backend']}, {f['model']} model (sync in brackets)",
+                f"{_v(f['mullama'])} ({_v(f['mullama_sync'])})", _v(f["native"]),
+                f"{_v(f.get('llama_cpp_python'))} ({_v(f.get('llama_cpp_python_sync'))})", f["vs_native"],
+                f.get("peer_vs_native"))
+        elif kind == "aggregate_tok_s":
+            add(f"aggregate decode tok/s, {f['parallel']} concurrent", _v(f["mullama"]), _v(f["native"]),
+                _v(f.get("llama_cpp_python")), f["ratio"], f.get("peer_ratio"))
+        elif kind == "ttft_ms":
+            add(f"time to first token p50 / p99 (ms), {f['requests']} requests at once, 4 slots",
+                _pair(f, "mullama_p50", "mullama_p99"), _pair(f, "native_p50", "native_p99"),
+                _pair(f, "llama_cpp_python_p50", "llama_cpp_python_p99"))
+        elif kind == "cancel_latency_ms" and f.get("binding", "mullama") == "mullama":
+            peer = next((g for g in figures if g["figure"] == kind and g.get("binding") == "llama-cpp-python"
+                         and g["backend"] == f["backend"] and g["phase"] == f["phase"]), {})
+            add(f"cancel → model free p50 / p99 (ms), {f['phase']}, {f['backend']}", _pair(f, "p50", "p99"),
+                f"no cancellation (one decode step: {_v(f['token_ms'])} ms)", _pair(peer, "p50", "p99"))
+        elif kind == "gil_other_thread_speed":
+            add(f"another Python thread's speed during generation, {f['threads']} llama.cpp thread(s)",
+                _v(f["mullama"]), f"{_v(f['native'])} (another process)", _v(f.get("llama_cpp_python")))
+        elif kind == "load_ms":
+            add(f"load time (ms), {f['stage']}", _v(f["mullama"]), _v(f["native"]), _v(f.get("llama_cpp_python")),
+                f["ratio"], f.get("peer_ratio"))
+        elif kind == "rss_per_member_mb":
+            add(f"RSS per extra concurrent user (MiB), {f['context_size']}-token context", _v(f["mullama"]),
+                _v(f["native"]), _v(f.get("llama_cpp_python")), round(f["mullama"] / f["native"], 3),
+                round(f["llama_cpp_python"] / f["native"], 3) if f.get("llama_cpp_python") else None)
+    return "\n".join(lines)
+
+
 def summarise(out_dir: Path, figures: List[dict], quick: bool, failed: List[str]) -> Path:
     """Write the plots and summary.md of a run into *out_dir*."""
     plots = [name for name, draw in (("throughput.png", plot_throughput), ("cancel_latency.png", plot_cancel))
@@ -150,7 +210,7 @@ def summarise(out_dir: Path, figures: List[dict], quick: bool, failed: List[str]
         parts += ["**Quick run (one round each): checks the pipeline; these are not figures to quote.**", ""]
     if failed:
         parts += [f"Failed: {', '.join(failed)} (see their logs).", ""]
-    parts += [f"![{name}]({name})" for name in plots] + [""]
+    parts += [f"![{name}]({name})" for name in plots] + ["", "## Side by side", "", side_by_side(figures), ""]
     for name, rows in by_name.items():
         parts += [f"## {name} ({rows[0]['script']}.py)", "", table(rows), ""]
     summary = out_dir / "summary.md"
