@@ -45,7 +45,7 @@ import time
 
 from llama_cpp import Llama
 
-from _probes import other_thread_ratio, prompt_rate, prompt_tokens, rss
+from _probes import cancel_latency_ms, other_thread_ratio, prompt_rate, prompt_tokens, rss
 
 
 def _llama(task: dict, n_ctx: int, **kw) -> Llama:
@@ -163,33 +163,16 @@ def cancel(task: dict) -> dict:
     llm = _llama(task, 4096)
     long_prompt = prompt_tokens(llm.n_vocab(), task["prefill_tokens"])
 
+    prompt, max_tokens = (task["prompt"], 3000) if phase == "decode" else (long_prompt, 1)
+
+    async def consume(on_token) -> None:
+        async for _ in _chunks(llm, prompt, max_tokens):
+            on_token()
+
     async def run() -> list:
         rng = random.Random(1)
-        out = []
-        for _ in range(count):
-            marks: dict = {}
-            with anyio.CancelScope() as scope:
-                async def cancel_later(first: anyio.Event) -> None:
-                    await first.wait()
-                    await anyio.sleep(rng.uniform(*task["delay_s"]))
-                    marks["cancel"] = time.perf_counter()
-                    scope.cancel()
-
-                started = anyio.Event()
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(cancel_later, started)
-                    if phase == "decode":
-                        async for _ in _chunks(llm, task["prompt"], 3000):
-                            started.set()
-                    else:
-                        started.set()
-                        async for _ in _chunks(llm, long_prompt, 1):
-                            pass
-                    tg.cancel_scope.cancel()  # the request finished first: not a sample
-            end = time.perf_counter()
-            if "cancel" in marks and scope.cancelled_caught:
-                out.append((end - marks["cancel"]) * 1e3)
-        return out
+        got = [await cancel_latency_ms(consume, phase, task["delay_s"], rng) for _ in range(count)]
+        return [ms for ms in got if ms is not None]
 
     return {"latency_ms": anyio.run(run, backend=task["backend"])}
 

@@ -1,10 +1,12 @@
 """Measurements shared by mullama's bench scripts and the peer worker (bench/_peer_llama_cpp.py).
 
-Standard library only: the same code times both bindings, each in its own
-environment.
+Standard library only (anyio for the async one): the same code times both
+bindings, each in its own environment.
 
 * :func:`prompt_rate`: prompt evaluation speed over a prompt from :func:`prompt_tokens`.
 * :func:`rss`: this process's resident memory.
+* :func:`cancel_latency_ms`: one request cancelled at a random moment, and how
+  long until it has let go of the model (anyio, imported when used).
 * :func:`other_thread_ratio`: how fast another Python thread runs while a
   generation runs. A spinner thread counts loop iterations, once while the main
   thread only sleeps (idle) and once while it generates; the figure is the
@@ -12,10 +14,11 @@ environment.
   starves the spinner.
 """
 
+import random
 import statistics
 import threading
 import time
-from typing import Callable, List, Sequence
+from typing import Awaitable, Callable, List, Optional, Sequence, Tuple
 
 
 def prompt_tokens(n_vocab: int, n: int) -> List[int]:
@@ -77,3 +80,33 @@ def other_thread_ratio(generate: Callable[[], None], reps: int) -> float:
         idle = _spin_during(lambda: time.sleep(duration))
         ratios.append(busy / idle)
     return statistics.median(ratios)
+
+
+async def cancel_latency_ms(consume: Callable[[Callable[[], None]], Awaitable[None]], phase: str,
+                            delay_s: Tuple[float, float], rng: random.Random) -> Optional[float]:
+    """Milliseconds from cancelling a request to the moment ``consume`` has returned.
+
+    ``consume(on_token)`` runs one request and calls ``on_token()`` for each token
+    it reads. It is cancelled at a random moment *delay_s* after its first token
+    (*phase* ``"decode"``) or after its start (``"prefill"``). None when the request
+    finished before the cancellation: not a sample.
+    """
+    import anyio
+
+    marks = {}
+    with anyio.CancelScope() as scope:
+        async def cancel_later(started: anyio.Event) -> None:
+            await started.wait()
+            await anyio.sleep(rng.uniform(*delay_s))
+            marks["cancel"] = time.perf_counter()
+            scope.cancel()
+
+        started = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cancel_later, started)
+            if phase == "prefill":
+                started.set()
+            await consume(started.set)
+            tg.cancel_scope.cancel()
+    end = time.perf_counter()
+    return (end - marks["cancel"]) * 1e3 if "cancel" in marks and scope.cancelled_caught else None

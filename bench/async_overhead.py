@@ -47,6 +47,7 @@ from mullama import StreamConfig  # noqa: E402
 from mullama.aio import AsyncModel  # noqa: E402
 from decode import llama_bench_binary, native_rate  # noqa: E402
 from peers import ensure_peer, run_peer  # noqa: E402
+from _probes import cancel_latency_ms  # noqa: E402
 
 PROMPT = "Once upon a time"
 PREFILL_TOKENS = 2000
@@ -129,28 +130,17 @@ async def cancel_latencies(path: Path, phase: str, count: int, threads: int) -> 
                                      timeout_ms=None) as model:
         long_prompt = (await model.tokenize("word " * 4000))[:PREFILL_TOKENS]
         prompt, max_tokens = (PROMPT, 3000) if phase == "decode" else (long_prompt, 1)
-        for _ in range(count):
-            marks = {}
-            with anyio.CancelScope() as scope:
-                async def cancel_later(started: anyio.Event) -> None:
-                    await started.wait()
-                    await anyio.sleep(rng.uniform(*DELAYS_S[phase]))
-                    marks["cancel"] = time.perf_counter()
-                    scope.cancel()
 
-                started = anyio.Event()
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(cancel_later, started)
-                    if phase == "prefill":
-                        started.set()
-                    async with model.generate_stream(prompt, StreamConfig.greedy(max_tokens)) as stream:
-                        async for _ in stream:
-                            started.set()
-                    tg.cancel_scope.cancel()  # the request finished first: not a sample
-            end = time.perf_counter()
+        async def consume(on_token) -> None:
+            async with model.generate_stream(prompt, StreamConfig.greedy(max_tokens)) as stream:
+                async for _ in stream:
+                    on_token()
+
+        for _ in range(count):
+            ms = await cancel_latency_ms(consume, phase, DELAYS_S[phase], rng)
             assert model.active_workers == 0
-            if "cancel" in marks and scope.cancelled_caught:
-                out.append((end - marks["cancel"]) * 1e3)
+            if ms is not None:
+                out.append(ms)
     return out
 
 
