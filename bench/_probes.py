@@ -4,6 +4,7 @@ Standard library only (anyio for the async one): the same code times both
 bindings, each in its own environment.
 
 * :func:`prompt_rate`: prompt evaluation speed over a prompt from :func:`prompt_tokens`.
+* :func:`emit`: print one figure as a JSON line; :func:`pct`: a percentile.
 * :func:`rss`: this process's resident memory.
 * :func:`cancel_latency_ms`: one request cancelled at a random moment, and how
   long until it has let go of the model (anyio, imported when used).
@@ -14,11 +15,23 @@ bindings, each in its own environment.
   starves the spinner.
 """
 
+import json
 import random
 import statistics
 import threading
 import time
 from typing import Awaitable, Callable, List, Optional, Sequence, Tuple
+
+
+def emit(**fields) -> None:
+    """Print one figure as a JSON line (a bench script's stdout holds only these)."""
+    print(json.dumps(fields), flush=True)
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    """The *q*-th percentile of *values* (nearest rank)."""
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
 def prompt_tokens(n_vocab: int, n: int) -> List[int]:

@@ -27,7 +27,6 @@ Usage: python bench/async_overhead.py [--reps 5] [--tokens 256] [--cancels 50] [
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -45,22 +44,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 import mullama  # noqa: E402
 from mullama import StreamConfig  # noqa: E402
 from mullama.aio import AsyncModel  # noqa: E402
-from decode import llama_bench_binary, native_rate  # noqa: E402
+from decode import llama_tool, native_rate  # noqa: E402
 from peers import ensure_peer, run_peer  # noqa: E402
-from _probes import cancel_latency_ms  # noqa: E402
+from _probes import cancel_latency_ms, emit, pct  # noqa: E402
 
 PROMPT = "Once upon a time"
 PREFILL_TOKENS = 2000
 DELAYS_S = {"decode": (0.02, 0.3), "prefill": (0.01, 0.3)}  # the cancel's random moment
-
-
-def emit(**fields) -> None:
-    print(json.dumps(fields), flush=True)
-
-
-def pct(values, q):
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
 def sync_stream_rate(path: Path, tokens: int, reps: int, threads: int) -> List[float]:
@@ -162,7 +152,7 @@ def main() -> int:
 
     from tiny_model import write_tiny_model
 
-    exe = llama_bench_binary()
+    exe = llama_tool("llama-bench")
     peer = None if args.no_peer else ensure_peer()
     default = mullama.default_model_path(progress=False)
     with tempfile.TemporaryDirectory() as tmp:

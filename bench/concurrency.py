@@ -42,28 +42,17 @@ sys.path.insert(0, str(ROOT / "bench"))
 import mullama  # noqa: E402
 from mullama import StreamConfig  # noqa: E402
 from mullama.aio import AsyncModel  # noqa: E402
+from _probes import emit, pct  # noqa: E402
+from decode import llama_tool  # noqa: E402
 from peers import ensure_peer, run_peer  # noqa: E402
 
 PARALLEL = (1, 2, 4, 8)
 PROMPT = "The history of the city begins with a small village by the river, where farmers and traders lived"
 
 
-def emit(**fields) -> None:
-    print(json.dumps(fields), flush=True)
-
-
-def pct(values, q):
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
-
-
-def native(model: Path, npp: int, ntg: int, threads: int, npl: int) -> dict:
+def native(exe: Path, model: Path, npp: int, ntg: int, threads: int, npl: int) -> dict:
     """llama-batched-bench's result row at *npl* sequences (``speed_tg``: aggregate generation
     tokens/s; ``t_pp``: seconds to evaluate the *npl* prompts in one batch)."""
-    import build_llama_cpp
-
-    bdir = build_llama_cpp.build(("llama-bench", "llama-batched-bench"), tools=True)
-    exe = bdir / "bin" / "llama-batched-bench"
     ctx = npl * (npp + ntg) + 256
     cmd = [str(exe), "-m", str(model), "-c", str(ctx), "-npp", str(npp), "-ntg", str(ntg),
            "-npl", str(npl), "-t", str(threads), "-fa", "off", "--output-format", "jsonl"]
@@ -126,6 +115,7 @@ def main() -> int:
     ap.add_argument("--no-peer", action="store_true", help="skip llama-cpp-python")
     args = ap.parse_args()
     peer = None if args.no_peer else ensure_peer()
+    exe = llama_tool("llama-batched-bench")
     path = mullama.default_model_path(progress=False)
     with mullama.Model.load(path) as m:
         npp = len(m.tokenize(PROMPT))
@@ -138,7 +128,7 @@ def main() -> int:
     task = dict(model=str(path), prompt=PROMPT, threads=args.threads)
     for r in range(args.rounds):
         for n in PARALLEL:  # each pair back to back
-            nat[n].append(native(path, npp, args.tokens, args.threads, n))
+            nat[n].append(native(exe, path, npp, args.tokens, args.threads, n))
             ours[n].append(anyio.run(aggregate, path, n, args.tokens, args.threads))
         if peer is not None:
             got = run_peer(peer, dict(task, task="aggregate", tokens=args.tokens, parallel=PARALLEL))

@@ -43,21 +43,18 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import mullama  # noqa: E402
 from mullama import StreamConfig  # noqa: E402
-from _probes import prompt_rate, prompt_tokens  # noqa: E402
+from _probes import emit, prompt_rate, prompt_tokens  # noqa: E402
 from peers import ensure_peer, run_peer  # noqa: E402
 
 
-def emit(**fields) -> None:
-    print(json.dumps(fields), flush=True)
-
-
-def llama_bench_binary() -> Path:
+def llama_tool(name: str) -> Path:
+    """llama.cpp's ``llama-bench`` or ``llama-batched-bench``, built (cached) from the pinned source."""
     import build_llama_cpp
 
     bdir = build_llama_cpp.build(("llama-bench", "llama-batched-bench"), tools=True)
-    exe = bdir / "bin" / "llama-bench"
+    exe = bdir / "bin" / name
     if not exe.is_file():
-        raise SystemExit(f"llama-bench was not built in {bdir}")
+        raise SystemExit(f"{name} was not built in {bdir}")
     return exe
 
 
@@ -144,7 +141,7 @@ def main() -> int:
                     help="also measure llama-cpp-python (built once from the pinned sdist: bench/peers.py)")
     args = ap.parse_args()
 
-    exe = llama_bench_binary()
+    exe = llama_tool("llama-bench")
     peer = ensure_peer() if args.peer else None
     from tiny_model import write_tiny_model
 

@@ -28,7 +28,7 @@ import mullama
 from mullama import StreamConfig
 
 from _probes import other_thread_ratio
-from decode import llama_bench_binary
+from decode import llama_tool
 from peers import ensure_peer, run_peer
 
 
@@ -59,7 +59,7 @@ def main() -> int:
     args = ap.parse_args()
     path = str(args.model or mullama.default_model_path(progress=False))
     peer = None if args.no_peer else ensure_peer()
-    exe = llama_bench_binary()
+    exe = llama_tool("llama-bench")
 
     with mullama.Model.load(path) as model:
         for threads in args.threads:

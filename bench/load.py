@@ -30,7 +30,6 @@ Usage: python bench/load.py [--rounds 5] [--reps 3] [--context-size 2048] [--thr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -47,15 +46,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import mullama  # noqa: E402
 from mullama import StreamConfig, _core  # noqa: E402
-from _probes import rss  # noqa: E402
+from _probes import emit, rss  # noqa: E402
 from peers import ensure_peer, run_peer  # noqa: E402
 
 PROMPT = "The history of the city begins with a small village by the river, where farmers and traders lived"
 MEMBERS = 4
-
-
-def emit(**fields) -> None:
-    print(json.dumps(fields), flush=True)
 
 
 def timed(fn: Callable[[], None], reps: int) -> float:

@@ -40,7 +40,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Awaitable, Callable, Dict, Iterator, List, Sequence, Tuple
 
 import anyio
 import httpx
@@ -48,6 +48,8 @@ import httpx
 import mullama
 from mullama import StreamConfig
 from mullama.aio import AsyncModel
+
+from _probes import emit
 
 PROMPTS = [  # each runs to 128 tokens on the default model (greedy)
     "Once upon a time, in a small village by the sea, there lived an old fisherman who",
@@ -68,10 +70,6 @@ class Samples:
     inprocess: List[float] = field(default_factory=list)
     tokens: List[int] = field(default_factory=list)  # completion tokens per round, both sides
     match: bool = True
-
-
-def emit(**fields: Any) -> None:
-    print(json.dumps(fields), flush=True)
 
 
 def progress(msg: str) -> None:
