@@ -43,6 +43,8 @@ class BuildExt(build_ext):
 core = Extension(
     "mullama._core",
     ["mullama/_core.pyx"],
+    depends=["mullama/_threads.h"],
+    include_dirs=["mullama"],
     language="c++",
     extra_compile_args=["-std=c++17", "-O2"],
 )

@@ -14,7 +14,7 @@ from ._errors import *  # noqa: F401,F403
 from ._errors import __all__ as _errors_all
 from ._config import StreamConfig, default_threads
 from ._model import Model, ModelInfo
-from ._context import Completion, Context, Timings, TokenData
+from ._context import Completion, Context, ThreadStats, Timings, TokenData
 from ._cache import DEFAULT_MODEL, default_model_path, model_home, pull
 from ._chat import Message, builtin_templates
 
@@ -32,6 +32,7 @@ __all__ = [
     "TokenData",
     "Completion",
     "Timings",
+    "ThreadStats",
     "Message",
     "builtin_templates",
     "default_threads",

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple, Union
 
 from ._errors import InvalidConfigError
 
-__all__ = ["StreamConfig", "default_threads"]
+__all__ = ["StreamConfig", "default_threads", "resolve_threads"]
 
 _U32_MAX = 0xFFFFFFFF
 _I32_MAX = 0x7FFFFFFF
@@ -21,6 +22,22 @@ def default_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def resolve_threads(name: str, value: Optional[int], stacklevel: int = 3) -> int:
+    """*value* checked, ``None`` as :func:`default_threads`, and at most the
+    usable cores: more compute threads than cores spin against each other at
+    ggml's barrier, so a larger number is capped, with a ``RuntimeWarning``."""
+    if value is None:
+        return default_threads()
+    value = check_int(name, value, minimum=1, maximum=1024)
+    cores = default_threads()
+    if value > cores:
+        warnings.warn(f"{name}={value} is more than the {cores} cores this process may use; using {cores} "
+                      "(more compute threads than cores wait for each other and run slower)",
+                      RuntimeWarning, stacklevel=stacklevel)
+        return cores
+    return value
 
 
 def check_int(name: str, value: object, *, minimum: int, maximum: Optional[int] = None) -> int:

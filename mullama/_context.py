@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -19,7 +20,9 @@ if TYPE_CHECKING:
     from ._chat import Message
     from ._model import Model
 
-__all__ = ["Context", "TokenData", "Completion", "Timings"]
+__all__ = ["Context", "TokenData", "Completion", "Timings", "ThreadStats"]
+
+_log = logging.getLogger("mullama")
 
 Prompt = Union[str, Sequence[int]]
 
@@ -68,6 +71,45 @@ class Timings:
     @property
     def tokens_per_s(self) -> float:
         return self.generated_tokens / (self.generation_ms / 1e3) if self.generation_ms > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class ThreadStats:
+    """The compute threads of a context or engine (see ``adaptive_threads``).
+
+    ``threads`` are in use now, at most ``max_threads``. Under CPU contention
+    the thread governor moves to fewer threads: ``changes`` counts its moves,
+    ``watchdog_aborts`` the steps it stopped because they ran far longer than
+    usual (each was run again, with fewer threads), ``trials`` the short runs
+    at another thread count it measured. ``last_step_ms`` is the time of the
+    last ``llama_decode``.
+    """
+
+    threads: int
+    max_threads: int
+    adaptive: bool
+    steps: int
+    changes: int
+    watchdog_aborts: int
+    trials: int
+    last_step_ms: float
+
+    @classmethod
+    def _from_core(cls, d: dict) -> "ThreadStats":
+        return cls(d["threads"], d["max_threads"], bool(d["adaptive"]), d["steps"], d["changes"],
+                   d["watchdog_aborts"], d["trials"], d["last_step_s"] * 1e3)
+
+
+def log_thread_changes(core, seen: int, what: str) -> int:
+    """Log (INFO, logger ``mullama``) that *core*'s governor changed its thread
+    count since it had made *seen* changes; returns the count now."""
+    changes = core.thread_changes
+    if changes != seen and _log.isEnabledFor(logging.INFO):
+        st = ThreadStats._from_core(core.thread_stats())
+        _log.info("%s now decodes with %d of %d threads (CPU contention %s; last step %.1f ms, "
+                  "%d steps stopped by the watchdog so far)", what, st.threads, st.max_threads,
+                  "seen" if st.threads < st.max_threads else "gone", st.last_step_ms, st.watchdog_aborts)
+    return changes
 
 
 @dataclass(frozen=True)
@@ -149,7 +191,9 @@ class Context:
     def __init__(self, model: "Model", core: "_core.LlamaContext", threads: int) -> None:
         self._model = model
         self._core = core
+        #: the most compute threads this context uses (see :meth:`thread_stats`)
         self.threads = threads
+        self._thread_changes = 0
 
     # -- lifetime -------------------------------------------------------------
 
@@ -198,6 +242,10 @@ class Context:
             self._core.reset()
         finally:
             self._core.release()
+
+    def thread_stats(self) -> ThreadStats:
+        """Its compute threads now: how many, and what the thread governor did."""
+        return ThreadStats._from_core(self._core.thread_stats())
 
     def cancel(self) -> None:
         """Stop the generation running on this context, from any thread.
@@ -430,6 +478,8 @@ class _Run:
             status, toks, pieces, lps = core.generate(sampler, min(chunk, limit - n), self._interval, want_lp)
             if self._first is None and toks:
                 self._first = time.perf_counter()
+            if core.thread_changes != self._ctx._thread_changes:
+                self._ctx._thread_changes = log_thread_changes(core, self._ctx._thread_changes, "a context")
             chunk = limit
             last = len(toks) - 1
             start = core.n_past - len(toks)

@@ -53,6 +53,35 @@ cdef extern from *:
     double mullama_now() nogil
 
 
+cdef extern from "_threads.h" namespace "mullama" nogil:
+    # see _threads.h: the abort callback's state and the compute-thread governor
+    cdef struct AbortState:
+        int flags[2]     # [0] cancel()/close(), [1] the engine: a slot was cancelled
+        int fired        # the watchdog aborted the running decode
+    void abort_state_init(AbortState * a, const int * shutdown)
+    bint abort_state_cancelled(const AbortState * a)
+    cbool abort_callback(void * data) noexcept
+
+    cdef cppclass CGovernor "mullama::ThreadGovernor":
+        int n_max
+        int level
+        bint adaptive
+        long steps, changes, watchdog_aborts, trials
+        double last_step, clock
+        double forced_limit
+        void force(int threads)
+        CGovernor(int n_max, bint adaptive, int start, double first_cap)
+        bint bind(llama_context * ctx)
+        void release()
+        int threads()
+        int begin(int n, AbortState * ab)
+        double limit(int b, int threads, int n)
+        void end(int n, double elapsed, bint watchdog)
+        double floor_at(int b, int threads)
+        @staticmethod
+        int bucket(int n)
+
+
 # set once at interpreter exit: every loop and abort callback stops, and no new
 # call enters C (see shutdown())
 cdef int _g_shutdown = 0
@@ -616,15 +645,94 @@ cdef class SamplerChain:
 # ---------------------------------------------------------------------------
 # context
 
-cdef cbool _abort_callback(void * data) noexcept nogil:
-    # polled by ggml inside llama_decode; a plain flag read, no GIL
-    return mullama_load_flag(<int *>data) != 0 or mullama_load_flag(&_g_shutdown) != 0
+cdef int _governed_decode(llama_context * ctx, llama_batch & batch, CGovernor * gov,
+                          AbortState * ab) noexcept nogil:
+    """llama_decode under the thread governor: a step the watchdog aborted is
+    rolled back (what it kept of each sequence, from the sequence's first
+    position in the batch) and run again, with the thread count the governor
+    chose then. Returns llama_decode's code for the step that counted."""
+    cdef int rc, i
+    cdef double t0
+    cdef bint watchdog
+    while True:
+        gov.begin(batch.n_tokens, ab)
+        t0 = mullama_now()
+        rc = llama_decode(ctx, batch)
+        watchdog = rc == 2 and ab.fired != 0 and not abort_state_cancelled(ab)
+        gov.end(batch.n_tokens, mullama_now() - t0, watchdog)
+        if not watchdog:
+            return rc
+        for i in range(batch.n_tokens):
+            if i == 0 or batch.seq_id[i][0] != batch.seq_id[i - 1][0]:
+                llama_memory_seq_rm(llama_get_memory(ctx), batch.seq_id[i][0], batch.pos[i], -1)
 
 
-cdef cbool _engine_abort_callback(void * data) noexcept nogil:
-    # data points at BatchEngine._abort: [0] closing, [1] a slot was cancelled
-    return (mullama_load_flag(<int *>data) != 0 or mullama_load_flag((<int *>data) + 1) != 0
-            or mullama_load_flag(&_g_shutdown) != 0)
+def _start_threads(int n_max):
+    """Threads a new context starts with: the cores not taken by running
+    threads of other processes, from /proc/loadavg (Linux; else *n_max*).
+    Only a first guess: the governor probes for more when steps allow."""
+    try:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return n_max
+    try:
+        import os as _os
+        cores = len(_os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return n_max
+    return max(1, min(n_max, cores - (running - 1)))
+
+
+cdef double _first_cap(LlamaModel model):
+    # the watchdog of a step nothing is known about yet: 2 s per GB of weights, at least 1 s
+    return max(1.0, 2.0 * llama_model_size(model.ptr) / 1e9)
+
+
+cdef _force_threads(CGovernor * gov, int threads, double watchdog):
+    if gov == NULL:
+        raise _errors.ClosedError("closed")
+    if watchdog >= 0:
+        gov.forced_limit = watchdog
+    gov.force(threads)
+
+
+cdef object _thread_stats(CGovernor * gov):
+    return {"threads": gov.threads(), "max_threads": gov.n_max, "adaptive": gov.adaptive,
+            "steps": gov.steps, "changes": gov.changes, "watchdog_aborts": gov.watchdog_aborts,
+            "trials": gov.trials, "last_step_s": gov.last_step}
+
+
+cdef class ThreadGovernor:
+    """The compute-thread governor alone, driven by step times given to it:
+    the deterministic harness of the tests. Contexts use the same C++ class
+    (``_threads.h``) on their real steps."""
+
+    cdef CGovernor * g
+    cdef AbortState ab
+
+    def __cinit__(self, int max_threads, bint adaptive=True, int start=0, double first_cap=1.0):
+        self.g = new CGovernor(max_threads, adaptive, start if start > 0 else max_threads, first_cap)
+        abort_state_init(&self.ab, &_g_shutdown)
+
+    def __dealloc__(self):
+        del self.g
+
+    def plan(self, int n_tokens=1):
+        """Threads for the next step of *n_tokens*, and its watchdog limit in seconds (0: none)."""
+        cdef int threads = self.g.begin(n_tokens, &self.ab)
+        return threads, (self.g.limit(CGovernor.bucket(n_tokens), threads, n_tokens)
+                         if self.g.adaptive and threads > 1 else 0.0)
+
+    def observe(self, int n_tokens, double seconds, bint watchdog=False):
+        """The step planned last took *seconds* (or the watchdog aborted it)."""
+        self.g.end(n_tokens, seconds, watchdog)
+
+    def floor(self, int n_tokens, int threads):
+        return self.g.floor_at(CGovernor.bucket(n_tokens), threads)
+
+    def stats(self):
+        return _thread_stats(self.g)
 
 
 cdef class _LogitsView:
@@ -668,7 +776,7 @@ cdef class LlamaContext(_InC):
 
     cdef llama_context * ptr
     cdef readonly LlamaModel model
-    cdef ggml_threadpool * pool   # this context's compute threads (generation and prompts)
+    cdef CGovernor * gov     # its compute threads: how many, and their pools (_threads.h)
     cdef llama_batch batch
     cdef bint has_batch
     cdef int n_batch
@@ -676,23 +784,23 @@ cdef class LlamaContext(_InC):
     cdef vector[llama_token] _tokens
     cdef int _n_kv
     cdef bint _logits_ok     # the last decode produced logits for tokens[-1]
-    cdef int _abort          # set by cancel()/close(), read by C without the GIL
+    cdef AbortState ab       # flags[0]: cancel()/close(), read by C without the GIL; the watchdog
     cdef bint _closed
     cdef int _exports        # live buffer exports of the logits
     cdef object _owner       # threading.Lock: one user at a time (claim/release)
 
     def __cinit__(self):
         self.ptr = NULL
-        self.pool = NULL
+        self.gov = NULL
         self.has_batch = False
         self._n_kv = 0
-        self._abort = 0
+        abort_state_init(&self.ab, &_g_shutdown)
         self._closed = False
         self._exports = 0
         self._logits_ok = False
 
     def __init__(self, LlamaModel model not None, uint32_t n_ctx=2048, uint32_t n_batch=512, int n_threads=1,
-                 int n_threads_batch=1, bint flash_attention=False):
+                 int n_threads_batch=1, bint flash_attention=False, bint adaptive_threads=True):
         model._check()
         cdef llama_context_params p = llama_context_default_params()
         p.n_ctx = n_ctx
@@ -702,8 +810,8 @@ cdef class LlamaContext(_InC):
         p.n_threads = n_threads
         p.n_threads_batch = n_threads_batch
         p.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attention else LLAMA_FLASH_ATTN_TYPE_DISABLED
-        p.abort_callback = _abort_callback
-        p.abort_callback_data = <void *>&self._abort
+        p.abort_callback = abort_callback
+        p.abort_callback_data = <void *>&self.ab
         p.no_perf = True
         self._owner = threading.Lock()
         take_errors()
@@ -721,12 +829,12 @@ cdef class LlamaContext(_InC):
                 "try a smaller context_size or batch_size")
         self.model = model
         model._contexts.add(self)
-        # a thread pool per context: threads that poll briefly, then sleep when idle
-        cdef ggml_threadpool_params tp = ggml_threadpool_params_default(max(n_threads, n_threads_batch))
-        self.pool = ggml_threadpool_new(&tp)
-        if self.pool == NULL:
-            raise _errors.ContextCreationError(f"could not start {tp.n_threads} compute threads")
-        llama_attach_threadpool(self.ptr, self.pool, self.pool)
+        # thread pools of its own, one per thread count the governor uses
+        cdef int n_max = max(n_threads, n_threads_batch)
+        self.gov = new CGovernor(n_max, adaptive_threads,
+                                 _start_threads(n_max) if adaptive_threads else n_max, _first_cap(model))
+        if not self.gov.bind(self.ptr):
+            raise _errors.ContextCreationError(f"could not start {n_max} compute threads")
         self.n_ctx = llama_n_ctx(self.ptr)
         self.n_batch = llama_n_batch(self.ptr)
         self.batch = llama_batch_init(self.n_batch, 0, 1)
@@ -741,9 +849,9 @@ cdef class LlamaContext(_InC):
         if self.ptr != NULL:
             llama_free(self.ptr)
             self.ptr = NULL
-        if self.pool != NULL:
-            ggml_threadpool_free(self.pool)
-            self.pool = NULL
+        if self.gov != NULL:
+            del self.gov   # its pools, after the context that used them
+            self.gov = NULL
         if self.model is not None:
             self.model._release()  # a closing model waits for its last context
 
@@ -752,7 +860,7 @@ cdef class LlamaContext(_InC):
         if self._closed:
             return
         self._closed = True
-        mullama_store_flag(&self._abort, 1)
+        mullama_store_flag(&self.ab.flags[0], 1)
         self._wait_out()
         if self._exports == 0:
             self._free()   # else the last logits view frees it
@@ -789,14 +897,33 @@ cdef class LlamaContext(_InC):
 
     def cancel(self):
         """Ask the running evaluation to stop (thread-safe, returns at once)."""
-        mullama_store_flag(&self._abort, 1)
+        mullama_store_flag(&self.ab.flags[0], 1)
 
     def clear_cancel(self):
-        mullama_store_flag(&self._abort, 0)
+        mullama_store_flag(&self.ab.flags[0], 0)
 
     @property
     def cancelled(self):
-        return mullama_load_flag(&self._abort) != 0
+        return mullama_load_flag(&self.ab.flags[0]) != 0
+
+    def thread_stats(self):
+        """The compute threads: in use now, the maximum, and the governor's counts."""
+        if self.gov == NULL:
+            raise _errors.ClosedError("the context is closed")
+        return _thread_stats(self.gov)
+
+    @property
+    def thread_changes(self):
+        """How often the governor changed the thread count (a cheap read, for logging)."""
+        return self.gov.changes if self.gov != NULL else 0
+
+    def _set_threads(self, int threads):
+        """Tests: decode with *threads* from the next step on."""
+        _force_threads(self.gov, threads, -1.0)
+
+    def _set_watchdog(self, double seconds):
+        """Tests: stop every step at more than one thread after *seconds* (0: the governor's own limits)."""
+        _force_threads(self.gov, 1 << 30, seconds)
 
     # -- state ------------------------------------------------------------
 
@@ -906,7 +1033,7 @@ cdef class LlamaContext(_InC):
         if end > self.n_ctx:
             return ST_CTX_FULL
         while self._n_kv < end:
-            if mullama_load_flag(&self._abort) or mullama_load_flag(&_g_shutdown):
+            if abort_state_cancelled(&self.ab):
                 rc = ST_ABORTED
                 break
             n = min(self.n_batch, end - self._n_kv)
@@ -918,7 +1045,7 @@ cdef class LlamaContext(_InC):
                 self.batch.logits[i] = 0
             self.batch.logits[n - 1] = (self._n_kv + n == end)
             self.batch.n_tokens = n
-            rc = llama_decode(self.ptr, self.batch)
+            rc = _governed_decode(self.ptr, self.batch, self.gov, &self.ab)
             if rc != 0:
                 if rc == 2:
                     rc = ST_ABORTED
@@ -984,7 +1111,7 @@ cdef class LlamaContext(_InC):
             if self._tokens.empty():
                 raise _errors.MullamaError("the context is empty: decode some tokens before asking for logits")
             if not self._logits_ok or self._n_kv < <int>self._tokens.size():
-                mullama_store_flag(&self._abort, 0)  # an earlier cancel() of nothing must not stick
+                mullama_store_flag(&self.ab.flags[0], 0)  # an earlier cancel() of nothing must not stick
                 if self._n_kv == <int>self._tokens.size():
                     self._n_kv -= 1
                     llama_memory_seq_rm(llama_get_memory(self.ptr), 0, self._n_kv, -1)
@@ -1015,7 +1142,7 @@ cdef class LlamaContext(_InC):
         cdef const llama_vocab * vocab = self.model.vocab
         cdef char buf[PIECE_BUF]
         for i in range(n_max):
-            if mullama_load_flag(&self._abort) or mullama_load_flag(&_g_shutdown):
+            if abort_state_cancelled(&self.ab):
                 return ST_ABORTED
             if not self._logits_ok and self._n_kv == <int>self._tokens.size():
                 # logits were lost (state load, truncate): recompute the last token
@@ -1144,7 +1271,7 @@ cdef class BatchEngine(_InC):
 
     cdef llama_context * ptr
     cdef readonly LlamaModel model
-    cdef ggml_threadpool * pool
+    cdef CGovernor * gov     # its compute threads (_threads.h)
     cdef llama_batch batch
     cdef bint has_batch
     cdef readonly int n_seq
@@ -1159,21 +1286,20 @@ cdef class BatchEngine(_InC):
     cdef vector[vector[float]] out_lp
     cdef list samplers       # the SamplerChain of each slot (keeps its pointer alive)
     cdef vector[llama_sampler *] smpls  # their pointers, for the nogil step (NULL: greedy)
-    cdef int _abort[2]       # [0] close(), [1] a slot was cancelled: abort the decode in progress
+    cdef AbortState ab       # flags: [0] close(), [1] a slot was cancelled: abort the decode in progress
     cdef int _wake           # the driver has work: return from run() early
     cdef bint _closed
 
     def __cinit__(self):
         self.ptr = NULL
-        self.pool = NULL
+        self.gov = NULL
         self.has_batch = False
-        self._abort[0] = 0
-        self._abort[1] = 0
+        abort_state_init(&self.ab, &_g_shutdown)
         self._wake = 0
         self._closed = False
 
     def __init__(self, LlamaModel model not None, int n_seq, int n_ctx_seq, int n_batch=512, int n_threads=1,
-                 bint flash_attention=False, int prefill_chunk=256):
+                 bint flash_attention=False, int prefill_chunk=256, bint adaptive_threads=True):
         model._check()
         if n_seq < 1 or n_seq > 256:
             raise _errors.InvalidConfigError(f"n_seq must be between 1 and 256, got {n_seq}")
@@ -1186,8 +1312,8 @@ cdef class BatchEngine(_InC):
         p.n_threads = n_threads
         p.n_threads_batch = n_threads
         p.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attention else LLAMA_FLASH_ATTN_TYPE_DISABLED
-        p.abort_callback = _engine_abort_callback
-        p.abort_callback_data = <void *>&self._abort[0]
+        p.abort_callback = abort_callback
+        p.abort_callback_data = <void *>&self.ab
         p.no_perf = True
         take_errors()
         model._enter()
@@ -1202,11 +1328,10 @@ cdef class BatchEngine(_InC):
             raise _errors.ContextCreationError(
                 f"could not create a batching context ({n_seq} sequences x {n_ctx_seq} tokens): {reason}")
         self.model = model
-        cdef ggml_threadpool_params tp = ggml_threadpool_params_default(n_threads)
-        self.pool = ggml_threadpool_new(&tp)
-        if self.pool == NULL:
+        self.gov = new CGovernor(n_threads, adaptive_threads,
+                                 _start_threads(n_threads) if adaptive_threads else n_threads, _first_cap(model))
+        if not self.gov.bind(self.ptr):
             raise _errors.ContextCreationError(f"could not start {n_threads} compute threads")
-        llama_attach_threadpool(self.ptr, self.pool, self.pool)
         self.n_seq = n_seq
         self.n_ctx_seq = llama_n_ctx_seq(self.ptr)
         self.n_batch = llama_n_batch(self.ptr)
@@ -1245,9 +1370,9 @@ cdef class BatchEngine(_InC):
         if self.ptr != NULL:
             llama_free(self.ptr)
             self.ptr = NULL
-        if self.pool != NULL:
-            ggml_threadpool_free(self.pool)
-            self.pool = NULL
+        if self.gov != NULL:
+            del self.gov
+            self.gov = NULL
         if self.samplers is not None:
             for s in self.samplers:
                 if s is not None:
@@ -1262,7 +1387,7 @@ cdef class BatchEngine(_InC):
         if self._closed:
             return
         self._closed = True
-        mullama_store_flag(&self._abort[0], 1)
+        mullama_store_flag(&self.ab.flags[0], 1)
         self._wait_out()
         self._free()
 
@@ -1327,8 +1452,27 @@ cdef class BatchEngine(_InC):
         """Leave *slot* out of every further step (thread-safe)."""
         if 0 <= slot < self.n_seq:
             mullama_store_flag(&self.slots[slot].cancel, 1)
-            mullama_store_flag(&self._abort[1], 1)  # a long prompt chunk stops now, not after it
+            mullama_store_flag(&self.ab.flags[1], 1)  # a long prompt chunk stops now, not after it
             mullama_store_flag(&self._wake, 1)
+
+    def thread_stats(self):
+        """The compute threads: in use now, the maximum, and the governor's counts."""
+        if self.gov == NULL:
+            raise _errors.ClosedError("the engine is closed")
+        return _thread_stats(self.gov)
+
+    @property
+    def thread_changes(self):
+        """How often the governor changed the thread count (a cheap read, for logging)."""
+        return self.gov.changes if self.gov != NULL else 0
+
+    def _set_threads(self, int threads):
+        """Tests: decode with *threads* from the next step on."""
+        _force_threads(self.gov, threads, -1.0)
+
+    def _set_watchdog(self, double seconds):
+        """Tests: stop every step at more than one thread after *seconds* (0: the governor's own limits)."""
+        _force_threads(self.gov, 1 << 30, seconds)
 
     def wake(self):
         """Make a running :meth:`run` return at its next step (thread-safe)."""
@@ -1446,7 +1590,7 @@ cdef class BatchEngine(_InC):
         if n == 0:
             return 0
         self.batch.n_tokens = n
-        rc = llama_decode(self.ptr, self.batch)
+        rc = _governed_decode(self.ptr, self.batch, self.gov, &self.ab)
         if rc != 0:
             for i in range(self.n_seq):  # undo what the failed decode may have kept
                 s = &self.slots[i]
@@ -1529,10 +1673,10 @@ cdef class BatchEngine(_InC):
         cdef double deadline = mullama_now() + budget_s
         try:
             with nogil:
-                while not mullama_load_flag(&self._abort[0]) and not mullama_load_flag(&_g_shutdown):
-                    mullama_store_flag(&self._abort[1], 0)
+                while not mullama_load_flag(&self.ab.flags[0]) and not mullama_load_flag(&_g_shutdown):
+                    mullama_store_flag(&self.ab.flags[1], 0)
                     rc = self._step()
-                    if rc == -1002 and not mullama_load_flag(&self._abort[0]):
+                    if rc == -1002 and not mullama_load_flag(&self.ab.flags[0]):
                         rc = 0  # aborted for a cancelled slot: rolled back, the driver releases it
                         break
                     if rc <= 0:
@@ -1541,7 +1685,7 @@ cdef class BatchEngine(_InC):
                     if self._needs_driver() or mullama_now() >= deadline:
                         break
             if rc < 0:
-                if mullama_load_flag(&self._abort[0]):
+                if mullama_load_flag(&self.ab.flags[0]):
                     raise _errors.ClosedError("the engine was closed during a step")
                 raise _errors.DecodeError(f"llama_decode failed with code {rc} in a batched step")
             return total

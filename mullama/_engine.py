@@ -21,7 +21,7 @@ from typing import Callable, Deque, Dict, List, Optional, Protocol
 
 from . import _core
 from ._config import StreamConfig
-from ._context import Completion, Timings, TokenData, _TextAssembler, new_sampler
+from ._context import Completion, ThreadStats, Timings, TokenData, _TextAssembler, log_thread_changes, new_sampler
 from ._errors import ClosedError, ContextOverflowError, InvalidTokenError, MullamaError, OverloadedError
 
 __all__ = ["Engine", "EngineRequest", "RequestMetrics"]
@@ -143,9 +143,11 @@ class Engine:
     """
 
     def __init__(self, model, n_seq: int, ctx_per_seq: int, threads: int, flash_attention: bool = False,
-                 max_queue: int = 64, batch_size: int = 512) -> None:
+                 max_queue: int = 64, batch_size: int = 512, adaptive_threads: bool = True) -> None:
         self._model = model
-        self._core = _core.BatchEngine(model._core, n_seq, ctx_per_seq, batch_size, threads, flash_attention)
+        self._core = _core.BatchEngine(model._core, n_seq, ctx_per_seq, batch_size, threads, flash_attention,
+                                       adaptive_threads=adaptive_threads)
+        self._thread_changes = 0
         self.n_seq = n_seq
         self.max_queue = max_queue
         self._cv = threading.Condition()
@@ -180,6 +182,15 @@ class Engine:
     @property
     def waiting(self) -> int:
         return len(self._queue)
+
+    @property
+    def tokens_in_flight(self) -> int:
+        """Tokens generated so far by the requests holding a slot (their progress)."""
+        return sum(len(req.tokens) for req in list(self._active.values()))
+
+    def thread_stats(self) -> ThreadStats:
+        """The compute threads of the engine's context (see :class:`ThreadStats`)."""
+        return ThreadStats._from_core(self._core.thread_stats())
 
 
     def submit(self, request: EngineRequest) -> None:
@@ -288,6 +299,8 @@ class Engine:
                 continue
             self._deliver()
             self.kv_cells = core.kv_used()
+            if core.thread_changes != self._thread_changes:
+                self._thread_changes = log_thread_changes(core, self._thread_changes, "the batching engine")
 
     def _runnable(self) -> bool:
         """Some active request needs the driver (unpaused, finished or cancelled)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, Union
 
 from . import _core
-from ._config import StreamConfig, check_int, default_threads
+from ._config import StreamConfig, check_int, resolve_threads
 from ._gguf import GGUFInfo, read_gguf
 from ._errors import (
     ClosedError,
@@ -269,15 +269,22 @@ class Model:
         batch_size: int = 512,
         flash_attention: bool = False,
         threads_batch: Optional[int] = None,
+        adaptive_threads: bool = True,
     ) -> "Context":
         """A new inference context with its own KV cache (a conversation).
 
         Args:
             context_size: tokens the context holds (0 = the model's training size).
-            threads: threads for generation (default: the cores this process may use).
+            threads: threads for generation (default: the cores this process may use;
+                more than that is capped, with a ``RuntimeWarning``).
             batch_size: most prompt tokens evaluated in one step.
             flash_attention: use flash attention.
             threads_batch: threads for prompt processing (default: ``threads``).
+            adaptive_threads: let the context use fewer threads while the machine
+                is busy (``threads`` is then the most it uses): steps that slow
+                down under CPU contention make it try fewer threads, and it
+                climbs back when the machine is quiet. Outputs are the same
+                either way. ``False`` always uses ``threads``.
         """
         from ._context import Context
 
@@ -287,13 +294,13 @@ class Model:
             raise InvalidModelError("this model was loaded with vocab_only=True: it can tokenize but not generate")
         check_int("context_size", context_size, minimum=0, maximum=1 << 24)
         check_int("batch_size", batch_size, minimum=1, maximum=1 << 20)
-        threads = default_threads() if threads is None else check_int("threads", threads, minimum=1, maximum=1024)
-        threads_batch = threads if threads_batch is None else check_int(
-            "threads_batch", threads_batch, minimum=1, maximum=1024)
+        threads = resolve_threads("threads", threads)
+        threads_batch = threads if threads_batch is None else resolve_threads("threads_batch", threads_batch)
         if context_size == 0:
             context_size = self.info.n_ctx_train
         batch_size = min(batch_size, context_size)
-        core = _core.LlamaContext(self._core, context_size, batch_size, threads, threads_batch, bool(flash_attention))
+        core = _core.LlamaContext(self._core, context_size, batch_size, threads, threads_batch, bool(flash_attention),
+                                  bool(adaptive_threads))
         return Context(self, core, threads=threads)
 
 

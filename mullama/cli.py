@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import asdict
 from typing import List, Optional
 
@@ -30,14 +31,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
         stop=tuple(args.stop or ()),
     )
     with Model.load(path) as model:
-        ctx = model.create_context(context_size=args.context_size, threads=args.threads)
+        ctx = model.create_context(context_size=args.context_size, threads=args.threads,
+                                   adaptive_threads=not args.fixed_threads)
         out = sys.stdout
+        n = 0
+        t0 = time.perf_counter()
+        t_first = None
         try:
             for tok in ctx.stream(args.prompt, config):
+                if t_first is None:
+                    t_first = time.perf_counter()
+                n += 1
                 out.write(tok.text)
                 out.flush()
         finally:
             out.write("\n")
+            out.flush()
+        if not args.quiet and t_first is not None:
+            # the speed goes to stderr: stdout carries only the text
+            t1 = time.perf_counter()
+            st = ctx.thread_stats()
+            rate = f", {(n - 1) / (t1 - t_first):.1f} tok/s" if n > 1 and t1 > t_first else ""
+            threads = f"{st.threads} threads" if st.threads == st.max_threads else \
+                f"{st.threads} of {st.max_threads} threads: the machine is busy"
+            print(f"mullama: {n} tokens in {t1 - t0:.2f} s (first after {(t_first - t0) * 1e3:.0f} ms{rate}; "
+                  f"{threads})", file=sys.stderr)
     return 0
 
 
@@ -72,7 +90,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = AsyncConfig(
         model_path=path, context_size=args.context_size, threads=args.threads, max_concurrent=args.max_concurrent,
         max_queue=args.max_queue, timeout_ms=int(args.timeout * 1000) if args.timeout else None,
-        gpu_layers=args.gpu_layers, flash_attention=args.flash_attention)
+        gpu_layers=args.gpu_layers, flash_attention=args.flash_attention, adaptive_threads=not args.fixed_threads)
     app = create_app(config, model_id=args.name, chat_template=template, api_key=args.api_key)
 
     def ready(url: str) -> None:
@@ -82,6 +100,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     serve(app, host=args.host, port=args.port, backend=args.backend, log_level=args.log_level,
           access_log=not args.no_access_log, graceful_timeout=args.graceful_timeout, on_ready=ready)
     return 0
+
+
+def _thread_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="most compute threads (default: the cores this process may use)")
+    p.add_argument("--fixed-threads", action="store_true",
+                   help="always use --threads, also when the machine is busy (default: fewer threads while "
+                        "other work competes for the cores, which is faster then)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("-c", "--context-size", type=int, default=2048)
-    p.add_argument("--threads", type=int, default=None)
+    _thread_args(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="do not print the speed (stderr) after the text")
     p.set_defaults(fn=_cmd_run)
 
     p = sub.add_parser("serve", help="serve a model with OpenAI's HTTP API",
@@ -116,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=4, help="requests decoded together (default: 4)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a slot; beyond, 503 at once (default: 64)")
-    p.add_argument("--threads", type=int, default=None)
+    _thread_args(p)
     p.add_argument("--gpu-layers", type=int, default=0)
     p.add_argument("--flash-attention", action="store_true")
     p.add_argument("--timeout", type=float, default=600.0,

@@ -15,8 +15,8 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from .._chat import Message, chat_tokens, check_messages
-from .._config import StreamConfig, check_int, default_threads
-from .._context import Completion, Context, Prompt
+from .._config import StreamConfig, check_int, resolve_threads
+from .._context import Completion, Context, Prompt, ThreadStats
 from .._errors import AbortedError, BusyError, InvalidConfigError
 from .._engine import Engine
 from .._model import Model, ModelInfo, _token_list
@@ -36,11 +36,14 @@ class AsyncConfig:
         model_path: the ``.gguf`` file.
         gpu_layers: layers offloaded to the GPU (needs a GPU build; -1 = all).
         context_size: tokens per request context.
-        threads: threads per generation (default: the cores this process may use).
+        threads: threads per generation (default: the cores this process may use;
+            more is capped, with a ``RuntimeWarning``).
         flash_attention: use flash attention.
         max_concurrent: requests decoded together (continuous batching); more wait their turn.
         timeout_ms: deadline of each request in milliseconds (0 or None = none).
         max_queue: requests that may wait for a turn; beyond, OverloadedError at once.
+        adaptive_threads: decode with fewer threads while the machine is busy
+            (see :meth:`mullama.Model.create_context`); ``False`` always uses ``threads``.
     """
 
     model_path: PathLike
@@ -51,21 +54,22 @@ class AsyncConfig:
     max_concurrent: int = 4
     timeout_ms: Optional[int] = 30000
     max_queue: int = 64
+    adaptive_threads: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_path, (str, os.PathLike)):
             raise InvalidConfigError(f"model_path must be a str or os.PathLike, got {type(self.model_path).__name__}")
         check_int("gpu_layers", self.gpu_layers, minimum=-1)
         check_int("context_size", self.context_size, minimum=1, maximum=1 << 24)
-        if self.threads is None:
-            object.__setattr__(self, "threads", default_threads())
-        check_int("threads", self.threads, minimum=1, maximum=1024)
+        object.__setattr__(self, "threads", resolve_threads("threads", self.threads, stacklevel=4))
         if not isinstance(self.flash_attention, bool):
             raise InvalidConfigError(f"flash_attention must be a bool, got {type(self.flash_attention).__name__}")
         check_int("max_concurrent", self.max_concurrent, minimum=1, maximum=1024)
         if self.timeout_ms is not None:
             check_int("timeout_ms", self.timeout_ms, minimum=0)
         check_int("max_queue", self.max_queue, minimum=0)
+        if not isinstance(self.adaptive_threads, bool):
+            raise InvalidConfigError(f"adaptive_threads must be a bool, got {type(self.adaptive_threads).__name__}")
 
 
 class AsyncModel:
@@ -121,7 +125,7 @@ class AsyncModel:
             model = load_model(config, progress)
             try:
                 engine = Engine(model, config.max_concurrent, config.context_size, config.threads,
-                                config.flash_attention, config.max_queue)
+                                config.flash_attention, config.max_queue, adaptive_threads=config.adaptive_threads)
             except BaseException:
                 model.close()
                 raise
@@ -163,6 +167,16 @@ class AsyncModel:
     def kv_used(self) -> int:
         """KV cells the engine's requests hold (0 when none runs)."""
         return self._engine.kv_cells
+
+    @property
+    def tokens_in_flight(self) -> int:
+        """Tokens generated so far by the requests holding an engine slot: their progress."""
+        return self._engine.tokens_in_flight
+
+    def thread_stats(self) -> ThreadStats:
+        """The batching engine's compute threads (fewer than ``threads`` while the machine is busy)."""
+        check_open(self._closed, "AsyncModel")
+        return self._engine.thread_stats()
 
     def generation_stats(self) -> "tuple[int, float]":
         """Generations finished (engine requests that reached a slot, and
@@ -281,7 +295,8 @@ class AsyncModel:
         size = cfg.context_size if context_size is None else context_size
         ctx = await anyio.to_thread.run_sync(
             lambda: self._model.create_context(context_size=size, threads=cfg.threads,
-                                               flash_attention=cfg.flash_attention))
+                                               flash_attention=cfg.flash_attention,
+                                               adaptive_threads=cfg.adaptive_threads))
         conv = AsyncContext(self, ctx)
         self._conversations.add(conv)
         return conv

@@ -280,6 +280,7 @@ class ModelPool:
             try:
                 ctx = await anyio.to_thread.run_sync(
                     lambda: model.create_context(context_size=cfg.context_size, threads=cfg.threads,
+                                                 adaptive_threads=cfg.adaptive_threads,
                                                  flash_attention=cfg.flash_attention))
             except BaseException as exc:
                 self._creating -= 1

@@ -9,7 +9,10 @@ from __future__ import annotations
 import bisect
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
+from .._errors import ClosedError
+
 if TYPE_CHECKING:
+    from .._context import ThreadStats
     from .._engine import RequestMetrics
     from ..aio import AsyncModel, Runtime
 
@@ -141,6 +144,28 @@ class ServerMetrics:
                    [((), cfg.max_queue)])
             metric("mullama_kv_cells_used", "gauge", "KV cache cells held by running requests.",
                    [((), model.kv_used())])
+            metric("mullama_engine_tokens_in_flight", "gauge",
+                   "Tokens generated so far by the requests holding a slot (their progress).",
+                   [((), model.tokens_in_flight)])
+            try:
+                ts: Optional[ThreadStats] = model.thread_stats()
+            except ClosedError:  # closing as we render
+                ts = None
+            if ts is not None:
+                metric("mullama_engine_compute_threads", "gauge",
+                       "Compute threads the engine decodes with now (fewer than the maximum under CPU contention).",
+                       [((), ts.threads)])
+                metric("mullama_engine_compute_threads_max", "gauge", "The most compute threads the engine uses.",
+                       [((), ts.max_threads)])
+                metric("mullama_engine_decode_steps_total", "counter", "llama_decode calls of the engine.",
+                       [((), ts.steps)])
+                metric("mullama_engine_thread_changes_total", "counter",
+                       "Times the thread governor changed the engine's compute thread count.", [((), ts.changes)])
+                metric("mullama_engine_watchdog_aborts_total", "counter",
+                       "Decode steps stopped for running far longer than usual (CPU contention) and run again "
+                       "with fewer threads.", [((), ts.watchdog_aborts)])
+                metric("mullama_engine_last_step_seconds", "gauge", "Wall time of the engine's last decode step.",
+                       [((), ts.last_step_ms / 1e3)])
         if runtime is not None:
             rm = runtime.metrics()
             metric("mullama_runtime_active_tasks", "gauge", "Runtime tasks and blocking calls running now.",
