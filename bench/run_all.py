@@ -15,13 +15,17 @@ each bench script of this folder and keeps what it prints:
 * ``concurrency.py``: aggregate throughput at 1/2/4/8 requests against
   llama-batched-bench and llama-cpp-python, time to first token under load;
 * ``load.py``: model load time, RSS of a 4-member pool, RSS per extra member;
-* ``serve.py``: ``mullama serve`` end to end against the in-process API.
+* ``serve.py``: ``mullama serve`` end to end against the in-process API;
+* ``contention.py``: throughput under competing CPU load (0, 1, 2 busy
+  processes, another llama-bench), mullama's defaults against fixed thread
+  counts, llama-bench and llama-batched-bench.
 
 Output goes to ``bench/results/<UTC time>/``: ``figures.jsonl`` (every line,
 tagged with its script), ``summary.md`` (one table per figure name, the
-machine described, the plots linked), two PNG plots (``throughput.png``:
+machine described, the plots linked), three PNG plots (``throughput.png``:
 aggregate throughput against concurrent requests, with the native curve;
-``cancel_latency.png``: the cancellation latency distributions) and each
+``cancel_latency.png``: the cancellation latency distributions;
+``contention.png``: throughput against competing load) and each
 script's stderr log. Progress lines of the scripts are echoed as they come.
 ``--quick`` runs fewer rounds (to check the pipeline, not for numbers). A
 script that fails is reported and the others still run. ``--plot DIR`` redraws
@@ -56,6 +60,7 @@ SCRIPTS: Dict[str, tuple] = {
     "concurrency": ([], ["--rounds", "1"]),
     "load": ([], ["--rounds", "1", "--reps", "1"]),
     "serve": ([], ["--rounds", "1"]),
+    "contention": ([], ["--rounds", "1", "--tokens", "24", "--cap", "5"]),
 }
 
 
@@ -138,6 +143,41 @@ def plot_cancel(figures: List[dict], out: Path) -> bool:
     return True
 
 
+CONTENTION = (("mullama", "mullama (defaults)", "o-"), ("mullama_t1", "mullama, threads=1 fixed", "o:"),
+              ("mullama_t2", "mullama, threads=2 fixed", "o--"), ("native", "llama.cpp, default threads", "s-"),
+              ("native_t1", "llama.cpp, -t 1", "s:"), ("native_t2", "llama.cpp, -t 2", "s--"))
+
+
+def plot_contention(figures: List[dict], out: Path) -> bool:
+    """Throughput against competing load, one line per system; single stream and 4 requests."""
+    import matplotlib.pyplot as plt
+
+    rows = [f for f in figures if f["figure"] == "contention_tok_s"]
+    if not rows:
+        return False
+    loads = list(dict.fromkeys(r["load"] for r in rows))
+    modes = [m for m in ("single", "aggregate") if any(r["mode"] == m for r in rows)]
+    fig, axes = plt.subplots(1, len(modes), figsize=(6.0 * len(modes), 4.4), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        for key, label, style in CONTENTION:
+            pts = {r["load"]: r for r in rows if r["mode"] == mode and r["system"] == key}
+            if pts:
+                ax.plot(range(len(loads)), [pts[ld]["tok_s"] if ld in pts else float("nan") for ld in loads],
+                        style, label=label + (" (≤: stopped at the cap)" if any(p["capped"] for p in pts.values())
+                                              else ""))
+        ax.set_xticks(range(len(loads)), ["idle" if ld == "idle" else ("+ " + ld) for ld in loads])
+        ax.set_yscale("log")
+        ax.set_xlabel("competing load")
+        ax.set_ylabel("generated tokens/s (log scale)")
+        ax.set_title("one stream" if mode == "single" else "4 concurrent requests (aggregate)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def _v(x, unit: str = "") -> str:
     if x is None:
         return "n/a"
@@ -191,6 +231,14 @@ def side_by_side(figures: List[dict]) -> str:
         elif kind == "load_ms":
             add(f"load time (ms), {f['stage']}", _v(f["mullama"]), _v(f["native"]), _v(f.get("llama_cpp_python")),
                 f["ratio"], f.get("peer_ratio"))
+        elif kind == "contention_tok_s" and f["system"] == "mullama" and f["load"] != "idle":
+            native = next((g for g in figures if g["figure"] == kind and g["system"] == "native"
+                           and g["mode"] == f["mode"] and g["load"] == f["load"]), None)
+            if native is not None:
+                add(f"{'decode' if f['mode'] == 'single' else 'aggregate decode (4 requests)'} tok/s under {f['load']}, "
+                    f"defaults (÷ own idle in brackets)", f"{_v(f['tok_s'])} ({_v(f['vs_idle'])})",
+                    f"{'≤ ' if native['capped'] else ''}{_v(native['tok_s'])} ({_v(native['vs_idle'])})", "n/a",
+                    round(f["tok_s"] / native["tok_s"], 2))
         elif kind == "rss_per_member_mb":
             add(f"RSS per extra concurrent user (MiB), {f['context_size']}-token context", _v(f["mullama"]),
                 _v(f["native"]), _v(f.get("llama_cpp_python")), round(f["mullama"] / f["native"], 3),
@@ -200,7 +248,8 @@ def side_by_side(figures: List[dict]) -> str:
 
 def summarise(out_dir: Path, figures: List[dict], quick: bool, failed: List[str]) -> Path:
     """Write the plots and summary.md of a run into *out_dir*."""
-    plots = [name for name, draw in (("throughput.png", plot_throughput), ("cancel_latency.png", plot_cancel))
+    plots = [name for name, draw in (("throughput.png", plot_throughput), ("cancel_latency.png", plot_cancel),
+                                     ("contention.png", plot_contention))
              if draw(figures, out_dir / name)]
     by_name: Dict[str, List[dict]] = {}
     for fig in figures:

@@ -43,6 +43,12 @@ FIGURES = [
          native_p50=None, native_p99=None, llama_cpp_python_p50=5234.0, llama_cpp_python_p99=10122.0),
     dict(figure="rss_per_member_mb", script="load", context_size=2048, mullama=49.3, native=49.8,
          llama_cpp_python=158.3),
+    *[dict(figure="contention_tok_s", script="contention", mode=mode, load=load, system=system, tok_s=tok_s,
+           vs_idle=vs_idle, capped=capped)
+      for mode, load, system, tok_s, vs_idle, capped in (
+          ("single", "idle", "mullama", 120.0, 1.0, False), ("single", "idle", "native", 118.0, 1.0, False),
+          ("single", "busy2", "mullama", 40.0, 0.333, False), ("single", "busy2", "native", 4.8, 0.041, True),
+          ("single", "busy2", "mullama_t1", 41.0, 0.7, False))],
 ]
 
 
@@ -62,6 +68,10 @@ def test_summary_puts_the_bindings_side_by_side(run_all, tmp_path):
         rows["time to first token p50 / p99 (ms), 32 requests at once, 4 slots"]
     assert "| 49.3 | 49.8 | 158 | 0.99 | 3.179 |" in rows["RSS per extra concurrent user (MiB), 2048-token context"]
     assert "Failed: serve" in summary
+    # under contention, mullama's defaults beside llama.cpp's (an upper bound when the tool was stopped)
+    assert "| 40.0 (0.333) | ≤ 4.8 (0.041) | n/a | 8.33 |" in \
+        rows["decode tok/s under busy2, defaults (÷ own idle in brackets)"]
+    assert "under idle" not in summary
     # every figure also gets its own table, raw samples left out (they stay in figures.jsonl)
     assert "## aggregate_tok_s (concurrency.py)" in summary
     assert "samples_ms" not in summary
@@ -69,7 +79,7 @@ def test_summary_puts_the_bindings_side_by_side(run_all, tmp_path):
 
 def test_plots_are_drawn(run_all, tmp_path):
     run_all.summarise(tmp_path, FIGURES, quick=True, failed=[])
-    for name in ("throughput.png", "cancel_latency.png"):
+    for name in ("throughput.png", "cancel_latency.png", "contention.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     summary = (tmp_path / "summary.md").read_text()
     assert "![throughput.png](throughput.png)" in summary and "Quick run" in summary
@@ -77,7 +87,7 @@ def test_plots_are_drawn(run_all, tmp_path):
 
 def test_no_plot_without_its_figures(run_all, tmp_path):
     run_all.summarise(tmp_path, FIGURES[:2], quick=False, failed=[])
-    assert not (tmp_path / "throughput.png").exists() and not (tmp_path / "cancel_latency.png").exists()
+    assert not any((tmp_path / name).exists() for name in ("throughput.png", "cancel_latency.png", "contention.png"))
     assert "![" not in (tmp_path / "summary.md").read_text()
 
 
