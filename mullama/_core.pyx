@@ -69,6 +69,7 @@ cdef extern from "_threads.h" namespace "mullama" nogil:
         long steps, changes, watchdog_aborts, trials
         double last_step, clock
         double forced_limit
+        double idle_cores
         void force(int threads)
         CGovernor(int n_max, bint adaptive, int start, double first_cap)
         bint bind(llama_context * ctx)
@@ -668,20 +669,25 @@ cdef int _governed_decode(llama_context * ctx, llama_batch & batch, CGovernor * 
 
 
 def _start_threads(int n_max):
-    """Threads a new context starts with: the cores not taken by running
-    threads of other processes, from /proc/loadavg (Linux; else *n_max*).
-    Only a first guess: the governor probes for more when steps allow."""
+    """Threads a new context starts with: the cores not taken by threads of
+    other processes running now (/proc/loadavg's running tasks minus this
+    process's; Linux, else *n_max*). Only a first guess: the governor moves
+    from there by what the steps show."""
+    import os as _os
     try:
         with open("/proc/loadavg") as f:
             running = int(f.read().split()[3].split("/")[0])
-    except (OSError, ValueError, IndexError):
-        return n_max
-    try:
-        import os as _os
         cores = len(_os.sched_getaffinity(0))
-    except (AttributeError, OSError):
+        mine = 0
+        for tid in _os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+                    mine += f.read().rsplit(b")", 1)[1].split()[0] == b"R"
+            except (OSError, IndexError):
+                pass
+    except (OSError, ValueError, IndexError, AttributeError):
         return n_max
-    return max(1, min(n_max, cores - (running - 1)))
+    return max(1, min(n_max, cores - max(0, running - max(mine, 1))))
 
 
 cdef double _first_cap(LlamaModel model):
@@ -713,7 +719,17 @@ cdef class ThreadGovernor:
 
     def __cinit__(self, int max_threads, bint adaptive=True, int start=0, double first_cap=1.0):
         self.g = new CGovernor(max_threads, adaptive, start if start > 0 else max_threads, first_cap)
+        self.g.idle_cores = -1.0   # the machine's idle cores are not looked at: set idle_cores to simulate them
         abort_state_init(&self.ab, &_g_shutdown)
+
+    @property
+    def idle_cores(self):
+        """Idle cores a probe for one more thread sees (negative: unknown, probes allowed)."""
+        return self.g.idle_cores
+
+    @idle_cores.setter
+    def idle_cores(self, double value):
+        self.g.idle_cores = value
 
     def __dealloc__(self):
         del self.g

@@ -20,7 +20,10 @@
 //     than the maximum are in use, a few steps are tried with one more, at
 //     intervals that double while the extra thread does not pay (so a quiet
 //     machine gets its threads back within a fraction of a second, and a busy
-//     one pays for rare, short probes);
+//     one pays for rare, short probes). On Linux a probe waits until the
+//     cores this process may use were idle for at least half a core since the
+//     last look (/proc/stat): a busy machine then pays for no probe at all.
+//     A trial ends early when its first steps already decide;
 //   * one ggml thread pool per thread count in use, the others paused: the
 //     workers of a pool poll for work after a graph, so a pool larger than the
 //     thread count would keep an unused thread spinning.
@@ -34,8 +37,16 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <utility>
 #include <vector>
+
+#ifdef __linux__
+#include <sched.h>
+#include <unistd.h>
+#endif
 
 #include "ggml-cpu.h"
 #include "llama.h"
@@ -61,6 +72,33 @@ static inline void abort_state_init(AbortState *a, const int *shutdown) {
     a->deadline = 0.0;
     a->fired = 0;
     a->calls = 0;
+}
+
+// Idle time of the CPUs this process may run on, in seconds, summed over them
+// (/proc/stat's idle and iowait); negative where there is no such file.
+static inline double idle_cpu_seconds() {
+#ifdef __linux__
+    cpu_set_t mine;
+    if (sched_getaffinity(0, sizeof mine, &mine) != 0) return -1.0;
+    FILE *f = std::fopen("/proc/stat", "r");
+    if (f == nullptr) return -1.0;
+    static const double tick = 1.0 / (double)sysconf(_SC_CLK_TCK);
+    char line[512];
+    double idle = 0.0;
+    while (std::fgets(line, sizeof line, f)) {
+        if (std::strncmp(line, "cpu", 3) != 0) break;  // the cpu lines come first
+        if (line[3] < '0' || line[3] > '9') continue;  // the "cpu " total line
+        char *p = line + 3;
+        long cpu = std::strtol(p, &p, 10);
+        unsigned long long v[5] = {0, 0, 0, 0, 0};     // user nice system idle iowait
+        for (int i = 0; i < 5; i++) v[i] = std::strtoull(p, &p, 10);
+        if (cpu >= 0 && cpu < CPU_SETSIZE && CPU_ISSET(cpu, &mine)) idle += (double)(v[3] + v[4]) * tick;
+    }
+    std::fclose(f);
+    return idle;
+#else
+    return -1.0;
+#endif
 }
 
 static inline bool abort_state_cancelled(const AbortState *a) {
@@ -98,6 +136,7 @@ class ThreadGovernor {
     bool adaptive;
     double first_cap;       // watchdog when nothing is known about a step's size yet (seconds)
     double forced_limit = 0.0;  // tests: the watchdog limit of every step (0: computed)
+    double idle_cores = -2.0;   // tests: idle cores to assume at a probe (-2: measure; -1: unknown)
     // statistics
     long steps = 0, changes = 0, watchdog_aborts = 0, trials = 0;
     double last_step = 0.0, clock = 0.0;
@@ -115,6 +154,10 @@ class ThreadGovernor {
     bool bind(llama_context *ctx) {
         ctx_ = ctx;
         applied_ = 0;
+        if (adaptive && idle_cores <= -2.0) {    // the first look at the CPUs, for the first probe
+            idle_at_ = idle_cpu_seconds();
+            idle_t_ = now_s();
+        }
         return apply(level) == level || apply(n_max) == n_max;
     }
 
@@ -191,12 +234,16 @@ class ThreadGovernor {
         if (trial_level_) {
             trial_steps_++;
             if (b == trial_bucket_) trial_t_[trial_got_++] = elapsed;
+            // fewer threads are kept when no slower; one more when it pays (L -> L+1 ideally
+            // divides the time by (L+1)/L); two steps decide when they agree by a wide margin
+            double m = median(trial_t_, trial_got_), gain = 1.0 - UP_GAIN / trial_level_;
+            bool down = trial_level_ < level;
             if (trial_got_ == TRIAL) {
-                double m = median(trial_t_, TRIAL);
-                // fewer threads are kept when no slower; one more when it pays (L -> L+1 ideally
-                // divides the time by (L+1)/L)
-                end_trial(trial_level_ < level ? m <= trial_base_
-                                               : m < (1.0 - UP_GAIN / trial_level_) * trial_base_);
+                end_trial(down ? m <= trial_base_ : m < gain * trial_base_);
+            } else if (trial_got_ >= 2 && !down && (m < 0.8 * gain * trial_base_ || m > 1.2 * trial_base_)) {
+                end_trial(m < gain * trial_base_);
+            } else if (trial_got_ >= 2 && down && (m < 0.8 * trial_base_ || m > 1.5 * trial_base_)) {
+                end_trial(m <= trial_base_);
             } else if (trial_steps_ >= 4 * TRIAL) {
                 trial_level_ = 0;                // the step sizes changed: no verdict
             }
@@ -214,7 +261,12 @@ class ThreadGovernor {
         if (level < n_max && clock >= next_probe_) {
             double recent[RING];
             int k = recent_at(b, level, recent, RING);
-            if (k >= 3) start_trial(level + 1, b, median(recent, k));
+            if (k < 2) return;
+            if (!room_for_one_more()) {          // no idle core to take: look again later
+                next_probe_ = clock + probe_gap_;
+                return;
+            }
+            start_trial(level + 1, b, median(recent, k));
         }
     }
 
@@ -240,6 +292,7 @@ class ThreadGovernor {
     double trial_base_ = 0.0;
     double next_probe_ = 0.0, probe_gap_ = GAP_MIN;
     double next_down_ = 0.0, down_gap_ = GAP_MIN;
+    double idle_at_ = -1.0, idle_t_ = 0.0;  // the last look at the CPUs' idle time
     llama_context *ctx_ = nullptr;
     std::vector<std::pair<int, ggml_threadpool *>> pools_;  // by thread count; the front was used last
     int applied_ = 0;
@@ -288,6 +341,24 @@ class ThreadGovernor {
             }
         }
         return 0.0;
+    }
+
+    // Were this process's CPUs idle for half a core or more since the last look?
+    // (True where that cannot be known: the probe itself then decides.)
+    bool room_for_one_more() {
+        if (idle_cores > -2.0) return idle_cores < 0.0 || idle_cores >= 0.5;
+        double idle = idle_cpu_seconds(), t = now_s();
+        if (idle < 0.0) return true;
+        double before = idle_at_, since = t - idle_t_;
+        if (before < 0.0) {                      // the first look: decide at the next
+            idle_at_ = idle;
+            idle_t_ = t;
+            return false;
+        }
+        if (since < 0.1) return false;           // too short for the kernel's ticks
+        idle_at_ = idle;
+        idle_t_ = t;
+        return (idle - before) / since >= 0.5;
     }
 
     void start_trial(int threads, int b, double base) {

@@ -87,6 +87,20 @@ def test_a_competing_process_moves_to_one_thread_and_the_quiet_machine_gets_both
     assert back < 300 and set(used[back + 20:]) == {2}
 
 
+def test_no_probe_while_no_core_is_idle():
+    # on Linux the governor looks at /proc/stat before a probe; here that look is simulated
+    m = Machine()
+    gov = _core.ThreadGovernor(2)
+    drive(gov, m, 100)
+    m.busy, gov.idle_cores = 1, 0.0
+    used, costs = drive(gov, m, 1000)
+    assert used[0] == 1 and used[1:].count(2) == 0   # after the drop, not one step pays for a probe
+    assert sum(costs[1:]) == pytest.approx(999 * m.step_time(1))
+    m.busy, gov.idle_cores = 0, 1.0
+    used, _ = drive(gov, m, 200)
+    assert used[-100:] == [2] * 100
+
+
 def test_mild_contention_is_found_by_a_trial_not_only_by_the_watchdog():
     class Mild(Machine):
         def step_time(self, threads, n_tokens=1):   # two threads 30% slower than one, never collapsing
