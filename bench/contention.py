@@ -13,8 +13,9 @@ hits them alike):
 Systems, single stream (greedy decode of ``--tokens`` tokens after a short prompt):
 
 * ``mullama``: a new ``Context`` with the default settings (threads = the usable
-  cores, the thread governor on), timed step by step (one ``generate`` call per
-  token), so the slowest step is known too;
+  cores, the thread governor on), ``generate`` (the generation phase is timed, as
+  in decode.py); then another new one timed step by step (one ``generate`` call
+  per token, ``--steps`` of them), for the slowest step;
 * ``mullama_t1`` / ``mullama_t2``: the same with the governor off at 1 / 2 threads
   (a thread count chosen by hand);
 * ``llama_bench``: ``llama-bench -p 0 -n N`` with its default threads;
@@ -40,7 +41,7 @@ Figures (one JSON line each):
 * ``contention_targets``: the issue's targets, computed from the figures above,
   each with ``met``.
 
-Usage: python bench/contention.py [--rounds 3] [--tokens 48] [--cap 10]
+Usage: python bench/contention.py [--rounds 3] [--tokens 48] [--cap 10] [--steps 24]
 """
 
 from __future__ import annotations
@@ -92,19 +93,33 @@ def stop_load(procs: List[subprocess.Popen]) -> None:
 
 # -- mullama ------------------------------------------------------------------------
 
-def mullama_single(model: mullama.Model, threads: Optional[int], tokens: int, cap: float) -> Tuple[float, List[float]]:
-    """tok/s of a greedy decode on a new context, and each decode step's time (s)."""
+def mullama_single(model: mullama.Model, threads: Optional[int], tokens: int, cap: float) -> float:
+    """tok/s of a greedy decode on a new context (the generation phase; at most *cap* s)."""
     adaptive = threads is None
     with model.create_context(context_size=256, threads=threads, adaptive_threads=adaptive) as ctx:
+        n = 0
+        t0 = time.perf_counter()
+        for _ in ctx.stream(PROMPT, StreamConfig.greedy(tokens)):
+            if n == 0:
+                t0 = time.perf_counter()  # from the first token: the prompt is not timed
+            n += 1
+            if time.perf_counter() - t0 > cap:
+                break
+        return (n - 1) / (time.perf_counter() - t0) if n > 1 else 0.0
+
+
+def mullama_steps(model: mullama.Model, steps: int, cap: float) -> List[float]:
+    """The time (s) of each decode step of a new default context: one ``generate`` call per token."""
+    with model.create_context(context_size=256) as ctx:
         one = StreamConfig.greedy(1)
         ctx.generate(PROMPT, one)  # the prompt, and the first token
-        steps: List[float] = []
+        out: List[float] = []
         t0 = time.perf_counter()
-        while len(steps) < tokens and time.perf_counter() - t0 < cap:
+        while len(out) < steps and time.perf_counter() - t0 < cap:
             t = time.perf_counter()
             ctx.generate([], one)
-            steps.append(time.perf_counter() - t)
-        return len(steps) / (time.perf_counter() - t0), steps
+            out.append(time.perf_counter() - t)
+        return out
 
 
 async def mullama_aggregate(path: Path, threads: Optional[int], tokens: int, cap: float) -> float:
@@ -177,6 +192,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=48, help="tokens per stream")
     ap.add_argument("--cap", type=float, default=10.0, help="seconds a measurement may take")
+    ap.add_argument("--steps", type=int, default=24, help="decode steps timed one by one (slowest step)")
     args = ap.parse_args()
     bench_exe, batched_exe = llama_tool("llama-bench"), llama_tool("llama-batched-bench")
     path = mullama.default_model_path(progress=False)
@@ -188,7 +204,6 @@ def main() -> int:
         m: {ld: {s: [] for s in SYSTEMS} for ld in LOADS} for m in ("single", "aggregate")}
     capped: Dict[Tuple[str, str, str], bool] = {}
     steps: Dict[str, List[float]] = {ld: [] for ld in LOADS}
-    idle_steps: List[float] = []
     with mullama.Model.load(path) as model:
         npp = len(model.tokenize(PROMPT))
         mullama_single(model, None, 4, args.cap)  # warm-up (page cache, first-use costs)
@@ -204,12 +219,10 @@ def main() -> int:
                     for system in order:
                         t = threads_of[system]
                         if system.startswith("mullama"):
-                            rate, st = mullama_single(model, t, args.tokens, args.cap)
+                            rate = mullama_single(model, t, args.tokens, args.cap)
                             agg = anyio.run(mullama_aggregate, path, t, args.tokens, args.cap)
                             if system == "mullama":
-                                steps[load] += st
-                                if load == "idle":
-                                    idle_steps.extend(st)
+                                steps[load] += mullama_steps(model, args.steps, args.cap)
                             cs = ca = False
                         else:
                             rate, cs = native_single(bench_exe, path, t, args.tokens, args.cap)
@@ -237,7 +250,7 @@ def main() -> int:
                      tok_s=round(med[(mode, load, system)], 1), vs_idle=round(vs_idle, 3),
                      capped=capped[(mode, load, system)], rounds=args.rounds,
                      tokens=args.tokens if mode == "single" else 4 * args.tokens)
-    idle_step = statistics.median(idle_steps)
+    idle_step = statistics.median(steps["idle"])
     for load in LOADS:
         emit(figure="contention_step_ms", load=load, idle_median_ms=round(idle_step * 1e3, 2),
              median_ms=round(statistics.median(steps[load]) * 1e3, 2), max_ms=round(max(steps[load]) * 1e3, 2),

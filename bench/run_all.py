@@ -60,7 +60,7 @@ SCRIPTS: Dict[str, tuple] = {
     "concurrency": ([], ["--rounds", "1"]),
     "load": ([], ["--rounds", "1", "--reps", "1"]),
     "serve": ([], ["--rounds", "1"]),
-    "contention": ([], ["--rounds", "1", "--tokens", "24", "--cap", "5"]),
+    "contention": ([], ["--rounds", "1", "--tokens", "24", "--cap", "5", "--steps", "12"]),
 }
 
 
