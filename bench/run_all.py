@@ -162,16 +162,18 @@ def plot_contention(figures: List[dict], out: Path) -> bool:
         for key, label, style in CONTENTION:
             pts = {r["load"]: r for r in rows if r["mode"] == mode and r["system"] == key}
             if pts:
-                ax.plot(range(len(loads)), [pts[ld]["tok_s"] if ld in pts else float("nan") for ld in loads],
+                # nothing within the cap (0) is drawn at the bottom of the log scale
+                ax.plot(range(len(loads)), [max(pts[ld]["tok_s"], 0.1) if ld in pts else float("nan") for ld in loads],
                         style, label=label + (" (≤: stopped at the cap)" if any(p["capped"] for p in pts.values())
                                               else ""))
         ax.set_xticks(range(len(loads)), ["idle" if ld == "idle" else ("+ " + ld) for ld in loads])
         ax.set_yscale("log")
+        ax.set_ylim(bottom=0.1)
         ax.set_xlabel("competing load")
         ax.set_ylabel("generated tokens/s (log scale)")
         ax.set_title("one stream" if mode == "single" else "4 concurrent requests (aggregate)")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", loc="lower left")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

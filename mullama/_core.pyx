@@ -41,20 +41,16 @@ from mullama import _errors
 
 cdef extern from *:
     """
-    #include <chrono>
     static inline int mullama_load_flag(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline void mullama_store_flag(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
-    static inline double mullama_now(void) {
-        return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-    }
     """
     int mullama_load_flag(const int *p) nogil
     void mullama_store_flag(int *p, int v) nogil
-    double mullama_now() nogil
 
 
 cdef extern from "_threads.h" namespace "mullama" nogil:
-    # see _threads.h: the abort callback's state and the compute-thread governor
+    # see _threads.h: the monotonic clock, the abort callback's state and the compute-thread governor
+    double mullama_now "mullama::now_s"()
     cdef struct AbortState:
         int flags[2]     # [0] cancel()/close(), [1] the engine: a slot was cancelled
         int fired        # the watchdog aborted the running decode

@@ -194,9 +194,9 @@ class ThreadGovernor {
         double lim, f = floor_at(b, threads);
         if (f > 0.0) {
             lim = WATCH * f;
-        } else {
+        } else {                                 // a first step of this size: a generous limit
             double e = estimate(b, threads, n);
-            lim = e > 0.0 ? 2 * WATCH * e : first_cap;
+            lim = e > 0.0 ? 2 * WATCH * e : first_cap * std::max(1.0, n / 32.0);
         }
         if (trial_level_ > level) {  // probing one more thread: it must not be much slower than one fewer
             double fewer = floor_at(b, trial_level_ - 1);
@@ -333,11 +333,11 @@ class ThreadGovernor {
                 return floor_at(b, threads + d) * (threads + d) / threads;
             if (threads - d >= 1 && floor_at(b, threads - d) > 0.0) return floor_at(b, threads - d);
         }
-        for (int d = 1; d < NB; d++) {            // the nearest size at this thread count: a fixed cost
-            for (int c : {b - d, b + d}) {        // of about 16 tokens plus a cost per token
-                if (c < 1 || c >= NB || floor_at(c, threads) <= 0.0) continue;
-                double rep = 1.5 * (1 << (c - 1));
-                return floor_at(c, threads) * (n + 16.0) / (rep + 16.0);
+        for (int d = 1; d < NB; d++) {            // the nearest size at this thread count, scaled up:
+            for (int c : {b - d, b + d}) {        // decode steps cost little more than one token,
+                if (c < 1 || c >= NB || floor_at(c, threads) <= 0.0) continue;   // prompt steps
+                double rep = 1.5 * (1 << (c - 1));                               // cost per token
+                return floor_at(c, threads) * (c < b ? n / rep : (n + 16.0) / (rep + 16.0));
             }
         }
         return 0.0;

@@ -157,6 +157,26 @@ def test_steps_are_compared_by_size():
     assert gov.floor(256, 2) > 10 * gov.floor(4, 2) > 0
 
 
+def test_prompt_steps_are_not_taken_for_a_collapse():
+    # decode steps are memory-bound (~the same time for 1 token or 4), prompt steps compute-bound
+    # (a time per token): a first 512-token step after only decode steps, or as the very first
+    # step of all, is long but healthy
+    class Real(Machine):
+        def step_time(self, threads, n_tokens=1):
+            return (0.012 if n_tokens < 8 else 0.0045 * n_tokens) * (2 / threads) ** 0.8
+
+    m = Real()
+    gov = _core.ThreadGovernor(2, first_cap=1.0)
+    drive(gov, m, 1, n_tokens=512)
+    drive(gov, m, 50)
+    drive(gov, m, 3, n_tokens=512)
+    gov2 = _core.ThreadGovernor(2, first_cap=1.0)
+    drive(gov2, m, 50)
+    drive(gov2, m, 3, n_tokens=300)
+    for g in (gov, gov2):
+        assert g.stats()["watchdog_aborts"] == 0 and g.stats()["threads"] == 2 and g.stats()["changes"] == 0
+
+
 def test_fixed_threads_never_change_and_have_no_watchdog():
     m = Machine(busy=1)
     gov = _core.ThreadGovernor(2, adaptive=False)
