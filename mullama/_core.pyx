@@ -705,6 +705,42 @@ cdef object _thread_stats(CGovernor * gov):
             "trials": gov.trials, "last_step_s": gov.last_step}
 
 
+cdef class _Governed(_InC):
+    """What a context and the batching engine share: the abort callback's
+    state (cancellation flags and the watchdog) and the thread governor."""
+
+    cdef CGovernor * gov     # how many compute threads, and their pools (_threads.h)
+    cdef AbortState ab       # flags: [0] cancel()/close(), [1] the engine: a slot was cancelled
+
+    def __cinit__(self):
+        self.gov = NULL
+        abort_state_init(&self.ab, &_g_shutdown)
+
+    cdef _free_governor(self):
+        if self.gov != NULL:
+            del self.gov   # its pools: after the llama.cpp context that used them
+            self.gov = NULL
+
+    def thread_stats(self):
+        """The compute threads: in use now, the maximum, and the governor's counts."""
+        if self.gov == NULL:
+            raise _errors.ClosedError(f"the {type(self).__name__} is closed")
+        return _thread_stats(self.gov)
+
+    @property
+    def thread_changes(self):
+        """How often the governor changed the thread count (a cheap read, for logging)."""
+        return self.gov.changes if self.gov != NULL else 0
+
+    def _set_threads(self, int threads):
+        """Tests: decode with *threads* from the next step on."""
+        _force_threads(self.gov, threads, -1.0)
+
+    def _set_watchdog(self, double seconds):
+        """Tests: stop every step at more than one thread after *seconds* (0: the governor's own limits)."""
+        _force_threads(self.gov, 1 << 30, seconds)
+
+
 cdef class ThreadGovernor:
     """The compute-thread governor alone, driven by step times given to it:
     the deterministic harness of the tests. Contexts use the same C++ class
@@ -777,7 +813,7 @@ cdef class _LogitsView:
 
 
 @cython.no_gc_clear
-cdef class LlamaContext(_InC):
+cdef class LlamaContext(_Governed):
     """Owns a ``llama_context`` with one sequence and its token history.
 
     ``tokens`` is the conversation: every token logically in the context. The
@@ -788,7 +824,6 @@ cdef class LlamaContext(_InC):
 
     cdef llama_context * ptr
     cdef readonly LlamaModel model
-    cdef CGovernor * gov     # its compute threads: how many, and their pools (_threads.h)
     cdef llama_batch batch
     cdef bint has_batch
     cdef int n_batch
@@ -796,17 +831,14 @@ cdef class LlamaContext(_InC):
     cdef vector[llama_token] _tokens
     cdef int _n_kv
     cdef bint _logits_ok     # the last decode produced logits for tokens[-1]
-    cdef AbortState ab       # flags[0]: cancel()/close(), read by C without the GIL; the watchdog
     cdef bint _closed
     cdef int _exports        # live buffer exports of the logits
     cdef object _owner       # threading.Lock: one user at a time (claim/release)
 
     def __cinit__(self):
         self.ptr = NULL
-        self.gov = NULL
         self.has_batch = False
         self._n_kv = 0
-        abort_state_init(&self.ab, &_g_shutdown)
         self._closed = False
         self._exports = 0
         self._logits_ok = False
@@ -861,9 +893,7 @@ cdef class LlamaContext(_InC):
         if self.ptr != NULL:
             llama_free(self.ptr)
             self.ptr = NULL
-        if self.gov != NULL:
-            del self.gov   # its pools, after the context that used them
-            self.gov = NULL
+        self._free_governor()
         if self.model is not None:
             self.model._release()  # a closing model waits for its last context
 
@@ -917,25 +947,6 @@ cdef class LlamaContext(_InC):
     @property
     def cancelled(self):
         return mullama_load_flag(&self.ab.flags[0]) != 0
-
-    def thread_stats(self):
-        """The compute threads: in use now, the maximum, and the governor's counts."""
-        if self.gov == NULL:
-            raise _errors.ClosedError("the context is closed")
-        return _thread_stats(self.gov)
-
-    @property
-    def thread_changes(self):
-        """How often the governor changed the thread count (a cheap read, for logging)."""
-        return self.gov.changes if self.gov != NULL else 0
-
-    def _set_threads(self, int threads):
-        """Tests: decode with *threads* from the next step on."""
-        _force_threads(self.gov, threads, -1.0)
-
-    def _set_watchdog(self, double seconds):
-        """Tests: stop every step at more than one thread after *seconds* (0: the governor's own limits)."""
-        _force_threads(self.gov, 1 << 30, seconds)
 
     # -- state ------------------------------------------------------------
 
@@ -1270,7 +1281,7 @@ cdef struct Slot:
 
 
 @cython.no_gc_clear
-cdef class BatchEngine(_InC):
+cdef class BatchEngine(_Governed):
     """One llama.cpp context decoding many sequences together.
 
     Each slot is a sequence (its id is the slot index) with its own share of
@@ -1283,7 +1294,6 @@ cdef class BatchEngine(_InC):
 
     cdef llama_context * ptr
     cdef readonly LlamaModel model
-    cdef CGovernor * gov     # its compute threads (_threads.h)
     cdef llama_batch batch
     cdef bint has_batch
     cdef readonly int n_seq
@@ -1298,15 +1308,12 @@ cdef class BatchEngine(_InC):
     cdef vector[vector[float]] out_lp
     cdef list samplers       # the SamplerChain of each slot (keeps its pointer alive)
     cdef vector[llama_sampler *] smpls  # their pointers, for the nogil step (NULL: greedy)
-    cdef AbortState ab       # flags: [0] close(), [1] a slot was cancelled: abort the decode in progress
     cdef int _wake           # the driver has work: return from run() early
     cdef bint _closed
 
     def __cinit__(self):
         self.ptr = NULL
-        self.gov = NULL
         self.has_batch = False
-        abort_state_init(&self.ab, &_g_shutdown)
         self._wake = 0
         self._closed = False
 
@@ -1382,9 +1389,7 @@ cdef class BatchEngine(_InC):
         if self.ptr != NULL:
             llama_free(self.ptr)
             self.ptr = NULL
-        if self.gov != NULL:
-            del self.gov
-            self.gov = NULL
+        self._free_governor()
         if self.samplers is not None:
             for s in self.samplers:
                 if s is not None:
@@ -1466,25 +1471,6 @@ cdef class BatchEngine(_InC):
             mullama_store_flag(&self.slots[slot].cancel, 1)
             mullama_store_flag(&self.ab.flags[1], 1)  # a long prompt chunk stops now, not after it
             mullama_store_flag(&self._wake, 1)
-
-    def thread_stats(self):
-        """The compute threads: in use now, the maximum, and the governor's counts."""
-        if self.gov == NULL:
-            raise _errors.ClosedError("the engine is closed")
-        return _thread_stats(self.gov)
-
-    @property
-    def thread_changes(self):
-        """How often the governor changed the thread count (a cheap read, for logging)."""
-        return self.gov.changes if self.gov != NULL else 0
-
-    def _set_threads(self, int threads):
-        """Tests: decode with *threads* from the next step on."""
-        _force_threads(self.gov, threads, -1.0)
-
-    def _set_watchdog(self, double seconds):
-        """Tests: stop every step at more than one thread after *seconds* (0: the governor's own limits)."""
-        _force_threads(self.gov, 1 << 30, seconds)
 
     def wake(self):
         """Make a running :meth:`run` return at its next step (thread-safe)."""

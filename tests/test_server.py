@@ -318,6 +318,12 @@ def test_health_and_metrics(tiny_server):
     assert after["mullama_time_to_first_token_seconds_count"] >= 1
     assert after['mullama_time_to_first_token_seconds_bucket{le="+Inf"}'] == \
         after["mullama_time_to_first_token_seconds_count"]
+    # the engine's compute threads and progress
+    assert 1 <= after["mullama_engine_compute_threads"] <= after["mullama_engine_compute_threads_max"]
+    assert after["mullama_engine_decode_steps_total"] >= before.get("mullama_engine_decode_steps_total", 0) + 5
+    assert after["mullama_engine_last_step_seconds"] > 0
+    assert after["mullama_engine_tokens_in_flight"] == 0
+    assert "mullama_engine_watchdog_aborts_total" in after and "mullama_engine_thread_changes_total" in after
 
 
 # -- the real model: disconnects and overload ---------------------------------------------------

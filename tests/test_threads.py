@@ -287,3 +287,13 @@ def test_cli_prints_its_speed(tiny_model_path):
     r = subprocess.run([sys.executable, "-m", "mullama", "run", "hello", "--model", str(tiny_model_path), "-n", "8",
                         "--quiet", "--fixed-threads"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "tok/s" not in r.stderr
+
+
+def test_thread_changes_are_logged(tiny_model, caplog):
+    with tiny_model.create_context(256, threads=2) as ctx:
+        ctx.generate("hello", StreamConfig.greedy(2))
+        ctx._core._set_threads(1 if ctx.thread_stats().threads == 2 else 2)
+        with caplog.at_level("INFO", logger="mullama"):
+            ctx.generate([], StreamConfig.greedy(2))
+    (rec,) = [r for r in caplog.records if r.name == "mullama"]
+    assert "a context now decodes with" in rec.getMessage() and "of 2 threads" in rec.getMessage()
