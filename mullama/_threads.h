@@ -127,7 +127,8 @@ class ThreadGovernor {
     static constexpr double UP_GAIN = 0.25;  // one more thread is kept if it brings a quarter of its ideal gain
     static constexpr double WATCH = 4.0;     // watchdog: this many times the step's quiet time
     static constexpr double WATCH_MIN = 0.004;
-    static constexpr double RISE = 1.0 / 128;  // the quiet time drifts up this much per step (the context grows)
+    static constexpr double RISE = 1.0 / 32;  // the quiet time drifts up this much per step: it follows
+                                              // the context's growth and the machine's drift
     static constexpr double GAP_MIN = 0.05;  // seconds of steps between trials, doubling while they fail
     static constexpr double GAP_MAX = 5.0;
 
@@ -221,12 +222,13 @@ class ThreadGovernor {
             watchdog_aborts++;
             if (trial_level_ > level) {          // the extra thread does not pay: stop probing for a while
                 end_trial(false);
-            } else {                             // collapsing here: one thread fewer at once
-                trial_level_ = 0;
-                set_level(std::max(1, used - 1));
+            } else {                             // collapsing here: one thread fewer at once, and one
+                trial_level_ = 0;                // probe back soon, whatever /proc/stat says (a single
+                set_level(std::max(1, used - 1));  // slow step may be a hiccup of the machine)
                 down_gap_ = GAP_MIN;
                 probe_gap_ = GAP_MIN;
-                next_probe_ = clock + probe_gap_;
+                next_probe_ = clock;
+                probe_now_ = true;
             }
             return;
         }
@@ -236,7 +238,7 @@ class ThreadGovernor {
             if (b == trial_bucket_) trial_t_[trial_got_++] = elapsed;
             // fewer threads are kept when no slower; one more when it pays (L -> L+1 ideally
             // divides the time by (L+1)/L); two steps decide when they agree by a wide margin
-            double m = median(trial_t_, trial_got_), gain = 1.0 - UP_GAIN / trial_level_;
+            double m = trial_got_ ? median(trial_t_, trial_got_) : 0.0, gain = 1.0 - UP_GAIN / trial_level_;
             bool down = trial_level_ < level;
             if (trial_got_ == TRIAL) {
                 end_trial(down ? m <= trial_base_ : m < gain * trial_base_);
@@ -262,7 +264,7 @@ class ThreadGovernor {
             double recent[RING];
             int k = recent_at(b, level, recent, RING);
             if (k < 2) return;
-            if (!room_for_one_more()) {          // no idle core to take: look again later
+            if (!probe_now_ && !room_for_one_more()) {   // no idle core to take: look again later
                 next_probe_ = clock + probe_gap_;
                 return;
             }
@@ -291,6 +293,7 @@ class ThreadGovernor {
     double trial_t_[TRIAL];
     double trial_base_ = 0.0;
     double next_probe_ = 0.0, probe_gap_ = GAP_MIN;
+    bool probe_now_ = false;                 // the next probe skips the look at /proc/stat
     double next_down_ = 0.0, down_gap_ = GAP_MIN;
     double idle_at_ = -1.0, idle_t_ = 0.0;  // the last look at the CPUs' idle time
     llama_context *ctx_ = nullptr;
@@ -316,7 +319,7 @@ class ThreadGovernor {
         return k;
     }
 
-    static double median(const double *v, int n) {
+    static double median(const double *v, int n) {  // 1 <= n <= 8
         double s[RING > TRIAL ? RING : TRIAL];
         for (int i = 0; i < n; i++) {            // insertion sort: n <= 8
             int j = i;
@@ -362,6 +365,7 @@ class ThreadGovernor {
     }
 
     void start_trial(int threads, int b, double base) {
+        probe_now_ = false;
         trials++;
         trial_level_ = threads;
         trial_bucket_ = b;
