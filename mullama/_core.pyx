@@ -60,16 +60,14 @@ cdef extern from "_threads.h" namespace "mullama" nogil:
 
     cdef cppclass CGovernor "mullama::ThreadGovernor":
         int n_max
-        int level
         bint adaptive
         long steps, changes, watchdog_aborts, trials
-        double last_step, clock
+        double last_step
         double forced_limit
         double idle_cores
         void force(int threads)
         CGovernor(int n_max, bint adaptive, int start, double first_cap)
         bint bind(llama_context * ctx)
-        void release()
         int threads()
         int begin(int n, AbortState * ab)
         double limit(int b, int threads, int n)

@@ -177,7 +177,6 @@ class ThreadGovernor {
         trial_level_ = 0;
         set_level(std::min(std::max(threads, 1), n_max));
     }
-    int applied() const { return applied_; }
 
     // Before a decode of *n* tokens: set its thread count, arm the watchdog.
     int begin(int n, AbortState *ab) {
