@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import anyio
 
@@ -61,33 +61,40 @@ def native(exe: Path, model: Path, npp: int, ntg: int, threads: int, npl: int) -
     return rows[-1]
 
 
-async def aggregate(model_path: Path, n: int, ntg: int, threads: int) -> float:
+async def aggregate(model_path: Path, n: int, ntg: int, threads: Optional[int] = None, *,
+                    adaptive_threads: bool = True, warm_up: bool = True, cap: Optional[float] = None) -> float:
     """Generated tokens/s over *n* concurrent streams, from the first token of
     the first to the last token of the last (each stream's first token is not
-    counted: it belongs to the prompt phase, as in llama-batched-bench)."""
+    counted: it belongs to the prompt phase, as in llama-batched-bench). With
+    *cap*, the streams are stopped after that many seconds and the tokens
+    generated so far count."""
     cfg = StreamConfig.greedy(ntg)
     async with await AsyncModel.load(model_path, max_concurrent=n, context_size=256, threads=threads,
-                                     timeout_ms=None) as model:
+                                     adaptive_threads=adaptive_threads, timeout_ms=None) as model:
         # token ids: the n requests are submitted in the same tick and join the same step,
         # as llama-batched-bench's sequences do (text would take a thread hop each)
         prompt = model.model.tokenize(PROMPT)
-        await model.generate(prompt, config=StreamConfig.greedy(4))  # warm-up
-        firsts, ends, counts = [], [], []
+        if warm_up:
+            await model.generate(prompt, config=StreamConfig.greedy(4))
+        firsts: List[float] = []
+        counted = [0]
 
         async def one():
-            count = 0
+            first = True
             async with model.generate_stream(prompt, cfg) as stream:
                 async for _ in stream:
-                    if count == 0:
+                    if first:
                         firsts.append(time.perf_counter())
-                    count += 1
-            ends.append(time.perf_counter())
-            counts.append(count - 1)
+                        first = False
+                    else:
+                        counted[0] += 1
 
-        async with anyio.create_task_group() as tg:
-            for _ in range(n):
-                tg.start_soon(one)
-    return sum(counts) / (max(ends) - min(firsts))
+        with anyio.move_on_after(cap if cap is not None else float("inf")):
+            async with anyio.create_task_group() as tg:
+                for _ in range(n):
+                    tg.start_soon(one)
+        end = time.perf_counter()
+    return counted[0] / (end - min(firsts)) if firsts and end > min(firsts) else 0.0
 
 
 async def ttft(model_path: Path, threads: int, requests: int, repeat: int = 1, slots: int = 4) -> list:

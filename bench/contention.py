@@ -63,13 +63,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import mullama  # noqa: E402
 from mullama import StreamConfig  # noqa: E402
-from mullama.aio import AsyncModel  # noqa: E402
 from _probes import emit  # noqa: E402
+from concurrency import PROMPT, aggregate  # noqa: E402
 from decode import llama_tool  # noqa: E402
 
 LOADS = ("idle", "busy1", "busy2", "llama-bench")
 SYSTEMS = ("mullama", "mullama_t1", "mullama_t2", "native", "native_t1", "native_t2")
-PROMPT = "The history of the city begins with a small village by the river, where farmers and traders lived"
 
 
 # -- loads --------------------------------------------------------------------------
@@ -123,31 +122,9 @@ def mullama_steps(model: mullama.Model, steps: int, cap: float) -> List[float]:
 
 
 async def mullama_aggregate(path: Path, threads: Optional[int], tokens: int, cap: float) -> float:
-    """Generated tokens/s of 4 concurrent greedy streams, first token to last (capped)."""
-    adaptive = threads is None
-    opts = dict(adaptive_threads=adaptive) if adaptive else dict(threads=threads, adaptive_threads=False)
-    async with await AsyncModel.load(path, max_concurrent=4, context_size=256, timeout_ms=None, **opts) as model:
-        prompt = model.model.tokenize(PROMPT)
-        firsts: List[float] = []
-        count = [0]
-        cfg = StreamConfig.greedy(tokens)
-
-        async def one():
-            n = 0
-            async with model.generate_stream(prompt, cfg) as stream:
-                async for _ in stream:
-                    if n == 0:
-                        firsts.append(time.perf_counter())
-                    else:
-                        count[0] += 1
-                    n += 1
-
-        with anyio.move_on_after(cap):
-            async with anyio.create_task_group() as tg:
-                for _ in range(4):
-                    tg.start_soon(one)
-        end = time.perf_counter()
-    return count[0] / (end - min(firsts)) if firsts and end > min(firsts) else 0.0
+    """Generated tokens/s of 4 concurrent greedy streams on a new engine (no warm-up: its
+    first steps are part of the default settings' behaviour), first token to last, capped."""
+    return await aggregate(path, 4, tokens, threads, adaptive_threads=threads is None, warm_up=False, cap=cap)
 
 
 # -- llama.cpp's tools --------------------------------------------------------------
