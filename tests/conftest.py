@@ -63,3 +63,31 @@ def llama_cpp_dir() -> Path:
     from fetch_llama_cpp import ensure_llama_cpp
 
     return ensure_llama_cpp()
+
+
+@pytest.fixture
+def cyclic_garbage():
+    """A context manager that collects what the code in it left in reference cycles.
+
+    The cyclic collector is off inside, so nothing is collected early; on exit
+    ``gc.collect()`` finds the unreachable cycles, which are handed back in the
+    list it yields (then dropped)."""
+    import gc
+    from contextlib import contextmanager
+
+    @contextmanager
+    def collect():
+        found: list = []
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            yield found
+        finally:
+            gc.collect()
+            found.extend(gc.garbage)
+            gc.garbage.clear()
+            gc.set_debug(0)
+            gc.enable()
+
+    return collect

@@ -415,3 +415,25 @@ async def test_stream_in_batches(tiny_model_path, baseline):
         async with conv.generate_stream("once upon", GREEDY) as stream:
             ids = [t.id async for b in stream.batches() for t in b]
         assert ids == baseline.tokens and stream.seen_tokens() == conv.n_past
+
+
+@pytest.mark.anyio
+async def test_a_failed_stream_leaves_no_reference_cycles(tiny_model_path, cyclic_garbage):
+    """An error from the worker thread (here a prompt too long for the context) reaches
+    the caller without reference cycles: the caller's frames it holds are freed with it."""
+    async with await AsyncModel.load(tiny_model_path, context_size=256, threads=1) as model:
+        async with await model.create_context(context_size=256) as ctx:
+            async def request() -> None:
+                held = list(range(100_000))  # noqa: F841  (what a leaked frame would keep)
+                async with ctx.generate_stream(list(range(5, 400)), StreamConfig.greedy(4)) as stream:
+                    async for _ in stream:
+                        pass
+
+            for _ in range(2):
+                with cyclic_garbage() as garbage:
+                    with pytest.raises(mullama.ContextOverflowError):
+                        await request()
+                assert [len(o) for o in garbage if isinstance(o, list) and len(o) > 1000] == []
+                assert [type(o).__name__ for o in garbage if isinstance(o, BaseException)
+                        and not isinstance(o, anyio.get_cancelled_exc_class())] == []
+                del garbage

@@ -425,6 +425,30 @@ async def test_app_on_a_loaded_model_with_an_api_key(tiny_model_path, tiny_model
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
 
 
+@pytest.mark.anyio
+async def test_refused_requests_leave_no_reference_cycles(tiny_model_path, cyclic_garbage):
+    """A request refused inside the disconnect watch (here a context overflow) keeps
+    nothing alive once answered: its prompt, tokens and frames are freed at once, not
+    at some later run of the cyclic collector (a 7 MB request each, that was gigabytes)."""
+    from mullama.aio import AsyncModel
+    from mullama.server import create_app
+
+    body = {"messages": [{"role": "user", "content": "hi"}] * 20000}
+    async with await AsyncModel.load(tiny_model_path, context_size=256, threads=1) as model:
+        app = create_app(model, model_id="t", chat_template="chatml")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as c:
+            await c.get("/health")  # anything created once per app or client, before counting
+            for _ in range(2):
+                with cyclic_garbage() as garbage:
+                    r = await c.post("/v1/chat/completions", json=body)
+                    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+                    del r
+                assert [type(o).__name__ for o in garbage if isinstance(o, BaseException)
+                        and not isinstance(o, anyio.get_cancelled_exc_class())] == []
+                assert [len(o) for o in garbage if isinstance(o, list) and len(o) > 1000] == []
+                del garbage
+
+
 def test_serve_names_a_missing_model(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mullama", "serve", "--model", str(tmp_path / "nope.gguf")],
                        capture_output=True, text=True, timeout=60)

@@ -23,7 +23,7 @@ import sys
 import threading
 from collections import deque
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Awaitable, Callable, Deque, List, Optional
+from typing import AsyncIterator, Awaitable, Callable, Deque, List, Optional, TypeVar
 
 import anyio
 import anyio.abc
@@ -40,6 +40,8 @@ if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
 __all__ = ["TokenStream"]
+
+T = TypeVar("T")
 
 #: batches buffered between the worker and the consumer (each at most ~20 ms of tokens)
 STREAM_BUFFER = 4
@@ -304,6 +306,33 @@ def _work(run: _Run, handoff: Handoff) -> None:
         handoff.finish()
 
 
+async def run_in_thread(fn: Callable[..., T], *args: object,
+                        limiter: Optional[anyio.CapacityLimiter] = None) -> T:
+    """``anyio.to_thread.run_sync(fn, *args)``, never abandoned, except that an
+    exception of *fn* comes out without the reference cycles of the backends'
+    result objects (asyncio's future, trio's outcome, each held by a frame in
+    the exception's traceback): the frames it holds (a request's prompt, its
+    tokens) are freed as soon as the caller drops it, not at the next run of
+    the cyclic collector."""
+    failed: List[BaseException] = []
+
+    def call() -> Optional[T]:
+        try:
+            return fn(*args)
+        except Exception as exc:
+            failed.append(exc)
+            return None
+
+    result = await anyio.to_thread.run_sync(call, abandon_on_cancel=False, limiter=limiter)
+    if not failed:
+        return result  # type: ignore[return-value]
+    error = failed.pop()
+    try:
+        raise error
+    finally:
+        del error
+
+
 async def _produce(ctx: Context, run: _Run, handoff: Handoff, workers: Workers,
                    limiter: Optional[anyio.CapacityLimiter]) -> None:
     finished = False
@@ -319,7 +348,7 @@ async def _produce(ctx: Context, run: _Run, handoff: Handoff, workers: Workers,
         tg.start_soon(watch)
         workers.enter()
         try:
-            await anyio.to_thread.run_sync(_work, run, handoff, abandon_on_cancel=False, limiter=limiter)
+            await run_in_thread(_work, run, handoff, limiter=limiter)
         finally:
             finished = True
             workers.leave()
@@ -398,15 +427,52 @@ class unwrap_single:
         return None
 
     def __exit__(self, typ, exc, tb) -> bool:
-        if isinstance(exc, BaseExceptionGroup):
-            cancelled = anyio.get_cancelled_exc_class()
-            leaves = _leaves(exc)
-            if len(leaves) == 1 or all(isinstance(e, cancelled) for e in leaves):
-                raise leaves[0]
-            others = [e for e in leaves if not isinstance(e, cancelled)]
-            if len(others) == 1:  # an error plus the cancellations it caused
-                raise others[0]
-        return False
+        if not isinstance(exc, BaseExceptionGroup):
+            return False
+        leaf = _single(exc)
+        if leaf is None:
+            return False
+        # The group is dropped for its leaf. Its exceptions' tracebacks hold the
+        # frames of the task group, which hold the group: reference cycles that
+        # keep the leaf, its traceback and so the request's frames (its prompt,
+        # its token list) alive until the cyclic collector runs, which can take
+        # gigabytes of refused requests. They are taken apart here. Raised as
+        # it is, the leaf's __context__ would be the group and this frame would
+        # hold the group too: neither link is made.
+        _dismantle(exc, leaf, anyio.get_cancelled_exc_class())
+        context = leaf.__context__
+        del typ, exc, tb
+        try:
+            raise leaf
+        finally:
+            leaf.__context__ = context
+            del leaf, context
+
+
+def _single(group: BaseException) -> Optional[BaseException]:
+    """The one exception a task group's *group* stands for, if there is one."""
+    cancelled = anyio.get_cancelled_exc_class()
+    leaves = _leaves(group)
+    if len(leaves) == 1 or all(isinstance(e, cancelled) for e in leaves):
+        return leaves[0]
+    others = [e for e in leaves if not isinstance(e, cancelled)]
+    return others[0] if len(others) == 1 else None  # (an error plus the cancellations it caused)
+
+
+def _dismantle(exc: BaseException, keep: BaseException, cancelled: type) -> None:
+    """Drop the tracebacks and links of *exc* when it is a group or a
+    cancellation (ours, dropped), and so on through the groups and
+    cancellations it holds or was raised during; never *keep* (re-raised) nor
+    any other exception (it may be the caller's)."""
+    if exc is keep or not isinstance(exc, (BaseExceptionGroup, cancelled)):
+        return
+    linked = [exc.__context__, exc.__cause__]
+    exc.__traceback__ = exc.__context__ = exc.__cause__ = None
+    if isinstance(exc, BaseExceptionGroup):
+        linked.extend(exc.exceptions)
+    for e in linked:
+        if e is not None:
+            _dismantle(e, keep, cancelled)
 
 
 def _leaves(group: BaseException) -> List[BaseException]:

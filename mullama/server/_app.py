@@ -365,18 +365,15 @@ class OpenAIApp:
             except _Disconnected:
                 raise
             except Exception as exc:
-                if isinstance(exc, MullamaError):
-                    err = _api_error(exc, "messages" if chat else "prompt")
-                    if not ex.started:
-                        raise err from None
-                elif not ex.started:
-                    raise
+                param = "messages" if chat else "prompt"
+                if ex.started:  # a stream has answered 200 already: the error goes into it, as OpenAI does
+                    await _end_stream_with(ex, exc, param)
+                elif isinstance(exc, MullamaError):
+                    # (raised where it is made: an exception kept in a local of this frame
+                    # would hold the frame, and with it the prompt, in a reference cycle)
+                    raise _api_error(exc, param) from None
                 else:
-                    log.exception("error while streaming a response")
-                    err = oa.ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
-                # a stream has answered 200 already: the error goes into it, as OpenAI does
-                await ex.event(err.body())
-                await ex.send({"type": "http.response.body", "body": b"", "more_body": False})
+                    raise
             finally:
                 if stream is not None:
                     self.metrics.generation(stream.metrics(), time.perf_counter() - t0,
@@ -472,6 +469,17 @@ class OpenAIApp:
         if usage:
             await ex.event(oa.usage_chunk(ids, req.chat, n_prompt, n))
         await ex.end_events()
+
+
+async def _end_stream_with(ex: _Exchange, exc: Exception, param: str) -> None:
+    """End a started event stream with an error event (OpenAI's way)."""
+    if isinstance(exc, MullamaError):
+        body = _api_error(exc, param).body()
+    else:
+        log.exception("error while streaming a response")
+        body = oa.ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body()
+    await ex.event(body)
+    await ex.send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _api_error(exc: MullamaError, param: str) -> oa.ApiError:
