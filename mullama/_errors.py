@@ -14,6 +14,7 @@ __all__ = [
     "InvalidTokenError",
     "ClosedError",
     "BusyError",
+    "LoopConflictError",
     "DecodeError",
     "AbortedError",
     "StateError",
@@ -66,6 +67,13 @@ class ClosedError(MullamaError):
 
 class BusyError(MullamaError):
     """A context was used from two places at once."""
+
+
+class LoopConflictError(BusyError):
+    """An async object (an ``AsyncContext`` or a ``ModelPool``) was used from
+    a second event loop (another thread's, or asyncio and trio) while its
+    first one was still using it. A loop cannot wait for another loop's
+    locks: use each object from one loop at a time."""
 
 
 class DecodeError(MullamaError):

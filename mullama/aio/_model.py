@@ -20,6 +20,7 @@ from .._context import Completion, Context, Prompt, ThreadStats
 from .._errors import AbortedError, BusyError, InvalidConfigError
 from .._engine import Engine
 from .._model import Model, ModelInfo, _token_list
+from ._loop import LoopBinding
 from ._stream import (TokenStream, Workers, check_open, deadline, open_engine_stream, open_token_stream,
                       unwrap_single)
 
@@ -195,6 +196,8 @@ class AsyncModel:
         """
         if self._closed:
             return
+        for conv in self._conversations:  # before anything is closed: LoopConflictError
+            conv._loop.check()
         self._closed = True
         with anyio.CancelScope(shield=True):
             for conv in list(self._conversations):
@@ -307,6 +310,9 @@ class AsyncContext:
 
     Each call continues the conversation. One task uses it at a time: a second
     task waits, or gets :class:`~mullama.BusyError` if it passes ``wait=False``.
+    A task of another event loop (another thread, or asyncio and trio) cannot
+    wait for it: while it is in use, such a call raises
+    :class:`~mullama.LoopConflictError` at once.
     """
 
     # its owner (an AsyncModel or a ModelPool) provides ``_closed``,
@@ -316,6 +322,7 @@ class AsyncContext:
         self._owner = owner
         self._ctx = ctx
         self._lock = anyio.Lock()
+        self._loop = LoopBinding("AsyncContext")
         self._workers = Workers()
         self._closed = False
 
@@ -331,11 +338,16 @@ class AsyncContext:
     @asynccontextmanager
     async def _use(self, wait: bool) -> AsyncIterator[Context]:
         check_open(self._closed or self._owner._closed, "AsyncContext")
-        if not wait and self._lock.locked():
-            raise BusyError("the context is in use by another task (wait=False)")
-        async with self._lock:
-            check_open(self._closed or self._owner._closed, "AsyncContext")
-            yield self._ctx
+        if self._loop.enter():  # LoopConflictError if another loop is using it
+            self._lock = anyio.Lock()  # the old one belongs to the last loop (and nobody holds it)
+        try:
+            if not wait and self._lock.locked():
+                raise BusyError("the context is in use by another task (wait=False)")
+            async with self._lock:
+                check_open(self._closed or self._owner._closed, "AsyncContext")
+                yield self._ctx
+        finally:
+            self._loop.leave()
 
     def generate_stream(self, prompt: Prompt, config: Optional[StreamConfig] = None, *,
                         wait: bool = True) -> AsyncContextManager[TokenStream]:
@@ -417,10 +429,12 @@ class AsyncContext:
         """Stop what runs on the context and free it (shielded, idempotent).
 
         Does not wait for a consumer that holds a stream open: its worker is
-        stopped and the stream ends.
+        stopped and the stream ends. LoopConflictError (and nothing closed)
+        if another event loop is using the context.
         """
         if self._closed:
             return
+        self._loop.check()
         self._closed = True
         with anyio.CancelScope(shield=True):
             self._ctx.cancel()

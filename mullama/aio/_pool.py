@@ -16,6 +16,7 @@ from .._config import StreamConfig, check_int
 from .._context import Completion, Prompt
 from .._errors import BusyError, ClosedError, ContextCreationError, InvalidConfigError
 from .._model import Model, ModelInfo
+from ._loop import LoopBinding
 from ._model import AsyncConfig, AsyncContext, PathLike, load_model
 from ._stream import TokenStream, check_open
 
@@ -68,6 +69,10 @@ class ModelPool:
 
     Members use ``config.context_size``, ``threads`` and ``flash_attention``;
     each request has ``config.timeout_ms`` as its deadline.
+
+    A pool serves one event loop at a time: while members are lent or tasks
+    wait in one loop, a call from another loop (another thread, or asyncio
+    and trio) raises :class:`~mullama.LoopConflictError`.
     """
 
     def __init__(self, config: AsyncConfig, size: int) -> None:
@@ -87,6 +92,8 @@ class ModelPool:
         self._create_error: Optional[Exception] = None
         self._generations = 0
         self._generation_ms = 0.0
+        #: the loop of the leases, waiters and resizes under way
+        self._loop = LoopBinding("ModelPool")
         #: members replaced because their reset failed
         self.replaced = 0
 
@@ -111,12 +118,21 @@ class ModelPool:
         check_open(self._closed, "ModelPool")
         if self._model is not None:
             return
-        self._model = await anyio.to_thread.run_sync(load_model, self._config, progress)
+        self._enter()
         try:
-            await self._grow(self._target)
-        except BaseException:
-            await self.aclose()
-            raise
+            self._model = await anyio.to_thread.run_sync(load_model, self._config, progress)
+            try:
+                await self._grow(self._target)
+            except BaseException:
+                await self.aclose()
+                raise
+        finally:
+            self._loop.leave()
+
+    def _enter(self) -> None:
+        """Count a user of this loop (LoopConflictError if another loop uses the pool)."""
+        if self._loop.enter():
+            self._change = None  # an Event of the last loop (nobody waits on it)
 
     # -- lending ----------------------------------------------------------------------
 
@@ -135,6 +151,14 @@ class ModelPool:
 
     async def _acquire(self, wait: bool) -> "PooledModel":
         self._check_open()
+        self._enter()  # the lease is a user of this loop until it is released
+        try:
+            return await self._lend(wait)
+        except BaseException:
+            self._loop.leave()
+            raise
+
+    async def _lend(self, wait: bool) -> "PooledModel":
         await anyio.lowlevel.checkpoint()
         self._check_open()
         if self._available and not self._waiters:
@@ -164,14 +188,22 @@ class ModelPool:
     async def release(self, lease: "PooledModel") -> None:
         """Give a member back: its KV cache is reset (a member that fails the reset is replaced).
 
-        Shielded and idempotent per lease.
+        Shielded and idempotent per lease. Call it from the event loop that
+        acquired the member (LoopConflictError from another one).
         """
         if not isinstance(lease, PooledModel) or lease._pool is not self:
             raise InvalidConfigError("release() takes a member acquired from this pool")
         member = lease._member
         if member is None:
             return
+        self._loop.check()
         lease._member = None
+        try:
+            await self._take_back(member)
+        finally:
+            self._loop.leave()
+
+    async def _take_back(self, member: AsyncContext) -> None:
         with anyio.CancelScope(shield=True):
             try:
                 if not self._closed and not member._closed:
@@ -256,6 +288,13 @@ class ModelPool:
         """
         check_int("size", size, minimum=1, maximum=1024)
         self._check_open()
+        self._enter()
+        try:
+            await self._resize(size)
+        finally:
+            self._loop.leave()
+
+    async def _resize(self, size: int) -> None:
         self._target = size
         self._changed()
         if self._size() < size:
@@ -346,9 +385,13 @@ class ModelPool:
         """Close every member (stopping what runs on it) and free the model.
 
         Shielded and idempotent; waiting tasks get ClosedError; later calls raise ClosedError.
+        LoopConflictError (and nothing closed) if another event loop is using the pool.
         """
         if self._closed:
             return
+        self._loop.check()
+        for member in self._conversations:
+            member._loop.check()
         self._closed = True
         with anyio.CancelScope(shield=True):
             while self._waiters:
