@@ -23,6 +23,7 @@ from . import _core
 from ._config import StreamConfig
 from ._context import Completion, ThreadStats, Timings, TokenData, _TextAssembler, log_thread_changes, new_sampler
 from ._errors import ClosedError, ContextOverflowError, InvalidTokenError, MullamaError, OverloadedError
+from ._model import _token_list
 
 __all__ = ["Engine", "EngineRequest", "RequestMetrics"]
 
@@ -195,6 +196,7 @@ class Engine:
 
     def submit(self, request: EngineRequest) -> None:
         """Queue *request*; raises OverloadedError if the queue is full."""
+        request.tokens_in = _token_list(request.tokens_in)  # no bytes or bools as token ids
         cfg = request.config
         if len(request.tokens_in) + cfg.max_tokens > self._core.n_ctx_seq:
             raise ContextOverflowError(

@@ -109,3 +109,86 @@ async def test_async_model_serves_two_loops_at_once(tiny_model_path, other):
             assert await in_other_loop(other, model.generate, "once upon", None, GREEDY) == expected
             async for _ in stream:
                 pass
+
+
+# -- 2. bytes and bools are not token ids ----------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt", [b"hello", bytearray(b"hello"), memoryview(b"hello")],
+                         ids=["bytes", "bytearray", "memoryview"])
+def test_bytes_are_not_token_ids(tiny_model, tiny_ctx, prompt):
+    with pytest.raises(mullama.InvalidConfigError, match=f"not {type(prompt).__name__}.*decode"):
+        tiny_ctx.eval(prompt)
+    with pytest.raises(mullama.InvalidConfigError, match="not bytes|not bytearray|not memoryview"):
+        tiny_ctx.generate(prompt, GREEDY)
+    with pytest.raises(mullama.InvalidConfigError, match="not bytes|not bytearray|not memoryview"):
+        tiny_ctx.stream(prompt, GREEDY)
+    with pytest.raises(mullama.InvalidConfigError, match="not bytes|not bytearray|not memoryview"):
+        tiny_model.detokenize(prompt)
+    assert tiny_ctx.n_past == 0  # nothing was evaluated
+
+
+@pytest.mark.parametrize("tokens", [[True, False], [5, True], np.array([True, False])],
+                         ids=["bools", "mixed", "numpy"])
+def test_bools_are_not_token_ids(tiny_model, tiny_ctx, tokens):
+    with pytest.raises(mullama.InvalidConfigError, match="is a bool"):
+        tiny_ctx.eval(tokens)
+    with pytest.raises(mullama.InvalidConfigError, match="is a bool"):
+        tiny_ctx.generate(tokens, GREEDY)
+    with pytest.raises(mullama.InvalidConfigError, match="is a bool"):
+        tiny_model.detokenize(tokens)
+    with pytest.raises(mullama.InvalidConfigError, match="is a bool"):
+        tiny_model.token_to_piece(True)
+    assert tiny_ctx.n_past == 0
+    # real token ids still pass, numpy integers included
+    tiny_ctx.eval(np.array([1, 2, 3], dtype=np.int64))
+    assert tiny_ctx.tokens == [1, 2, 3]
+
+
+async def test_bytes_and_bools_refused_by_the_async_api(tiny_model_path):
+    async with await load_tiny(tiny_model_path) as model:
+        for bad, what in ((b"hi", "not bytes"), ([True, False], "is a bool")):
+            with pytest.raises(mullama.InvalidConfigError, match=what):
+                await model.generate(bad, config=GREEDY)
+            with pytest.raises(mullama.InvalidConfigError, match=what):
+                async with model.generate_stream(bad, GREEDY):
+                    pass
+            with pytest.raises(mullama.InvalidConfigError, match=what):
+                await model.detokenize(bad)
+            conv = await model.create_context()
+            with pytest.raises(mullama.InvalidConfigError, match=what):
+                await conv.generate(bad, config=GREEDY)
+            with pytest.raises(mullama.InvalidConfigError, match=what):
+                await conv.process_batch(bad)
+            assert conv.n_past == 0
+            await conv.aclose()
+        assert model.kv_used() == 0
+    config = AsyncConfig(tiny_model_path, context_size=256, threads=1, timeout_ms=None)
+    async with ModelPool(config, size=1) as pool:
+        async with pool.acquire() as member:
+            with pytest.raises(mullama.InvalidConfigError, match="not bytes"):
+                await member.generate(b"hi", config=GREEDY)
+            with pytest.raises(mullama.InvalidConfigError, match="is a bool"):
+                await member.process_batch([True])
+
+
+def test_engine_request_refuses_bytes(tiny_model):
+    class Sink:
+        def has_space(self):
+            return True
+
+        def offer(self, batch):
+            pass
+
+        def finish(self):
+            pass
+
+    engine = Engine(tiny_model, 1, 256, 1)
+    try:
+        with pytest.raises(mullama.InvalidConfigError, match="not bytes"):
+            engine.submit(EngineRequest(b"hi", GREEDY, Sink()))
+        with pytest.raises(mullama.InvalidConfigError, match="is a bool"):
+            engine.submit(EngineRequest([True, 2], GREEDY, Sink()))
+        assert engine.waiting == 0 and engine.active == 0
+    finally:
+        engine.close()
