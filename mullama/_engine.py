@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Deque, Dict, List, Optional, Protocol
 
 from . import _core
-from ._config import StreamConfig
+from ._config import StreamConfig, check_int
 from ._context import Completion, ThreadStats, Timings, TokenData, _TextAssembler, log_thread_changes, new_sampler
 from ._errors import ClosedError, ContextOverflowError, InvalidTokenError, MullamaError, OverloadedError
 from ._model import _token_list
@@ -29,6 +29,8 @@ __all__ = ["Engine", "EngineRequest", "RequestMetrics"]
 
 #: the driver hands tokens to consumers at least this often (seconds)
 STEP_BUDGET_S = 0.02
+#: most tokens of one llama.cpp context (its n_ctx is a uint32)
+MAX_CONTEXT_TOKENS = 0xFFFFFFFF
 
 
 class Sink(Protocol):
@@ -141,10 +143,17 @@ class Engine:
         ctx_per_seq: tokens each request may hold (prompt + generation).
         max_queue: requests that may wait for a slot; beyond, ``submit`` raises
             :class:`OverloadedError` at once.
+
+    Raises:
+        InsufficientMemoryError: the KV cache of ``n_seq x ctx_per_seq`` tokens
+            cannot fit in the memory available (checked before allocating).
     """
 
     def __init__(self, model, n_seq: int, ctx_per_seq: int, threads: int, flash_attention: bool = False,
                  max_queue: int = 64, batch_size: int = 512, adaptive_threads: bool = True) -> None:
+        check_int("context_size", ctx_per_seq, minimum=1, maximum=MAX_CONTEXT_TOKENS // max(n_seq, 1))
+        model._check_memory(ctx_per_seq, n_seq, batch_size, bool(flash_attention),
+                            what=f"max_concurrent={n_seq} requests of context_size={ctx_per_seq} tokens")
         self._model = model
         self._core = _core.BatchEngine(model._core, n_seq, ctx_per_seq, batch_size, threads, flash_attention,
                                        adaptive_threads=adaptive_threads)

@@ -9,6 +9,7 @@ __all__ = [
     "InvalidModelError",
     "UnsupportedModelError",
     "ContextCreationError",
+    "InsufficientMemoryError",
     "ContextOverflowError",
     "InvalidConfigError",
     "InvalidTokenError",
@@ -47,6 +48,12 @@ class UnsupportedModelError(ModelLoadError):
 
 class ContextCreationError(MullamaError):
     """llama.cpp could not create an inference context (memory, sizes)."""
+
+
+class InsufficientMemoryError(ContextCreationError):
+    """A context would need more memory than the machine has available: its
+    estimated KV cache and attention buffers exceed ``MemAvailable`` (or the
+    cgroup's memory limit). Raised before anything is allocated."""
 
 
 class ContextOverflowError(MullamaError):

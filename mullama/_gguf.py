@@ -29,6 +29,7 @@ DEFAULT_ALIGNMENT = 32
 INT64_MAX = (1 << 63) - 1
 MAX_STRING = 1 << 30   # GGUF_MAX_STRING_LENGTH
 MAX_ARRAY = 1 << 30    # GGUF_MAX_ARRAY_ELEMENTS
+MAX_KEPT_ARRAY = 4096  # numeric arrays up to this long keep their values (GGUFArray.values)
 
 # GGUF value types: id -> (struct format, size); 8 = string, 9 = array
 _SCALARS: Dict[int, Tuple[str, int]] = {
@@ -53,6 +54,8 @@ class GGUFArray:
     count: int
     #: file offset of its first element
     offset: int = field(default=0, compare=False, repr=False)
+    #: the elements of a short numeric array (per-layer hyperparameters), else None
+    values: Optional[Tuple[Any, ...]] = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -144,9 +147,15 @@ class _Reader:
             if count > MAX_ARRAY:
                 raise self.fail(f"{what} claims {count} elements (llama.cpp reads at most {MAX_ARRAY})")
             offset = self.pos
+            values = None
             if etype in _SCALARS:
-                self.need(count * _SCALARS[etype][1], f"{what} ({count} {_TYPE_NAMES[etype]} values)")
-                self.pos += count * _SCALARS[etype][1]
+                fmt, n = _SCALARS[etype]
+                self.need(count * n, f"{what} ({count} {_TYPE_NAMES[etype]} values)")
+                if count <= MAX_KEPT_ARRAY:  # per-layer values (head counts, window pattern)
+                    values = struct.unpack_from(f"<{count}{fmt[1]}", self.buf, self.pos)
+                    if etype == 7:
+                        values = tuple(bool(v) for v in values)
+                self.pos += count * n
             elif etype == _STRING:
                 if count * 8 > self.size - self.pos:
                     raise self.fail(f"{what} claims {count} strings, more than the file can hold")
@@ -163,7 +172,7 @@ class _Reader:
                 self.pos = pos
             else:
                 raise self.fail(f"{what} has unknown element type {etype}")
-            return GGUFArray(_TYPE_NAMES[etype], count, offset)
+            return GGUFArray(_TYPE_NAMES[etype], count, offset, values)
         raise self.fail(f"{what} has unknown value type {vtype}")
 
 

@@ -17,6 +17,7 @@ from ._errors import (
     InvalidTokenError,
     ModelNotFoundError,
 )
+from ._memory import KVLayout, check_memory, kv_layout
 
 if TYPE_CHECKING:
     from ._chat import Message
@@ -70,6 +71,9 @@ def check_model_file(path: PathLike) -> "tuple[str, GGUFInfo]":
         raise InvalidModelError(f"cannot read {p}: {exc.strerror or exc}") from exc
 
 
+_NOT_LOADED = object()
+
+
 class Model:
     """A GGUF model loaded into memory. Weights are shared by all its contexts.
 
@@ -77,10 +81,14 @@ class Model:
     :meth:`close` (idempotent); closing a model closes its contexts.
     """
 
-    def __init__(self, core: "_core.LlamaModel", vocab_only: bool) -> None:
+    def __init__(self, core: "_core.LlamaModel", vocab_only: bool, gguf: Optional[GGUFInfo] = None,
+                 gpu_layers: int = 0) -> None:
         self._core = core
         self._vocab_only = vocab_only
         self._info: Optional[ModelInfo] = None
+        self._gpu_layers = gpu_layers
+        self._layout: object = _NOT_LOADED
+        self._gguf_meta = None if gguf is None else gguf.metadata
 
     @classmethod
     def load(
@@ -117,7 +125,7 @@ class Model:
                     f"{spath} holds no weights (a vocabulary-only GGUF file): it cannot generate; load it with "
                     "vocab_only=True to tokenize") from exc
             raise
-        return cls(core, bool(vocab_only))
+        return cls(core, bool(vocab_only), gguf, gpu_layers)
 
     # -- lifetime -------------------------------------------------------------
 
@@ -285,6 +293,12 @@ class Model:
                 down under CPU contention make it try fewer threads, and it
                 climbs back when the machine is quiet. Outputs are the same
                 either way. ``False`` always uses ``threads``.
+
+        Raises:
+            InsufficientMemoryError: the context's KV cache and attention
+                buffers, estimated from the model's metadata, need more memory
+                than is available (checked before anything is allocated).
+            ContextCreationError: llama.cpp could not create it.
         """
         from ._context import Context
 
@@ -296,12 +310,37 @@ class Model:
         check_int("batch_size", batch_size, minimum=1, maximum=1 << 20)
         threads = resolve_threads("threads", threads)
         threads_batch = threads if threads_batch is None else resolve_threads("threads_batch", threads_batch)
+        what = f"context_size={context_size}"
         if context_size == 0:
             context_size = self.info.n_ctx_train
+            what = f"context_size=0 (the model's training size, {context_size})"
         batch_size = min(batch_size, context_size)
+        self._check_memory(context_size, 1, batch_size, bool(flash_attention), what=what)
         core = _core.LlamaContext(self._core, context_size, batch_size, threads, threads_batch, bool(flash_attention),
                                   bool(adaptive_threads))
         return Context(self, core, threads=threads)
+
+    # -- memory -----------------------------------------------------------------------
+
+    def _kv_layout(self) -> Optional[KVLayout]:
+        """What a KV cell costs in this model (None: unknown), from its GGUF metadata."""
+        if self._layout is _NOT_LOADED:
+            try:
+                meta = self._gguf_meta if self._gguf_meta is not None else read_gguf(self._core.path).metadata
+                self._layout = kv_layout(meta)
+            except Exception:  # no estimate: llama.cpp's own checks still apply
+                self._layout = None
+            self._gguf_meta = None
+        return self._layout  # type: ignore[return-value]
+
+    def _check_memory(self, n_ctx_seq: int, n_seq: int, n_ubatch: int, flash_attention: bool, *,
+                      what: str, count: int = 1) -> None:
+        """Raise InsufficientMemoryError if *count* contexts of *n_seq* x *n_ctx_seq*
+        tokens cannot fit in the memory available (see :mod:`mullama._memory`)."""
+        if self._gpu_layers != 0 and _core.supports_gpu_offload():
+            return  # the cache goes (partly) to the GPU: not this machine's RAM
+        check_memory(self._kv_layout(), n_ctx_seq=n_ctx_seq, n_seq=n_seq, n_ubatch=n_ubatch,
+                     flash_attention=flash_attention, count=count, what=what)
 
 
 _NOT_TOKENS = (bytes, bytearray, memoryview)

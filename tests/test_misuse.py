@@ -192,3 +192,97 @@ def test_engine_request_refuses_bytes(tiny_model):
         assert engine.waiting == 0 and engine.active == 0
     finally:
         engine.close()
+
+
+# -- 3. contexts too big for the memory -----------------------------------------------------
+
+
+@pytest.fixture
+def little_memory(monkeypatch):
+    """The machine has 64 MiB available; no context may reach llama.cpp unchecked."""
+    monkeypatch.setattr(mullama._memory, "available_memory", lambda: 64 * MIB)
+
+
+def test_context_too_big_for_memory_is_refused_before_allocation(tiny_model, little_memory, monkeypatch):
+    created = []
+    real = mullama._core.LlamaContext
+    monkeypatch.setattr(mullama._core, "LlamaContext", lambda *a, **k: created.append(a) or real(*a, **k))
+    # 2 layers x 2 KV heads x (16 + 16) x f16 = 256 bytes a token, plus (without flash
+    # attention) 512 x 4 heads x f32 = 8 KiB of attention scores a token
+    with pytest.raises(mullama.InsufficientMemoryError) as err:
+        tiny_model.create_context(context_size=1 << 16, threads=1)
+    msg = str(err.value)
+    assert "context_size=65536" in msg and "needs about 0.5 GiB" in msg, msg
+    assert "KV cache 0.0 GiB" in msg and "0.1 GiB is available" in msg and "flash_attention=True" in msg, msg
+    assert isinstance(err.value, mullama.ContextCreationError)
+    assert created == []  # refused before llama.cpp allocated anything
+    # with flash attention there are no scores to hold: 16 MiB of KV cache fits
+    with tiny_model.create_context(context_size=1 << 16, threads=1, flash_attention=True) as ctx:
+        assert ctx.n_ctx == 1 << 16
+    # context_size=0 is the model's training size, named as such
+    monkeypatch.setattr(mullama._memory, "available_memory", lambda: 1 * MIB)
+    with pytest.raises(mullama.InsufficientMemoryError, match=r"context_size=0 \(the model's training size, 4096\)"):
+        tiny_model.create_context(context_size=0, threads=1)
+
+
+def test_the_estimate_is_what_llama_cpp_allocates(default_model):
+    # llama.cpp logs "KV buffer size = 360.00 MiB" for 16384 cells of SmolLM2-135M
+    # (30 layers x 3 KV heads x (64 + 64) x f16), and a compute buffer of 326 MiB
+    # without flash attention, of which the attention scores are 16384 x 512 x 9 x f32
+    kv, scores = default_model._kv_layout().estimate(16384, 1, 512, False)
+    assert kv == 360 * MIB and scores == 288 * MIB
+    assert default_model._kv_layout().estimate(16384, 1, 512, True) == (360 * MIB, 0)
+    # four sequences of 16384 tokens (the batching engine): four times the cache, the scores of one
+    assert default_model._kv_layout().estimate(16384, 4, 512, False) == (1440 * MIB, 288 * MIB)
+
+
+def test_default_model_at_a_million_tokens_is_refused(default_model):
+    kv, scores = default_model._kv_layout().estimate(1 << 20, 1, 512, False)
+    assert round((kv + scores) / (1 << 30), 1) == 40.5  # 22.5 GiB of KV cache + 18 GiB of scores
+    # the context of the report, on this machine for real, if it cannot hold it
+    if mullama._memory.available_memory() < kv + scores:
+        with pytest.raises(mullama.InsufficientMemoryError, match=r"context_size=1048576 needs about 40\.5 GiB"):
+            default_model.create_context(context_size=1 << 20)
+    # the largest context_size allowed cannot fit on any machine this runs on (648 GiB)
+    with pytest.raises(mullama.InsufficientMemoryError, match=r"context_size=16777216 needs about 648\.0 GiB"):
+        default_model.create_context(context_size=1 << 24, flash_attention=False)
+
+
+async def test_engine_too_big_for_memory_is_refused(tiny_model_path, little_memory):
+    # 4 x 65536 cells of 256 bytes (64 MiB) + 512 MiB of scores
+    with pytest.raises(mullama.InsufficientMemoryError, match="max_concurrent=4 requests of context_size=65536"):
+        await load_tiny(tiny_model_path, context_size=1 << 16, max_concurrent=4)
+    async with await load_tiny(tiny_model_path, context_size=1024, max_concurrent=4) as model:
+        assert model.is_ready()
+        with pytest.raises(mullama.InsufficientMemoryError, match="context_size=65536"):
+            await model.create_context(1 << 16)
+
+
+async def test_pool_too_big_for_memory_is_refused(tiny_model_path, monkeypatch):
+    # one member of 8192 tokens needs 2 MiB of KV cache and 64 MiB of scores; eight do not fit in 256 MiB
+    monkeypatch.setattr(mullama._memory, "available_memory", lambda: 256 * MIB)
+    config = AsyncConfig(tiny_model_path, context_size=8192, threads=1)
+    pool = ModelPool(config, size=8)
+    with pytest.raises(mullama.InsufficientMemoryError, match="a ModelPool of 8 members of context_size=8192"):
+        await pool.open()
+    assert not pool.is_ready() and pool.stats().size == 0
+    async with ModelPool(config, size=2) as pool:
+        assert pool.stats().size == 2
+
+
+def test_available_memory_reads_meminfo_and_cgroup(tmp_path, monkeypatch):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:  4000 kB\nMemFree:  100 kB\nMemAvailable:   2000 kB\n")
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    monkeypatch.setattr(mullama._memory, "_MEMINFO", str(meminfo))
+    monkeypatch.setattr(mullama._memory, "_CGROUP_ROOT", str(root))
+    monkeypatch.setattr(mullama._memory, "_cgroup_dirs", lambda: [str(root)])
+    assert mullama._memory.available_memory() == 2000 * 1024
+    (root / "memory.max").write_text("max\n")
+    assert mullama._memory.available_memory() == 2000 * 1024
+    # limit - usage + reclaimable page cache, when tighter
+    (root / "memory.max").write_text("1000000\n")
+    (root / "memory.current").write_text("700000\n")
+    (root / "memory.stat").write_text("anon 600000\ninactive_file 50000\nactive_file 50000\n")
+    assert mullama._memory.available_memory() == 350000

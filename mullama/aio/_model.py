@@ -118,6 +118,11 @@ class AsyncModel:
         **Cancellation**: cancelling the load stops llama.cpp's loader at its
         next progress report and frees what it had loaded; nothing half-loaded
         is left.
+
+        Raises:
+            InsufficientMemoryError: the batching engine's KV cache
+                (``max_concurrent x context_size`` tokens) cannot fit in the
+                memory available; checked before it is allocated.
         """
         if not isinstance(config, AsyncConfig):
             raise InvalidConfigError(f"config must be an AsyncConfig, got {type(config).__name__}")

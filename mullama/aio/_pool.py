@@ -113,6 +113,11 @@ class ModelPool:
         Args:
             progress: called on the event loop with the load fraction in [0, 1].
 
+        Raises:
+            InsufficientMemoryError: the members' KV caches (``size x
+                context_size`` tokens) cannot fit in the memory available;
+                checked before any is allocated.
+
         **Cancellation**: cancelling the load leaves nothing loaded.
         """
         check_open(self._closed, "ModelPool")
@@ -122,6 +127,10 @@ class ModelPool:
         try:
             self._model = await anyio.to_thread.run_sync(load_model, self._config, progress)
             try:
+                cfg = self._config
+                self._model._check_memory(
+                    cfg.context_size, 1, min(512, cfg.context_size), cfg.flash_attention, count=self._target,
+                    what=f"a ModelPool of {self._target} members of context_size={cfg.context_size}")
                 await self._grow(self._target)
             except BaseException:
                 await self.aclose()
