@@ -7,13 +7,23 @@ as the Jinja source Hugging Face tokenizers use. It is rendered here exactly as
 model gets the prompt format it was trained on. A template may also be given
 by name: llama.cpp's built-in formats (``"chatml"``, ``"llama3"``, ...) need no
 Jinja source, for models whose file has no template.
+
+A template comes with the model file, so it may be hostile: the sandbox keeps
+it from Python's internals, and each rendering is bounded (loop iterations and
+calls, wall time, the size of its output and of any string or list it builds;
+see ``MAX_TEMPLATE_STEPS``, ``TEMPLATE_TIMEOUT_S``, :func:`max_template_output`).
+A template past a limit raises :class:`~mullama.ChatTemplateError` naming it.
 """
 
 from __future__ import annotations
 
+import contextvars
 import datetime
 import functools
 import json
+import math
+import re
+import time
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
 
 from . import _core
@@ -139,13 +149,216 @@ def _apply_builtin(name: str, msgs: List[Dict[str, Any]], add_generation_prompt:
     return text
 
 
+# -- limits of one rendering -------------------------------------------------------------
+
+#: most loop iterations, calls and operators on sizable values in one rendering
+#: (real templates make a few per message)
+MAX_TEMPLATE_STEPS = 1_000_000
+#: longest one rendering may take (seconds)
+TEMPLATE_TIMEOUT_S = 5.0
+#: characters a rendering may produce (and any string or list it builds may
+#: hold) whatever the messages: see :func:`max_template_output`
+TEMPLATE_MIN_OUTPUT = 1 << 20
+
+
+def max_template_output(msgs: Sequence[Mapping[str, Any]]) -> int:
+    """The most characters the rendering of *msgs* may produce: 1 MiB plus four
+    times the text of the messages (a template may repeat a message)."""
+    return TEMPLATE_MIN_OUTPUT + 4 * sum(len(str(v)) for m in msgs for v in m.values())
+
+
+class _Budget:
+    """What is left of one rendering's limits."""
+
+    __slots__ = ("steps", "deadline", "max_chars")
+
+    def __init__(self, max_chars: int) -> None:
+        self.steps = 0
+        self.deadline = time.monotonic() + TEMPLATE_TIMEOUT_S
+        self.max_chars = max_chars
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps > MAX_TEMPLATE_STEPS:
+            raise ChatTemplateError(
+                f"the chat template ran more than MAX_TEMPLATE_STEPS={MAX_TEMPLATE_STEPS} loop iterations and "
+                "calls in one rendering; it is refused")
+        if time.monotonic() > self.deadline:
+            raise ChatTemplateError(
+                f"the chat template took more than TEMPLATE_TIMEOUT_S={TEMPLATE_TIMEOUT_S:g} s to render; "
+                "it is refused")
+
+
+#: the limits of the rendering running in this thread (None outside one)
+_budget: "contextvars.ContextVar[Optional[_Budget]]" = contextvars.ContextVar("mullama_template_budget",
+                                                                                default=None)
+
+
+def _max_chars() -> int:
+    budget = _budget.get()
+    return TEMPLATE_MIN_OUTPUT if budget is None else budget.max_chars
+
+
+def _too_big(what: str, size: float) -> ChatTemplateError:
+    return ChatTemplateError(
+        f"the chat template would build {what} of {size:.0f} characters or items, more than the "
+        f"{_max_chars()} one rendering may (the output limit: 1 MiB plus 4 times the messages' text)")
+
+
+def _sized(value: Any) -> Any:
+    """*value*, if it is not too big a string, list, tuple or dict."""
+    if isinstance(value, (str, bytes, list, tuple, dict)) and len(value) > _max_chars():
+        raise _too_big(f"a {type(value).__name__}", len(value))
+    return value
+
+
+_FORMAT_NUMBER = re.compile(r"\d{7,}")
+
+
+def _check_format(fmt: Any) -> None:
+    """A %- or {}-format string may not ask for a width or precision past the limit."""
+    if isinstance(fmt, str):
+        for m in _FORMAT_NUMBER.finditer(fmt):
+            if int(m.group()) > _max_chars():
+                raise _too_big("a formatted string", int(m.group()))
+
+
+def _check_binop(operator: str, left: Any, right: Any) -> None:
+    """Before ``*``, ``**`` and ``%`` compute anything: refuse a result past the limits."""
+    if operator == "*":
+        for seq, n in ((left, right), (right, left)):
+            if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > _max_chars():
+                raise _too_big(f"a {type(seq).__name__}", len(seq) * n)
+    elif operator == "**":
+        if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
+            bits = right * math.log2(abs(left))
+            if bits > 64 * 1024:
+                raise ChatTemplateError(f"the chat template would compute an integer of {bits:.0f} bits "
+                                        "(more than 65536); it is refused")
+    elif operator == "%":
+        _check_format(left)
+
+
+_WIDTH_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
+
+
+def _check_call(obj: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    """Before a string method makes a long string: its width within the limits."""
+    obj = getattr(obj, "__wrapped__", obj)  # the sandbox wraps str.format
+    owner = getattr(obj, "__self__", None)
+    if not isinstance(owner, str):
+        return
+    name = getattr(obj, "__name__", "")
+    if name in _WIDTH_METHODS:
+        for a in list(args) + list(kwargs.values()):
+            if isinstance(a, int) and a > _max_chars():
+                raise _too_big("a padded string", a)
+    elif name in ("format", "format_map"):
+        _check_format(owner)
+    elif name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+        _check_replace(owner, args[0], args[1])
+
+
+def _check_replace(text: Any, old: Any, new: Any) -> None:
+    if isinstance(text, str) and isinstance(old, str) and isinstance(new, str) and len(new) > len(old):
+        count = text.count(old) if old else len(text) + 1
+        size = len(text) + count * (len(new) - len(old))
+        if size > _max_chars():
+            raise _too_big("a replaced string", size)
+
+
+def _loop_guard(iterable: Any) -> Any:
+    """The iterable of a ``{% for %}`` loop: each iteration counts as a step."""
+    budget = _budget.get()
+    if budget is None:
+        yield from iterable
+        return
+    for item in iterable:
+        budget.step()
+        yield item
+
+
+def _limit_ast(env: Any, tree: Any) -> Any:
+    """*tree* (a parsed template) with its loops counted and the strings its
+    ``~`` and filters build checked (see :func:`_loop_guard`, :func:`_sized`):
+    through ``environment.<name>``, which no template variable can shadow."""
+    from jinja2 import nodes
+    from jinja2.visitor import NodeTransformer
+
+    def wrap(name: str, node: Any) -> Any:
+        call = nodes.Call(nodes.EnvironmentAttribute(name), [node], [], None, None)
+        return call.set_lineno(node.lineno).set_environment(env)
+
+    class Limit(NodeTransformer):
+        def visit_For(self, node: Any) -> Any:
+            node = self.generic_visit(node)
+            node.iter = wrap("mullama_loop", node.iter)
+            return node
+
+        def visit_Concat(self, node: Any) -> Any:
+            return wrap("mullama_sized", self.generic_visit(node))
+
+        def visit_Filter(self, node: Any) -> Any:
+            node = self.generic_visit(node)
+            return node if node.node is None else wrap("mullama_sized", node)  # (a {% filter %} block's is None)
+
+        def visit_FilterBlock(self, node: Any) -> Any:
+            node.body = [self.visit(n) for n in node.body]
+            return node
+
+    return Limit().visit(tree)
+
+
+def _limited_filters(env: Any) -> None:
+    """The filters that could build a long string from a short one check their arguments first."""
+    center, indent, fmt, replace = (env.filters[n] for n in ("center", "indent", "format", "replace"))
+
+    def center_(value: Any, width: int = 80) -> Any:
+        if isinstance(width, int) and width > _max_chars():
+            raise _too_big("a centered string", width)
+        return center(value, width)
+
+    def indent_(s: Any, width: Any = 4, *args: Any, **kwargs: Any) -> Any:
+        n = len(width) if isinstance(width, str) else width
+        if isinstance(n, int) and n * max(1, str(s).count("\n") + 1) > _max_chars():
+            raise _too_big("an indented string", n * (str(s).count("\n") + 1))
+        return indent(s, width, *args, **kwargs)
+
+    def format_(value: Any, *args: Any, **kwargs: Any) -> Any:
+        _check_format(value)
+        return fmt(value, *args, **kwargs)
+
+    def replace_(eval_ctx: Any, s: Any, old: Any, new: Any, count: Optional[int] = None) -> Any:
+        _check_replace(str(s), str(old), str(new))
+        return replace(eval_ctx, s, old, new, count)
+
+    import jinja2
+
+    env.filters.update(center=center_, indent=indent_, format=format_,
+                       replace=jinja2.pass_eval_context(replace_))
+
+
 def _render(source: str, msgs: List[Dict[str, Any]], add_generation_prompt: bool, bos: str, eos: str) -> str:
     import jinja2
 
     try:
         tmpl = _compile(source)
-        return tmpl.render(messages=msgs, add_generation_prompt=add_generation_prompt, bos_token=bos,
-                           eos_token=eos)
+        budget = _Budget(max_template_output(msgs))
+        token = _budget.set(budget)
+        try:
+            out: List[str] = []
+            size = 0
+            for chunk in tmpl.generate(messages=msgs, add_generation_prompt=add_generation_prompt,
+                                       bos_token=bos, eos_token=eos):
+                size += len(chunk)
+                if size > budget.max_chars:
+                    raise ChatTemplateError(
+                        f"the chat template's output passed {budget.max_chars} characters, the limit of one "
+                        "rendering (1 MiB plus 4 times the messages' text); it is refused")
+                out.append(chunk)
+            return "".join(out)
+        finally:
+            _budget.reset(token)
     except ChatTemplateError:
         raise
     except jinja2.TemplateError as exc:
@@ -187,19 +400,50 @@ def _compile(source: str) -> Any:
 
     def tojson(value: object, ensure_ascii: bool = False, indent: Optional[int] = None,
                separators: object = None, sort_keys: bool = False) -> str:
+        if isinstance(indent, int) and indent > 1024:
+            raise ChatTemplateError(f"the chat template asked tojson for an indent of {indent} (at most 1024)")
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,  # type: ignore[arg-type]
                           sort_keys=sort_keys)
 
     def strftime_now(fmt: str) -> str:
         return datetime.datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[loopcontrols, _GenerationTag])
+    class LimitedEnvironment(ImmutableSandboxedEnvironment):
+        """Counts calls, checks sizes before ``*``, ``**``, ``%`` and string methods, and after ``+``."""
+
+        intercepted_binops = frozenset({"*", "**", "%", "+"})
+        mullama_loop = staticmethod(_loop_guard)
+        mullama_sized = staticmethod(_sized)
+
+        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+            budget = _budget.get()
+            if budget is not None:
+                budget.step()
+            _check_call(__obj, args, kwargs)
+            return _sized(super().call(__context, __obj, *args, **kwargs))
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            budget = _budget.get()
+            if budget is not None:
+                budget.step()
+            _check_binop(operator, left, right)
+            return _sized(super().call_binop(context, operator, left, right))
+
+    env = LimitedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationTag])
     env.filters["tojson"] = tojson
+    _limited_filters(env)
+    lipsum = env.globals["lipsum"]
+
+    def lipsum_(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> Any:  # noqa: A002
+        if not all(isinstance(v, int) and v <= 1000 for v in (n, min, max)):
+            raise ChatTemplateError("the chat template asked lipsum() for more than 1000 paragraphs or words")
+        return lipsum(n, html, min, max)
+
+    env.globals["lipsum"] = lipsum_
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
     try:
-        return env.from_string(source)
+        return env.from_string(_limit_ast(env, env.parse(source)))
     except jinja2.TemplateSyntaxError as exc:
         raise ChatTemplateError(f"the chat template is not valid Jinja (line {exc.lineno}): {exc.message}") from exc
 

@@ -286,3 +286,57 @@ def test_available_memory_reads_meminfo_and_cgroup(tmp_path, monkeypatch):
     (root / "memory.current").write_text("700000\n")
     (root / "memory.stat").write_text("anon 600000\ninactive_file 50000\nactive_file 50000\n")
     assert mullama._memory.available_memory() == 350000
+
+
+# -- 4. hostile chat templates -------------------------------------------------------------
+
+
+CONV = [{"role": "user", "content": "hi"}]
+
+
+def test_nested_loops_in_a_template_are_bounded(tiny_model):
+    tmpl = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x"
+    with pytest.raises(mullama.ChatTemplateError, match="MAX_TEMPLATE_STEPS=1000000 loop iterations"):
+        tiny_model.apply_chat_template(CONV, template=tmpl)
+    # a macro that calls itself twice is bounded the same way; so is a loop's variable named like the guard
+    with pytest.raises(mullama.ChatTemplateError, match="MAX_TEMPLATE_STEPS"):
+        tiny_model.apply_chat_template(
+            CONV, template="{% set mullama_loop = 0 %}{% for i in range(100000) %}{% for j in range(100000) %}"
+                           "{% endfor %}{% endfor %}")
+
+
+def test_template_output_and_values_are_bounded(tiny_model):
+    with pytest.raises(mullama.ChatTemplateError, match="output passed 1048600 characters"):
+        tiny_model.apply_chat_template(CONV, template="{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}")
+    for tmpl in ("{{ 'x' * 10**10 }}", "{{ '%0999999999d' % 1 }}", "{{ 'x'|center(1000000000) }}",
+                 "{{ 'x'.ljust(1000000000) }}", "{{ '{:>999999999}'.format(1) }}",
+                 "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+                 "{% set ns = namespace(s='a') %}{% for i in range(64) %}{% set ns.s = ns.s|replace('a', 'aa') %}"
+                 "{% endfor %}"):
+        with pytest.raises(mullama.ChatTemplateError, match="would build .* more than the 1048600"):
+            tiny_model.apply_chat_template(CONV, template=tmpl)
+
+
+def test_template_render_time_is_bounded(tiny_model, monkeypatch):
+    from mullama import _chat
+
+    monkeypatch.setattr(_chat, "TEMPLATE_TIMEOUT_S", 0.0)
+    with pytest.raises(mullama.ChatTemplateError, match="more than TEMPLATE_TIMEOUT_S=0 s"):
+        tiny_model.apply_chat_template(CONV, template="{% for m in messages %}{{ m.content }}{% endfor %}")
+
+
+def test_real_templates_render_within_the_limits(tiny_model, llama_cpp_dir):
+    templates = sorted((llama_cpp_dir / "models" / "templates").glob("*.jinja"))
+    assert len(templates) > 20
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "word " * 2000}]
+    rendered = 0
+    for path in templates:
+        try:
+            text = tiny_model.apply_chat_template(conv, template=path.read_text())
+        except mullama.ChatTemplateError as exc:  # a template may refuse the conversation, never by a limit
+            assert "TEMPLATE" not in str(exc) and "would build" not in str(exc), (path.name, exc)
+            continue
+        assert "word word" in text, path.name
+        rendered += 1
+    assert rendered > 20
