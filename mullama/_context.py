@@ -14,7 +14,7 @@ import numpy as np
 from . import _core
 from ._config import StreamConfig
 from ._errors import AbortedError, InvalidConfigError, MullamaError, StateError
-from ._model import _token_list
+from ._model import Uncopyable, _token_list
 
 if TYPE_CHECKING:
     from ._chat import Message
@@ -176,7 +176,7 @@ class _TextAssembler:
         return text
 
 
-class Context:
+class Context(Uncopyable):
     """An inference context: a KV cache holding one conversation.
 
     Each :meth:`generate` or :meth:`stream` call appends its prompt to what the
@@ -185,8 +185,13 @@ class Context:
     starts over. A context serves one caller at a time: using it from a second
     thread (or a second stream) while one runs raises :class:`BusyError`.
 
-    Create contexts with :meth:`Model.create_context`.
+    Create contexts with :meth:`Model.create_context`. A context cannot be
+    pickled or copied (:class:`NotCopyableError`); :meth:`save_state` and
+    :meth:`load_state` move a conversation.
     """
+
+    _copy_hint = ("create a context in the other process (save_state() and load_state() move a "
+                  "conversation); a copy would share the KV cache")
 
     def __init__(self, model: "Model", core: "_core.LlamaContext", threads: int) -> None:
         self._model = model

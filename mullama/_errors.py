@@ -23,6 +23,7 @@ __all__ = [
     "RequestTimeoutError",
     "OverloadedError",
     "ChatTemplateError",
+    "NotCopyableError",
 ]
 
 
@@ -110,3 +111,8 @@ class OverloadedError(MullamaError):
 class ChatTemplateError(MullamaError):
     """A conversation could not be formatted: the model has no chat template
     and none was given, or the template failed on the messages."""
+
+
+class NotCopyableError(MullamaError, TypeError):
+    """A model, context, pool or async model was pickled or copied: it owns
+    llama.cpp memory, which cannot be duplicated or sent to another process."""

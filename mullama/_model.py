@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Sequence, Union
 
 from . import _core
 from ._config import StreamConfig, check_int, resolve_threads
@@ -16,6 +16,7 @@ from ._errors import (
     InvalidModelError,
     InvalidTokenError,
     ModelNotFoundError,
+    NotCopyableError,
 )
 from ._memory import KVLayout, check_memory, kv_layout
 
@@ -71,15 +72,45 @@ def check_model_file(path: PathLike) -> "tuple[str, GGUFInfo]":
         raise InvalidModelError(f"cannot read {p}: {exc.strerror or exc}") from exc
 
 
+class Uncopyable:
+    """Refuses pickling and copying with :class:`NotCopyableError`: the object
+    owns llama.cpp memory (a copy would share it, and closing the copy would
+    close the original). Subclasses set ``_copy_hint``: what to do instead."""
+
+    __slots__ = ()
+    _copy_hint = "create a new one"
+
+    def _refuse(self, verb: str) -> NotCopyableError:
+        name = type(self).__name__
+        article = "an" if name[0] in "AEIOU" else "a"
+        return NotCopyableError(f"{article} {name} cannot be {verb}: it owns llama.cpp memory; {self._copy_hint}")
+
+    def __reduce_ex__(self, protocol: object) -> Any:
+        raise self._refuse("pickled")
+
+    def __reduce__(self) -> Any:
+        raise self._refuse("pickled")
+
+    def __copy__(self) -> Any:
+        raise self._refuse("copied")
+
+    def __deepcopy__(self, memo: object) -> Any:
+        raise self._refuse("copied")
+
+
 _NOT_LOADED = object()
 
 
-class Model:
+class Model(Uncopyable):
     """A GGUF model loaded into memory. Weights are shared by all its contexts.
 
     Build it with :meth:`Model.load`. Use it as a context manager, or call
-    :meth:`close` (idempotent); closing a model closes its contexts.
+    :meth:`close` (idempotent); closing a model closes its contexts. A model
+    cannot be pickled or copied (:class:`NotCopyableError`): pass its path to
+    another process and load it there.
     """
+
+    _copy_hint = "pass the path and load it in the other process (contexts of one Model share its weights)"
 
     def __init__(self, core: "_core.LlamaModel", vocab_only: bool, gguf: Optional[GGUFInfo] = None,
                  gpu_layers: int = 0) -> None:

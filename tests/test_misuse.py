@@ -340,3 +340,46 @@ def test_real_templates_render_within_the_limits(tiny_model, llama_cpp_dir):
         assert "word word" in text, path.name
         rendered += 1
     assert rendered > 20
+
+
+# -- 5. pickling and copying ---------------------------------------------------------------
+
+
+def test_model_and_context_cannot_be_pickled_or_copied(tiny_model, tiny_ctx):
+    with pytest.raises(mullama.NotCopyableError,
+                       match="a Model cannot be pickled: it owns llama.cpp memory; pass the path and load it in "
+                             "the other process"):
+        pickle.dumps(tiny_model)
+    for fn in (copy.copy, copy.deepcopy):
+        with pytest.raises(mullama.NotCopyableError, match="a Model cannot be copied"):
+            fn(tiny_model)
+    with pytest.raises(mullama.NotCopyableError, match="a Context cannot be pickled.*save_state"):
+        pickle.dumps(tiny_ctx)
+    with pytest.raises(mullama.NotCopyableError, match="a Context cannot be copied"):
+        copy.copy(tiny_ctx)
+    with pytest.raises(TypeError):  # what pickle's callers catch
+        pickle.dumps([tiny_model])
+    assert not tiny_model.closed and not tiny_ctx.closed
+    assert tiny_ctx.generate("once upon", GREEDY).tokens
+
+
+async def test_async_objects_cannot_be_pickled_or_copied(tiny_model_path):
+    async with await load_tiny(tiny_model_path) as model:
+        conv = await model.create_context()
+        for obj, name in ((model, "an AsyncModel"), (conv, "an AsyncContext")):
+            with pytest.raises(mullama.NotCopyableError, match=f"{name} cannot be pickled"):
+                pickle.dumps(obj)
+            with pytest.raises(mullama.NotCopyableError, match=f"{name} cannot be copied"):
+                copy.copy(obj)
+        assert model.is_ready()
+        assert await conv.generate("once upon", 4)
+    config = AsyncConfig(tiny_model_path, context_size=256, threads=1, timeout_ms=None)
+    async with ModelPool(config, size=1) as pool:
+        with pytest.raises(mullama.NotCopyableError, match="a ModelPool cannot be pickled.*AsyncConfig"):
+            pickle.dumps(pool)
+        async with pool.acquire() as member:
+            with pytest.raises(mullama.NotCopyableError, match="a PooledModel cannot be copied"):
+                copy.copy(member)
+            with pytest.raises(mullama.NotCopyableError, match="a PooledModel cannot be pickled"):
+                pickle.dumps(member)
+        assert pool.stats().available == 1

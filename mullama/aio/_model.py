@@ -19,7 +19,7 @@ from .._config import StreamConfig, check_int, resolve_threads
 from .._context import Completion, Context, Prompt, ThreadStats
 from .._errors import AbortedError, BusyError, InvalidConfigError
 from .._engine import Engine
-from .._model import Model, ModelInfo, _token_list
+from .._model import Model, ModelInfo, Uncopyable, _token_list
 from ._loop import LoopBinding
 from ._stream import (TokenStream, Workers, check_open, deadline, open_engine_stream, open_token_stream,
                       unwrap_single)
@@ -73,7 +73,7 @@ class AsyncConfig:
             raise InvalidConfigError(f"adaptive_threads must be a bool, got {type(self.adaptive_threads).__name__}")
 
 
-class AsyncModel:
+class AsyncModel(Uncopyable):
     """A model served to async code under asyncio or trio.
 
     Many tasks may share one AsyncModel: a continuous batching engine decodes
@@ -87,7 +87,12 @@ class AsyncModel:
     generation inside llama.cpp within about one token, also during a long
     prompt evaluation; when the cancellation has propagated, the worker thread
     is done and the model serves the next request normally.
+
+    An AsyncModel may serve several event loops at once (each request has its
+    own hand-off). It cannot be pickled or copied (:class:`~mullama.NotCopyableError`).
     """
+
+    _copy_hint = "pass the AsyncConfig (or the path) and load it in the other process"
 
     def __init__(self, model: Model, engine: Engine, config: AsyncConfig) -> None:
         self._model = model
@@ -310,7 +315,7 @@ class AsyncModel:
         return conv
 
 
-class AsyncContext:
+class AsyncContext(Uncopyable):
     """One conversation with its own KV cache, for async code.
 
     Each call continues the conversation. One task uses it at a time: a second
@@ -322,6 +327,9 @@ class AsyncContext:
 
     # its owner (an AsyncModel or a ModelPool) provides ``_closed``,
     # ``_config.timeout_ms``, ``_conversations`` and ``_record_generation(ms)``
+
+    _copy_hint = ("create a context in the other process (save_state() and load_state() move a "
+                  "conversation); a copy would share the KV cache")
 
     def __init__(self, owner: AsyncModel, ctx: Context) -> None:
         self._owner = owner

@@ -15,7 +15,7 @@ from .._chat import Message
 from .._config import StreamConfig, check_int
 from .._context import Completion, Prompt
 from .._errors import BusyError, ClosedError, ContextCreationError, InvalidConfigError
-from .._model import Model, ModelInfo
+from .._model import Model, ModelInfo, Uncopyable
 from ._loop import LoopBinding
 from ._model import AsyncConfig, AsyncContext, PathLike, load_model
 from ._stream import TokenStream, check_open
@@ -52,7 +52,7 @@ class _Waiter:
         self.error: Optional[Exception] = None
 
 
-class ModelPool:
+class ModelPool(Uncopyable):
     """A pool of ``size`` members that share one loaded model.
 
     Each member has its own context (its own KV cache), so up to ``size``
@@ -72,8 +72,11 @@ class ModelPool:
 
     A pool serves one event loop at a time: while members are lent or tasks
     wait in one loop, a call from another loop (another thread, or asyncio
-    and trio) raises :class:`~mullama.LoopConflictError`.
+    and trio) raises :class:`~mullama.LoopConflictError`. It cannot be pickled
+    or copied (:class:`~mullama.NotCopyableError`).
     """
+
+    _copy_hint = "pass the AsyncConfig and open a pool in the other process"
 
     def __init__(self, config: AsyncConfig, size: int) -> None:
         if not isinstance(config, AsyncConfig):
@@ -449,7 +452,7 @@ class _Acquire:
         await self._pool.release(self._lease)
 
 
-class PooledModel:
+class PooledModel(Uncopyable):
     """A member lent by a :class:`ModelPool`: a conversation of its own until released.
 
     Calls continue the member's conversation (its KV cache) until it goes
@@ -459,6 +462,7 @@ class PooledModel:
     """
 
     __slots__ = ("_pool", "_member")
+    _copy_hint = "acquire another member (a copy would release this one twice)"
 
     def __init__(self, pool: ModelPool, member: AsyncContext) -> None:
         self._pool = pool
