@@ -25,10 +25,12 @@ from ._context import Completion, ThreadStats, Timings, TokenData, _TextAssemble
 from ._errors import ClosedError, ContextOverflowError, InvalidTokenError, MullamaError, OverloadedError
 from ._model import _token_list
 
-__all__ = ["Engine", "EngineRequest", "RequestMetrics"]
+__all__ = ["Engine", "EngineRequest", "RequestMetrics", "MAX_SEQUENCES"]
 
 #: the driver hands tokens to consumers at least this often (seconds)
 STEP_BUDGET_S = 0.02
+#: most sequences one llama.cpp context decodes together (LLAMA_MAX_SEQ, llama-cparams.h)
+MAX_SEQUENCES = 256
 #: most tokens of one llama.cpp context (its n_ctx is a uint32)
 MAX_CONTEXT_TOKENS = 0xFFFFFFFF
 
@@ -139,18 +141,20 @@ class Engine:
 
     Args:
         model: a loaded :class:`~mullama.Model` (weights are shared, not copied).
-        n_seq: requests decoded together.
+        n_seq: requests decoded together (1 to ``MAX_SEQUENCES``).
         ctx_per_seq: tokens each request may hold (prompt + generation).
         max_queue: requests that may wait for a slot; beyond, ``submit`` raises
             :class:`OverloadedError` at once.
 
     Raises:
+        InvalidConfigError: *n_seq* out of range.
         InsufficientMemoryError: the KV cache of ``n_seq x ctx_per_seq`` tokens
             cannot fit in the memory available (checked before allocating).
     """
 
     def __init__(self, model, n_seq: int, ctx_per_seq: int, threads: int, flash_attention: bool = False,
                  max_queue: int = 64, batch_size: int = 512, adaptive_threads: bool = True) -> None:
+        check_int("max_concurrent (the engine's sequences)", n_seq, minimum=1, maximum=MAX_SEQUENCES)
         check_int("context_size", ctx_per_seq, minimum=1, maximum=MAX_CONTEXT_TOKENS // max(n_seq, 1))
         model._check_memory(ctx_per_seq, n_seq, batch_size, bool(flash_attention),
                             what=f"max_concurrent={n_seq} requests of context_size={ctx_per_seq} tokens")

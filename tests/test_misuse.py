@@ -383,3 +383,26 @@ async def test_async_objects_cannot_be_pickled_or_copied(tiny_model_path):
             with pytest.raises(mullama.NotCopyableError, match="a PooledModel cannot be pickled"):
                 pickle.dumps(member)
         assert pool.stats().available == 1
+
+
+# -- 6. the engine's sequence count, is_ready ----------------------------------------------
+
+
+def test_max_concurrent_is_checked_up_front(tiny_model_path, tiny_model):
+    with pytest.raises(mullama.InvalidConfigError, match="max_concurrent must be between 1 and 256, got 1024"):
+        AsyncConfig(tiny_model_path, max_concurrent=1024)
+    assert AsyncConfig(tiny_model_path, max_concurrent=256).max_concurrent == 256
+    with pytest.raises(mullama.InvalidConfigError, match="between 1 and 256, got 257"):
+        Engine(tiny_model, 257, 64, 1)
+
+
+async def test_is_ready_follows_the_sync_model(tiny_model_path):
+    async with await load_tiny(tiny_model_path) as model:
+        assert model.is_ready()
+        model.model.close()
+        assert not model.is_ready()
+    config = AsyncConfig(tiny_model_path, context_size=256, threads=1, timeout_ms=None)
+    async with ModelPool(config, size=1) as pool:
+        assert pool.is_ready()
+        pool.model.close()
+        assert not pool.is_ready()

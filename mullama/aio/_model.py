@@ -18,7 +18,7 @@ from .._chat import Message, chat_tokens, check_messages
 from .._config import StreamConfig, check_int, resolve_threads
 from .._context import Completion, Context, Prompt, ThreadStats
 from .._errors import AbortedError, BusyError, InvalidConfigError
-from .._engine import Engine
+from .._engine import MAX_SEQUENCES, Engine
 from .._model import Model, ModelInfo, Uncopyable, _token_list
 from ._loop import LoopBinding
 from ._stream import (TokenStream, Workers, check_open, deadline, open_engine_stream, open_token_stream,
@@ -40,7 +40,8 @@ class AsyncConfig:
         threads: threads per generation (default: the cores this process may use;
             more is capped, with a ``RuntimeWarning``).
         flash_attention: use flash attention.
-        max_concurrent: requests decoded together (continuous batching); more wait their turn.
+        max_concurrent: requests decoded together (continuous batching), 1 to 256
+            (llama.cpp's most sequences in a context); more wait their turn.
         timeout_ms: deadline of each request in milliseconds (0 or None = none).
         max_queue: requests that may wait for a turn; beyond, OverloadedError at once.
         adaptive_threads: decode with fewer threads while the machine is busy
@@ -65,7 +66,7 @@ class AsyncConfig:
         object.__setattr__(self, "threads", resolve_threads("threads", self.threads, stacklevel=4))
         if not isinstance(self.flash_attention, bool):
             raise InvalidConfigError(f"flash_attention must be a bool, got {type(self.flash_attention).__name__}")
-        check_int("max_concurrent", self.max_concurrent, minimum=1, maximum=1024)
+        check_int("max_concurrent", self.max_concurrent, minimum=1, maximum=MAX_SEQUENCES)
         if self.timeout_ms is not None:
             check_int("timeout_ms", self.timeout_ms, minimum=0)
         check_int("max_queue", self.max_queue, minimum=0)
@@ -148,8 +149,10 @@ class AsyncModel(Uncopyable):
     # -- lifetime ---------------------------------------------------------------
 
     def is_ready(self) -> bool:
-        """True while the model is loaded and accepts requests."""
-        return not self._closed
+        """True while the model is loaded and accepts requests: False once it
+        is closed (also when its sync :attr:`model` was closed directly) or
+        its batching engine stopped."""
+        return not self._closed and not self._model.closed and self._engine.broken is None
 
     @property
     def config(self) -> AsyncConfig:

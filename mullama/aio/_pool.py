@@ -379,8 +379,8 @@ class ModelPool(Uncopyable):
             raise ClosedError("the ModelPool is not open yet: use `async with ModelPool(...)` or ModelPool.load()")
 
     def is_ready(self) -> bool:
-        """True while the pool is open."""
-        return self._model is not None and not self._closed
+        """True while the pool is open (False once it, or its sync :attr:`model`, is closed)."""
+        return self._model is not None and not self._closed and not self._model.closed
 
     def kv_used(self) -> int:
         """Tokens held in the KV caches of all members."""
