@@ -15,6 +15,12 @@ __all__ = ["StreamConfig", "default_threads", "resolve_threads"]
 _U32_MAX = 0xFFFFFFFF
 _I32_MAX = 0x7FFFFFFF
 
+#: most stop strings a generation may have (every generated token is checked against each:
+#: thousands of them would slow every token of the request, and of the engine's other requests)
+MAX_STOP_STRINGS = 64
+#: most bytes (UTF-8) of all stop strings together
+MAX_STOP_BYTES = 8192
+
 
 def default_threads() -> int:
     """The number of cores this process may run on (its CPU affinity)."""
@@ -79,6 +85,8 @@ class StreamConfig:
             the last ``repeat_last_n`` tokens (0 = off; -2..2).
         seed: random seed of the sampler; ``None`` picks a random one.
         stop: strings that end the generation; the stop string is not returned.
+            At most 64 strings (``MAX_STOP_STRINGS``) of at most 8192 UTF-8
+            bytes together (``MAX_STOP_BYTES``).
         include_probabilities: fill ``TokenData.logprob`` with the log-probability
             of each chosen token under the model's raw distribution.
     """
@@ -134,9 +142,16 @@ def _check_stop(stop: Union[str, Sequence[str], None]) -> Tuple[str, ...]:
         items = tuple(stop)
     except TypeError:
         raise InvalidConfigError(f"stop must be a string or a sequence of strings, got {type(stop).__name__}") from None
+    if len(items) > MAX_STOP_STRINGS:
+        raise InvalidConfigError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(items)}")
+    total = 0
     for s in items:
         if not isinstance(s, str):
             raise InvalidConfigError(f"stop strings must be str, got {type(s).__name__} {s!r}")
         if not s:
             raise InvalidConfigError("stop strings must not be empty")
+        total += len(s.encode("utf-8", "surrogatepass"))
+    if total > MAX_STOP_BYTES:
+        raise InvalidConfigError(
+            f"the stop strings are {total} bytes (UTF-8) together; at most {MAX_STOP_BYTES} are allowed")
     return items

@@ -161,12 +161,22 @@ class _TextAssembler:
         if cut >= 0:
             self._held = ""
             return text[:cut], True
-        # hold back the longest tail that could begin a stop string
-        for k in range(min(self._max_hold, len(text)), 0, -1):
-            tail = text[-k:]
-            if any(s.startswith(tail) for s in self._stops):
-                self._held = tail
-                return text[:-k], False
+        # hold back the longest tail that could begin a stop string: for each
+        # stop, the first place in its reach where its first character occurs
+        # and the rest of the text is a prefix of it
+        n = len(text)
+        keep = 0
+        for s in self._stops:
+            first = s[0]
+            i = text.find(first, max(0, n - len(s) + 1, n - self._max_hold))
+            while 0 <= i and n - i > keep:
+                if s.startswith(text[i:]):
+                    keep = n - i
+                    break
+                i = text.find(first, i + 1)
+        if keep:
+            self._held = text[n - keep:]
+            return text[:n - keep], False
         self._held = ""
         return text, False
 

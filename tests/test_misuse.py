@@ -406,3 +406,34 @@ async def test_is_ready_follows_the_sync_model(tiny_model_path):
         assert pool.is_ready()
         pool.model.close()
         assert not pool.is_ready()
+
+
+# -- 7. stop strings -------------------------------------------------------------------------
+
+
+def test_stop_strings_are_bounded():
+    assert len(StreamConfig(stop=[f"s{i}" for i in range(64)]).stop) == 64
+    with pytest.raises(mullama.InvalidConfigError, match="at most 64 stop strings are allowed, got 10000"):
+        StreamConfig(stop=[f"s{i}" for i in range(10000)])
+    assert StreamConfig(stop=["x" * 8192]).stop == ("x" * 8192,)
+    with pytest.raises(mullama.InvalidConfigError, match="8194 bytes .* at most 8192"):
+        StreamConfig(stop=["é" * 4097])  # two bytes each in UTF-8
+    with pytest.raises(mullama.InvalidConfigError, match="at most 8192"):
+        StreamConfig.greedy(4).replace(stop=["y" * 200] * 41)
+
+
+def test_many_stop_strings_cost_little_per_token(tiny_ctx):
+    import time
+
+    from mullama._context import _TextAssembler
+
+    # the most allowed: 64 strings of 128 characters, checked against every token's text
+    stops = tuple(f"{i:03d}" + "abcdefgh" * 15 + "xyzab" for i in range(64))
+    text = _TextAssembler(stops)
+    pieces = [f" w{i % 97}".encode() for i in range(2000)]
+    t0 = time.perf_counter()
+    for p in pieces:
+        text.feed(p)
+    assert (time.perf_counter() - t0) / len(pieces) < 1e-3  # about 30 us here
+    done = tiny_ctx.generate("once upon", StreamConfig.greedy(16, stop=stops))
+    assert done.finish_reason == "length"
