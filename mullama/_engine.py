@@ -22,10 +22,11 @@ from typing import Callable, Deque, Dict, List, Optional, Protocol
 from . import _core
 from ._config import StreamConfig, check_int
 from ._context import Completion, ThreadStats, Timings, TokenData, _TextAssembler, log_thread_changes, new_sampler
-from ._errors import ClosedError, ContextOverflowError, InvalidTokenError, MullamaError, OverloadedError
+from ._errors import (ClosedError, ContextOverflowError, InvalidTokenError, MullamaError, OverloadedError,
+                      RequestTimeoutError)
 from ._model import _token_list
 
-__all__ = ["Engine", "EngineRequest", "RequestMetrics", "MAX_SEQUENCES"]
+__all__ = ["Engine", "EngineRequest", "RequestMetrics", "MAX_SEQUENCES", "timeout_error"]
 
 #: the driver hands tokens to consumers at least this often (seconds)
 STEP_BUDGET_S = 0.02
@@ -58,13 +59,27 @@ class RequestMetrics:
     finish_reason: str
 
 
-class EngineRequest:
-    """One generation in the engine."""
+def timeout_error(timeout_ms: int) -> RequestTimeoutError:
+    return RequestTimeoutError(f"the request did not finish within timeout_ms={timeout_ms}")
 
-    def __init__(self, tokens: List[int], config: StreamConfig, sink: Sink) -> None:
+
+class EngineRequest:
+    """One generation in the engine.
+
+    *timeout_ms*: the engine ends the request that long after it was made
+    (finish reason ``"timeout"``), waiting or running, whatever its consumer
+    does: a consumer that stopped reading (a client that stopped receiving)
+    cannot keep a slot and its KV cells past its deadline.
+    """
+
+    def __init__(self, tokens: List[int], config: StreamConfig, sink: Sink,
+                 timeout_ms: Optional[int] = None) -> None:
         self.tokens_in = tokens
         self.config = config
         self.sink = sink
+        self.timeout_ms = timeout_ms or None
+        self.deadline = time.monotonic() + timeout_ms / 1e3 if timeout_ms else None
+        self.timed_out = False
         self.slot: Optional[int] = None
         self.text = _TextAssembler(config.stop)
         self.tokens: List[int] = []
@@ -94,6 +109,8 @@ class EngineRequest:
     def completion(self) -> Completion:
         if self.error is not None:
             raise self.error
+        if self.timed_out:
+            raise timeout_error(self.timeout_ms or 0)
         m = self.metrics()
         return Completion(
             text="".join(self.pieces),
@@ -294,8 +311,11 @@ class Engine:
         core = self._core
         while True:
             with self._cv:
-                while not self._closing and not self._queue and not self._runnable():
-                    self._cv.wait()
+                while True:
+                    wait = self._expire()
+                    if self._closing or self._queue or self._runnable():
+                        break
+                    self._cv.wait(wait)
                 if self._closing and not self._active:
                     for req in self._queue:
                         self._finish(req, "cancelled")
@@ -316,6 +336,30 @@ class Engine:
             self.kv_cells = core.kv_used()
             if core.thread_changes != self._thread_changes:
                 self._thread_changes = log_thread_changes(core, self._thread_changes, "the batching engine")
+
+    def _expire(self) -> Optional[float]:
+        """End the requests past their deadline (under the lock); seconds until
+        the next deadline, or None."""
+        now = time.monotonic()
+        nearest: Optional[float] = None
+        for req in list(self._queue):
+            if req.deadline is None:
+                continue
+            if req.deadline <= now:
+                self._queue.remove(req)
+                req.timed_out = True
+                self._finish(req, "timeout")
+            elif nearest is None or req.deadline < nearest:
+                nearest = req.deadline
+        for slot, req in self._active.items():
+            if req.deadline is None or req.timed_out:
+                continue
+            if req.deadline <= now:
+                req.timed_out = req.cancelled = True  # it leaves at the step boundary
+                self._core.cancel_slot(slot)
+            elif nearest is None or req.deadline < nearest:
+                nearest = req.deadline
+        return None if nearest is None else max(nearest - now, 0.0)
 
     def _runnable(self) -> bool:
         """Some active request needs the driver (unpaused, finished or cancelled)."""
@@ -360,7 +404,7 @@ class Engine:
                     self._leave(req, "stop")
                     continue
             if cancelled or req.cancelled:
-                self._leave(req, "cancelled")
+                self._leave(req, "timeout" if req.timed_out else "cancelled")
             elif finish != _core.FINISH_NONE:
                 self._leave(req, {_core.FINISH_EOG: "stop", _core.FINISH_LENGTH: "length"}.get(finish, "context_full"))
 

@@ -91,14 +91,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         model_path=path, context_size=args.context_size, threads=args.threads, max_concurrent=args.max_concurrent,
         max_queue=args.max_queue, timeout_ms=int(args.timeout * 1000) if args.timeout else None,
         gpu_layers=args.gpu_layers, flash_attention=args.flash_attention, adaptive_threads=not args.fixed_threads)
-    app = create_app(config, model_id=args.name, chat_template=template, api_key=args.api_key)
+    app = create_app(config, model_id=args.name, chat_template=template, api_key=args.api_key,
+                     io_timeout=args.io_timeout)
 
     def ready(url: str) -> None:
         print(f"mullama: serving {app.model_id!r} at {url}/v1 ({args.backend}, {BACKENDS[args.backend]})",
               flush=True)
 
     serve(app, host=args.host, port=args.port, backend=args.backend, log_level=args.log_level,
-          access_log=not args.no_access_log, graceful_timeout=args.graceful_timeout, on_ready=ready)
+          access_log=not args.no_access_log, graceful_timeout=args.graceful_timeout,
+          keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections, on_ready=ready)
     return 0
 
 
@@ -154,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests")
     p.add_argument("--graceful-timeout", type=float, default=10.0,
                    help="seconds open requests get to finish at shutdown (SIGINT/SIGTERM; default: 10)")
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                   help="seconds a connection may stay without a complete request head, after opening or "
+                        "between requests (default: 5)")
+    p.add_argument("--io-timeout", type=float, default=60.0,
+                   help="seconds a client may go without sending of its request body (then 408) or receiving "
+                        "of the response (then it is disconnected and its generation cancelled); default: 60")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help="open connections beyond which new ones are closed at once (default: what the file "
+                        "descriptor limit leaves room for)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--no-access-log", action="store_true", help="do not log each request")
     p.set_defaults(fn=_cmd_serve)

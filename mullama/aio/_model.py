@@ -261,7 +261,7 @@ class AsyncModel(Uncopyable):
             if callable(tokens):
                 tokens = await anyio.to_thread.run_sync(tokens)
             check_open(self._closed, "AsyncModel")
-            async with open_engine_stream(self._engine, tokens, config) as stream:
+            async with open_engine_stream(self._engine, tokens, config, self._config.timeout_ms) as stream:
                 yield stream
 
     async def generate(self, prompt: Prompt, max_tokens: Optional[int] = None,

@@ -33,8 +33,8 @@ import anyio.to_thread
 
 from .._context import Completion, Context, Prompt, TokenData, _Run, STREAM_INTERVAL_S
 from .._config import StreamConfig
-from .._engine import Engine, EngineRequest, RequestMetrics
-from .._errors import ClosedError, RequestTimeoutError
+from .._engine import Engine, EngineRequest, RequestMetrics, timeout_error
+from .._errors import ClosedError
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -245,6 +245,8 @@ class TokenStream(anyio.abc.AsyncResource):
             error = getattr(self._run, "error", None)
             if error is not None:
                 raise error
+            if getattr(self._run, "timed_out", False):  # ended by the engine at its deadline
+                raise timeout_error(self._run.timeout_ms)
             raise StopAsyncIteration
         self._batch = batch
         self._index = 0
@@ -390,15 +392,19 @@ async def open_token_stream(
 
 
 @asynccontextmanager
-async def open_engine_stream(engine: Engine, tokens: List[int], config: StreamConfig) -> AsyncIterator[TokenStream]:
+async def open_engine_stream(engine: Engine, tokens: List[int], config: StreamConfig,
+                             timeout_ms: Optional[int] = None) -> AsyncIterator[TokenStream]:
     """Submit one request to the batching engine and stream its tokens.
+
+    *timeout_ms*: the engine ends the request then, even if this side is
+    stuck (not reading, or blocked writing what it read to a client).
 
     On exit (normal, early, error or cancellation) an unfinished request is
     cancelled and the exit waits, shielded, until the engine has released its
     slot (at the next step boundary: about one token).
     """
     handoff = Handoff(STREAM_BUFFER, on_space=engine.notify)
-    request = EngineRequest(tokens, config, handoff)
+    request = EngineRequest(tokens, config, handoff, timeout_ms)
     try:
         engine.submit(request)  # OverloadedError / ContextOverflowError at once
     except BaseException:
@@ -491,7 +497,7 @@ async def deadline(timeout_ms: Optional[int]) -> AsyncIterator[None]:
         with anyio.fail_after(timeout_ms / 1000):
             yield
     except TimeoutError:
-        raise RequestTimeoutError(f"the request did not finish within timeout_ms={timeout_ms}") from None
+        raise timeout_error(timeout_ms) from None
 
 
 def check_open(closed: bool, what: str) -> None:

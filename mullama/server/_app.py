@@ -43,6 +43,8 @@ Send = Callable[[Message], Awaitable[None]]
 
 #: largest request body accepted (bytes)
 MAX_BODY = 8 << 20
+#: default seconds a client may go without sending of its request body or receiving of the response
+IO_TIMEOUT_S = 60.0
 
 
 class _Disconnected(Exception):
@@ -52,26 +54,33 @@ class _Disconnected(Exception):
 class _Exchange:
     """One HTTP request and its response."""
 
-    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __init__(self, scope: Scope, receive: Receive, send: Send, io_timeout: float = IO_TIMEOUT_S) -> None:
         self.scope = scope
         self.receive = receive
         self._send = send
+        self.io_timeout = io_timeout
         self.started = False
         #: the last part of the response is being sent (a disconnect from now on is the normal end)
         self.complete = False
         self.status = 0
 
-    def header(self, name: bytes) -> Optional[str]:
+    def raw_header(self, name: bytes) -> Optional[bytes]:
         for key, value in self.scope.get("headers", ()):
             if key.lower() == name:
-                return value.decode("latin-1")
+                return bytes(value)
         return None
 
     async def body(self) -> bytes:
         chunks: List[bytes] = []
         size = 0
+        msg: Optional[Message] = None
         while True:
-            msg = await self.receive()
+            msg = None
+            with anyio.move_on_after(self.io_timeout):
+                msg = await self.receive()
+            if msg is None:
+                raise oa.ApiError(408, f"the request body stopped arriving (nothing for {self.io_timeout:g} s)",
+                                  code="request_timeout")
             if msg["type"] == "http.disconnect":
                 raise _Disconnected()
             chunk = msg.get("body", b"")
@@ -98,10 +107,17 @@ class _Exchange:
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.body" and not message.get("more_body", False):
             self.complete = True  # hypercorn answers this send with http.disconnect on receive()
-        try:
-            await self._send(message)
-        except OSError as exc:  # the connection is gone (uvicorn's ClientDisconnected is an OSError)
-            raise _Disconnected() from exc
+        # A client that stops receiving must not hold its request (and its slot) for
+        # ever: a send that cannot complete within io_timeout counts as a disconnect.
+        # (hypercorn shields its socket writes from cancellation; `mullama serve`
+        # bounds those in its server, see _run.py.)
+        with anyio.move_on_after(self.io_timeout) as scope:
+            try:
+                await self._send(message)
+            except OSError as exc:  # the connection is gone (uvicorn's ClientDisconnected is an OSError)
+                raise _Disconnected() from exc
+        if scope.cancelled_caught:
+            raise _Disconnected()
 
     async def respond(self, status: int, body: bytes, content_type: str,
                       headers: Sequence[Tuple[str, str]] = ()) -> None:
@@ -185,12 +201,18 @@ class OpenAIApp:
         model_id: the name clients use in ``"model"`` (default: the file's stem).
         chat_template: a Jinja chat template or a llama.cpp built-in format name
             for ``/v1/chat/completions`` (default: the model's own).
-        api_key: if set, ``/v1/`` requests need ``Authorization: Bearer <api_key>``.
+        api_key: if set, ``/v1/`` requests need ``Authorization: Bearer <api_key>``
+            (compared as UTF-8 bytes, in constant time).
+        io_timeout: seconds a client may go without sending anything of its
+            request body (then ``408``) or receiving anything of the response
+            (then it counts as disconnected: its generation is cancelled).
     """
 
     def __init__(self, model: Union[str, "os.PathLike[str]", AsyncConfig, AsyncModel], *,
                  model_id: Optional[str] = None, chat_template: Optional[str] = None,
-                 api_key: Optional[str] = None) -> None:
+                 api_key: Optional[str] = None, io_timeout: float = IO_TIMEOUT_S) -> None:
+        if not (isinstance(io_timeout, (int, float)) and io_timeout > 0):
+            raise InvalidConfigError(f"io_timeout must be a positive number of seconds, got {io_timeout!r}")
         self._given: Optional[AsyncModel] = model if isinstance(model, AsyncModel) else None
         if self._given is not None:
             self._config = self._given.config
@@ -203,6 +225,8 @@ class OpenAIApp:
             check_template(chat_template)  # a broken template fails here, not on every request
         self.chat_template = chat_template
         self.api_key = api_key
+        self._api_key = f"Bearer {api_key}".encode("utf-8") if api_key is not None else None
+        self.io_timeout = float(io_timeout)
         self.model: Optional[AsyncModel] = self._given
         self.runtime: Optional[Runtime] = None
         self.metrics = ServerMetrics()
@@ -223,7 +247,7 @@ class OpenAIApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            await self._http(_Exchange(scope, receive, send))
+            await self._http(_Exchange(scope, receive, send, self.io_timeout))
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
         else:  # websocket: not served
@@ -281,9 +305,13 @@ class OpenAIApp:
             if not ex.started:
                 await self._error(ex, oa.ApiError(500, f"internal error: {type(exc).__name__}: {exc}",
                                                   type="server_error"))
+        except anyio.get_cancelled_exc_class():
+            ex.status = ex.status if ex.started else 499  # cut off (shutdown): never answered
+            raise
         finally:
             self.metrics.in_flight -= 1
-            self.metrics.response(endpoint, ex.status or 499)
+            # nothing sent and none of the above: an error escaped, which the HTTP server answers with 500
+            self.metrics.response(endpoint, ex.status or 500)
 
     async def _error(self, ex: _Exchange, exc: oa.ApiError) -> None:
         try:
@@ -294,8 +322,8 @@ class OpenAIApp:
     def _check_key(self, ex: _Exchange) -> None:
         if self.api_key is None:
             return
-        auth = ex.header(b"authorization") or ""
-        if not hmac.compare_digest(auth.encode("utf-8", "surrogateescape"), f"Bearer {self.api_key}".encode()):
+        auth = ex.raw_header(b"authorization") or b""
+        if not hmac.compare_digest(auth, self._api_key or b""):
             raise oa.ApiError(401, "invalid or missing API key (Authorization: Bearer <key>)",
                               code="invalid_api_key")
 
@@ -362,7 +390,8 @@ class OpenAIApp:
                         await self._stream_events(ex, model, req, stream, ids, len(tokens))
                     else:
                         await self._respond_whole(ex, model, req, stream, ids, len(tokens))
-            except _Disconnected:
+            except _Disconnected:  # (a write failed, or made no progress for io_timeout)
+                watch.disconnected = True
                 raise
             except Exception as exc:
                 param = "messages" if chat else "prompt"
