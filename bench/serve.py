@@ -15,6 +15,14 @@ wall time from the first request sent to the last one finished.
 * in-process side: ``AsyncModel.generate_stream`` on a model loaded in this
   process with the same settings, read with ``TokenStream.batches()``.
 
+Figure ``serve_short_request_latency`` (one JSON line per server mode): the
+latency of short requests on a kept-alive connection, where per-request
+overheads show (a response whose head and body leave in two TCP segments
+waits ~40 ms for the client's delayed ACK unless the server sets TCP_NODELAY):
+``GET /health`` and a non-streamed one-token completion, median and p99 over
+``--short-requests`` requests each; ``ratio`` = the server's one-token
+completion / the same completion in process (median).
+
 The two sides never run at the same time (each is idle while the other runs);
 they alternate, one round each after a warm-up round of each. ``ratio`` =
 server / in-process tokens/s: median over rounds with its min and max;
@@ -22,7 +30,7 @@ server / in-process tokens/s: median over rounds with its min and max;
 for the same prompt (greedy decoding is deterministic, batched or not).
 
 Usage: python bench/serve.py [--model PATH] [--modes asyncio trio] [--clients 1 4]
-                             [--rounds 5] [--max-tokens 128]
+                             [--rounds 5] [--max-tokens 128] [--short-requests 200]
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from typing import Awaitable, Callable, Dict, Iterator, List, Sequence, Tuple
 
 import anyio
 import httpx
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 import mullama
 from mullama import StreamConfig
@@ -178,9 +187,53 @@ async def in_process(model: AsyncModel, prompts: Sequence[str], max_tokens: int)
     return await concurrently(prompts, one)
 
 
+def quantiles(ms: List[float]) -> Tuple[float, float]:
+    """(median, p99) of *ms*."""
+    ms = sorted(ms)
+    return statistics.median(ms), ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))]
+
+
+async def short_requests(model: AsyncModel, client: httpx.AsyncClient, model_id: str, n: int) -> Dict[str, float]:
+    """Latencies (ms) of short requests on one kept-alive connection, and the in-process peer."""
+    health: List[float] = []
+    served: List[float] = []
+    native: List[float] = []
+    body = {"model": model_id, "prompt": PROMPTS[0], "max_tokens": 1, "temperature": 0}
+    # /health back to back through plain HTTP/1.1 exchanges on one socket (the request in one
+    # write): the pattern in which the client's kernel delays its ACKs, so that a second segment
+    # the server's Nagle algorithm holds back waits ~40 ms
+    host, port = client.base_url.host, client.base_url.port
+    raw = await anyio.connect_tcp(host, port)
+    reader = BufferedByteReceiveStream(raw)
+    for i in range(n + 5):  # back to back; the first 5: warm-up
+        t0 = time.perf_counter()
+        await raw.send(b"GET /health HTTP/1.1\r\nhost: bench\r\n\r\n")
+        head = await reader.receive_until(b"\r\n\r\n", 65536)
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"/health answered {head[:40]!r}")
+        await reader.receive_exactly(length)
+        if i >= 5:
+            health.append((time.perf_counter() - t0) * 1e3)
+    for i in range(n + 5):
+        t1 = time.perf_counter()
+        (await client.post("/completions", json=body)).raise_for_status()
+        t2 = time.perf_counter()
+        await model.complete(PROMPTS[0], config=StreamConfig.greedy(1))
+        t3 = time.perf_counter()
+        if i >= 5:
+            served.append((t2 - t1) * 1e3)
+            native.append((t3 - t2) * 1e3)
+    await raw.aclose()
+    (h50, h99), (s50, s99), (n50, n99) = quantiles(health), quantiles(served), quantiles(native)
+    return dict(health_ms_median=h50, health_ms_p99=h99, completion_ms_median=s50, completion_ms_p99=s99,
+                inprocess_ms_median=n50, inprocess_ms_p99=n99)
+
+
 async def bench_mode(path: Path, url: str, model_id: str, clients: Sequence[int], rounds: int,
-                     max_tokens: int) -> Dict[int, Samples]:
-    """Warm-up, then *rounds* alternating rounds per client count; raw samples per client count."""
+                     max_tokens: int, n_short: int) -> Tuple[Dict[int, Samples], Dict[str, float]]:
+    """Warm-up, then *rounds* alternating rounds per client count; raw samples per client
+    count; then the short requests."""
     samples = {k: Samples() for k in clients}
     reference: Dict[str, str] = {}
     progress("loading the in-process model")
@@ -201,7 +254,9 @@ async def bench_mode(path: Path, url: str, model_id: str, clients: Sequence[int]
                     s.server.append(srv[0])
                     s.inprocess.append(inp[0])
                     s.tokens += [srv[1], inp[1]]
-    return samples
+        progress(f"{n_short} short requests")
+        short = await short_requests(model, client, model_id, n_short)
+    return samples, short
 
 
 def main() -> int:
@@ -211,14 +266,15 @@ def main() -> int:
     ap.add_argument("--clients", nargs="+", type=int, default=[1, 4], choices=range(1, len(PROMPTS) + 1))
     ap.add_argument("--rounds", type=int, default=5, help="alternating server/in-process rounds")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--short-requests", type=int, default=200, help="requests of each kind for the latencies")
     args = ap.parse_args()
     path = args.model or mullama.default_model_path(progress=False)
 
     for mode in args.modes:
         progress(f"starting the {mode} server ({SERVERS[mode]})")
         with server(path, mode) as (url, model_id):
-            samples = anyio.run(bench_mode, path, url, model_id, args.clients, args.rounds, args.max_tokens,
-                                backend=mode)
+            samples, short = anyio.run(bench_mode, path, url, model_id, args.clients, args.rounds, args.max_tokens,
+                                       args.short_requests, backend=mode)
         for k in args.clients:
             s = samples[k]
             ratios = sorted(a / b for a, b in zip(s.server, s.inprocess))
@@ -228,6 +284,9 @@ def main() -> int:
                  inprocess_tok_s=round(statistics.median(s.inprocess), 1), rounds=args.rounds,
                  max_tokens=args.max_tokens, completion_tokens=round(statistics.median(s.tokens)),
                  outputs_match=s.match, target=TARGET)
+        emit(figure="serve_short_request_latency", mode=mode, server=SERVERS[mode], requests=args.short_requests,
+             ratio=round(short["completion_ms_median"] / short["inprocess_ms_median"], 3),
+             **{k: round(v, 2) for k, v in short.items()})
     return 0
 
 

@@ -47,6 +47,7 @@ class Server:
         self.url = url  # ends with /v1
         self.base = url[: -len("/v1")]
         self.lines = lines
+        self.startup = ""  # what it printed until it served
 
     def client(self, **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url, api_key="unused", max_retries=0, **kw)
@@ -82,11 +83,11 @@ class Server:
             self.proc.stdout.close()
 
 
-def start_server(model: Path, backend: str, *args: str) -> Server:
+def start_server(model: Path, backend: str, *args: str, **popen) -> Server:
     proc = subprocess.Popen(
         [sys.executable, "-m", "mullama", "serve", "--model", str(model), "--port", "0", "--backend", backend,
          "--threads", "1", "--no-access-log", "--log-level", "warning", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
     lines: "queue.Queue[str]" = queue.Queue()
 
     def pump() -> None:  # keeps the pipe drained for the server's whole life
@@ -107,7 +108,9 @@ def start_server(model: Path, backend: str, *args: str) -> Server:
         m = re.search(r"serving '.*' at (http://\S+/v1) \((\w+), (\w+)\)", line)
         if m:
             assert m.group(2) == backend and m.group(3) == {"asyncio": "uvicorn", "trio": "hypercorn"}[backend]
-            return Server(proc, m.group(1), lines)
+            server = Server(proc, m.group(1), lines)
+            server.startup = "".join(seen)
+            return server
     proc.kill()
     raise AssertionError(f"mullama serve did not start: {''.join(seen)}")
 
@@ -470,6 +473,108 @@ def test_a_client_that_stops_reading_is_disconnected_after_the_io_timeout(tiny_m
         assert server.stop() == 0
 
 
+def half_sent_heads(server: Server, n: int) -> List[socket.socket]:
+    """*n* connections that send half a request head and then nothing (slowloris)."""
+    host, port = server.base[len("http://"):].rsplit(":", 1)
+    socks = []
+    for _ in range(n):
+        c = socket.create_connection((host, int(port)))
+        c.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\nx-slow: ")
+        socks.append(c)
+    return socks
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_half_sent_request_heads_are_closed_after_the_keep_alive_timeout(tiny_model_path, mode):
+    """uvicorn on its own never closed a connection that sent half a request head."""
+    server = start_server(tiny_model_path, mode, "--name", "tiny", "--keep-alive-timeout", "1", "--log-level",
+                          "info")
+    try:
+        for c in half_sent_heads(server, 5):
+            read_until_closed(c)
+        assert httpx.get(server.base + "/health", timeout=30).status_code == 200
+        # `mullama serve` states its limits (and its own loggers print at --log-level)
+        assert "INFO:mullama.server: limits: a request head within 1 s (keep-alive)" in server.startup
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_connections_beyond_the_limit_are_closed_at_once(tiny_model_path, mode):
+    server = start_server(tiny_model_path, mode, "--name", "tiny", "--keep-alive-timeout", "60",
+                          "--max-connections", "3")
+    held = half_sent_heads(server, 3)
+    try:
+        (extra,) = half_sent_heads(server, 1)
+        read_until_closed(extra, timeout=30)  # closed at once, not after 60 s (a bound)
+    finally:
+        for c in held:
+            c.close()
+    deadline = time.monotonic() + 60
+    while True:  # the held connections' slots come back as the server sees them closed
+        try:
+            if httpx.get(server.base + "/health", timeout=10).status_code == 200:
+                break
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "no connection admitted after the others closed"
+            time.sleep(0.1)
+    assert server.stop() == 0
+
+
+def _fd_limit(n: int):
+    def limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+    return limit
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_many_slow_connections_under_a_small_descriptor_limit(tiny_model_path, mode):
+    """300 half-sent heads against a server limited to 128 file descriptors: by default the
+    server admits only what leaves room for its requests, so a normal request is served (once
+    the slow ones time out), never answered 500 'Too many open files'."""
+    server = start_server(tiny_model_path, mode, "--name", "tiny", "--max-concurrent", "2", "--max-queue", "4",
+                          "--keep-alive-timeout", "1", preexec_fn=_fd_limit(128))
+    slow = half_sent_heads(server, 300)
+    try:
+        client = server.client(timeout=30)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                got = client.completions.create(model="tiny", prompt="a b", max_tokens=4, temperature=0)
+                break
+            except openai.APIConnectionError:  # closed at once while the slow ones hold the connections
+                assert time.monotonic() < deadline, "never served"
+                time.sleep(0.2)
+        assert got.choices[0].finish_reason == "length"
+        assert not [k for k in server.metrics() if 'status="5' in k]
+    finally:
+        for c in slow:
+            c.close()
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_running_out_of_descriptors_is_logged_once(tiny_model_path, mode):
+    """With a connection limit above the descriptor limit, accept() fails with EMFILE; that is
+    logged once a minute without a traceback, not on every retry (asyncio retries each second,
+    trio ten times a second)."""
+    server = start_server(tiny_model_path, mode, "--name", "tiny", "--keep-alive-timeout", "3",
+                          "--max-connections", "1000", preexec_fn=_fd_limit(128))
+    slow = half_sent_heads(server, 200)
+    try:
+        time.sleep(2.5)  # while the slow connections hold every descriptor (the wait is not asserted on)
+    finally:
+        for c in slow:
+            c.close()
+    assert server.stop() == 0
+    log = "".join(server.lines.queue)
+    assert log.count("cannot accept connections: out of file descriptors") == 1, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+
+
 # -- the app in-process (any ASGI server), the CLI's errors, the examples -------------------------
 
 
@@ -557,6 +662,38 @@ async def test_a_response_write_that_never_completes_ends_the_request(tiny_model
         assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
         assert app.metrics.generations == {"disconnected": 1}
         assert model.active_workers == 0 and model.kv_used() == 0
+
+
+def test_listening_socket_turns_nagle_off():
+    """asyncio turns TCP_NODELAY on for accepted sockets only when the listener says it is TCP
+    (proto=IPPROTO_TCP, not 0); without it /health took ~44 ms on a kept-alive connection."""
+    from mullama.server._run import bind
+
+    with bind("127.0.0.1", 0) as sock:
+        assert sock.proto == socket.IPPROTO_TCP
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+@pytest.mark.anyio
+async def test_internal_errors_are_logged_and_counted_as_500(tiny_model_path, caplog, monkeypatch):
+    from mullama.aio import AsyncModel
+    from mullama.server import create_app
+
+    async with await AsyncModel.load(tiny_model_path, context_size=256, threads=1) as model:
+        def broken(*args, **kwargs):
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(model, "tokenize", broken)
+        app = create_app(model, model_id="t", api_key="clé-ünïcode")
+        auth = {"authorization": "Bearer clé-ünïcode".encode("utf-8")}  # a UTF-8 client
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as c:
+            with caplog.at_level("ERROR", logger="mullama"):
+                r = await c.post("/v1/completions", json={"prompt": "x"}, headers=auth)
+            assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+            assert "RuntimeError: a bug" in caplog.text and "Traceback" in caplog.text
+            r = await c.post("/v1/completions", json={"prompt": "x"}, headers={"authorization": "Bearer cl"})
+            assert r.status_code == 401
+        assert app.metrics.responses[("completions", "500")] == 1
 
 
 def test_serve_names_a_missing_model(tmp_path):

@@ -219,6 +219,8 @@ def serve(app: OpenAIApp, *, host: str = "127.0.0.1", port: int = 8000, backend:
     if on_ready is not None:
         app.on_startup = lambda: on_ready(url)
     with _logging(log_level):
+        log.info("limits: a request head within %g s (keep-alive), no write or body read stalled over %g s, "
+                 "at most %d connections", limits.keep_alive_timeout, limits.io_timeout, limits.max_connections)
         if backend == "asyncio":
             _serve_uvicorn(app, sock, log_level, access_log, limits)
         else:
