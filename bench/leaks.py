@@ -5,12 +5,17 @@ and live mullama objects back to their baseline afterwards.
 Each phase warms up first, then reads RSS before and after its loop:
 * ``generations``: sync greedy generations on one context;
 * ``async_generations``: AsyncModel requests on the batching engine (asyncio);
-* ``load_close``: Model.load + create_context + a short generation + close.
+* ``load_close``: Model.load + create_context + a short generation + close;
+* ``refused_requests``: chat requests of 20,000 messages (~0.7 MB each) to the
+  server's app (in process, through httpx's ASGI transport), each answered
+  400 ``context_length_exceeded``, with the cyclic garbage collector off
+  during the loop: memory comes back by reference counting alone, so a
+  request that left its frames in a reference cycle would show as growth.
 
 Prints one JSON line per phase: RSS before/after, growth in percent and MiB,
 and the mullama objects alive after the phase that were not alive before.
 
-Usage: python bench/leaks.py [--generations 5000] [--cycles 300] [--model PATH]
+Usage: python bench/leaks.py [--generations 5000] [--cycles 300] [--refused 200] [--model PATH]
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ def measure(name: str, step, n: int, warm: int) -> dict:
     return figure(name, n, before, rss(), live_mullama_objects() - before_objects)
 
 
-def run(model_path: Path, generations: int, cycles: int, tokens: int = 16) -> list:
+def run(model_path: Path, generations: int, cycles: int, refused: int = 200, tokens: int = 16) -> list:
     import anyio
 
     import mullama
@@ -95,6 +100,49 @@ def run(model_path: Path, generations: int, cycles: int, tokens: int = 16) -> li
             c.generate("ab", StreamConfig.greedy(2))
 
     results.append(measure("load_close", cycle, cycles, max(10, cycles // 10)))
+
+    async def refused_phase() -> dict:
+        from mullama.server import create_app
+
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}] * 20000}).encode()
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+        async with await AsyncModel.load(model_path, context_size=256, threads=1) as amodel:
+            app = create_app(amodel, model_id="tiny", chat_template="chatml")
+
+            async def one() -> None:
+                # the app called as an ASGI server would, with nothing kept here
+                incoming = [{"type": "http.request", "body": body, "more_body": False}]
+                status = []
+
+                async def receive() -> dict:
+                    if incoming:
+                        return incoming.pop()
+                    await anyio.sleep_forever()
+
+                async def send(message: dict) -> None:
+                    if message["type"] == "http.response.start":
+                        status.append(message["status"])
+
+                await app(scope, receive, send)
+                if status != [400]:
+                    raise RuntimeError(f"expected a 400, got {status}")
+
+            for _ in range(10):
+                await one()
+            before_objects = live_mullama_objects()
+            gc.disable()
+            try:
+                for _ in range(5):  # the allocator's working set for one request, with the collector off
+                    await one()
+                before = rss()
+                for _ in range(refused):
+                    await one()
+                after = rss()
+            finally:
+                gc.enable()
+            return figure("refused_requests", refused, before, after, live_mullama_objects() - before_objects)
+
+    results.append(anyio.run(refused_phase))
     return results
 
 
@@ -102,6 +150,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--generations", type=int, default=5000)
     ap.add_argument("--cycles", type=int, default=300)
+    ap.add_argument("--refused", type=int, default=200, help="refused requests (the server app)")
     ap.add_argument("--model", type=Path, default=None, help="default: the tiny generated model")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,7 +160,7 @@ def main() -> int:
             from tiny_model import write_tiny_model
 
             path = write_tiny_model(Path(tmp) / "tiny.gguf")
-        for r in run(path, args.generations, args.cycles):
+        for r in run(path, args.generations, args.cycles, args.refused):
             print(json.dumps(r), flush=True)
     return 0
 
