@@ -250,6 +250,8 @@ async def test_concurrent_streams_async_client(tiny_server, tiny_model):
     (dict(messages=CHAT, extra_body={"grammar": "root ::= x"}), "unsupported parameter 'grammar'"),
     (dict(messages=CHAT, reasoning_effort="high"), "unsupported parameter 'reasoning_effort'"),
     (dict(messages=CHAT, stop=["a", ""]), "stop strings must not be empty"),
+    (dict(messages=CHAT, stop=[f"s{i}" for i in range(10_000)]), "at most 64 stop strings"),
+    (dict(messages=CHAT, stop=["x" * 9000]), "8192"),
     (dict(messages=[{"role": "user", "content": "a\u0000b"}]), "NUL character"),
     (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
      "only text content"),
