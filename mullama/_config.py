@@ -15,6 +15,11 @@ __all__ = ["StreamConfig", "default_threads", "resolve_threads"]
 _U32_MAX = 0xFFFFFFFF
 _I32_MAX = 0x7FFFFFFF
 
+#: the server: seconds a request body may take to arrive, and a response may make no progress reaching its client
+SERVER_IO_TIMEOUT_S = 60.0
+#: the server: seconds a connection may stay without a complete request head (after opening, between requests)
+SERVER_KEEP_ALIVE_TIMEOUT_S = 5.0
+
 #: most stop strings a generation may have (every generated token is checked against each:
 #: thousands of them would slow every token of the request, and of the engine's other requests)
 MAX_STOP_STRINGS = 64

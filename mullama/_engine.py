@@ -79,7 +79,7 @@ class EngineRequest:
         self.sink = sink
         self.timeout_ms = timeout_ms or None
         self.deadline = time.monotonic() + timeout_ms / 1e3 if timeout_ms else None
-        self.timed_out = False
+        self._expired = False  # the driver cancelled it at its deadline
         self.slot: Optional[int] = None
         self.text = _TextAssembler(config.stop)
         self.tokens: List[int] = []
@@ -99,6 +99,11 @@ class EngineRequest:
     @property
     def done(self) -> bool:
         return self.t_end is not None
+
+    @property
+    def timed_out(self) -> bool:
+        """The engine ended it at its deadline (finish reason ``"timeout"``)."""
+        return self.finish_reason == "timeout"
 
     finished = done
 
@@ -347,15 +352,14 @@ class Engine:
                 continue
             if req.deadline <= now:
                 self._queue.remove(req)
-                req.timed_out = True
                 self._finish(req, "timeout")
             elif nearest is None or req.deadline < nearest:
                 nearest = req.deadline
         for slot, req in self._active.items():
-            if req.deadline is None or req.timed_out:
+            if req.deadline is None or req._expired:
                 continue
             if req.deadline <= now:
-                req.timed_out = req.cancelled = True  # it leaves at the step boundary
+                req._expired = req.cancelled = True  # it leaves at the step boundary
                 self._core.cancel_slot(slot)
             elif nearest is None or req.deadline < nearest:
                 nearest = req.deadline
@@ -404,7 +408,7 @@ class Engine:
                     self._leave(req, "stop")
                     continue
             if cancelled or req.cancelled:
-                self._leave(req, "timeout" if req.timed_out else "cancelled")
+                self._leave(req, "timeout" if req._expired else "cancelled")
             elif finish != _core.FINISH_NONE:
                 self._leave(req, {_core.FINISH_EOG: "stop", _core.FINISH_LENGTH: "length"}.get(finish, "context_full"))
 

@@ -9,6 +9,7 @@ from dataclasses import asdict
 from typing import List, Optional
 
 from ._errors import InvalidConfigError, MullamaError
+from ._config import SERVER_IO_TIMEOUT_S as IO_TIMEOUT_S, SERVER_KEEP_ALIVE_TIMEOUT_S as KEEP_ALIVE_TIMEOUT_S
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
@@ -156,12 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests")
     p.add_argument("--graceful-timeout", type=float, default=10.0,
                    help="seconds open requests get to finish at shutdown (SIGINT/SIGTERM; default: 10)")
-    p.add_argument("--keep-alive-timeout", type=float, default=5.0,
+    p.add_argument("--keep-alive-timeout", type=float, default=KEEP_ALIVE_TIMEOUT_S,
                    help="seconds a connection may stay without a complete request head, after opening or "
-                        "between requests (default: 5)")
-    p.add_argument("--io-timeout", type=float, default=60.0,
-                   help="seconds a client may go without sending of its request body (then 408) or receiving "
-                        "of the response (then it is disconnected and its generation cancelled); default: 60")
+                        f"between requests (default: {KEEP_ALIVE_TIMEOUT_S:g})")
+    p.add_argument("--io-timeout", type=float, default=IO_TIMEOUT_S,
+                   help="seconds a request body may take to arrive (then 408), and a response may make no "
+                        "progress reaching the client (then it is disconnected and its generation cancelled); "
+                        f"default: {IO_TIMEOUT_S:g}")
     p.add_argument("--max-connections", type=int, default=None,
                    help="open connections beyond which new ones are closed at once (default: what the file "
                         "descriptor limit leaves room for)")

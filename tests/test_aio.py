@@ -444,23 +444,24 @@ async def test_a_failed_stream_leaves_no_reference_cycles(tiny_model_path, cycli
 
 
 @pytest.mark.anyio
-async def test_a_stuck_consumer_loses_its_slot_at_the_deadline(tiny_model_path):
+async def test_a_stuck_consumer_loses_its_slot_at_the_deadline(default_model_path):
     """A consumer that stops reading, and cannot even be cancelled (like a server blocked in
     a shielded write to a client that stopped receiving), does not keep its slot or its KV
-    cells past timeout_ms: the engine ends the request itself; the consumer then gets
-    RequestTimeoutError, and the slot serves the next request."""
-    # (4000 tokens: far more than the engine makes before the full hand-off pauses it)
-    config = AsyncConfig(model_path=tiny_model_path, context_size=4096, threads=1, max_concurrent=1,
+    cells past timeout_ms: the engine ends the request itself (finish reason "timeout"); the
+    consumer then gets RequestTimeoutError, and the slot serves the next request."""
+    # (the default model: 2000 tokens take far longer than the deadline, on any machine)
+    config = AsyncConfig(model_path=default_model_path, context_size=2048, threads=1, max_concurrent=1,
                          max_queue=0, timeout_ms=500)
     async with await AsyncModel.load_with_config(config) as model:
         with pytest.raises(mullama.RequestTimeoutError, match="timeout_ms=500"):
-            async with model.generate_stream("once upon", StreamConfig(max_tokens=4000, temperature=0)) as stream:
+            async with model.generate_stream("1, 2, 3,", StreamConfig(max_tokens=2000, temperature=0)) as stream:
                 await stream.__anext__()
                 with anyio.CancelScope(shield=True):  # stuck: the deadline's cancellation cannot reach it
-                    with anyio.move_on_after(30):  # a bound, not a timing assertion
+                    with anyio.move_on_after(60):  # a bound, not a timing assertion
                         while model.active_workers or model.kv_used():
                             await anyio.sleep(0.02)
                     assert (model.active_workers, model.kv_used()) == (0, 0)
+                    assert stream.finish_reason == "timeout"  # the engine ended it
                 async for _ in stream:
                     pass
         got = await model.complete("once upon", config=StreamConfig.greedy(4))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import anyio
 import pytest
 
@@ -190,3 +193,69 @@ async def test_metrics_on_the_stream(tiny_model_path):
         async with await model.create_context() as conv:
             async with conv.generate_stream("ab", StreamConfig.greedy(2)) as s2:
                 assert s2.metrics() is None
+
+
+def test_the_engine_ends_a_request_at_its_deadline_whatever_its_consumer_does(tiny_model):
+    """A consumer that never takes anything (its sink stays full) cannot keep a slot past
+    timeout_ms; the request ends with finish reason "timeout" and its completion raises."""
+    from mullama._engine import Engine, EngineRequest
+
+    class FullSink:
+        def __init__(self) -> None:
+            self.finished = threading.Event()
+            self.batches = 0
+
+        def has_space(self) -> bool:
+            return self.batches == 0  # one batch, then never any room
+
+        def offer(self, batch) -> None:
+            self.batches += 1
+
+        def finish(self) -> None:
+            self.finished.set()
+
+    engine = Engine(tiny_model, n_seq=2, ctx_per_seq=4096, threads=1)
+    try:
+        stuck, waiting = FullSink(), FullSink()
+        timed = EngineRequest(tiny_model.tokenize("a b"), StreamConfig.greedy(4000), stuck, timeout_ms=300)
+        engine.submit(timed)
+        request = EngineRequest(tiny_model.tokenize("a b"), StreamConfig.greedy(4000), waiting, timeout_ms=None)
+        engine.submit(request)
+        assert stuck.finished.wait(60)  # a bound, not a timing assertion
+        assert timed.finish_reason == "timeout" and engine.active == 1 and stuck.batches == 1
+        request.cancel()
+        assert waiting.finished.wait(60) and request.finish_reason == "cancelled"
+    finally:
+        engine.close()
+    assert engine.kv_cells == 0
+
+
+def test_a_queued_request_times_out_too(tiny_model):
+    from mullama._engine import Engine, EngineRequest
+
+    class Sink:
+        def has_space(self) -> bool:
+            return False
+
+        def offer(self, batch) -> None:
+            pass
+
+        def finish(self) -> None:
+            pass
+
+    engine = Engine(tiny_model, n_seq=1, ctx_per_seq=4096, threads=1)
+    try:
+        first = EngineRequest(tiny_model.tokenize("a b"), StreamConfig.greedy(4000), Sink())
+        queued = EngineRequest(tiny_model.tokenize("a b"), StreamConfig.greedy(8), Sink(), timeout_ms=200)
+        engine.submit(first)
+        engine.submit(queued)
+        deadline = time.monotonic() + 60
+        while not queued.done:  # a bound, not a timing assertion
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert queued.finish_reason == "timeout" and queued.timed_out
+        with pytest.raises(mullama.RequestTimeoutError, match="timeout_ms=200"):
+            queued.completion()
+        assert not first.done  # the running one is not touched
+    finally:
+        engine.close()

@@ -422,18 +422,15 @@ def test_stop_strings_are_bounded():
         StreamConfig.greedy(4).replace(stop=["y" * 200] * 41)
 
 
-def test_many_stop_strings_cost_little_per_token(tiny_ctx):
-    import time
-
+def test_the_most_stop_strings_allowed_work(tiny_ctx):
     from mullama._context import _TextAssembler
 
     # the most allowed: 64 strings of 128 characters, checked against every token's text
+    # (their cost per token is a benchmark's business, not a test's)
     stops = tuple(f"{i:03d}" + "abcdefgh" * 15 + "xyzab" for i in range(64))
     text = _TextAssembler(stops)
-    pieces = [f" w{i % 97}".encode() for i in range(2000)]
-    t0 = time.perf_counter()
-    for p in pieces:
-        text.feed(p)
-    assert (time.perf_counter() - t0) / len(pieces) < 1e-3  # about 30 us here
+    out = [text.feed(f" w{i % 97}".encode()) for i in range(2000)]
+    assert not any(stopped for _, stopped in out)
+    assert "".join(t for t, _ in out) + text.flush() == "".join(f" w{i % 97}" for i in range(2000))
     done = tiny_ctx.generate("once upon", StreamConfig.greedy(16, stop=stops))
     assert done.finish_reason == "length"

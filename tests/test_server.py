@@ -459,10 +459,9 @@ def test_clients_that_stop_reading_lose_their_slots_at_the_request_timeout(tiny_
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_client_that_stops_reading_is_disconnected_after_the_io_timeout(tiny_model_path, mode):
-    """A client that stops reading is disconnected, long before --timeout: on trio the
-    server's write blocks, and after --io-timeout the connection is closed (the request
-    counts as disconnected); uvicorn takes the whole response into its buffers, and a
-    connection that has not taken it within --keep-alive-timeout is aborted."""
+    """A client that stops reading is disconnected, long before --timeout: a response that
+    makes no progress for --io-timeout (whether the server is still writing it or holds it
+    in its buffers) closes the connection, and the slot is free."""
     server = start_server(tiny_model_path, mode, "--name", "tiny", "--context-size", "4096", "--max-concurrent",
                           "2", "--timeout", "600", "--io-timeout", "2", "--keep-alive-timeout", "2")
     try:
@@ -497,6 +496,34 @@ def test_half_sent_request_heads_are_closed_after_the_keep_alive_timeout(tiny_mo
         assert httpx.get(server.base + "/health", timeout=30).status_code == 200
         # `mullama serve` states its limits (and its own loggers print at --log-level)
         assert "INFO:mullama.server: limits: a request head within 1 s (keep-alive)" in server.startup
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_body_trickling_after_an_early_answer_is_cut(tiny_model_path, mode):
+    """A request answered before its body arrived (here 401) whose client then trickles the body
+    a byte at a time: the connection is closed (keep-alive timeout, or the body's io timeout)."""
+    server = start_server(tiny_model_path, mode, "--name", "tiny", "--api-key", "k", "--keep-alive-timeout", "1",
+                          "--io-timeout", "2")
+    host, port = server.base[len("http://"):].rsplit(":", 1)
+    try:
+        c = socket.create_connection((host, int(port)))
+        c.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\nabc")
+        assert c.recv(1000).startswith(b"HTTP/1.1 401")
+        c.settimeout(0.2)
+        deadline = time.monotonic() + 60
+        while True:  # a bound, not a timing assertion
+            assert time.monotonic() < deadline, "the trickling connection was never closed"
+            try:
+                c.sendall(b"x")
+                if c.recv(100) == b"":
+                    break
+            except socket.timeout:
+                pass
+            except OSError:  # reset
+                break
+        c.close()
     finally:
         assert server.stop() == 0
 
@@ -566,14 +593,23 @@ def test_running_out_of_descriptors_is_logged_once(tiny_model_path, mode):
     server = start_server(tiny_model_path, mode, "--name", "tiny", "--keep-alive-timeout", "3",
                           "--max-connections", "1000", preexec_fn=_fd_limit(128))
     slow = half_sent_heads(server, 200)
+    report = "cannot accept connections: out of file descriptors"
+    seen: List[str] = []
     try:
-        time.sleep(2.5)  # while the slow connections hold every descriptor (the wait is not asserted on)
+        deadline = time.monotonic() + 60
+        while not any(report in line for line in seen):  # a bound, not a timing assertion
+            assert time.monotonic() < deadline, "EMFILE was never reported"
+            try:
+                seen.append(server.lines.get(timeout=1))
+            except queue.Empty:
+                pass
+        time.sleep(1)  # asyncio retries each second, trio ten times a second: more tries, not more lines
     finally:
         for c in slow:
             c.close()
     assert server.stop() == 0
-    log = "".join(server.lines.queue)
-    assert log.count("cannot accept connections: out of file descriptors") == 1, log[-3000:]
+    log = "".join(seen) + "".join(server.lines.queue)
+    assert log.count(report) == 1, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
 
 

@@ -25,6 +25,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, MutableM
 import anyio
 
 from .._chat import check_template
+from .._config import SERVER_IO_TIMEOUT_S as IO_TIMEOUT_S
 from .._errors import (ChatTemplateError, ClosedError, ContextOverflowError, InvalidConfigError,
                        InvalidTokenError, MullamaError, OverloadedError, RequestTimeoutError)
 from ..aio import AsyncConfig, AsyncModel, Runtime, TokenData
@@ -36,15 +37,14 @@ __all__ = ["create_app", "OpenAIApp"]
 
 log = logging.getLogger("mullama.server")
 
+#: largest request body accepted (bytes)
+MAX_BODY = 8 << 20
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-#: largest request body accepted (bytes)
-MAX_BODY = 8 << 20
-#: default seconds a client may go without sending of its request body or receiving of the response
-IO_TIMEOUT_S = 60.0
 
 
 class _Disconnected(Exception):
@@ -73,23 +73,21 @@ class _Exchange:
     async def body(self) -> bytes:
         chunks: List[bytes] = []
         size = 0
-        msg: Optional[Message] = None
-        while True:
-            msg = None
-            with anyio.move_on_after(self.io_timeout):
+        with anyio.move_on_after(self.io_timeout) as scope:
+            while True:
                 msg = await self.receive()
-            if msg is None:
-                raise oa.ApiError(408, f"the request body stopped arriving (nothing for {self.io_timeout:g} s)",
-                                  code="request_timeout")
-            if msg["type"] == "http.disconnect":
-                raise _Disconnected()
-            chunk = msg.get("body", b"")
-            size += len(chunk)
-            if size > MAX_BODY:
-                raise oa.ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
-            chunks.append(chunk)
-            if not msg.get("more_body", False):
-                return b"".join(chunks)
+                if msg["type"] == "http.disconnect":
+                    raise _Disconnected()
+                chunk = msg.get("body", b"")
+                size += len(chunk)
+                if size > MAX_BODY:
+                    raise oa.ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
+                chunks.append(chunk)
+                if not msg.get("more_body", False):
+                    return b"".join(chunks)
+        assert scope.cancelled_caught
+        raise oa.ApiError(408, f"the request body did not arrive within {self.io_timeout:g} s",
+                          code="request_timeout")
 
     async def json(self) -> Any:
         raw = await self.body()
@@ -225,7 +223,6 @@ class OpenAIApp:
             check_template(chat_template)  # a broken template fails here, not on every request
         self.chat_template = chat_template
         self.api_key = api_key
-        self._api_key = f"Bearer {api_key}".encode("utf-8") if api_key is not None else None
         self.io_timeout = float(io_timeout)
         self.model: Optional[AsyncModel] = self._given
         self.runtime: Optional[Runtime] = None
@@ -323,7 +320,7 @@ class OpenAIApp:
         if self.api_key is None:
             return
         auth = ex.raw_header(b"authorization") or b""
-        if not hmac.compare_digest(auth, self._api_key or b""):
+        if not hmac.compare_digest(auth, f"Bearer {self.api_key}".encode("utf-8")):
             raise oa.ApiError(401, "invalid or missing API key (Authorization: Bearer <key>)",
                               code="invalid_api_key")
 
@@ -396,7 +393,11 @@ class OpenAIApp:
             except Exception as exc:
                 param = "messages" if chat else "prompt"
                 if ex.started:  # a stream has answered 200 already: the error goes into it, as OpenAI does
-                    await _end_stream_with(ex, exc, param)
+                    try:
+                        await _end_stream_with(ex, exc, param)
+                    except _Disconnected:
+                        watch.disconnected = True
+                        raise
                 elif isinstance(exc, MullamaError):
                     # (raised where it is made: an exception kept in a local of this frame
                     # would hold the frame, and with it the prompt, in a reference cycle)

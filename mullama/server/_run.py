@@ -9,10 +9,11 @@ Both servers get the same limits against clients that misbehave:
 - **keep-alive timeout**: a connection must complete a request's head within
   ``keep_alive_timeout`` seconds of opening, or of its previous response
   (else it is closed; uvicorn on its own never closes a half-sent head);
-- **io timeout**: a response write that makes no progress for ``io_timeout``
-  seconds closes the connection (hypercorn shields its socket writes from
-  cancellation, so a client that stops reading held its request, its slot and
-  the shutdown forever); the app applies the same bound to request bodies;
+- **io timeout** (the app's ``io_timeout``): a response that makes no progress
+  for that long closes the connection (hypercorn shields its socket writes
+  from cancellation, so a client that stops reading held its request, its slot
+  and the shutdown forever; uvicorn's close waits for unsent bytes for ever);
+  a request body must arrive within it;
 - **connection limit**: beyond ``max_connections`` open connections new ones
   are closed at once, so slow clients cannot take every file descriptor (the
   soft descriptor limit is raised to the hard one first);
@@ -32,9 +33,9 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Optional, Set
 
-from .._config import check_int
+from .._config import SERVER_KEEP_ALIVE_TIMEOUT_S as KEEP_ALIVE_TIMEOUT_S, check_int
 from .._errors import InvalidConfigError, MullamaError
-from ._app import IO_TIMEOUT_S, OpenAIApp
+from ._app import OpenAIApp
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -43,8 +44,6 @@ __all__ = ["serve", "BACKENDS"]
 
 #: event loop -> the ASGI server that runs on it
 BACKENDS = {"asyncio": "uvicorn", "trio": "hypercorn"}
-#: default seconds an idle connection may stay open without a complete request head
-KEEP_ALIVE_TIMEOUT_S = 5.0
 #: file descriptors kept free of connections: the model, logs, and two per request (its hand-off)
 FD_RESERVE = 64
 
@@ -111,12 +110,11 @@ def _raise_fd_limit() -> int:
     except ImportError:  # not on Unix
         return 1024
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = max(soft, 65536)
-    if soft < hard:
+    wanted = max(soft, 65536) if hard == resource.RLIM_INFINITY else hard
+    if soft < wanted:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
         except (ValueError, OSError):
             pass
     return soft
@@ -176,8 +174,8 @@ def _logging(log_level: str) -> Iterator[None]:
 
 def serve(app: OpenAIApp, *, host: str = "127.0.0.1", port: int = 8000, backend: str = "asyncio",
           log_level: str = "info", access_log: bool = True, graceful_timeout: float = 10.0,
-          keep_alive_timeout: float = KEEP_ALIVE_TIMEOUT_S, io_timeout: Optional[float] = None,
-          max_connections: Optional[int] = None, on_ready: Optional[Callable[[str], None]] = None) -> None:
+          keep_alive_timeout: float = KEEP_ALIVE_TIMEOUT_S, max_connections: Optional[int] = None,
+          on_ready: Optional[Callable[[str], None]] = None) -> None:
     """Serve *app* until SIGINT or SIGTERM.
 
     Args:
@@ -186,8 +184,6 @@ def serve(app: OpenAIApp, *, host: str = "127.0.0.1", port: int = 8000, backend:
             they are cancelled (also those writing to a client that stopped reading).
         keep_alive_timeout: seconds a connection may stay without a complete
             request head (after opening, or between requests).
-        io_timeout: seconds a response write may make no progress before the
-            connection is closed (default: the app's ``io_timeout``).
         max_connections: open connections beyond which new ones are closed at
             once (default: what the file descriptor limit leaves room for).
         on_ready: called with the server's URL once the model is loaded.
@@ -198,14 +194,15 @@ def serve(app: OpenAIApp, *, host: str = "127.0.0.1", port: int = 8000, backend:
     """
     if backend not in BACKENDS:
         raise InvalidConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    for name, value in (("graceful_timeout", graceful_timeout), ("keep_alive_timeout", keep_alive_timeout),
-                        ("io_timeout", io_timeout)):
-        if value is not None and not (isinstance(value, (int, float)) and value >= 0):
-            raise InvalidConfigError(f"{name} must be a number of seconds >= 0, got {value!r}")
+    if not (isinstance(graceful_timeout, (int, float)) and graceful_timeout >= 0):
+        raise InvalidConfigError(f"graceful_timeout must be a number of seconds >= 0, got {graceful_timeout!r}")
+    if not (isinstance(keep_alive_timeout, (int, float)) and keep_alive_timeout > 0):
+        raise InvalidConfigError(f"keep_alive_timeout must be a number of seconds > 0, got {keep_alive_timeout!r}")
     if max_connections is not None:
         check_int("max_connections", max_connections, minimum=1)
-    limits = Limits(keep_alive_timeout, io_timeout if io_timeout is not None else app.io_timeout,
-                    max_connections or default_max_connections(app), graceful_timeout)
+    # (the app bounds body reads and its own writes by its io_timeout; the servers' writes get the same)
+    limits = Limits(keep_alive_timeout, app.io_timeout, max_connections or default_max_connections(app),
+                    graceful_timeout)
     package = BACKENDS[backend]
     try:
         __import__(package)
@@ -228,15 +225,16 @@ def serve(app: OpenAIApp, *, host: str = "127.0.0.1", port: int = 8000, backend:
 
 
 def _uvicorn_protocol(limits: Limits) -> type:
-    """uvicorn's h11 protocol with the connection limit and a deadline for each
-    request head (uvicorn's keep-alive timer is disarmed by any byte received)."""
+    """uvicorn's h11 protocol with the connection limit, a deadline for each
+    request head (uvicorn's keep-alive timer is disarmed by any byte received),
+    and a bound on a response the client does not take."""
     import asyncio
 
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class Protocol(H11Protocol):
-        _head_timer: Optional[asyncio.TimerHandle] = None
+        _timer: Optional[asyncio.TimerHandle] = None
         _counted = False
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -254,9 +252,9 @@ def _uvicorn_protocol(limits: Limits) -> type:
                 async def tracked(message: Any) -> None:
                     nonlocal started, complete
                     started = True
+                    await send(message)
                     if message["type"] == "http.response.body" and not message.get("more_body", False):
                         complete = True
-                    await send(message)
 
                 try:
                     await app(scope, receive, tracked if scope["type"] == "http" else send)
@@ -272,41 +270,56 @@ def _uvicorn_protocol(limits: Limits) -> type:
                 transport.abort()
                 return
             self._counted = True
-            self._arm_head_timer()
+            self._arm(limits.keep_alive_timeout, self._head_timeout)
 
         def connection_lost(self, exc: Optional[Exception]) -> None:
-            self._disarm_head_timer()
+            self._disarm()
             if self._counted:
                 self._counted = False
                 limits.connections -= 1
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            cycle = self.cycle
             super().data_received(data)
-            if self.conn.their_state is not h11.IDLE:  # the request's head is complete
-                self._disarm_head_timer()
+            if self.cycle is not cycle:  # a new request's head is complete
+                self._disarm()
 
         def on_response_complete(self) -> None:
+            cycle = self.cycle
             super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm_head_timer()
+            if self.cycle is cycle:  # (else the next, pipelined, request has begun)
+                self._after_response()
 
-        def _arm_head_timer(self) -> None:
-            self._disarm_head_timer()
-            self._head_timer = self.loop.call_later(limits.keep_alive_timeout, self._head_timeout)
+        def _after_response(self) -> None:
+            unsent = self.transport.get_write_buffer_size()
+            if unsent:  # the client has not taken it all yet (also when the connection is closing)
+                self._arm(limits.io_timeout, self._check_unsent, unsent)
+            elif not self.transport.is_closing():
+                self._arm(limits.keep_alive_timeout, self._head_timeout)
+
+        def _check_unsent(self, before: int) -> None:
+            # a client taking its response slowly gets io_timeout for each bit of progress
+            if self.transport.get_write_buffer_size() >= before:
+                self.transport.abort()  # none: a close would wait for it for ever
+            else:
+                self._after_response()
 
         def _head_timeout(self) -> None:
-            if self.transport.get_write_buffer_size():
-                # it has not even taken the last response (the kernel's buffers are full):
-                # a close would wait for it for ever
-                self.transport.abort()
-            else:
+            self._timer = None
+            try:
                 self.timeout_keep_alive_handler()
+            except h11.LocalProtocolError:  # (the client is in the middle of something)
+                self.transport.abort()
 
-        def _disarm_head_timer(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
+        def _arm(self, delay: float, callback: Callable[..., None], *args: Any) -> None:
+            self._disarm()
+            self._timer = self.loop.call_later(delay, callback, *args)
+
+        def _disarm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
 
     return Protocol
 
@@ -343,16 +356,34 @@ def _serve_uvicorn(app: OpenAIApp, sock: socket.socket, log_level: str, access_l
         raise _startup_failed(app)
 
 
-def _hypercorn_tcp_server(limits: Limits) -> type:
-    """hypercorn's trio TCPServer with the connection limit, and with its
-    shielded socket writes bounded: by io_timeout, and at the end of the
-    graceful shutdown (a client that stops reading can hold neither)."""
+#: hypercorn's trio TCPServer, replaced once (see _install_hypercorn_server)
+_HYPERCORN_CHUNK = 1 << 16
+
+
+def _install_hypercorn_server() -> None:
+    """Install, once, a subclass of hypercorn's trio TCPServer (hypercorn builds
+    one per connection from hypercorn.trio.run's global) that applies the
+    :class:`Limits` found on its config as ``mullama_limits``, and behaves as
+    hypercorn's own for any other config: the connection limit, and its
+    shielded socket writes bounded by io_timeout without progress and cut at
+    the end of the graceful shutdown (a client that stops reading can hold
+    neither its request nor the shutdown)."""
+    import hypercorn.trio.run as hypercorn_run
     import trio
     from hypercorn.events import Closed, RawData
     from hypercorn.trio.tcp_server import TCPServer
 
+    if getattr(hypercorn_run.TCPServer, "_mullama", False):  # type: ignore[attr-defined]
+        return
+
     class Server(TCPServer):
+        _mullama = True
+
         async def run(self) -> None:
+            limits: Optional[Limits] = getattr(self.config, "mullama_limits", None)
+            if limits is None:
+                await super().run()
+                return
             if not limits.admit():
                 await self.stream.aclose()
                 return
@@ -362,19 +393,24 @@ def _hypercorn_tcp_server(limits: Limits) -> type:
                 limits.connections -= 1
 
         async def protocol_send(self, event: Any) -> None:
-            if not isinstance(event, RawData):
+            limits: Optional[Limits] = getattr(self.config, "mullama_limits", None)
+            if limits is None or not isinstance(event, RawData):
                 await super().protocol_send(event)
                 return
             gone = False
             async with self.send_lock:
                 # shielded as in hypercorn (a write cut in the middle breaks the HTTP
-                # stream), but with a deadline, and cancelled when shutdown's time is up
-                with trio.CancelScope(shield=True, deadline=trio.current_time() + limits.io_timeout) as scope:
+                # stream), but each piece must go out within io_timeout, and all is cut
+                # when the graceful shutdown's time is up
+                with trio.CancelScope(shield=True) as scope:
                     if limits.closing:
                         scope.cancel()
                     limits.writes.add(scope)
                     try:
-                        await self.stream.send_all(event.data)
+                        data = memoryview(event.data)
+                        for i in range(0, len(data), _HYPERCORN_CHUNK):
+                            scope.deadline = trio.current_time() + limits.io_timeout
+                            await self.stream.send_all(data[i:i + _HYPERCORN_CHUNK])
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         gone = True
                     finally:
@@ -382,13 +418,12 @@ def _hypercorn_tcp_server(limits: Limits) -> type:
             if gone or scope.cancelled_caught:
                 with trio.CancelScope(shield=True):
                     await self.stream.aclose()
-                await self.protocol.handle(Closed())
+                    await self.protocol.handle(Closed())
 
-    return Server
+    hypercorn_run.TCPServer = Server  # type: ignore[attr-defined]
 
 
 def _serve_hypercorn(app: OpenAIApp, sock: socket.socket, log_level: str, access_log: bool, limits: Limits) -> None:
-    import hypercorn.trio.run as hypercorn_run
     import trio
     from hypercorn.config import Config
     from hypercorn.trio import serve as hypercorn_serve
@@ -426,9 +461,8 @@ def _serve_hypercorn(app: OpenAIApp, sock: socket.socket, log_level: str, access
             await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
             nursery.cancel_scope.cancel()
 
-    # hypercorn builds one TCPServer per connection from this module's global
-    original = hypercorn_run.TCPServer  # type: ignore[attr-defined]
-    hypercorn_run.TCPServer = _hypercorn_tcp_server(limits)  # type: ignore[attr-defined]
+    _install_hypercorn_server()
+    config.mullama_limits = limits  # type: ignore[attr-defined]
     try:
         trio.run(main)
     except BaseException as exc:
@@ -437,8 +471,6 @@ def _serve_hypercorn(app: OpenAIApp, sock: socket.socket, log_level: str, access
         if failed is None:
             raise
         raise _startup_failed(app) from None
-    finally:
-        hypercorn_run.TCPServer = original  # type: ignore[attr-defined]
 
 
 def _startup_failed(app: OpenAIApp) -> MullamaError:
