@@ -466,3 +466,28 @@ async def test_a_stuck_consumer_loses_its_slot_at_the_deadline(default_model_pat
                     pass
         got = await model.complete("once upon", config=StreamConfig.greedy(4))
         assert len(got.tokens) == 4
+
+
+@pytest.mark.anyio
+async def test_the_callers_own_timeout_is_not_the_requests(tiny_model_path):
+    """Only the request's own deadline becomes RequestTimeoutError; a TimeoutError of the
+    caller's own scope inside the request passes unchanged."""
+    config = AsyncConfig(model_path=tiny_model_path, context_size=256, threads=1, timeout_ms=30_000)
+    async with await AsyncModel.load_with_config(config) as model:
+        with pytest.raises(TimeoutError) as info:
+            async with model.generate_stream("once upon", StreamConfig.greedy(8)) as stream:
+                await stream.__anext__()
+                with anyio.fail_after(0.01):
+                    await anyio.sleep(5)
+        assert not isinstance(info.value, mullama.RequestTimeoutError)
+        async with await model.create_context(256) as ctx:
+            with pytest.raises(TimeoutError) as info:
+                async with ctx.generate_stream("once upon", StreamConfig.greedy(8)) as stream:
+                    with anyio.fail_after(0.01):
+                        await anyio.sleep(5)
+            assert not isinstance(info.value, mullama.RequestTimeoutError)
+    config = AsyncConfig(model_path=tiny_model_path, context_size=256, threads=1, timeout_ms=50)
+    async with await AsyncModel.load_with_config(config) as model:  # the request's own deadline still is
+        with pytest.raises(mullama.RequestTimeoutError, match="timeout_ms=50"):
+            async with model.generate_stream("once upon", StreamConfig.greedy(8)) as stream:
+                await anyio.sleep(5)

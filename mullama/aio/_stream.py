@@ -489,15 +489,16 @@ def _leaves(group: BaseException) -> List[BaseException]:
 
 @asynccontextmanager
 async def deadline(timeout_ms: Optional[int]) -> AsyncIterator[None]:
-    """``fail_after`` for a request, raising :class:`RequestTimeoutError`."""
+    """``fail_after`` for a request, raising :class:`RequestTimeoutError` when
+    (and only when) this deadline expired: a ``TimeoutError`` of the caller's
+    own (its own ``fail_after``, ``asyncio.wait_for``) inside passes unchanged."""
     if not timeout_ms:
         yield
         return
-    try:
-        with anyio.fail_after(timeout_ms / 1000):
-            yield
-    except TimeoutError:
-        raise timeout_error(timeout_ms) from None
+    with anyio.move_on_after(timeout_ms / 1000) as scope:
+        yield
+    if scope.cancelled_caught:
+        raise timeout_error(timeout_ms)
 
 
 def check_open(closed: bool, what: str) -> None:
