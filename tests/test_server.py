@@ -734,6 +734,29 @@ async def test_internal_errors_are_logged_and_counted_as_500(tiny_model_path, ca
         assert app.metrics.responses[("completions", "500")] == 1
 
 
+@pytest.mark.anyio
+async def test_hostile_json_answers_400(tiny_model_path):
+    """JSON that parses into what Python cannot handle is a 400 naming the problem, not a 500."""
+    from mullama.aio import AsyncModel
+    from mullama.server import create_app
+
+    bodies = {
+        "nested too deeply": b"[" * 100_000 + b"]" * 100_000,
+        "Exceeds the limit": b'{"prompt": "a", "max_tokens": ' + b"1" * 5000 + b"}",
+        "lone surrogate": b'{"prompt": "a", "\\ud800": 1}',
+        "lone surrogate ('\\ud800')": b'{"prompt": "a\\ud800b", "echo": true, "max_tokens": 2}',
+    }
+    async with await AsyncModel.load(tiny_model_path, context_size=256, threads=1) as model:
+        app = create_app(model, model_id="t")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as c:
+            for match, body in bodies.items():
+                r = await c.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+                assert r.status_code == 400, (match, r.text[:300])
+                assert match in r.json()["error"]["message"]
+            r = await c.post("/v1/completions", json={"prompt": "caf\u00e9", "max_tokens": 2, "echo": True})
+            assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith("caf\u00e9")
+
+
 def test_serve_names_a_missing_model(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mullama", "serve", "--model", str(tmp_path / "nope.gguf")],
                        capture_output=True, text=True, timeout=60)

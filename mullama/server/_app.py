@@ -92,9 +92,13 @@ class _Exchange:
     async def json(self) -> Any:
         raw = await self.body()
         try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            obj = json.loads(raw)
+        except RecursionError:
+            raise oa.ApiError(400, "the request body is not valid JSON: it is nested too deeply") from None
+        except ValueError as exc:  # (JSONDecodeError, UnicodeDecodeError, an integer of too many digits)
             raise oa.ApiError(400, f"the request body is not valid JSON: {exc}") from None
+        _check_text(obj)
+        return obj
 
     async def start(self, status: int, headers: List[Tuple[str, str]]) -> None:
         self.started = True
@@ -134,6 +138,25 @@ class _Exchange:
 
     async def end_events(self) -> None:
         await self.send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+
+def _check_text(obj: Any) -> None:
+    """Refuse strings that are not Unicode text: a lone surrogate (``"\\ud800"`` is
+    valid JSON) cannot be encoded, tokenized or echoed."""
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, list):
+            stack.extend(o)
+        elif isinstance(o, str) and not o.isascii():
+            try:
+                o.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise oa.ApiError(400, f"the request holds a lone surrogate ({o[exc.start]!r}) in {o[:40]!r}: "
+                                       "strings must be Unicode text") from None
 
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
