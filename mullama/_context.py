@@ -258,6 +258,21 @@ class Context(Uncopyable):
         finally:
             self._core.release()
 
+    def truncate(self, n_tokens: int) -> None:
+        """Forget every token from position *n_tokens* on (their KV cells too):
+        the conversation goes back to its first *n_tokens* tokens."""
+        self._core.claim()
+        try:
+            self._core.truncate(n_tokens)
+        finally:
+            self._core.release()
+
+    def clear_cancel(self) -> None:
+        """Forget a :meth:`cancel` that came when nothing was running: the next
+        generation is not stopped by it. (Async code calls this before handing
+        the context to a worker thread, so a cancellation from then on counts.)"""
+        self._core.clear_cancel()
+
     def thread_stats(self) -> ThreadStats:
         """Its compute threads now: how many, and what the thread governor did."""
         return ThreadStats._from_core(self._core.thread_stats())

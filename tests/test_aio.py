@@ -491,3 +491,33 @@ async def test_the_callers_own_timeout_is_not_the_requests(tiny_model_path):
         with pytest.raises(mullama.RequestTimeoutError, match="timeout_ms=50"):
             async with model.generate_stream("once upon", StreamConfig.greedy(8)) as stream:
                 await anyio.sleep(5)
+
+
+@pytest.mark.anyio
+async def test_100_open_conversation_streams_and_a_tokenize_call_all_progress(tiny_model_path):
+    """Each conversation has its own worker-thread slot: 100 open streams (their workers
+    waiting for consumers that do not read) do not hold anyio's 40 default slots, which a
+    tokenize call needs."""
+    async with await AsyncModel.load(tiny_model_path, context_size=256, threads=1) as model:
+        ctxs = [await model.create_context(4096) for _ in range(100)]
+        started = 0
+        release = anyio.Event()
+
+        async def converse(ctx) -> None:
+            nonlocal started
+            async with ctx.generate_stream("once upon", StreamConfig.greedy(4000)) as stream:
+                await stream.__anext__()
+                started += 1
+                await release.wait()
+
+        async with anyio.create_task_group() as tg:
+            for ctx in ctxs:
+                tg.start_soon(converse, ctx)
+            with anyio.fail_after(120):  # a bound, not a timing assertion
+                while started < 100:
+                    await anyio.sleep(0.05)
+                assert await model.tokenize("hello") == (await model.tokenize("hello"))
+            assert sum(c._workers.active for c in ctxs) == 100  # all still generating, none finished
+            release.set()
+        for ctx in ctxs:
+            await ctx.aclose()

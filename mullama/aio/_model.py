@@ -22,7 +22,7 @@ from .._engine import MAX_SEQUENCES, Engine
 from .._model import Model, ModelInfo, Uncopyable, _token_list
 from ._loop import LoopBinding
 from ._stream import (TokenStream, Workers, check_open, deadline, open_engine_stream, open_token_stream,
-                      unwrap_single)
+                      run_in_thread, unwrap_single)
 
 __all__ = ["AsyncConfig", "AsyncModel", "AsyncContext"]
 
@@ -338,9 +338,18 @@ class AsyncContext(Uncopyable):
         self._owner = owner
         self._ctx = ctx
         self._lock = anyio.Lock()
+        self._limiter: Optional[anyio.CapacityLimiter] = None
         self._loop = LoopBinding("AsyncContext")
         self._workers = Workers()
         self._closed = False
+
+    def _threads(self) -> anyio.CapacityLimiter:
+        """Its own worker-thread slot (one: it runs one thing at a time), so that
+        open conversations never hold anyio's default slots, which every other
+        ``to_thread`` call of the process shares."""
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(1)
+        return self._limiter
 
     @property
     def n_past(self) -> int:
@@ -355,7 +364,8 @@ class AsyncContext(Uncopyable):
     async def _use(self, wait: bool) -> AsyncIterator[Context]:
         check_open(self._closed or self._owner._closed, "AsyncContext")
         if self._loop.enter():  # LoopConflictError if another loop is using it
-            self._lock = anyio.Lock()  # the old one belongs to the last loop (and nobody holds it)
+            self._lock = anyio.Lock()  # the old ones belong to the last loop (and nobody holds them)
+            self._limiter = None
         try:
             if not wait and self._lock.locked():
                 raise BusyError("the context is in use by another task (wait=False)")
@@ -389,19 +399,20 @@ class AsyncContext(Uncopyable):
                            config: Optional[StreamConfig], wait: bool) -> AsyncIterator[TokenStream]:
         async with deadline(self._owner._config.timeout_ms), self._use(wait) as ctx:
             if callable(prompt):
-                prompt = await anyio.to_thread.run_sync(prompt, ctx)
+                prompt = await run_in_thread(prompt, ctx, limiter=self._threads())
             stream: Optional[TokenStream] = None
             t0 = time.perf_counter()
             try:
-                async with open_token_stream(ctx, prompt, config, self._workers) as stream:
+                async with open_token_stream(ctx, prompt, config, self._workers, self._threads()) as stream:
                     yield stream
             finally:
                 if stream is not None:
                     self._owner._record_generation((time.perf_counter() - t0) * 1e3)
-                # the worker is done: trimming on the loop is safe and cheap
+                # the worker is done; the conversation keeps what the consumer received
                 keep = stream.seen_tokens() if stream is not None else None
                 if keep is not None and not ctx.closed and keep < ctx.n_past:
-                    ctx._core.truncate(keep)
+                    with anyio.CancelScope(shield=True):
+                        await run_in_thread(ctx.truncate, keep, limiter=self._threads())
 
     async def generate(self, prompt: Prompt, max_tokens: Optional[int] = None,
                        config: Optional[StreamConfig] = None, *, wait: bool = True) -> Completion:
@@ -423,23 +434,23 @@ class AsyncContext(Uncopyable):
         """
         async with deadline(self._owner._config.timeout_ms), self._use(wait) as ctx:
             if isinstance(prompt, str):
-                tokens = await anyio.to_thread.run_sync(ctx.model.tokenize, prompt, ctx.n_past == 0)
+                tokens = await run_in_thread(ctx.model.tokenize, prompt, ctx.n_past == 0, limiter=self._threads())
             else:
                 tokens = _token_list(prompt)
-            await _run_cancellable(ctx, self._workers, ctx._eval, tokens, False)
+            await _run_cancellable(ctx, self._workers, self._threads(), ctx._eval, tokens, False)
             return ctx.n_past
 
     async def save_state(self, path: PathLike) -> None:
         async with self._use(True) as ctx:
-            await anyio.to_thread.run_sync(ctx.save_state, path)
+            await run_in_thread(ctx.save_state, path, limiter=self._threads())
 
     async def load_state(self, path: PathLike) -> None:
         async with self._use(True) as ctx:
-            await anyio.to_thread.run_sync(ctx.load_state, path)
+            await run_in_thread(ctx.load_state, path, limiter=self._threads())
 
     async def reset(self) -> None:
         async with self._use(True) as ctx:
-            ctx.reset()
+            await run_in_thread(ctx.reset, limiter=self._threads())
 
     async def aclose(self) -> None:
         """Stop what runs on the context and free it (shielded, idempotent).
@@ -456,7 +467,7 @@ class AsyncContext(Uncopyable):
             self._ctx.cancel()
             self._workers.close_handoffs()
             await self._workers.wait_idle()
-            await anyio.to_thread.run_sync(self._ctx.close)
+            await run_in_thread(self._ctx.close, limiter=self._threads())
             self._owner._conversations.discard(self)
 
     async def __aenter__(self) -> "AsyncContext":
@@ -466,7 +477,8 @@ class AsyncContext(Uncopyable):
         await self.aclose()
 
 
-async def _run_cancellable(ctx: Context, workers: Workers, fn: Callable[..., object], *args: object) -> object:
+async def _run_cancellable(ctx: Context, workers: Workers, limiter: anyio.CapacityLimiter,
+                           fn: Callable[..., object], *args: object) -> object:
     """Run *fn* on a worker thread; cancellation aborts it inside C and waits for it."""
     finished = False
     aborted = False
@@ -483,10 +495,10 @@ async def _run_cancellable(ctx: Context, workers: Workers, fn: Callable[..., obj
     with unwrap_single():
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch)
-            ctx._core.clear_cancel()
+            ctx.clear_cancel()
             workers.enter()
             try:
-                return await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=False)
+                return await run_in_thread(fn, *args, limiter=limiter)
             except AbortedError:
                 if aborted:  # our own abort: let the cancellation itself propagate
                     await anyio.lowlevel.checkpoint()

@@ -91,6 +91,7 @@ class ModelPool(Uncopyable):
         self._waiters: Deque[_Waiter] = deque()
         self._conversations: "set[AsyncContext]" = set()  # every member: AsyncContext's owner protocol
         self._closed = False
+        self._retiring = 0
         self._change: Optional[anyio.Event] = None
         self._create_error: Optional[Exception] = None
         self._generations = 0
@@ -187,7 +188,9 @@ class ModelPool(Uncopyable):
             except BaseException:
                 if waiter.member is not None:  # handed over as we were cancelled: pass it on
                     self._in_use.discard(waiter.member)
-                    self._put_back(waiter.member)
+                    if not self._put_back(waiter.member):
+                        with anyio.CancelScope(shield=True):
+                            await self._retire(waiter.member)
                 elif waiter in self._waiters:
                     self._waiters.remove(waiter)
                 raise
@@ -221,7 +224,8 @@ class ModelPool(Uncopyable):
                 if not self._closed and not member._closed:
                     await member.reset()  # counted as in use until it is clean
                     self._in_use.discard(member)
-                    self._put_back(member)
+                    if not self._put_back(member):
+                        await self._retire(member)
                     return
             except Exception as exc:  # a member we cannot reset is not lent again
                 log.warning("pool member reset failed (%r): replacing it", exc)
@@ -235,25 +239,31 @@ class ModelPool(Uncopyable):
                     log.error("could not replace a pool member: %r", exc)
             self._changed()
 
-    def _put_back(self, member: AsyncContext) -> None:
-        """An idle member (not counted in the size): to the first waiter, to the
-        shelf, or closed if the pool is above its target size."""
+    def _put_back(self, member: AsyncContext) -> bool:
+        """An idle member (not counted in the size): to the first waiter or to
+        the shelf, at once; False if the pool is above its target size (the
+        caller then awaits ``_retire(member)``)."""
         if self._size() + 1 > self._target and not self._closed:
-            self._retire(member)
-        elif self._waiters:
+            return False
+        if self._waiters:
             waiter = self._waiters.popleft()
             waiter.member = member
             self._in_use.add(member)
             waiter.event.set()
         else:
             self._available.append(member)
+        return True
 
-    def _retire(self, member: AsyncContext) -> None:
-        # the member is idle (nobody holds it): freeing its context is quick
-        member._closed = True
-        member._ctx.close()
-        self._conversations.discard(member)
-        self._changed()
+    async def _retire(self, member: AsyncContext) -> None:
+        """Close an idle member (no longer counted in the size); its context is
+        freed on a worker thread, never on the event loop."""
+        self._retiring += 1
+        try:
+            with anyio.CancelScope(shield=True):
+                await member.aclose()  # (it leaves _conversations)
+        finally:
+            self._retiring -= 1
+            self._changed()
 
     def _changed(self) -> None:
         """The size or the target changed: wake resize() and aclose(); an empty
@@ -318,7 +328,7 @@ class ModelPool(Uncopyable):
                 raise
             return
         while self._size() > size and self._available:
-            self._retire(self._available.pop())
+            await self._retire(self._available.pop())
         while self._target == size and self._size() > size:
             await self._wait_change()
             self._check_open()
@@ -347,7 +357,8 @@ class ModelPool(Uncopyable):
             self._create_error = None
             member = AsyncContext(self, ctx)
             self._conversations.add(member)
-            self._put_back(member)
+            if not self._put_back(member):
+                await self._retire(member)
             self._changed()
 
     # -- the owner protocol of AsyncContext -------------------------------------------
@@ -413,6 +424,8 @@ class ModelPool(Uncopyable):
                 await self._wait_change()
             for member in list(self._conversations):
                 await member.aclose()
+            while self._retiring:  # a member being retired is closed by _retire
+                await self._wait_change()
             self._available.clear()
             if self._model is not None:
                 await anyio.to_thread.run_sync(self._model.close)

@@ -374,7 +374,7 @@ async def open_token_stream(
     stream = TokenStream(handoff, run)
     # cleared here, on the loop, before the worker exists: a cancellation or an
     # early exit from now on is seen by the worker, even before it starts
-    ctx._core.clear_cancel()
+    ctx.clear_cancel()
     workers.handoffs.add(handoff)
     try:
         with unwrap_single():
