@@ -21,7 +21,7 @@ from .._engine import RequestMetrics
 from ._model import AsyncConfig, AsyncContext, AsyncModel
 from ._pool import ModelPool, PooledModel, PoolStats
 from ._runtime import GenerationResult, Runtime, RuntimeMetrics, TaskHandle, TaskManager, WorkerStatus
-from ._stream import TokenStream
+from ._stream import TokenStream, unwrap_single
 
 __all__ = [
     "AsyncConfig",
@@ -42,4 +42,5 @@ __all__ = [
     "TokenData",
     "Completion",
     "ModelInfo",
+    "unwrap_single",
 ]

@@ -115,11 +115,14 @@ class AsyncModel(Uncopyable):
 
     @classmethod
     async def load_with_config(cls, config: AsyncConfig,
-                               progress: Optional[Callable[[float], None]] = None) -> "AsyncModel":
+                               progress: Optional[Callable[[float], None]] = None,
+                               thread_name: Optional[str] = None) -> "AsyncModel":
         """Load the model *config* names.
 
         Args:
             progress: called on the event loop with the load fraction in [0, 1].
+            thread_name: the name of its batching engine's driver thread
+                (default ``"mullama-engine"``).
 
         **Cancellation**: cancelling the load stops llama.cpp's loader at its
         next progress report and frees what it had loaded; nothing half-loaded
@@ -138,6 +141,8 @@ class AsyncModel(Uncopyable):
             try:
                 engine = Engine(model, config.max_concurrent, config.context_size, config.threads,
                                 config.flash_attention, config.max_queue, adaptive_threads=config.adaptive_threads)
+                if thread_name is not None:
+                    engine.thread_name = thread_name
             except BaseException:
                 model.close()
                 raise

@@ -268,8 +268,8 @@ class Runtime:
         runtime counts its generations and closes it at shutdown."""
         self._check_running()
         config = self._config(path_or_config, options)
-        model = await AsyncModel.load_with_config(config, progress=options.get("progress"))
-        model._engine.thread_name = f"{self.thread_name}-engine-{len(self._resources) + 1}"
+        model = await AsyncModel.load_with_config(config, progress=options.get("progress"),
+                                                  thread_name=f"{self.thread_name}-engine-{len(self._resources) + 1}")
         return await self._own(model)
 
     async def open_pool(self, path_or_config: Union[PathLike, AsyncConfig], size: int,

@@ -424,9 +424,13 @@ async def open_engine_stream(engine: Engine, tokens: List[int], config: StreamCo
 class unwrap_single:
     """Re-raise a lone exception out of a task group's ExceptionGroup as itself.
 
+    ``with unwrap_single(): async with anyio.create_task_group() as tg: ...``
+
     A request runs a helper task beside the caller's code; an error in either
     (the caller's own exception, ContextOverflowError from the worker) should
-    reach the caller as it is, not wrapped in a group.
+    reach the caller as it is, not wrapped in a group. An error plus the
+    cancellations it caused counts as lone. The dropped group is taken apart,
+    so that it keeps nothing alive in reference cycles.
     """
 
     def __enter__(self) -> None:

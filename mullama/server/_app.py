@@ -28,8 +28,7 @@ from .._chat import check_template
 from .._config import SERVER_IO_TIMEOUT_S as IO_TIMEOUT_S
 from .._errors import (ChatTemplateError, ClosedError, ContextOverflowError, InvalidConfigError,
                        InvalidTokenError, MullamaError, OverloadedError, RequestTimeoutError)
-from ..aio import AsyncConfig, AsyncModel, Runtime, TokenData
-from ..aio._stream import unwrap_single
+from ..aio import AsyncConfig, AsyncModel, Runtime, TokenData, unwrap_single
 from . import _openai as oa
 from ._metrics import CONTENT_TYPE, ServerMetrics
 
