@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -19,23 +21,38 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """``\\n``, ``\\t``, ``\\r`` and ``\\\\`` as typed in a shell, as the characters they name."""
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
+
+
+def _model_path(args: argparse.Namespace) -> str:
     from ._cache import default_model_path
+
+    return os.path.expanduser(args.model) if args.model else str(default_model_path(progress=True))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
     from ._config import StreamConfig
+    from ._errors import ContextOverflowError
     from ._model import Model
 
-    path = args.model or default_model_path(progress=True)
+    path = _model_path(args)
     config = StreamConfig(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         seed=args.seed,
-        stop=tuple(args.stop or ()),
+        stop=tuple(unescape(s) for s in args.stop or ()),
     )
     with Model.load(path) as model:
         ctx = model.create_context(context_size=args.context_size, threads=args.threads,
                                    adaptive_threads=not args.fixed_threads)
         out = sys.stdout
         n = 0
+        wrote = False
         t0 = time.perf_counter()
         t_first = None
         try:
@@ -43,11 +60,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 if t_first is None:
                     t_first = time.perf_counter()
                 n += 1
-                out.write(tok.text)
-                out.flush()
+                if tok.text:
+                    out.write(tok.text)
+                    out.flush()
+                    wrote = True
+        except ContextOverflowError as exc:
+            raise ContextOverflowError(f"{exc.args[0].split(';')[0]}: raise -c/--context-size (now "
+                                       f"{args.context_size}) or lower -n/--max-tokens (now {args.max_tokens})"
+                                       ) from None
         finally:
-            out.write("\n")
-            out.flush()
+            if wrote:  # (no empty line before an error, or for an empty answer)
+                out.write("\n")
+                out.flush()
         if not args.quiet and t_first is not None:
             # the speed goes to stderr: stdout carries only the text
             t1 = time.perf_counter()
@@ -63,7 +87,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     from ._model import Model
 
-    with Model.load(args.path, vocab_only=args.vocab_only) as model:
+    args.model = args.path
+    with Model.load(_model_path(args), vocab_only=args.vocab_only) as model:
         info = asdict(model.info)
         template = info.pop("chat_template")
         width = max(len(k) for k in info)
@@ -74,12 +99,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from ._cache import default_model_path
     from ._model import check_model_file
     from .aio import AsyncConfig
     from .server import BACKENDS, create_app, serve
 
-    path = args.model or default_model_path(progress=True)
+    path = _model_path(args)
     check_model_file(path)  # a missing or broken file is named now, not in the server's log
     template = args.chat_template
     if args.chat_template_file:
@@ -106,7 +130,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _thread_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="most compute threads (default: the cores this process may use)")
     p.add_argument("--fixed-threads", action="store_true",
                    help="always use --threads, also when the machine is busy (default: fewer threads while "
@@ -115,6 +139,7 @@ def _thread_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mullama", description="Run local GGUF language models through llama.cpp.")
+    ap.add_argument("--version", action="version", version=f"mullama {_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pull", help="fetch the default model into the cache")
@@ -122,13 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_pull)
 
     p = sub.add_parser("run", help="stream a generation")
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="the text to continue")
     p.add_argument("-m", "--model", help="a .gguf file (default: the default model, pulled if needed)")
-    p.add_argument("-n", "--max-tokens", type=int, default=128)
+    p.add_argument("-n", "--max-tokens", type=int, default=128, metavar="N", help="most tokens to generate (default: 128)")
     p.add_argument("-t", "--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("-c", "--context-size", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop string, repeatable; \\n, \\t, \\r and \\\\ are unescaped")
+    p.add_argument("-c", "--context-size", type=int, default=2048, metavar="N",
+                   help="tokens the context holds, prompt and generation (default: 2048)")
     _thread_args(p)
     p.add_argument("-q", "--quiet", action="store_true", help="do not print the speed (stderr) after the text")
     p.set_defaults(fn=_cmd_run)
@@ -172,10 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_serve)
 
     p = sub.add_parser("info", help="describe a model file")
-    p.add_argument("path")
+    p.add_argument("path", nargs="?", help="a .gguf file (default: the default model, pulled if needed)")
     p.add_argument("--vocab-only", action="store_true", help="load only the tokenizer")
     p.set_defaults(fn=_cmd_info)
     return ap
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mullama")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -43,3 +43,34 @@ def test_pull_and_run_default_model(default_model_path):
     r = run("run", "The capital of France is", "-n", "8")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
+
+
+def test_stop_strings_are_unescaped_as_typed_in_a_shell(tiny_model_path):
+    from mullama.cli import unescape
+
+    assert unescape(r"\n") == "\n" and unescape(r"a\tb\\n") == "a\tb\\n" and unescape("é\\r") == "é\r"
+    with mullama.Model.load(tiny_model_path) as m, m.create_context(2048) as ctx:
+        full = ctx.generate("hello", mullama.StreamConfig.greedy(40)).text
+    stop = full[10:12]  # two characters from the middle: the output stops before them
+    typed = stop.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    r = run("run", "hello", "--model", str(tiny_model_path), "-n", "40", "--stop", typed, "-q")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == full[:full.index(stop)] + ("\n" if full.index(stop) else "")
+
+
+def test_cli_errors_name_cli_options_and_print_no_stray_line(tiny_model_path):
+    r = run("run", "a b " * 300, "--model", str(tiny_model_path), "-c", "256")
+    assert r.returncode == 1
+    assert r.stdout == ""  # no empty line before the error
+    assert "-c/--context-size" in r.stderr and "reset()" not in r.stderr
+
+
+def test_version_help_and_home_paths(tiny_model_path, tmp_path, monkeypatch):
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.startswith("mullama ")
+    r = run("run", "--help")
+    assert "(default: 128)" in r.stdout and "the text to continue" in r.stdout
+    (tmp_path / "m.gguf").write_bytes(tiny_model_path.read_bytes())
+    r = run("info", "~/m.gguf", env={**__import__("os").environ, "HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert "mullama-tiny" in r.stdout
