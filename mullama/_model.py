@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,10 @@ class Model(Uncopyable):
         self._gpu_layers = gpu_layers
         self._layout: object = _NOT_LOADED
         self._gguf_meta = None if gguf is None else gguf.metadata
+        #: (n_params, size_bytes) from the file's tensor table: llama.cpp has no
+        #: hyperparameters for a vocabulary-only model (asking for them aborts)
+        self._file_sizes = None if gguf is None else (
+            sum(math.prod(shape) for _, shape, _, _ in gguf.tensors), sum(n for _, _, _, n in gguf.tensors))
 
     @classmethod
     def load(
@@ -185,7 +190,10 @@ class Model(Uncopyable):
         """Name, architecture, sizes and chat template of the model."""
         if self._info is None:
             meta = self._core.meta()
-            n_params, size, n_embd, n_layer, n_head, n_ctx_train, _ = self._core.stats()
+            if self._vocab_only:
+                n_params, size, n_embd, n_layer, n_head, n_ctx_train = self._hparams_from_file(meta)
+            else:
+                n_params, size, n_embd, n_layer, n_head, n_ctx_train, _ = self._core.stats()
             self._info = ModelInfo(
                 name=meta.get("general.name", Path(self._core.path).stem),
                 architecture=meta.get("general.architecture", "unknown"),
@@ -200,6 +208,25 @@ class Model(Uncopyable):
                 path=self._core.path,
             )
         return self._info
+
+    def _hparams_from_file(self, meta: dict) -> "tuple[int, int, int, int, int, int]":
+        """What llama.cpp's stats() would say, from the GGUF file itself."""
+        typed = self._gguf_meta or {}
+        arch = meta.get("general.architecture", "")
+
+        def number(key: str) -> int:
+            value = typed.get(f"{arch}.{key}", meta.get(f"{arch}.{key}", 0))
+            values = getattr(value, "values", None)  # a per-layer array: its largest
+            if isinstance(values, tuple):
+                value = max((v for v in values if isinstance(v, int)), default=0)
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                return 0
+
+        n_params, size = self._file_sizes or (0, 0)
+        return (n_params, size, number("embedding_length"), number("block_count"), number("attention.head_count"),
+                number("context_length"))
 
     def metadata(self) -> dict:
         """Every GGUF metadata key and its value, as strings."""
