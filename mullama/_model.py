@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -45,6 +46,13 @@ class ModelInfo:
     size_bytes: int
     chat_template: Optional[str] = None
     path: str = ""
+
+    def __repr__(self) -> str:
+        # the chat template (often kilobytes of Jinja) is shown by its size only
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                           if f.name != "chat_template")
+        template = f"<{len(self.chat_template)} characters>" if self.chat_template else "None"
+        return f"ModelInfo({fields}, chat_template={template})"
 
 
 def check_model_file(path: PathLike) -> "tuple[str, GGUFInfo]":

@@ -477,3 +477,9 @@ def test_every_member_of_a_vocabulary_only_model_works_or_names_its_refusal(tiny
     r = subprocess.run([sys.executable, "-m", "mullama", "info", "--vocab-only", str(tiny_model_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "mullama-tiny" in r.stdout and "n_layer" in r.stdout, r.stderr[-2000:]
+
+
+def test_model_info_repr_is_short(default_model):
+    text = repr(default_model.info)
+    assert default_model.info.chat_template and default_model.info.chat_template not in text
+    assert f"chat_template=<{len(default_model.info.chat_template)} characters>" in text and len(text) < 400
