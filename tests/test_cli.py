@@ -74,3 +74,14 @@ def test_version_help_and_home_paths(tiny_model_path, tmp_path, monkeypatch):
     r = run("info", "~/m.gguf", env={**__import__("os").environ, "HOME": str(tmp_path)})
     assert r.returncode == 0, r.stderr
     assert "mullama-tiny" in r.stdout
+
+
+@pytest.mark.integration
+def test_pull_shows_its_own_progress_not_pips(tmp_path, default_model_path):
+    """Into an empty cache: mullama's progress on stderr, the path on stdout, none of pip's chatter."""
+    r = run("pull", env={**__import__("os").environ, "MULLAMA_HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(tmp_path / "models" / default_model_path.name)
+    assert "pulling" in r.stderr
+    for chatter in ("Collecting", "Saved", "Looking in", "Downloading", "Successfully"):
+        assert chatter not in r.stderr, r.stderr
