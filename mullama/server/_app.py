@@ -412,6 +412,16 @@ class OpenAIApp:
             except _Disconnected:  # (a write failed, or made no progress for io_timeout)
                 watch.disconnected = True
                 raise
+            except anyio.get_cancelled_exc_class():
+                if ex.started and not ex.complete and not watch.disconnected:
+                    # cut off by the server's shutdown: the stream still ends as a stream does
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                        try:
+                            await _end_stream_with(ex, ClosedError("the server is shutting down"),
+                                                   "messages" if chat else "prompt")
+                        except _Disconnected:
+                            pass
+                raise
             except Exception as exc:
                 param = "messages" if chat else "prompt"
                 if ex.started:  # a stream has answered 200 already: the error goes into it, as OpenAI does
@@ -524,14 +534,14 @@ class OpenAIApp:
 
 
 async def _end_stream_with(ex: _Exchange, exc: Exception, param: str) -> None:
-    """End a started event stream with an error event (OpenAI's way)."""
+    """End a started event stream with an error event (OpenAI's way), then ``[DONE]``."""
     if isinstance(exc, MullamaError):
         body = _api_error(exc, param).body()
     else:
         log.exception("error while streaming a response")
         body = oa.ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body()
     await ex.event(body)
-    await ex.send({"type": "http.response.body", "body": b"", "more_body": False})
+    await ex.end_events()
 
 
 def _api_error(exc: MullamaError, param: str) -> oa.ApiError:

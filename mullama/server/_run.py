@@ -451,9 +451,9 @@ def _serve_hypercorn(app: OpenAIApp, sock: socket.socket, log_level: str, access
                 nursery.start_soon(cut_writes)
 
             async def cut_writes() -> None:
-                # hypercorn cancels open requests after graceful_timeout; their
-                # shielded writes are cancelled here at the same moment
-                await trio.sleep(limits.graceful_timeout)
+                # hypercorn cancels open requests after graceful_timeout; they get one
+                # second more for their last events, then their writes are cut
+                await trio.sleep(limits.graceful_timeout + 1.0)
                 limits.closing = True
                 for scope in list(limits.writes):
                     scope.cancel()
