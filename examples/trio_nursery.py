@@ -23,10 +23,15 @@ PROMPTS = {
 
 
 async def write(model: AsyncModel, name: str, prompt: str, out: dict) -> None:
-    out[name] = ""
-    async with model.generate_stream(prompt, mullama.StreamConfig.greedy(400)) as stream:
-        async for tok in stream:
-            out[name] += tok.text
+    out[name] = {"text": "", "state": "waiting for a slot or its prompt"}
+    try:
+        async with model.generate_stream(prompt, mullama.StreamConfig.greedy(400)) as stream:
+            async for tok in stream:
+                out[name]["text"] += tok.text
+                out[name]["state"] = "cut by the deadline"  # unless it finishes
+            out[name]["state"] = f"finished ({stream.finish_reason})"
+    except mullama.MullamaError as exc:  # the error path to copy: name it, go on with the others
+        out[name]["state"] = f"failed: {type(exc).__name__}: {exc}"
 
 
 async def main(model_path: str, deadline: float) -> None:
@@ -37,8 +42,9 @@ async def main(model_path: str, deadline: float) -> None:
                 for name, prompt in PROMPTS.items():
                     nursery.start_soon(write, model, name, prompt, out)
         print("deadline hit:" if scope.cancelled_caught else "all finished:", f"{deadline} s")
-        for name, text in out.items():
-            print(f"  {name:8} {len(text):4} chars  {PROMPTS[name]}{text[:60]!r}...")
+        for name, got in out.items():
+            # on a slow machine a prompt may not even be evaluated before the deadline: 0 chars
+            print(f"  {name:8} {len(got['text']):4} chars, {got['state']}: {PROMPTS[name]}{got['text'][:60]!r}")
         print("generations still running:", model.active_workers)
         print("next request:", repr(await model.generate("The largest planet is", max_tokens=8,
                                                           config=mullama.StreamConfig.greedy())))
