@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import anyio
+
 __all__ = [
     "MullamaError",
     "ModelLoadError",
@@ -69,8 +71,10 @@ class InvalidTokenError(MullamaError, ValueError):
     """A token id is outside the model's vocabulary."""
 
 
-class ClosedError(MullamaError):
-    """The model or context was used after ``close()``."""
+class ClosedError(MullamaError, anyio.ClosedResourceError):
+    """The model or context was used after ``close()``. (Also an
+    ``anyio.ClosedResourceError``: async code that handles anyio's closed
+    resources handles mullama's too.)"""
 
 
 class BusyError(MullamaError):

@@ -364,3 +364,24 @@ async def test_bad_arguments(config, tiny_model_path):
             with pytest.raises(mullama.InvalidConfigError, match="this pool"):
                 await pool.release(lease)
             await lease.release()
+
+
+async def test_one_acquire_is_used_once(config):
+    async with ModelPool(config, 2) as pool:
+        acquire = pool.acquire()
+        async with acquire as member:
+            await member.generate("once upon", max_tokens=2)
+            with pytest.raises(mullama.InvalidConfigError, match="already used"):
+                async with acquire:
+                    pass
+        with pytest.raises(mullama.InvalidConfigError, match="already used"):
+            await acquire
+        assert pool.stats().in_use == 0
+
+
+async def test_closed_errors_are_anyios_closed_resource_errors(config):
+    pool = await ModelPool.load(config, 1)
+    await pool.aclose()
+    with pytest.raises(anyio.ClosedResourceError):
+        await pool.acquire()
+    assert issubclass(mullama.ClosedError, mullama.MullamaError)

@@ -446,17 +446,27 @@ class ModelPool(Uncopyable):
 class _Acquire:
     """What :meth:`ModelPool.acquire` returns: awaitable, and an async context manager."""
 
-    __slots__ = ("_pool", "_wait", "_lease")
+    __slots__ = ("_pool", "_wait", "_lease", "_used")
 
     def __init__(self, pool: ModelPool, wait: bool) -> None:
         self._pool = pool
         self._wait = wait
         self._lease: Optional[PooledModel] = None
+        self._used = False
+
+    def _use_once(self) -> None:
+        # (asyncpg's rule: one acquire() is awaited or entered once; a second use would
+        # lend a second member that the first `async with` exit never gives back)
+        if self._used:
+            raise InvalidConfigError("this pool.acquire() was already used: call pool.acquire() again")
+        self._used = True
 
     def __await__(self) -> Generator[Any, None, "PooledModel"]:
+        self._use_once()
         return self._pool._acquire(self._wait).__await__()
 
     async def __aenter__(self) -> "PooledModel":
+        self._use_once()
         self._lease = await self._pool._acquire(self._wait)
         return self._lease
 
