@@ -14,6 +14,20 @@ sys.path.insert(0, str(ROOT / "bench"))  # the fuzz and soak harnesses, for thei
 import mullama  # noqa: E402
 
 
+#: fixtures that need the real default model: a test using one is an integration test
+_DEFAULT_MODEL_FIXTURES = {"default_model_path", "default_model", "ctx", "default_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that needs the real default model ``integration`` (the fast tier
+    is ``pytest -m "not integration"``)."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        named = {v for v in params.values() if isinstance(v, str)}  # (a fixture's name as a parameter)
+        if _DEFAULT_MODEL_FIXTURES & (set(getattr(item, "fixturenames", ())) | named):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request):
     """Every async test runs on both backends; trio cannot be skipped silently."""
