@@ -385,3 +385,14 @@ async def test_closed_errors_are_anyios_closed_resource_errors(config):
     with pytest.raises(anyio.ClosedResourceError):
         await pool.acquire()
     assert issubclass(mullama.ClosedError, mullama.MullamaError)
+
+
+async def test_acquire_nowait(config):
+    async with ModelPool(config, 1) as pool:
+        async with pool.acquire_nowait() as member:
+            with pytest.raises(mullama.BusyError):
+                await pool.acquire_nowait()
+            await member.generate("once upon", max_tokens=2)
+        member = await pool.acquire_nowait()  # free again
+        await member.release()
+        assert pool.stats().in_use == 0

@@ -162,6 +162,11 @@ class ModelPool(Uncopyable):
         """
         return _Acquire(self, wait)
 
+    def acquire_nowait(self) -> "_Acquire":
+        """Lend a free member, or raise :class:`~mullama.BusyError` at once if
+        none is (anyio's naming for ``acquire(wait=False)``)."""
+        return _Acquire(self, False)
+
     async def _acquire(self, wait: bool) -> "PooledModel":
         self._check_open()
         self._enter()  # the lease is a user of this loop until it is released
