@@ -131,7 +131,7 @@ class Model(Uncopyable):
         self._gguf_meta = None if gguf is None else gguf.metadata
         #: (n_params, size_bytes) from the file's tensor table: llama.cpp has no
         #: hyperparameters for a vocabulary-only model (asking for them aborts)
-        self._file_sizes = None if gguf is None else (
+        self._file_sizes = None if gguf is None or not vocab_only else (
             sum(math.prod(shape) for _, shape, _, _ in gguf.tensors), sum(n for _, _, _, n in gguf.tensors))
 
     @classmethod

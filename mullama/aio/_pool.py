@@ -194,8 +194,7 @@ class ModelPool(Uncopyable):
                 if waiter.member is not None:  # handed over as we were cancelled: pass it on
                     self._in_use.discard(waiter.member)
                     if not self._put_back(waiter.member):
-                        with anyio.CancelScope(shield=True):
-                            await self._retire(waiter.member)
+                        await self._retire(waiter.member)  # (shielded: AsyncContext.aclose is)
                 elif waiter in self._waiters:
                     self._waiters.remove(waiter)
                 raise
@@ -264,8 +263,7 @@ class ModelPool(Uncopyable):
         freed on a worker thread, never on the event loop."""
         self._retiring += 1
         try:
-            with anyio.CancelScope(shield=True):
-                await member.aclose()  # (it leaves _conversations)
+            await member.aclose()  # (shielded; it leaves _conversations)
         finally:
             self._retiring -= 1
             self._changed()
