@@ -14,7 +14,8 @@ from ._errors import *  # noqa: F401,F403
 from ._errors import __all__ as _errors_all
 from ._config import StreamConfig, default_threads
 from ._model import Model, ModelInfo
-from ._context import Completion, Context, ThreadStats, Timings, TokenData
+from ._context import Context, ThreadStats
+from ._generation import Completion, RequestMetrics, Timings, TokenData
 from ._cache import DEFAULT_MODEL, default_model_path, model_home, pull
 from ._chat import Message, builtin_templates
 
@@ -32,6 +33,7 @@ __all__ = [
     "TokenData",
     "Completion",
     "Timings",
+    "RequestMetrics",
     "ThreadStats",
     "Message",
     "builtin_templates",

@@ -6,9 +6,9 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
-from ._errors import InvalidConfigError
+from ._errors import InvalidConfigError, InvalidTokenError
 
 __all__ = ["StreamConfig", "default_threads", "resolve_threads"]
 
@@ -160,3 +160,40 @@ def _check_stop(stop: Union[str, Sequence[str], None]) -> Tuple[str, ...]:
         raise InvalidConfigError(
             f"the stop strings are {total} bytes (UTF-8) together; at most {MAX_STOP_BYTES} are allowed")
     return items
+
+_NOT_TOKENS = (bytes, bytearray, memoryview)
+
+
+def token_list(tokens: Sequence[int]) -> List[int]:
+    """*tokens* as a list of ints: the one place prompts of token ids are checked.
+
+    Bytes are refused (iterating them gives their byte values, not token ids),
+    and so are bools (``True`` is not token 1).
+    """
+    if isinstance(tokens, _NOT_TOKENS):
+        raise InvalidConfigError(
+            f"a prompt must be text (str) or a sequence of int token ids, not {type(tokens).__name__}: "
+            "decode bytes to str first (for example prompt.decode('utf-8'))")
+    if isinstance(tokens, str):
+        raise InvalidConfigError("tokens must be a sequence of int token ids, not a str")
+    try:
+        items = list(tokens)
+    except TypeError:
+        raise InvalidConfigError(
+            f"tokens must be a sequence of int token ids, got {type(tokens).__name__}") from None
+    if not all(type(t) is int for t in items):  # plain ints (the common case) need no conversion
+        items = [_token_id(i, t) for i, t in enumerate(items)]
+    if items and (min(items) < -(1 << 31) or max(items) >= (1 << 31)):
+        bad = next(t for t in items if not -(1 << 31) <= t < (1 << 31))
+        raise InvalidTokenError(f"token id {bad} is outside the vocabulary")
+    return items
+
+
+def _token_id(i: int, t: object) -> int:
+    if isinstance(t, bool) or type(t).__name__ in ("bool_", "bool"):  # also numpy's bool
+        raise InvalidConfigError(f"token {i} is a bool ({t!r}), not a token id")
+    try:
+        return t.__index__()  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):
+        raise InvalidConfigError(
+            f"tokens must be a sequence of int token ids; token {i} is a {type(t).__name__}") from None

@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-import codecs
 import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _core
-from ._config import StreamConfig
+from ._config import StreamConfig, token_list
 from ._errors import AbortedError, InvalidConfigError, MullamaError, StateError
-from ._model import Uncopyable, _token_list
+from ._generation import FINISH_REASONS, Completion, Generation, TokenData, new_sampler
+from ._owner import Uncopyable
 
 if TYPE_CHECKING:
     from ._chat import Message
     from ._model import Model
 
-__all__ = ["Context", "TokenData", "Completion", "Timings", "ThreadStats"]
+__all__ = ["Context", "ThreadStats"]
 
 _log = logging.getLogger("mullama")
 
@@ -30,47 +30,6 @@ Prompt = Union[str, Sequence[int]]
 STREAM_INTERVAL_S = 0.02
 #: generate() returns to Python this often, so Ctrl-C is seen promptly
 GENERATE_INTERVAL_S = 0.25
-
-
-@dataclass(frozen=True)
-class TokenData:
-    """One generated token.
-
-    ``text`` is what this token adds to the output. It is always valid UTF-8:
-    bytes of a character split across tokens, and text that may be the start of
-    a stop string, are held back and arrive with a later token.
-    """
-
-    id: int
-    text: str
-    position: int
-    logprob: Optional[float] = None
-    is_final: bool = False
-
-    @property
-    def token_id(self) -> int:  # the name Mullama's TokenData uses
-        return self.id
-
-
-@dataclass(frozen=True)
-class Timings:
-    """Where a generation's time went."""
-
-    prompt_tokens: int
-    prompt_ms: float
-    generated_tokens: int
-    generation_ms: float
-    time_to_first_token_ms: float
-    #: time spent waiting for a free slot (async requests on the batching engine)
-    queue_ms: float = 0.0
-
-    @property
-    def prompt_tokens_per_s(self) -> float:
-        return self.prompt_tokens / (self.prompt_ms / 1e3) if self.prompt_ms > 0 else 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.generated_tokens / (self.generation_ms / 1e3) if self.generation_ms > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -110,80 +69,6 @@ def log_thread_changes(core, seen: int, what: str) -> int:
                   "%d steps stopped by the watchdog so far)", what, st.threads, st.max_threads,
                   "seen" if st.threads < st.max_threads else "gone", st.last_step_ms, st.watchdog_aborts)
     return changes
-
-
-@dataclass(frozen=True)
-class Completion:
-    """The result of :meth:`Context.generate`.
-
-    ``finish_reason`` is ``"stop"`` (end-of-generation token or stop string),
-    ``"length"`` (``max_tokens`` reached), ``"context_full"`` (the context
-    window is full) or ``"cancelled"`` (:meth:`Context.cancel`).
-    """
-
-    text: str
-    tokens: List[int]
-    finish_reason: str
-    timings: Timings
-    logprobs: Optional[List[float]] = None
-    #: per-request metrics of the batching engine (``mullama.aio``), else None
-    metrics: Optional[object] = None
-
-
-def new_sampler(n_vocab: int, cfg: StreamConfig) -> "_core.SamplerChain":
-    """The C sampler chain for *cfg*."""
-    return _core.SamplerChain(
-        n_vocab, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repeat_penalty, cfg.repeat_last_n,
-        0xFFFFFFFF if cfg.seed is None else cfg.seed, cfg.frequency_penalty, cfg.presence_penalty)
-
-
-class _TextAssembler:
-    """Turns token bytes into text that is valid UTF-8 and free of stop strings."""
-
-    __slots__ = ("_decode", "_stops", "_held", "_max_hold")
-
-    def __init__(self, stops: Tuple[str, ...]) -> None:
-        self._decode = codecs.getincrementaldecoder("utf-8")("replace").decode
-        self._stops = stops
-        self._held = ""
-        self._max_hold = max((len(s) for s in stops), default=1) - 1
-
-    def feed(self, piece: bytes) -> Tuple[str, bool]:
-        """Text released by *piece*, and whether a stop string was reached."""
-        text = self._held + self._decode(piece)
-        if not self._stops:
-            return text, False
-        cut = -1
-        for s in self._stops:
-            i = text.find(s)
-            if i >= 0 and (cut < 0 or i < cut):
-                cut = i
-        if cut >= 0:
-            self._held = ""
-            return text[:cut], True
-        # hold back the longest tail that could begin a stop string: for each
-        # stop, the first place in its reach where its first character occurs
-        # and the rest of the text is a prefix of it
-        n = len(text)
-        keep = 0
-        for s in self._stops:
-            first = s[0]
-            i = text.find(first, max(0, n - len(s) + 1, n - self._max_hold))
-            while 0 <= i and n - i > keep:
-                if s.startswith(text[i:]):
-                    keep = n - i
-                    break
-                i = text.find(first, i + 1)
-        if keep:
-            self._held = text[n - keep:]
-            return text[:n - keep], False
-        self._held = ""
-        return text, False
-
-    def flush(self) -> str:
-        text = self._held + self._decode(b"", True)
-        self._held = ""
-        return text
 
 
 class Context(Uncopyable):
@@ -315,7 +200,7 @@ class Context(Uncopyable):
         self._eval(tokens, clear_cancel=True)
 
     def _eval(self, tokens: Sequence[int], clear_cancel: bool) -> None:
-        toks = _token_list(tokens)
+        toks = token_list(tokens)
         self._core.claim()
         try:
             if clear_cancel:  # the async side clears the flag itself, before its worker starts
@@ -394,8 +279,8 @@ class Context(Uncopyable):
         return iter(_Run(self, prompt, config, interval=STREAM_INTERVAL_S))
 
 
-class _Run:
-    """One generation: prompt evaluation, then chunks of tokens from the C loop."""
+class _Run(Generation):
+    """One generation on a context: prompt evaluation, then chunks of tokens from the C loop."""
 
     def __init__(self, ctx: Context, prompt: Prompt, config: Optional[StreamConfig], interval: float,
                  clear_cancel: bool = True) -> None:
@@ -403,36 +288,15 @@ class _Run:
             config = StreamConfig()
         elif not isinstance(config, StreamConfig):
             raise InvalidConfigError(f"config must be a StreamConfig, got {type(config).__name__}")
-        if not isinstance(prompt, str):
-            prompt = _token_list(prompt)
+        super().__init__(config)
         self._ctx = ctx
-        self._prompt = prompt
-        self._config = config
+        self._prompt = prompt if isinstance(prompt, str) else token_list(prompt)
         self._interval = interval
         self._clear_cancel = clear_cancel
-        #: tokens in the context once the prompt is evaluated (None before)
-        self.prompt_end: Optional[int] = None
-        self.tokens: List[int] = []
-        self.text: List[str] = []
-        self.logprobs: List[float] = []
-        self.finish_reason = ""
-        self._timings: Optional[Timings] = None
-        self._first: Optional[float] = None
 
-    @property
-    def finished(self) -> bool:
-        return self._timings is not None
-
-    def completion(self) -> Completion:
-        if self._timings is None:
-            raise MullamaError("the generation has not finished")
-        return Completion(
-            text="".join(self.text),
-            tokens=self.tokens,
-            finish_reason=self.finish_reason,
-            timings=self._timings,
-            logprobs=self.logprobs if self._config.include_probabilities else None,
-        )
+    def cancel(self) -> None:
+        if not self.finished:
+            self._ctx.cancel()
 
     def batches(self) -> Iterator[List[TokenData]]:
         """The generation as one list of tokens per trip into C (what a stream hands over)."""
@@ -459,89 +323,54 @@ class _Run:
             batches.close()
 
     def _generate(self, core: "_core.LlamaContext") -> Iterator[List[TokenData]]:
-        cfg = self._config
         model = self._ctx._model
         if self._clear_cancel:
             core.clear_cancel()
-        t0 = time.perf_counter()
+        self.t_start = time.perf_counter()
         prompt = self._prompt
         if isinstance(prompt, str):
             prompt = model.tokenize(prompt, add_bos=core.n_past == 0)
         if not prompt and core.n_past == 0:
             raise MullamaError("the prompt is empty and the context holds nothing to continue from")
-        status = core.decode(prompt)
-        t1 = time.perf_counter()
-        self.prompt_end = core.n_past
-        budget = self._ctx.n_ctx - core.n_past  # every generated token must fit in the context
-        limit = min(cfg.max_tokens, budget)
+        self.prompt_tokens = len(prompt)
         try:
-            if status == _core.STATUS_ABORTED:
-                self.finish_reason = "cancelled"
-            elif limit <= 0:
-                self.finish_reason = "context_full"
-            else:
-                sampler = new_sampler(model.n_vocab, cfg)
-                try:
-                    yield from self._loop(core, sampler, limit)
-                finally:
-                    sampler.close()
+            if core.decode(prompt) == _core.STATUS_ABORTED:
+                self.end("cancelled")
+                return
+            self.prompt_end = core.n_past
+            # every generated token must fit in the context
+            limit = min(self.config.max_tokens, self._ctx.n_ctx - core.n_past)
+            if limit <= 0:
+                self.end("context_full")
+                return
+            sampler = new_sampler(model.n_vocab, self.config)
+            try:
+                yield from self._loop(core, sampler, limit)
+            finally:
+                sampler.close()
         finally:
-            # also when the consumer stops early: the generation then counts as cancelled
-            t2 = time.perf_counter()
-            self.finish_reason = self.finish_reason or "cancelled"
-            self._timings = Timings(
-                prompt_tokens=len(prompt),
-                prompt_ms=(t1 - t0) * 1e3,
-                generated_tokens=len(self.tokens),
-                generation_ms=(t2 - t1) * 1e3,
-                time_to_first_token_ms=((self._first or t1) - t0) * 1e3,
-            )
+            self.end("cancelled")  # the consumer stopped early: the generation counts as cancelled
 
     def _loop(self, core: "_core.LlamaContext", sampler: "_core.SamplerChain", limit: int) -> Iterator[List[TokenData]]:
-        cfg = self._config
-        text = _TextAssembler(cfg.stop)
-        want_lp = cfg.include_probabilities
-        n = 0
-        # the first chunk is one token, so that the first token arrives at once
-        chunk = 1
+        want_lp = self.config.include_probabilities
+        chunk = 1  # the first chunk is one token, so that the first token arrives at once
         while True:
+            n = len(self.tokens)
             status, toks, pieces, lps = core.generate(sampler, min(chunk, limit - n), self._interval, want_lp)
-            if self._first is None and toks:
-                self._first = time.perf_counter()
+            chunk = limit
             if core.thread_changes != self._ctx._thread_changes:
                 self._ctx._thread_changes = log_thread_changes(core, self._ctx._thread_changes, "a context")
-            chunk = limit
-            last = len(toks) - 1
-            start = core.n_past - len(toks)
-            batch = []
-            for i, tok in enumerate(toks):
-                n += 1
-                pos = start + i
-                piece, stopped = text.feed(pieces[i])
-                final = stopped or n == limit or (i == last and status == _core.STATUS_EOG)
-                if final and not stopped:
-                    piece += text.flush()
-                self.tokens.append(tok)
-                self.text.append(piece)
-                lp = lps[i] if want_lp else None
-                if want_lp:
-                    self.logprobs.append(lp)
-                batch.append(TokenData(tok, piece, pos, lp, final))
-                if final:
-                    if stopped:
-                        self.finish_reason = "stop"
-                        core.truncate(pos + 1)  # drop tokens sampled past the stop string
-                    elif status == _core.STATUS_EOG and i == last:
-                        self.finish_reason = "stop"
-                    else:
-                        self.finish_reason = "length" if limit == cfg.max_tokens else "context_full"
-                    yield batch
-                    return
+            at_limit = n + len(toks) == limit
+            batch, stopped = self.add(toks, pieces, lps, core.n_past - len(toks),
+                                      ends=status != _core.STATUS_OK or at_limit)
+            if stopped:
+                core.truncate(batch[-1].position + 1)  # drop tokens sampled past the stop string
+                self.end("stop")
+            elif status != _core.STATUS_OK:
+                self.end(FINISH_REASONS[status])
+            elif at_limit:
+                self.end("length" if limit == self.config.max_tokens else "context_full")
             if batch:
                 yield batch
-            if status == _core.STATUS_ABORTED:
-                self.finish_reason = "cancelled"
-                return
-            if status == _core.STATUS_CONTEXT_FULL:
-                self.finish_reason = "context_full"
+            if self.finished:
                 return

@@ -130,18 +130,23 @@ cdef class _InC:
                 self._idle.wait_for(lambda: self._in_c == 0, timeout)
 
 
-# status codes of a generation step (mirrored in mullama/_context.py)
-DEF ST_OK = 0          # chunk finished (token budget or time budget), more may follow
-DEF ST_EOG = 1         # the model produced an end-of-generation token
-DEF ST_ABORTED = 2     # cancel() was called
-DEF ST_CTX_FULL = 3    # the context window is full
+# how a generation call, or a request in the batching engine, ended (the Python
+# layer names them: mullama/_generation.py)
+cdef enum Status:
+    ST_OK = 0          # not ended: a chunk finished (token or time budget), more may follow
+    ST_EOG = 1         # the model produced an end-of-generation token
+    ST_ABORTED = 2     # cancel() (or close, or interpreter exit) stopped it
+    ST_CTX_FULL = 3    # the context window (a request's share of it) is full
+    ST_LENGTH = 4      # the request generated its max_tokens (the engine)
 
 STATUS_OK = ST_OK
 STATUS_EOG = ST_EOG
 STATUS_ABORTED = ST_ABORTED
 STATUS_CONTEXT_FULL = ST_CTX_FULL
+STATUS_LENGTH = ST_LENGTH
 
-DEF PIECE_BUF = 256
+cdef enum:
+    PIECE_BUF = 256    # bytes of one token's text (longer pieces do not exist in real vocabularies)
 
 
 # ---------------------------------------------------------------------------
@@ -425,8 +430,7 @@ cdef class LlamaModel(_InC):
         if self.ptr == NULL or not self._closing:
             return
         for ctx in self._contexts:
-            if ((isinstance(ctx, LlamaContext) and (<LlamaContext>ctx).ptr != NULL)
-                    or (isinstance(ctx, BatchEngine) and (<BatchEngine>ctx).ptr != NULL)):
+            if (<_Decoder>ctx).ptr != NULL:
                 return  # freed by that context's _free()
         llama_model_free(self.ptr)
         self.ptr = NULL
@@ -640,12 +644,35 @@ cdef class SamplerChain:
 # ---------------------------------------------------------------------------
 # context
 
+cdef inline int _decode_status(int rc) noexcept nogil:
+    """llama_decode's return code as a Status: 1 (no KV slot for the batch) is
+    ST_CTX_FULL, 2 ST_ABORTED; a llama.cpp error (negative) stays as it is."""
+    if rc == 1:
+        return ST_CTX_FULL
+    if rc == 2:
+        return ST_ABORTED
+    return rc if rc <= 0 else -rc   # no other positive code exists: an error too
+
+
+cdef int _check_status(int status, overflow) except -1:
+    """The one place a decode's status becomes an exception (pyzmq's
+    ``_check_rc``): ST_CTX_FULL raises ContextOverflowError(*overflow*),
+    ST_ABORTED AbortedError, a llama.cpp error DecodeError; the others pass."""
+    if status == ST_CTX_FULL:
+        raise _errors.ContextOverflowError(overflow)
+    if status == ST_ABORTED:
+        raise _errors.AbortedError("the evaluation was cancelled")
+    if status < 0:
+        raise _errors.DecodeError(f"llama_decode failed with code {status}")
+    return 0
+
+
 cdef int _governed_decode(llama_context * ctx, llama_batch & batch, CGovernor * gov,
                           AbortState * ab) noexcept nogil:
     """llama_decode under the thread governor: a step the watchdog aborted is
     rolled back (what it kept of each sequence, from the sequence's first
     position in the batch) and run again, with the thread count the governor
-    chose then. Returns llama_decode's code for the step that counted."""
+    chose then. Returns the Status (or llama.cpp error) of the step that counted."""
     cdef int rc, i
     cdef double t0
     cdef bint watchdog
@@ -656,7 +683,7 @@ cdef int _governed_decode(llama_context * ctx, llama_batch & batch, CGovernor * 
         watchdog = rc == 2 and ab.fired != 0 and not abort_state_cancelled(ab)
         gov.end(batch.n_tokens, mullama_now() - t0, watchdog)
         if not watchdog:
-            return rc
+            return _decode_status(rc)
         for i in range(batch.n_tokens):
             if i == 0 or batch.seq_id[i][0] != batch.seq_id[i - 1][0]:
                 llama_memory_seq_rm(llama_get_memory(ctx), batch.seq_id[i][0], batch.pos[i], -1)
@@ -703,26 +730,187 @@ cdef object _thread_stats(CGovernor * gov):
             "trials": gov.trials, "last_step_s": gov.last_step}
 
 
-cdef class _Governed(_InC):
-    """What a context and the batching engine share: the abort callback's
-    state (cancellation flags and the watchdog) and the thread governor."""
+cdef struct Output:
+    # what a generation produced since it was last taken: the tokens, their
+    # text (the pieces back to back) with each piece's length, and the
+    # log-probabilities when asked for
+    vector[llama_token] tok
+    string text
+    vector[int] len
+    vector[float] lp
 
+
+cdef bint _sample_into(llama_context * ctx, int i, llama_sampler * smpl, const llama_vocab * vocab, int n_vocab,
+                       bint want_lp, Output * out, llama_token * tok_out) noexcept nogil:
+    """Sample a token from the logits of batch row *i* (argmax when *smpl* is
+    NULL: greedy) and append it to *out* with its piece (b"" for an
+    end-of-generation token) and, if *want_lp*, its log-probability. Returns
+    whether it ends the generation (an end-of-generation token)."""
+    cdef float * logits = llama_get_logits_ith(ctx, i)
+    cdef llama_token tok
+    cdef float best, acc
+    cdef int j, n
+    cdef char buf[PIECE_BUF]
+    if smpl == NULL:
+        tok = 0
+        best = logits[0]
+        for j in range(1, n_vocab):
+            if logits[j] > best:
+                best = logits[j]
+                tok = j
+    else:
+        tok = llama_sampler_sample(smpl, ctx, i)
+    if want_lp:
+        best = logits[0]
+        for j in range(1, n_vocab):
+            if logits[j] > best:
+                best = logits[j]
+        acc = 0.0
+        for j in range(n_vocab):
+            acc += expf(logits[j] - best)
+        out.lp.push_back(logits[tok] - best - logf(acc))
+    out.tok.push_back(tok)
+    tok_out[0] = tok
+    if llama_vocab_is_eog(vocab, tok):
+        out.len.push_back(0)
+        return True
+    n = llama_token_to_piece(vocab, tok, buf, PIECE_BUF, 0, False)
+    if n < 0:
+        n = 0
+    out.text.append(buf, n)
+    out.len.push_back(n)
+    return False
+
+
+cdef tuple _take_output(Output * out, bint want_lp):
+    """``(tokens, pieces, logprobs_or_None)`` of *out*, which is emptied."""
+    cdef size_t i
+    cdef Py_ssize_t off = 0
+    cdef const char * base = out.text.c_str()
+    pieces = []
+    for i in range(out.len.size()):
+        pieces.append(PyBytes_FromStringAndSize(base + off, out.len[i]))
+        off += out.len[i]
+    result = ([t for t in out.tok], pieces, [x for x in out.lp] if want_lp else None)
+    out.tok.clear()
+    out.text.clear()
+    out.len.clear()
+    out.lp.clear()
+    return result
+
+
+cdef void _free_decoder(_Decoder d):
+    """Free a decoder's C objects (not virtual: also what __dealloc__ runs)."""
+    if d.has_batch:
+        llama_batch_free(d.batch)
+        d.has_batch = False
+    if d.ptr != NULL:
+        llama_free(d.ptr)
+        d.ptr = NULL
+    if d.gov != NULL:
+        del d.gov   # its pools: after the llama.cpp context that used them
+        d.gov = NULL
+
+
+@cython.no_gc_clear
+cdef class _Decoder(_InC):
+    """What a context and the batching engine share: a ``llama_context``, its
+    batch, the abort callback's state (cancellation flags and the watchdog),
+    the thread governor, and their lifetime (close, the model reference)."""
+
+    cdef llama_context * ptr
+    cdef readonly LlamaModel model
+    cdef llama_batch batch
+    cdef bint has_batch
+    cdef readonly int n_batch
+    cdef bint _closed
+    cdef str _what           # "context" / "engine", for messages
     cdef CGovernor * gov     # how many compute threads, and their pools (_threads.h)
     cdef AbortState ab       # flags: [0] cancel()/close(), [1] the engine: a slot was cancelled
 
     def __cinit__(self):
+        self.ptr = NULL
+        self.has_batch = False
+        self._closed = False
+        self._what = "decoder"
         self.gov = NULL
         abort_state_init(&self.ab, &_g_shutdown)
 
-    cdef _free_governor(self):
-        if self.gov != NULL:
-            del self.gov   # its pools: after the llama.cpp context that used them
-            self.gov = NULL
+    cdef _open(self, LlamaModel model, uint32_t n_ctx, uint32_t n_batch, int n_seq, int n_threads,
+               int n_threads_batch, bint flash_attention, bint adaptive_threads, str what, str hint):
+        """Create the llama.cpp context (*n_seq* sequences sharing *n_ctx*
+        tokens) with this object's abort callback, its thread governor and a
+        batch of n_batch tokens. ContextCreationError names *what* and adds *hint*."""
+        model._check()
+        cdef llama_context_params p = llama_context_default_params()
+        p.n_ctx = n_ctx
+        p.n_batch = n_batch
+        p.n_ubatch = n_batch
+        p.n_seq_max = n_seq
+        p.n_threads = n_threads
+        p.n_threads_batch = n_threads_batch
+        p.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attention else LLAMA_FLASH_ATTN_TYPE_DISABLED
+        p.abort_callback = abort_callback
+        p.abort_callback_data = <void *>&self.ab
+        p.no_perf = True
+        take_errors()
+        model._enter()
+        try:
+            with nogil:
+                self.ptr = llama_init_from_model(model.ptr, p)
+        finally:
+            model._leave_c()
+        errors = take_errors()
+        if self.ptr == NULL:
+            reason = "; ".join(errors) if errors else "llama.cpp gave no reason"
+            raise _errors.ContextCreationError(f"could not create {what}: {reason}{hint}")
+        self.model = model
+        model._contexts.add(self)
+        # thread pools of its own, one per thread count the governor uses
+        cdef int n_max = max(n_threads, n_threads_batch)
+        self.gov = new CGovernor(n_max, adaptive_threads,
+                                 _start_threads(n_max) if adaptive_threads else n_max, _first_cap(model))
+        if not self.gov.bind(self.ptr):
+            raise _errors.ContextCreationError(f"could not start {n_max} compute threads")
+        self.n_batch = llama_n_batch(self.ptr)
+        self.batch = llama_batch_init(self.n_batch, 0, 1)
+        self.has_batch = True
+
+    cdef _free(self):
+        _free_decoder(self)
+        if self.model is not None:
+            self.model._release()  # a closing model waits for its last context
+
+    def close(self):
+        """Free it; a thread inside C on it is aborted and awaited first."""
+        if self._closed:
+            return
+        self._closed = True
+        mullama_store_flag(&self.ab.flags[0], 1)
+        self._wait_out()
+        self._free()
+
+    @property
+    def closed(self):
+        return self._closed
+
+    def __dealloc__(self):
+        # no thread is in C (it would hold a reference)
+        _free_decoder(self)
+
+    cdef inline int _enter(self) except -1:
+        if self._closed:
+            raise _errors.ClosedError(f"the {self._what} is closed")
+        self.model._check()
+        return self._enter_c()
+
+    cdef inline void _leave(self):
+        self._leave_c()
 
     def thread_stats(self):
         """The compute threads: in use now, the maximum, and the governor's counts."""
         if self.gov == NULL:
-            raise _errors.ClosedError(f"the {type(self).__name__} is closed")
+            raise _errors.ClosedError(f"the {self._what} is closed")
         return _thread_stats(self.gov)
 
     @property
@@ -811,7 +999,7 @@ cdef class _LogitsView:
 
 
 @cython.no_gc_clear
-cdef class LlamaContext(_Governed):
+cdef class LlamaContext(_Decoder):
     """Owns a ``llama_context`` with one sequence and its token history.
 
     ``tokens`` is the conversation: every token logically in the context. The
@@ -820,107 +1008,29 @@ cdef class LlamaContext(_Governed):
     interrupted) are decoded first by the next call that needs logits.
     """
 
-    cdef llama_context * ptr
-    cdef readonly LlamaModel model
-    cdef llama_batch batch
-    cdef bint has_batch
-    cdef int n_batch
     cdef readonly int n_ctx
     cdef vector[llama_token] _tokens
     cdef int _n_kv
     cdef bint _logits_ok     # the last decode produced logits for tokens[-1]
-    cdef bint _closed
     cdef int _exports        # live buffer exports of the logits
     cdef object _owner       # threading.Lock: one user at a time (claim/release)
 
     def __cinit__(self):
-        self.ptr = NULL
-        self.has_batch = False
+        self._what = "context"
         self._n_kv = 0
-        self._closed = False
         self._exports = 0
         self._logits_ok = False
 
     def __init__(self, LlamaModel model not None, uint32_t n_ctx=2048, uint32_t n_batch=512, int n_threads=1,
                  int n_threads_batch=1, bint flash_attention=False, bint adaptive_threads=True):
-        model._check()
-        cdef llama_context_params p = llama_context_default_params()
-        p.n_ctx = n_ctx
-        p.n_batch = n_batch
-        p.n_ubatch = n_batch
-        p.n_seq_max = 1
-        p.n_threads = n_threads
-        p.n_threads_batch = n_threads_batch
-        p.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attention else LLAMA_FLASH_ATTN_TYPE_DISABLED
-        p.abort_callback = abort_callback
-        p.abort_callback_data = <void *>&self.ab
-        p.no_perf = True
         self._owner = threading.Lock()
-        take_errors()
-        model._enter()
-        try:
-            with nogil:
-                self.ptr = llama_init_from_model(model.ptr, p)
-        finally:
-            model._leave_c()
-        errors = take_errors()
-        if self.ptr == NULL:
-            reason = "; ".join(errors) if errors else "llama.cpp gave no reason"
-            raise _errors.ContextCreationError(
-                f"could not create a context (n_ctx={n_ctx}, n_batch={n_batch}): {reason}; "
-                "try a smaller context_size or batch_size")
-        self.model = model
-        model._contexts.add(self)
-        # thread pools of its own, one per thread count the governor uses
-        cdef int n_max = max(n_threads, n_threads_batch)
-        self.gov = new CGovernor(n_max, adaptive_threads,
-                                 _start_threads(n_max) if adaptive_threads else n_max, _first_cap(model))
-        if not self.gov.bind(self.ptr):
-            raise _errors.ContextCreationError(f"could not start {n_max} compute threads")
+        self._open(model, n_ctx, n_batch, 1, n_threads, n_threads_batch, flash_attention, adaptive_threads,
+                   f"a context (n_ctx={n_ctx}, n_batch={n_batch})", "; try a smaller context_size or batch_size")
         self.n_ctx = llama_n_ctx(self.ptr)
-        self.n_batch = llama_n_batch(self.ptr)
-        self.batch = llama_batch_init(self.n_batch, 0, 1)
-        self.has_batch = True
-
-    # -- lifetime ---------------------------------------------------------
 
     cdef _free(self):
-        if self.has_batch:
-            llama_batch_free(self.batch)
-            self.has_batch = False
-        if self.ptr != NULL:
-            llama_free(self.ptr)
-            self.ptr = NULL
-        self._free_governor()
-        if self.model is not None:
-            self.model._release()  # a closing model waits for its last context
-
-    def close(self):
-        """Free the context. Aborts and waits for a thread that is inside C."""
-        if self._closed:
-            return
-        self._closed = True
-        mullama_store_flag(&self.ab.flags[0], 1)
-        self._wait_out()
         if self._exports == 0:
-            self._free()   # else the last logits view frees it
-
-    @property
-    def closed(self):
-        return self._closed
-
-    def __dealloc__(self):
-        # no thread is in C (it would hold a reference) and no view is alive
-        self._free()
-
-    cdef inline int _enter(self) except -1:
-        if self._closed:
-            raise _errors.ClosedError("the context is closed")
-        self.model._check()
-        return self._enter_c()
-
-    cdef inline void _leave(self):
-        self._leave_c()
+            _Decoder._free(self)   # else the last logits view frees it
 
     def claim(self, bint blocking=False):
         """Take exclusive use of the context; BusyError if another holder has it."""
@@ -976,14 +1086,17 @@ cdef class LlamaContext(_Governed):
         finally:
             self._leave()
 
+    cdef void _clear(self) noexcept:
+        llama_memory_clear(llama_get_memory(self.ptr), False)
+        self._tokens.clear()
+        self._n_kv = 0
+        self._logits_ok = False
+
     def reset(self):
         """Empty the context (KV cache and history)."""
         self._enter()
         try:
-            llama_memory_clear(llama_get_memory(self.ptr), False)
-            self._tokens.clear()
-            self._n_kv = 0
-            self._logits_ok = False
+            self._clear()
         finally:
             self._leave()
 
@@ -1015,42 +1128,31 @@ cdef class LlamaContext(_Governed):
                 ok = llama_state_load_file(self.ptr, cpath, toks.data(), toks.size(), &n)
             errors = take_errors()
             if not ok:
-                # llama.cpp leaves the context in an undefined state: clear it
-                llama_memory_clear(llama_get_memory(self.ptr), False)
-                self._tokens.clear()
-                self._n_kv = 0
-                self._logits_ok = False
+                self._clear()   # llama.cpp leaves the context in an undefined state
                 reason = "; ".join(errors) if errors else "not a state file of this model and context size"
                 raise _errors.StateError(f"could not load the context state from {path}: {reason}")
             toks.resize(n)
             try:
                 self.model._check_tokens(toks)
             except _errors.InvalidTokenError as exc:
-                llama_memory_clear(llama_get_memory(self.ptr), False)
-                self._tokens.clear()
-                self._n_kv = 0
-                self._logits_ok = False
+                self._clear()
                 raise _errors.StateError(f"{path} was saved from another model: {exc}") from None
             pmax = llama_memory_seq_pos_max(llama_get_memory(self.ptr), 0)
             self._tokens = toks
             self._n_kv = min(<int>n, pmax + 1)
-            # re-decode the last token so that its logits are fresh
-            if self._n_kv > 0:
-                self._n_kv -= 1
-                llama_memory_seq_rm(llama_get_memory(self.ptr), 0, self._n_kv, -1)
-            self._logits_ok = False
+            self._logits_ok = False   # the next decode recomputes the last token's (_refresh_last)
         finally:
             self._leave()
 
     # -- evaluation ---------------------------------------------------------
 
     cdef int _decode_pending(self) noexcept nogil:
-        """Decode tokens[n_kv:], logits for the last one. Returns 0, ST_ABORTED,
-        ST_CTX_FULL, or llama_decode's error code (negative or 1), with KV
-        restored to n_kv on failure."""
+        """Decode tokens[n_kv:], logits for the last one. Returns a Status
+        (ST_OK, ST_ABORTED, ST_CTX_FULL) or a llama.cpp error; on failure the
+        KV cache is restored to what it held before the call."""
         cdef int end = <int>self._tokens.size()
         cdef int start = self._n_kv
-        cdef int i, n, rc
+        cdef int i, n, rc = ST_OK
         if end > self.n_ctx:
             return ST_CTX_FULL
         while self._n_kv < end:
@@ -1067,31 +1169,30 @@ cdef class LlamaContext(_Governed):
             self.batch.logits[n - 1] = (self._n_kv + n == end)
             self.batch.n_tokens = n
             rc = _governed_decode(self.ptr, self.batch, self.gov, &self.ab)
-            if rc != 0:
-                if rc == 2:
-                    rc = ST_ABORTED
-                elif rc == 1:
-                    rc = -1000  # no KV slot: reported as context full by the caller
+            if rc != ST_OK:
                 break
             self._n_kv += n
-        else:
+        if rc == ST_OK:
             if self._n_kv > start:
                 self._logits_ok = True  # the last decoded token is tokens[-1]
-            return 0
+            return ST_OK
         # failure: undo the partial evaluation of this call
         llama_memory_seq_rm(llama_get_memory(self.ptr), 0, start, -1)
         self._n_kv = start
         self._logits_ok = False
         return rc
 
-    cdef int _raise_decode(self, int rc, int n_new) except -1:
-        if rc == ST_CTX_FULL or rc == -1000:
-            raise _errors.ContextOverflowError(
-                f"{self._tokens.size()} tokens do not fit in the context of {self.n_ctx} tokens "
-                f"({n_new} new); use a larger context_size or a shorter prompt")
-        if rc == ST_ABORTED:
-            raise _errors.AbortedError("the evaluation was cancelled")
-        raise _errors.DecodeError(f"llama_decode failed with code {rc}")
+    cdef inline void _refresh_last(self) noexcept nogil:
+        """Make the last token pending again when its logits are gone (a state
+        load, a truncate, a logits view of an earlier step), so that the next
+        decode recomputes them."""
+        if not self._logits_ok and self._n_kv == <int>self._tokens.size() and self._n_kv > 0:
+            self._n_kv -= 1
+            llama_memory_seq_rm(llama_get_memory(self.ptr), 0, self._n_kv, -1)
+
+    cdef int _check(self, int status, int n_new) except -1:
+        return _check_status(status, f"{self._tokens.size()} tokens do not fit in the context of {self.n_ctx} "
+                                     f"tokens ({n_new} new); use a larger context_size or a shorter prompt")
 
     def decode(self, tokens):
         """Append *tokens* to the context and evaluate everything pending.
@@ -1114,11 +1215,11 @@ cdef class LlamaContext(_Governed):
                 return ST_OK
             with nogil:
                 rc = self._decode_pending()
-            if rc != 0:
+            if rc != ST_OK:
                 self._tokens.resize(before)  # the call is all or nothing
                 if rc == ST_ABORTED:
                     return ST_ABORTED
-                self._raise_decode(rc, toks.size())
+                self._check(rc, toks.size())
             return ST_OK
         finally:
             self._leave()
@@ -1133,13 +1234,10 @@ cdef class LlamaContext(_Governed):
                 raise _errors.MullamaError("the context is empty: decode some tokens before asking for logits")
             if not self._logits_ok or self._n_kv < <int>self._tokens.size():
                 mullama_store_flag(&self.ab.flags[0], 0)  # an earlier cancel() of nothing must not stick
-                if self._n_kv == <int>self._tokens.size():
-                    self._n_kv -= 1
-                    llama_memory_seq_rm(llama_get_memory(self.ptr), 0, self._n_kv, -1)
+                self._refresh_last()
                 with nogil:
                     rc = self._decode_pending()
-                if rc != 0:
-                    self._raise_decode(rc, 0)
+                self._check(rc, 0)
             v = _LogitsView.__new__(_LogitsView)
             v.ctx = self
             v.data = llama_get_logits_ith(self.ptr, -1)
@@ -1151,60 +1249,25 @@ cdef class LlamaContext(_Governed):
         finally:
             self._leave()
 
-    cdef int _generate(self, llama_sampler * smpl, int n_max, double deadline, bint want_logprobs,
-                       vector[llama_token] & out_tok, string & out_bytes, vector[int] & out_len,
-                       vector[float] & out_lp) noexcept nogil:
-        """The generation loop: decode pending, sample, check end, render piece."""
-        cdef int i, j, n, rc
+    cdef int _generate(self, llama_sampler * smpl, int n_max, double deadline, bint want_lp,
+                       Output * out) noexcept nogil:
+        """The generation loop: decode what is pending, sample, stop at an end."""
+        cdef int i, rc
         cdef llama_token tok
-        cdef float * logits
-        cdef float best, mx, s
-        cdef int nv = self.model.n_vocab
-        cdef const llama_vocab * vocab = self.model.vocab
-        cdef char buf[PIECE_BUF]
         for i in range(n_max):
             if abort_state_cancelled(&self.ab):
                 return ST_ABORTED
-            if not self._logits_ok and self._n_kv == <int>self._tokens.size():
-                # logits were lost (state load, truncate): recompute the last token
-                self._n_kv -= 1
-                llama_memory_seq_rm(llama_get_memory(self.ptr), 0, self._n_kv, -1)
+            self._refresh_last()
             if self._n_kv < <int>self._tokens.size():
-                if <int>self._tokens.size() > self.n_ctx:
-                    return ST_CTX_FULL
                 rc = self._decode_pending()
-                if rc != 0:
-                    return ST_CTX_FULL if rc == -1000 else rc
-            logits = llama_get_logits_ith(self.ptr, -1)
-            if smpl == NULL:
-                tok = 0
-                best = logits[0]
-                for j in range(1, nv):
-                    if logits[j] > best:
-                        best = logits[j]
-                        tok = j
-            else:
-                tok = llama_sampler_sample(smpl, self.ptr, -1)
-            if want_logprobs:
-                mx = logits[0]
-                for j in range(1, nv):
-                    if logits[j] > mx:
-                        mx = logits[j]
-                s = 0.0
-                for j in range(nv):
-                    s += expf(logits[j] - mx)
-                out_lp.push_back(logits[tok] - mx - logf(s))
+                if rc != ST_OK:
+                    return rc
+            if _sample_into(self.ptr, -1, smpl, self.model.vocab, self.model.n_vocab, want_lp, out, &tok):
+                self._tokens.push_back(tok)
+                self._logits_ok = False
+                return ST_EOG
             self._tokens.push_back(tok)   # pending until the next step decodes it
             self._logits_ok = False
-            out_tok.push_back(tok)
-            if llama_vocab_is_eog(vocab, tok):
-                out_len.push_back(0)
-                return ST_EOG
-            n = llama_token_to_piece(vocab, tok, buf, PIECE_BUF, 0, False)
-            if n < 0:
-                n = 0  # a piece longer than PIECE_BUF bytes does not exist in real vocabularies
-            out_bytes.append(buf, n)
-            out_len.push_back(n)
             if deadline > 0.0 and mullama_now() >= deadline:
                 break
         return ST_OK
@@ -1220,31 +1283,20 @@ cdef class LlamaContext(_Governed):
         if n_max <= 0:
             raise _errors.InvalidConfigError(f"n_max must be positive, got {n_max}")
         self._enter()
-        cdef vector[llama_token] out_tok
-        cdef string out_bytes
-        cdef vector[int] out_len
-        cdef vector[float] out_lp
+        cdef Output out
         cdef llama_sampler * smpl = sampler.ptr
         cdef double deadline = 0.0
         cdef int status
-        cdef size_t i
-        cdef Py_ssize_t off = 0
-        cdef const char * base
         try:
             if self._tokens.empty():
                 raise _errors.MullamaError("the context is empty: give a prompt to generate from")
             if budget_s > 0.0:
                 deadline = mullama_now() + budget_s
             with nogil:
-                status = self._generate(smpl, n_max, deadline, logprobs, out_tok, out_bytes, out_len, out_lp)
-            if status < 0 or (status > ST_CTX_FULL):
-                raise _errors.DecodeError(f"llama_decode failed with code {status}")
-            base = out_bytes.c_str()
-            pieces = []
-            for i in range(out_len.size()):
-                pieces.append(PyBytes_FromStringAndSize(base + off, out_len[i]))
-                off += out_len[i]
-            return (status, [t for t in out_tok], pieces, [x for x in out_lp] if logprobs else None)
+                status = self._generate(smpl, n_max, deadline, logprobs, &out)
+            if status < 0:
+                _check_status(status, None)
+            return (status,) + _take_output(&out, logprobs)
         finally:
             self._leave()
 
@@ -1252,22 +1304,11 @@ cdef class LlamaContext(_Governed):
 # ---------------------------------------------------------------------------
 # continuous batching engine
 
-DEF FIN_NONE = 0
-DEF FIN_EOG = 1
-DEF FIN_LENGTH = 2
-DEF FIN_CTX_FULL = 3
-
-FINISH_NONE = FIN_NONE
-FINISH_EOG = FIN_EOG
-FINISH_LENGTH = FIN_LENGTH
-FINISH_CONTEXT_FULL = FIN_CTX_FULL
-
-
 cdef struct Slot:
     bint active          # a request owns this slot (sequence id = slot index)
     bint paused          # its consumer is behind: leave it out of the next steps
     int cancel           # set from any thread; the slot is left out of every step
-    int finish           # FIN_*: the request needs no more steps
+    int finish           # a Status: ST_OK while the request needs more steps
     int n_prompt_done    # prompt tokens already in the KV cache
     int pos              # tokens of this sequence in the KV cache
     llama_token pending  # sampled, not yet decoded (-1: none)
@@ -1279,7 +1320,7 @@ cdef struct Slot:
 
 
 @cython.no_gc_clear
-cdef class BatchEngine(_Governed):
+cdef class BatchEngine(_Decoder):
     """One llama.cpp context decoding many sequences together.
 
     Each slot is a sequence (its id is the slot index) with its own share of
@@ -1290,76 +1331,37 @@ cdef class BatchEngine(_Governed):
     (the engine's driver); those two are thread-safe.
     """
 
-    cdef llama_context * ptr
-    cdef readonly LlamaModel model
-    cdef llama_batch batch
-    cdef bint has_batch
     cdef readonly int n_seq
     cdef readonly int n_ctx_seq
-    cdef readonly int n_batch
     cdef int prefill_chunk
     cdef vector[Slot] slots
     cdef vector[vector[llama_token]] prompts
-    cdef vector[vector[llama_token]] out_tok
-    cdef vector[string] out_bytes
-    cdef vector[vector[int]] out_len
-    cdef vector[vector[float]] out_lp
+    cdef vector[Output] outs
     cdef list samplers       # the SamplerChain of each slot (keeps its pointer alive)
     cdef vector[llama_sampler *] smpls  # their pointers, for the nogil step (NULL: greedy)
     cdef int _wake           # the driver has work: return from run() early
-    cdef bint _closed
 
     def __cinit__(self):
-        self.ptr = NULL
-        self.has_batch = False
+        self._what = "engine"
         self._wake = 0
-        self._closed = False
 
     def __init__(self, LlamaModel model not None, int n_seq, int n_ctx_seq, int n_batch=512, int n_threads=1,
                  bint flash_attention=False, int prefill_chunk=256, bint adaptive_threads=True):
-        model._check()
         if n_seq < 1 or n_seq > 256:
             raise _errors.InvalidConfigError(f"n_seq must be between 1 and 256, got {n_seq}")
-        cdef llama_context_params p = llama_context_default_params()
-        p.n_ctx = <uint32_t>(n_seq * n_ctx_seq)
-        p.n_batch = n_batch
-        p.n_ubatch = n_batch
-        p.n_seq_max = n_seq
-        p.kv_unified = False
-        p.n_threads = n_threads
-        p.n_threads_batch = n_threads
-        p.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attention else LLAMA_FLASH_ATTN_TYPE_DISABLED
-        p.abort_callback = abort_callback
-        p.abort_callback_data = <void *>&self.ab
-        p.no_perf = True
-        take_errors()
-        model._enter()
-        try:
-            with nogil:
-                self.ptr = llama_init_from_model(model.ptr, p)
-        finally:
-            model._leave_c()
-        errors = take_errors()
-        if self.ptr == NULL:
-            reason = "; ".join(errors) if errors else "llama.cpp gave no reason"
-            raise _errors.ContextCreationError(
-                f"could not create a batching context ({n_seq} sequences x {n_ctx_seq} tokens): {reason}")
-        self.model = model
-        self.gov = new CGovernor(n_threads, adaptive_threads,
-                                 _start_threads(n_threads) if adaptive_threads else n_threads, _first_cap(model))
-        if not self.gov.bind(self.ptr):
-            raise _errors.ContextCreationError(f"could not start {n_threads} compute threads")
+        self.samplers = [None] * n_seq
+        self.smpls.assign(n_seq, NULL)
+        # kv_unified stays off (llama.cpp's default): each sequence has its own share of the cache
+        self._open(model, <uint32_t>(n_seq * n_ctx_seq), n_batch, n_seq, n_threads, n_threads, flash_attention,
+                   adaptive_threads, f"a batching context ({n_seq} sequences x {n_ctx_seq} tokens)", "")
         self.n_seq = n_seq
         self.n_ctx_seq = llama_n_ctx_seq(self.ptr)
-        self.n_batch = llama_n_batch(self.ptr)
         self.prefill_chunk = max(1, min(prefill_chunk, self.n_batch))
-        self.batch = llama_batch_init(self.n_batch, 0, 1)
-        self.has_batch = True
         cdef Slot empty
         empty.active = False
         empty.paused = False
         empty.cancel = 0
-        empty.finish = FIN_NONE
+        empty.finish = ST_OK
         empty.n_prompt_done = 0
         empty.pos = 0
         empty.pending = -1
@@ -1370,57 +1372,15 @@ cdef class BatchEngine(_Governed):
         empty.want_lp = False
         self.slots.assign(n_seq, empty)
         self.prompts.resize(n_seq)
-        self.out_tok.resize(n_seq)
-        self.out_bytes.resize(n_seq)
-        self.out_len.resize(n_seq)
-        self.out_lp.resize(n_seq)
-        self.samplers = [None] * n_seq
-        self.smpls.assign(n_seq, NULL)
-        model._contexts.add(self)
-
-    # -- lifetime ---------------------------------------------------------------
+        self.outs.resize(n_seq)
 
     cdef _free(self):
-        if self.has_batch:
-            llama_batch_free(self.batch)
-            self.has_batch = False
-        if self.ptr != NULL:
-            llama_free(self.ptr)
-            self.ptr = NULL
-        self._free_governor()
-        if self.samplers is not None:
-            for s in self.samplers:
-                if s is not None:
-                    (<SamplerChain>s).close()
-            self.samplers = [None] * self.n_seq
-            self.smpls.assign(self.n_seq, NULL)
-        if self.model is not None:
-            self.model._release()
-
-    def close(self):
-        """Free the engine; a step running in another thread is aborted and awaited."""
-        if self._closed:
-            return
-        self._closed = True
-        mullama_store_flag(&self.ab.flags[0], 1)
-        self._wait_out()
-        self._free()
-
-    @property
-    def closed(self):
-        return self._closed
-
-    def __dealloc__(self):
-        self._free()
-
-    cdef inline int _enter(self) except -1:
-        if self._closed:
-            raise _errors.ClosedError("the engine is closed")
-        self.model._check()
-        return self._enter_c()
-
-    cdef inline void _leave(self):
-        self._leave_c()
+        _Decoder._free(self)
+        for s in self.samplers:
+            if s is not None:
+                (<SamplerChain>s).close()
+        self.samplers = [None] * len(self.samplers)
+        self.smpls.assign(self.smpls.size(), NULL)
 
     # -- slots --------------------------------------------------------------------
 
@@ -1444,7 +1404,7 @@ cdef class BatchEngine(_Governed):
             s.active = True
             s.paused = False
             mullama_store_flag(&s.cancel, 0)
-            s.finish = FIN_NONE
+            s.finish = ST_OK
             s.n_prompt_done = 0
             s.pos = 0
             s.pending = -1
@@ -1454,10 +1414,7 @@ cdef class BatchEngine(_Governed):
             s.max_gen = max_gen
             s.want_lp = logprobs
             self.prompts[slot] = toks
-            self.out_tok[slot].clear()
-            self.out_bytes[slot].clear()
-            self.out_len[slot].clear()
-            self.out_lp[slot].clear()
+            _take_output(&self.outs[slot], False)   # empties it
             self.samplers[slot] = sampler
             self.smpls[slot] = sampler.ptr
         finally:
@@ -1514,25 +1471,12 @@ cdef class BatchEngine(_Governed):
 
     def drain(self, int slot):
         """Take the slot's new output: ``(tokens, pieces, logprobs_or_None)``."""
-        cdef size_t i
-        cdef Py_ssize_t off = 0
-        cdef const char * base = self.out_bytes[slot].c_str()
-        pieces = []
-        for i in range(self.out_len[slot].size()):
-            pieces.append(PyBytes_FromStringAndSize(base + off, self.out_len[slot][i]))
-            off += self.out_len[slot][i]
-        toks = [t for t in self.out_tok[slot]]
-        lps = [x for x in self.out_lp[slot]] if self.slots[slot].want_lp else None
-        self.out_tok[slot].clear()
-        self.out_bytes[slot].clear()
-        self.out_len[slot].clear()
-        self.out_lp[slot].clear()
-        return toks, pieces, lps
+        return _take_output(&self.outs[slot], self.slots[slot].want_lp)
 
     # -- stepping -------------------------------------------------------------------
 
     cdef inline bint _runnable(self, Slot * s) noexcept nogil:
-        return s.active and s.finish == FIN_NONE and not s.paused and not mullama_load_flag(&s.cancel)
+        return s.active and s.finish == ST_OK and not s.paused and not mullama_load_flag(&s.cancel)
 
     cdef inline void _add(self, int n, llama_token tok, llama_pos pos, int seq, bint logits) noexcept nogil:
         self.batch.token[n] = tok
@@ -1541,18 +1485,14 @@ cdef class BatchEngine(_Governed):
         self.batch.seq_id[n][0] = seq
         self.batch.logits[n] = logits
 
-    cdef int _step(self) noexcept nogil:
-        """One llama_decode over every runnable slot. Returns tokens decoded (0:
-        nothing to do) or a negative llama_decode error code."""
-        cdef int i, k, n = 0, take, done, size, rc, j
+    cdef int _step(self, int * n_decoded) noexcept nogil:
+        """One llama_decode over every runnable slot. Returns a Status (ST_OK
+        or ST_ABORTED, with nothing of the step kept) or a llama.cpp error;
+        *n_decoded* is the number of tokens decoded (0: nothing to do)."""
+        cdef int i, k, n = 0, take, done, size, rc
         cdef Slot * s
         cdef llama_token tok
-        cdef float * logits
-        cdef float best, mx, acc
-        cdef int nv = self.model.n_vocab
-        cdef const llama_vocab * vocab = self.model.vocab
-        cdef char buf[PIECE_BUF]
-        cdef llama_sampler * smpl
+        n_decoded[0] = 0
         # decoding sequences first: one token each
         for i in range(self.n_seq):
             s = &self.slots[i]
@@ -1561,7 +1501,7 @@ cdef class BatchEngine(_Governed):
             if not self._runnable(s) or s.pending < 0:
                 continue
             if s.pos >= self.n_ctx_seq:
-                s.finish = FIN_CTX_FULL
+                s.finish = ST_CTX_FULL
                 continue
             self._add(n, s.pending, s.pos, i, True)
             s.n_step = 1
@@ -1584,17 +1524,18 @@ cdef class BatchEngine(_Governed):
                 s.i_batch = n + take - 1
             n += take
         if n == 0:
-            return 0
+            return ST_OK
         self.batch.n_tokens = n
         rc = _governed_decode(self.ptr, self.batch, self.gov, &self.ab)
-        if rc != 0:
+        if rc != ST_OK:
             for i in range(self.n_seq):  # undo what the failed decode may have kept
                 s = &self.slots[i]
                 if s.n_step:
                     llama_memory_seq_rm(llama_get_memory(self.ptr), i, s.pos, -1)
                     s.n_step = 0
                     s.i_batch = -1
-            return -1000 - rc if rc > 0 else rc
+            return rc
+        n_decoded[0] = n
         for i in range(self.n_seq):
             s = &self.slots[i]
             if s.n_step == 0:
@@ -1607,43 +1548,15 @@ cdef class BatchEngine(_Governed):
             s.n_step = 0
             if s.i_batch < 0:
                 continue
-            # sample this sequence's next token
-            logits = llama_get_logits_ith(self.ptr, s.i_batch)
-            smpl = self.smpls[i]
-            if smpl == NULL:
-                tok = 0
-                best = logits[0]
-                for j in range(1, nv):
-                    if logits[j] > best:
-                        best = logits[j]
-                        tok = j
-            else:
-                tok = llama_sampler_sample(smpl, self.ptr, s.i_batch)
-            if s.want_lp:
-                mx = logits[0]
-                for j in range(1, nv):
-                    if logits[j] > mx:
-                        mx = logits[j]
-                acc = 0.0
-                for j in range(nv):
-                    acc += expf(logits[j] - mx)
-                self.out_lp[i].push_back(logits[tok] - mx - logf(acc))
-            self.out_tok[i].push_back(tok)
             s.n_gen += 1
-            if llama_vocab_is_eog(vocab, tok):
-                self.out_len[i].push_back(0)
-                s.finish = FIN_EOG
-                continue
-            k = llama_token_to_piece(vocab, tok, buf, PIECE_BUF, 0, False)
-            if k < 0:
-                k = 0
-            self.out_bytes[i].append(buf, k)
-            self.out_len[i].push_back(k)
-            if s.n_gen >= s.max_gen:
-                s.finish = FIN_LENGTH
+            if _sample_into(self.ptr, s.i_batch, self.smpls[i], self.model.vocab, self.model.n_vocab, s.want_lp,
+                            &self.outs[i], &tok):
+                s.finish = ST_EOG
+            elif s.n_gen >= s.max_gen:
+                s.finish = ST_LENGTH
             else:
                 s.pending = tok
-        return n
+        return ST_OK
 
     cdef bint _needs_driver(self) noexcept nogil:
         cdef int i
@@ -1652,7 +1565,7 @@ cdef class BatchEngine(_Governed):
             return True
         for i in range(self.n_seq):
             s = &self.slots[i]
-            if s.active and (s.finish != FIN_NONE or mullama_load_flag(&s.cancel)):
+            if s.active and (s.finish != ST_OK or mullama_load_flag(&s.cancel)):
                 return True
         return False
 
@@ -1664,26 +1577,27 @@ cdef class BatchEngine(_Governed):
         cancelled, :meth:`wake` is called, or no slot can run. Returns the number
         of tokens decoded (0: nothing to do)."""
         self._enter()
-        cdef int rc = 0
+        cdef int rc = ST_OK, n = 0
         cdef long total = 0
         cdef double deadline = mullama_now() + budget_s
         try:
             with nogil:
                 while not mullama_load_flag(&self.ab.flags[0]) and not mullama_load_flag(&_g_shutdown):
                     mullama_store_flag(&self.ab.flags[1], 0)
-                    rc = self._step()
-                    if rc == -1002 and not mullama_load_flag(&self.ab.flags[0]):
-                        rc = 0  # aborted for a cancelled slot: rolled back, the driver releases it
+                    rc = self._step(&n)
+                    if rc == ST_ABORTED and not mullama_load_flag(&self.ab.flags[0]):
+                        rc = ST_OK  # aborted for a cancelled slot: rolled back, the driver releases it
                         break
-                    if rc <= 0:
+                    if rc != ST_OK or n == 0:
                         break
-                    total += rc
+                    total += n
                     if self._needs_driver() or mullama_now() >= deadline:
                         break
-            if rc < 0:
+            if rc != ST_OK:
                 if mullama_load_flag(&self.ab.flags[0]):
                     raise _errors.ClosedError("the engine was closed during a step")
-                raise _errors.DecodeError(f"llama_decode failed with code {rc} in a batched step")
+                _check_status(rc, f"no KV cells for a batched step of {self.batch.n_tokens} tokens "
+                                  f"({self.n_seq} sequences x {self.n_ctx_seq} tokens)")
             return total
         finally:
             self._leave()

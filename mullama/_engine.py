@@ -16,17 +16,15 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Callable, Deque, Dict, List, Optional, Protocol
 
 from . import _core
-from ._config import StreamConfig, check_int
-from ._context import Completion, ThreadStats, Timings, TokenData, _TextAssembler, log_thread_changes, new_sampler
-from ._errors import (ClosedError, ContextOverflowError, InvalidTokenError, MullamaError, OverloadedError,
-                      RequestTimeoutError)
-from ._model import _token_list
+from ._config import StreamConfig, check_int, token_list
+from ._context import ThreadStats, log_thread_changes
+from ._errors import ClosedError, ContextOverflowError, InvalidTokenError, MullamaError, OverloadedError
+from ._generation import FINISH_REASONS, Generation, TokenData, new_sampler
 
-__all__ = ["Engine", "EngineRequest", "RequestMetrics", "MAX_SEQUENCES", "timeout_error"]
+__all__ = ["Engine", "EngineRequest", "MAX_SEQUENCES"]
 
 #: the driver hands tokens to consumers at least this often (seconds)
 STEP_BUDGET_S = 0.02
@@ -46,24 +44,7 @@ class Sink(Protocol):
     def finish(self) -> None: ...
 
 
-@dataclass(frozen=True)
-class RequestMetrics:
-    """What one request cost. Times in milliseconds."""
-
-    queue_ms: float
-    time_to_first_token_ms: float
-    prompt_tokens: int
-    prompt_tokens_per_s: float
-    generated_tokens: int
-    generation_tokens_per_s: float
-    finish_reason: str
-
-
-def timeout_error(timeout_ms: int) -> RequestTimeoutError:
-    return RequestTimeoutError(f"the request did not finish within timeout_ms={timeout_ms}")
-
-
-class EngineRequest:
+class EngineRequest(Generation):
     """One generation in the engine.
 
     *timeout_ms*: the engine ends the request that long after it was made
@@ -74,64 +55,20 @@ class EngineRequest:
 
     def __init__(self, tokens: List[int], config: StreamConfig, sink: Sink,
                  timeout_ms: Optional[int] = None) -> None:
+        super().__init__(config)
         self.tokens_in = tokens
-        self.config = config
+        self.prompt_tokens = len(tokens)
         self.sink = sink
         self.timeout_ms = timeout_ms or None
         self.deadline = time.monotonic() + timeout_ms / 1e3 if timeout_ms else None
         self._expired = False  # the driver cancelled it at its deadline
+        self.prompt_end = len(tokens)
         self.slot: Optional[int] = None
-        self.text = _TextAssembler(config.stop)
-        self.tokens: List[int] = []
-        self.pieces: List[str] = []
-        self.logprobs: List[float] = []
-        self.finish_reason: Optional[str] = None
-        self.error: Optional[BaseException] = None
         self.sampler: Optional["_core.SamplerChain"] = None
         self.cancelled = False
         self._engine: Optional["Engine"] = None
-        self.t_submit = time.perf_counter()
-        self.t_start: Optional[float] = None
-        self.t_prompt_done: Optional[float] = None
-        self.t_first: Optional[float] = None
-        self.t_end: Optional[float] = None
 
-    @property
-    def done(self) -> bool:
-        return self.t_end is not None
-
-    @property
-    def timed_out(self) -> bool:
-        """The engine ended it at its deadline (finish reason ``"timeout"``)."""
-        return self.finish_reason == "timeout"
-
-    finished = done
-
-    @property
-    def prompt_end(self) -> Optional[int]:
-        return len(self.tokens_in)
-
-    def completion(self) -> Completion:
-        if self.error is not None:
-            raise self.error
-        if self.timed_out:
-            raise timeout_error(self.timeout_ms or 0)
-        m = self.metrics()
-        return Completion(
-            text="".join(self.pieces),
-            tokens=list(self.tokens),
-            finish_reason=self.finish_reason or "",
-            timings=Timings(
-                prompt_tokens=m.prompt_tokens,
-                prompt_ms=((self.t_first or self.t_end or 0.0) - (self.t_start or self.t_submit)) * 1e3,
-                generated_tokens=m.generated_tokens,
-                generation_ms=((self.t_end or 0.0) - (self.t_first or self.t_end or 0.0)) * 1e3,
-                time_to_first_token_ms=m.time_to_first_token_ms,
-                queue_ms=m.queue_ms,
-            ),
-            logprobs=list(self.logprobs) if self.config.include_probabilities else None,
-            metrics=m,
-        )
+    done = Generation.finished
 
     def cancel(self) -> None:
         """Stop this request (thread-safe); it leaves the engine at the next step."""
@@ -139,23 +76,6 @@ class EngineRequest:
         engine = self._engine
         if engine is not None:
             engine._cancel(self)
-
-    def metrics(self) -> RequestMetrics:
-        end = self.t_end or time.perf_counter()
-        start = self.t_start or end
-        first = self.t_first or end
-        prompt_s = max(first - start, 1e-9)
-        gen_s = max(end - first, 1e-9)
-        n = len(self.tokens)
-        return RequestMetrics(
-            queue_ms=(start - self.t_submit) * 1e3,
-            time_to_first_token_ms=(first - self.t_submit) * 1e3,
-            prompt_tokens=len(self.tokens_in),
-            prompt_tokens_per_s=len(self.tokens_in) / prompt_s if self.t_first else 0.0,
-            generated_tokens=n,
-            generation_tokens_per_s=(n - 1) / gen_s if n > 1 else 0.0,
-            finish_reason=self.finish_reason or "",
-        )
 
 
 class Engine:
@@ -231,7 +151,7 @@ class Engine:
 
     def submit(self, request: EngineRequest) -> None:
         """Queue *request*; raises OverloadedError if the queue is full."""
-        request.tokens_in = _token_list(request.tokens_in)  # no bytes or bools as token ids
+        request.tokens_in = token_list(request.tokens_in)  # no bytes or bools as token ids
         cfg = request.config
         if len(request.tokens_in) + cfg.max_tokens > self._core.n_ctx_seq:
             raise ContextOverflowError(
@@ -394,14 +314,12 @@ class Engine:
 
     def _deliver(self) -> None:
         core = self._core
-        now = time.perf_counter()
         for slot, req in list(self._active.items()):
             toks, pieces, lps = core.drain(slot)
             _, finish, cancelled, _, _, _ = core.slot_state(slot)
             if toks:
-                if req.t_first is None:
-                    req.t_first = now
-                batch, stopped = self._assemble(req, toks, pieces, lps, finish)
+                batch, stopped = req.add(toks, pieces, lps, len(req.tokens_in) + len(req.tokens),
+                                         ends=finish != _core.STATUS_OK)
                 if batch:
                     req.sink.offer(batch)
                 if stopped:
@@ -409,29 +327,8 @@ class Engine:
                     continue
             if cancelled or req.cancelled:
                 self._leave(req, "timeout" if req._expired else "cancelled")
-            elif finish != _core.FINISH_NONE:
-                self._leave(req, {_core.FINISH_EOG: "stop", _core.FINISH_LENGTH: "length"}.get(finish, "context_full"))
-
-    @staticmethod
-    def _assemble(req: EngineRequest, toks: List[int], pieces: List[bytes], lps: Optional[List[float]], finish: int):
-        """TokenData for new tokens: UTF-8 holdback and stop strings, as in the sync API."""
-        batch = []
-        first_pos = len(req.tokens_in) + len(req.tokens)
-        last = len(toks) - 1
-        for i, tok in enumerate(toks):
-            text, stopped = req.text.feed(pieces[i])
-            final = stopped or (i == last and finish != _core.FINISH_NONE)
-            if final and not stopped:
-                text += req.text.flush()
-            lp = lps[i] if lps is not None else None
-            req.tokens.append(tok)
-            req.pieces.append(text)
-            if lp is not None:
-                req.logprobs.append(lp)
-            batch.append(TokenData(tok, text, first_pos + i, lp, final))
-            if stopped:
-                return batch, True
-        return batch, False
+            elif finish != _core.STATUS_OK:
+                self._leave(req, FINISH_REASONS[finish])
 
     def _leave(self, req: EngineRequest, reason: str) -> None:
         slot = req.slot
@@ -448,8 +345,7 @@ class Engine:
             return
         if req.slot is None and req.sampler is not None:
             req.sampler.close()  # never started (a started one is freed with its slot)
-        req.finish_reason = reason
-        req.t_end = time.perf_counter()
+        req.end(reason)
         self.completed += 1
         self.generated_tokens += len(req.tokens)
         if req.t_start is not None:

@@ -7,24 +7,19 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, Union
 
 from . import _core
-from ._config import StreamConfig, check_int, resolve_threads
+from ._config import StreamConfig, check_int, resolve_threads, token_list
+from ._context import Context
+from ._errors import ClosedError, InvalidConfigError, InvalidModelError, ModelNotFoundError
+from ._generation import Completion, TokenData
 from ._gguf import GGUFInfo, read_gguf
-from ._errors import (
-    ClosedError,
-    InvalidConfigError,
-    InvalidModelError,
-    InvalidTokenError,
-    ModelNotFoundError,
-    NotCopyableError,
-)
 from ._memory import KVLayout, check_memory, kv_layout
+from ._owner import Uncopyable
 
 if TYPE_CHECKING:
     from ._chat import Message
-    from ._context import Completion, Context, TokenData
 
 __all__ = ["Model", "ModelInfo"]
 
@@ -79,32 +74,6 @@ def check_model_file(path: PathLike) -> "tuple[str, GGUFInfo]":
         return str(p), read_gguf(str(p))
     except OSError as exc:
         raise InvalidModelError(f"cannot read {p}: {exc.strerror or exc}") from exc
-
-
-class Uncopyable:
-    """Refuses pickling and copying with :class:`NotCopyableError`: the object
-    owns llama.cpp memory (a copy would share it, and closing the copy would
-    close the original). Subclasses set ``_copy_hint``: what to do instead."""
-
-    __slots__ = ()
-    _copy_hint = "create a new one"
-
-    def _refuse(self, verb: str) -> NotCopyableError:
-        name = type(self).__name__
-        article = "an" if name[0] in "AEIOU" else "a"
-        return NotCopyableError(f"{article} {name} cannot be {verb}: it owns llama.cpp memory; {self._copy_hint}")
-
-    def __reduce_ex__(self, protocol: object) -> Any:
-        raise self._refuse("pickled")
-
-    def __reduce__(self) -> Any:
-        raise self._refuse("pickled")
-
-    def __copy__(self) -> Any:
-        raise self._refuse("copied")
-
-    def __deepcopy__(self, memo: object) -> Any:
-        raise self._refuse("copied")
 
 
 _NOT_LOADED = object()
@@ -263,14 +232,14 @@ class Model(Uncopyable):
 
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
         """The text of *tokens* (special tokens rendered only if *special*)."""
-        return self._core.detokenize(_token_list(tokens), False, bool(special)).decode("utf-8", "replace")
+        return self._core.detokenize(token_list(tokens), False, bool(special)).decode("utf-8", "replace")
 
     def token_to_piece(self, token: int, special: bool = False) -> bytes:
         """The raw bytes of one token (may be part of a UTF-8 character)."""
-        return self._core.token_to_piece(_token_list([token])[0], bool(special))
+        return self._core.token_to_piece(token_list([token])[0], bool(special))
 
     def is_end_of_generation(self, token: int) -> bool:
-        return self._core.is_eog(_token_list([token])[0])
+        return self._core.is_eog(token_list([token])[0])
 
     # -- chat -----------------------------------------------------------------------
 
@@ -366,7 +335,6 @@ class Model(Uncopyable):
                 than is available (checked before anything is allocated).
             ContextCreationError: llama.cpp could not create it.
         """
-        from ._context import Context
 
         if self._core.closed:
             raise ClosedError("the model is closed")
@@ -407,41 +375,3 @@ class Model(Uncopyable):
             return  # the cache goes (partly) to the GPU: not this machine's RAM
         check_memory(self._kv_layout(), n_ctx_seq=n_ctx_seq, n_seq=n_seq, n_ubatch=n_ubatch,
                      flash_attention=flash_attention, count=count, what=what)
-
-
-_NOT_TOKENS = (bytes, bytearray, memoryview)
-
-
-def _token_list(tokens: Sequence[int]) -> List[int]:
-    """*tokens* as a list of ints: the one place prompts of token ids are checked.
-
-    Bytes are refused (iterating them gives their byte values, not token ids),
-    and so are bools (``True`` is not token 1).
-    """
-    if isinstance(tokens, _NOT_TOKENS):
-        raise InvalidConfigError(
-            f"a prompt must be text (str) or a sequence of int token ids, not {type(tokens).__name__}: "
-            "decode bytes to str first (for example prompt.decode('utf-8'))")
-    if isinstance(tokens, str):
-        raise InvalidConfigError("tokens must be a sequence of int token ids, not a str")
-    try:
-        items = list(tokens)
-    except TypeError:
-        raise InvalidConfigError(
-            f"tokens must be a sequence of int token ids, got {type(tokens).__name__}") from None
-    if not all(type(t) is int for t in items):  # plain ints (the common case) need no conversion
-        items = [_token_id(i, t) for i, t in enumerate(items)]
-    if items and (min(items) < -(1 << 31) or max(items) >= (1 << 31)):
-        bad = next(t for t in items if not -(1 << 31) <= t < (1 << 31))
-        raise InvalidTokenError(f"token id {bad} is outside the vocabulary")
-    return items
-
-
-def _token_id(i: int, t: object) -> int:
-    if isinstance(t, bool) or type(t).__name__ in ("bool_", "bool"):  # also numpy's bool
-        raise InvalidConfigError(f"token {i} is a bool ({t!r}), not a token id")
-    try:
-        return t.__index__()  # type: ignore[attr-defined]
-    except (AttributeError, TypeError):
-        raise InvalidConfigError(
-            f"tokens must be a sequence of int token ids; token {i} is a {type(t).__name__}") from None

@@ -190,9 +190,13 @@ async def test_metrics_on_the_stream(tiny_model_path):
         final = stream.metrics()
         assert final == stream.completion().metrics
         assert final.finish_reason == stream.finish_reason and final.generated_tokens == seen
-        async with await model.create_context() as conv:
-            async with conv.generate_stream("ab", StreamConfig.greedy(2)) as s2:
-                assert s2.metrics() is None
+        async with await model.create_context() as conv:  # a conversation reports the same metrics
+            async with conv.generate_stream("once upon", StreamConfig.greedy(8)) as s2:
+                got = [t async for t in s2]
+            m = s2.metrics()
+            assert m == s2.completion().metrics and m.finish_reason == "length"
+            assert m.generated_tokens == len(got) == 8 and m.prompt_tokens == final.prompt_tokens
+            assert m.queue_ms >= 0 and m.time_to_first_token_ms >= m.queue_ms
 
 
 def test_the_engine_ends_a_request_at_its_deadline_whatever_its_consumer_does(tiny_model):

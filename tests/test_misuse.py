@@ -423,7 +423,7 @@ def test_stop_strings_are_bounded():
 
 
 def test_the_most_stop_strings_allowed_work(tiny_ctx):
-    from mullama._context import _TextAssembler
+    from mullama._generation import _TextAssembler
 
     # the most allowed: 64 strings of 128 characters, checked against every token's text
     # (their cost per token is a benchmark's business, not a test's)

@@ -15,9 +15,8 @@ context's abort flag.
 """
 
 from .._config import StreamConfig
-from .._context import Completion, TokenData
+from .._generation import Completion, RequestMetrics, TokenData
 from .._model import ModelInfo
-from .._engine import RequestMetrics
 from ._model import AsyncConfig, AsyncContext, AsyncModel
 from ._pool import ModelPool, PooledModel, PoolStats
 from ._runtime import GenerationResult, Runtime, RuntimeMetrics, TaskHandle, TaskManager, WorkerStatus

@@ -16,10 +16,13 @@ import anyio.to_thread
 
 from .._chat import Message, chat_tokens, check_messages
 from .._config import StreamConfig, check_int, resolve_threads
-from .._context import Completion, Context, Prompt, ThreadStats
+from .._config import token_list
+from .._context import Context, Prompt, ThreadStats
+from .._generation import Completion
 from .._errors import AbortedError, BusyError, InvalidConfigError
 from .._engine import MAX_SEQUENCES, Engine
-from .._model import Model, ModelInfo, Uncopyable, _token_list
+from .._model import Model, ModelInfo
+from .._owner import Uncopyable
 from ._loop import LoopBinding
 from ._stream import (TokenStream, Workers, check_open, deadline, open_engine_stream, open_token_stream,
                       run_in_thread, unwrap_single)
@@ -243,7 +246,7 @@ class AsyncModel(Uncopyable):
         """
         if isinstance(prompt, str):
             return self._open_stream(functools.partial(self._model.tokenize, prompt), config)
-        return self._open_stream(_token_list(prompt), config)
+        return self._open_stream(token_list(prompt), config)
 
     def chat_stream(self, messages: Sequence[Message], config: Optional[StreamConfig] = None, *,
                     template: Optional[str] = None) -> AsyncContextManager[TokenStream]:
@@ -441,7 +444,7 @@ class AsyncContext(Uncopyable):
             if isinstance(prompt, str):
                 tokens = await run_in_thread(ctx.model.tokenize, prompt, ctx.n_past == 0, limiter=self._threads())
             else:
-                tokens = _token_list(prompt)
+                tokens = token_list(prompt)
             await _run_cancellable(ctx, self._workers, self._threads(), ctx._eval, tokens, False)
             return ctx.n_past
 

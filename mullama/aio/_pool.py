@@ -13,9 +13,11 @@ import anyio.to_thread
 
 from .._chat import Message
 from .._config import StreamConfig, check_int
-from .._context import Completion, Prompt
+from .._context import Prompt
+from .._generation import Completion
 from .._errors import BusyError, ClosedError, ContextCreationError, InvalidConfigError
-from .._model import Model, ModelInfo, Uncopyable
+from .._model import Model, ModelInfo
+from .._owner import Uncopyable
 from ._loop import LoopBinding
 from ._model import AsyncConfig, AsyncContext, PathLike, load_model
 from ._stream import TokenStream, check_open

@@ -16,7 +16,8 @@ import anyio.abc
 import anyio.to_thread
 
 from .._config import StreamConfig, check_float, check_int, default_threads
-from .._context import Completion, Prompt
+from .._context import Prompt
+from .._generation import Completion
 from .._errors import ClosedError, InvalidConfigError, MullamaError
 from ._model import AsyncConfig, AsyncModel, PathLike
 from ._pool import ModelPool

@@ -31,9 +31,10 @@ import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 
-from .._context import Completion, Context, Prompt, TokenData, _Run, STREAM_INTERVAL_S
+from .._context import Context, Prompt, _Run, STREAM_INTERVAL_S
 from .._config import StreamConfig
-from .._engine import Engine, EngineRequest, RequestMetrics, timeout_error
+from .._engine import Engine, EngineRequest
+from .._generation import Completion, Generation, RequestMetrics, TokenData, timeout_error
 from .._errors import ClosedError
 
 if sys.version_info < (3, 11):
@@ -195,7 +196,7 @@ class TokenStream(anyio.abc.AsyncResource):
     worker thread.
     """
 
-    def __init__(self, handoff: Handoff, run: "_Run | EngineRequest") -> None:
+    def __init__(self, handoff: Handoff, run: Generation) -> None:
         self._handoff = handoff
         self._run = run
         self._batch: List[TokenData] = []
@@ -242,10 +243,9 @@ class TokenStream(anyio.abc.AsyncResource):
             raise StopAsyncIteration
         batch = await self._handoff.get()
         if batch is None:
-            error = getattr(self._run, "error", None)
-            if error is not None:
-                raise error
-            if getattr(self._run, "timed_out", False):  # ended by the engine at its deadline
+            if self._run.error is not None:
+                raise self._run.error
+            if self._run.timed_out:  # ended by the engine at its deadline
                 raise timeout_error(self._run.timeout_ms)
             raise StopAsyncIteration
         self._batch = batch
@@ -266,18 +266,16 @@ class TokenStream(anyio.abc.AsyncResource):
         """The whole result, once the stream is exhausted."""
         return self._run.completion()
 
-    def metrics(self) -> Optional[RequestMetrics]:
-        """This request's metrics so far (queue wait, time to first token, speeds,
-        tokens; finish reason once done), or None for a conversation's stream."""
-        return self._run.metrics() if isinstance(self._run, EngineRequest) else None
+    def metrics(self) -> RequestMetrics:
+        """This generation's metrics so far (queue wait, time to first token,
+        speeds, tokens; finish reason once done)."""
+        return self._run.metrics()
 
     async def aclose(self) -> None:
         """Stop reading and stop the generation (its ``async with`` still waits for it)."""
         self._closed = True
         self._handoff.close()  # a worker thread waiting for room returns
-        cancel = getattr(self._run, "cancel", None)
-        if cancel is not None:  # an engine request leaves at the next step
-            cancel()
+        self._run.cancel()
         await anyio.lowlevel.checkpoint()
 
 

@@ -13,7 +13,7 @@ from .._errors import ClosedError
 
 if TYPE_CHECKING:
     from .._context import ThreadStats
-    from .._engine import RequestMetrics
+    from .._generation import RequestMetrics
     from ..aio import AsyncModel, Runtime
 
 __all__ = ["ServerMetrics", "CONTENT_TYPE"]

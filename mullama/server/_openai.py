@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from .. import __version__
 from .._chat import check_messages
 from .._config import StreamConfig
-from .._context import Completion, TokenData
+from .._generation import Completion, TokenData
 from .._errors import InvalidConfigError, MullamaError
 
 __all__ = ["ApiError", "GenerationRequest", "parse_request", "finish_reason"]
