@@ -24,7 +24,7 @@ import json
 import math
 import re
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, cast
 
 from . import _core
 from ._errors import ChatTemplateError, InvalidConfigError
@@ -432,7 +432,7 @@ def _compile(source: str) -> Any:
     env = LimitedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationTag])
     env.filters["tojson"] = tojson
     _limited_filters(env)
-    lipsum = env.globals["lipsum"]
+    lipsum = cast(Callable[..., Any], env.globals["lipsum"])
 
     def lipsum_(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> Any:  # noqa: A002
         if not all(isinstance(v, int) and v <= 1000 for v in (n, min, max)):

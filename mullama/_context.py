@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Generator, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -298,7 +298,7 @@ class _Run(Generation):
         if not self.finished:
             self._ctx.cancel()
 
-    def batches(self) -> Iterator[List[TokenData]]:
+    def batches(self) -> Generator[List[TokenData], None, None]:
         """The generation as one list of tokens per trip into C (what a stream hands over)."""
         core = self._ctx._core
         core.claim()

@@ -300,10 +300,12 @@ class Engine:
                 continue
             slot = self._free.pop()
             cfg = req.config
+            sampler = req.sampler
+            assert sampler is not None  # made by submit()
             try:
-                self._core.start(slot, req.tokens_in, req.sampler, cfg.max_tokens, cfg.include_probabilities)
+                self._core.start(slot, req.tokens_in, sampler, cfg.max_tokens, cfg.include_probabilities)
             except Exception as exc:
-                req.sampler.close()
+                sampler.close()
                 self._free.append(slot)
                 req.error = exc
                 self._finish(req, "error")
@@ -348,7 +350,7 @@ class Engine:
         req.end(reason)
         self.completed += 1
         self.generated_tokens += len(req.tokens)
-        if req.t_start is not None:
+        if req.t_start is not None and req.t_end is not None:
             self.generations += 1
             self.generation_ms += (req.t_end - req.t_start) * 1e3
         if self.on_done is not None:

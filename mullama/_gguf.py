@@ -167,7 +167,7 @@ class _Reader:
                 pos, tokens = gguf_walk_strings(self.buf, self.pos, count, keep)
                 if pos < 0:
                     self._walk_strings_checked(count, what)
-                if keep:
+                if tokens is not None:  # kept
                     self.tokens = tokens
                 self.pos = pos
             else:

@@ -434,12 +434,12 @@ class unwrap_single:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, typ, exc, tb) -> bool:
+    def __exit__(self, typ, exc, tb) -> None:
         if not isinstance(exc, BaseExceptionGroup):
-            return False
+            return
         leaf = _single(exc)
         if leaf is None:
-            return False
+            return
         # The group is dropped for its leaf. Its exceptions' tracebacks hold the
         # frames of the task group, which hold the group: reference cycles that
         # keep the leaf, its traceback and so the request's frames (its prompt,
