@@ -14,7 +14,7 @@ from . import _core
 from ._config import StreamConfig, token_list
 from ._errors import AbortedError, InvalidConfigError, MullamaError, StateError
 from ._generation import FINISH_REASONS, Completion, Generation, TokenData, new_sampler
-from ._owner import Uncopyable
+from ._owner import Owner
 
 if TYPE_CHECKING:
     from ._chat import Message
@@ -71,7 +71,7 @@ def log_thread_changes(core, seen: int, what: str) -> int:
     return changes
 
 
-class Context(Uncopyable):
+class Context(Owner):
     """An inference context: a KV cache holding one conversation.
 
     Each :meth:`generate` or :meth:`stream` call appends its prompt to what the

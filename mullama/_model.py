@@ -16,7 +16,7 @@ from ._errors import ClosedError, InvalidConfigError, InvalidModelError, ModelNo
 from ._generation import Completion, TokenData
 from ._gguf import GGUFInfo, read_gguf
 from ._memory import KVLayout, check_memory, kv_layout
-from ._owner import Uncopyable
+from ._owner import Owner
 
 if TYPE_CHECKING:
     from ._chat import Message
@@ -79,7 +79,7 @@ def check_model_file(path: PathLike) -> "tuple[str, GGUFInfo]":
 _NOT_LOADED = object()
 
 
-class Model(Uncopyable):
+class Model(Owner):
     """A GGUF model loaded into memory. Weights are shared by all its contexts.
 
     Build it with :meth:`Model.load`. Use it as a context manager, or call

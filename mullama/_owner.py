@@ -1,12 +1,18 @@
-"""Objects that own llama.cpp memory: what they share."""
+"""Objects that own llama.cpp memory: what they share.
+
+:class:`Uncopyable` refuses pickling and copying; :class:`Owner` also warns
+about, and closes, an object dropped without being closed.
+"""
 
 from __future__ import annotations
 
+import sys
+import warnings
 from typing import Any
 
 from ._errors import NotCopyableError
 
-__all__ = ["Uncopyable"]
+__all__ = ["Uncopyable", "Owner"]
 
 
 class Uncopyable:
@@ -33,3 +39,39 @@ class Uncopyable:
 
     def __deepcopy__(self, memo: object) -> Any:
         raise self._refuse("copied")
+
+
+class Owner(Uncopyable):
+    """An object that must be closed: one dropped open is closed when it is
+    garbage collected, with a :class:`ResourceWarning` naming it (as asyncio's
+    transports and uvloop's handles do), so that code run with warnings as
+    errors (our test suite) fails on a leak. Subclasses define ``closed``,
+    and may define ``_holds()`` (whether it holds anything yet; by default
+    ``not closed``) and ``_close_unclosed()`` (by default ``close()``: a
+    synchronous close that closes what it owns too, which then warns no more)."""
+
+    __slots__ = ()
+
+    @property
+    def closed(self) -> bool:
+        raise NotImplementedError
+
+    def _holds(self) -> bool:
+        return not self.closed
+
+    def _close_unclosed(self) -> None:
+        self.close()  # type: ignore[attr-defined]
+
+    def __del__(self) -> None:
+        try:
+            if not self._holds():
+                return
+        except Exception:  # __init__ did not finish: it owns nothing yet
+            return
+        try:
+            if not sys.is_finalizing():
+                # no source=self: a recorded warning would keep the object (and what it owns) alive
+                warnings.warn(f"unclosed {self!r}: close it (close(), aclose(), or a with block)",
+                              ResourceWarning, stacklevel=2)
+        finally:
+            self._close_unclosed()

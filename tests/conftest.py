@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,25 @@ def pytest_collection_modifyitems(config, items):
         named = {v for v in params.values() if isinstance(v, str)}  # (a fixture's name as a parameter)
         if _DEFAULT_MODEL_FIXTURES & (set(getattr(item, "fixturenames", ())) | named):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def no_open_owner_left():
+    """After each test, no llama.cpp owner (model, context, engine) the test
+    opened is still open: a test that leaks one fails, naming it. Owners of
+    wider-scoped fixtures (opened before the test) are not the test's."""
+    from mullama import _core
+
+    before = weakref.WeakSet(_core._live)
+    yield
+
+    def left():
+        return [o for o in list(_core._live) if o not in before and not o.closed]
+
+    if left():
+        gc.collect()  # what only the garbage collector would close (with a ResourceWarning)
+        if left():
+            pytest.fail(f"the test left open: {', '.join(sorted(type(o).__name__ for o in left()))}")
 
 
 @pytest.fixture(params=["asyncio", "trio"])

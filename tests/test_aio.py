@@ -521,3 +521,48 @@ async def test_100_open_conversation_streams_and_a_tokenize_call_all_progress(ti
             release.set()
         for ctx in ctxs:
             await ctx.aclose()
+
+
+async def _collected(box: list) -> None:
+    """Drop the object in *box* (its last reference) and wait, bounded, until it is garbage
+    collected: on asyncio an idle worker thread lets go of the last call it ran (which may hold
+    the object) a moment after the caller has its result."""
+    import weakref
+
+    ref = weakref.ref(box.pop())
+    with anyio.fail_after(10):
+        while ref() is not None:
+            gc.collect()
+            await anyio.sleep(0.01)
+
+
+async def test_an_async_model_or_pool_dropped_open_warns_and_is_closed(tiny_model_path):
+    """An AsyncModel or ModelPool dropped without aclose() is closed by the garbage collector
+    (its engine's thread joined, its contexts and model freed) with a ResourceWarning naming it.
+    A pool that was never opened owns nothing and says nothing."""
+    from mullama import _core
+    from mullama.aio import ModelPool
+
+    model = await AsyncModel.load(tiny_model_path, context_size=256, threads=1, max_concurrent=2)
+    assert (await model.complete("once upon", 2, StreamConfig.greedy())).tokens
+    conv = await model.create_context()
+    owned = [o for o in _core._live if getattr(o, "model", None) is model.model._core] + [model.model._core]
+    thread = model._engine._thread
+    box = [model]
+    del conv, model
+    with pytest.warns(ResourceWarning) as caught:
+        await _collected(box)
+    # (collected as a cycle, its conversation's context may be finalized first, and say so too)
+    assert {str(w.message).split()[1] for w in caught} - {"<mullama.Context"} == {"<mullama.aio.AsyncModel"}
+    assert len(owned) == 3 and all(o.closed for o in owned) and not thread.is_alive()
+
+    pool = await ModelPool.load(AsyncConfig(tiny_model_path, context_size=256, threads=1), 2)
+    owned = [pool.model._core] + [o for o in _core._live if getattr(o, "model", None) is pool.model._core]
+    box = [pool]
+    del pool
+    with pytest.warns(ResourceWarning) as caught:
+        await _collected(box)
+    assert {str(w.message).split()[1] for w in caught} - {"<mullama.Context"} == {"<mullama.aio.ModelPool"}
+    assert len(owned) == 3 and all(o.closed for o in owned)
+    ModelPool(AsyncConfig(tiny_model_path), 1)  # never opened: dropped at once, silently
+    gc.collect()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import warnings
 import threading
 
 import numpy as np
@@ -239,8 +240,10 @@ def test_objects_die_in_any_order(tiny_model_path):
     del model
     gc.collect()
     assert ctx.generate("ab", StreamConfig.greedy(3)).tokens  # the context keeps its model alive
-    del ctx
-    gc.collect()
+    with pytest.warns(ResourceWarning) as caught:  # dropped open: each is closed, and says so
+        del ctx
+        gc.collect()
+    assert sorted(str(w.message).split()[1] for w in caught) == ["<mullama.Context", "<mullama.Model"]
 
     model = mullama.Model.load(tiny_model_path)
     ctx = model.create_context(64, threads=1)
@@ -329,3 +332,26 @@ def test_save_and_load_state(tiny_model, tmp_path):
         b.load_state(path)
         assert b.tokens == tiny_model.tokenize("hello there")
         assert b.generate("", cfg).tokens == expected.tokens
+
+
+def test_an_owner_dropped_open_warns_and_is_closed(tiny_model_path):
+    """A model or context dropped without close() is closed by the garbage
+    collector with a ResourceWarning naming it; one closed warns nothing."""
+    from mullama import _core
+
+    model = mullama.Model.load(tiny_model_path)
+    ctx = model.create_context(64, threads=1)
+    cores = [model._core, ctx._core]
+    with pytest.warns(ResourceWarning, match=r"unclosed <mullama\.Context 0/\d+ tokens>"):
+        del ctx
+    assert cores[1].closed and not cores[0].closed
+    with pytest.warns(ResourceWarning, match=r"unclosed <mullama\.Model .*tiny\.gguf>"):
+        del model
+    assert cores[0].closed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with mullama.Model.load(tiny_model_path) as m:
+            m.create_context(64, threads=1).close()
+        del m
+        gc.collect()
+    assert all(o.closed for o in _core._live if o in cores)

@@ -22,7 +22,7 @@ from .._generation import Completion
 from .._errors import AbortedError, BusyError, InvalidConfigError
 from .._engine import MAX_SEQUENCES, Engine
 from .._model import Model, ModelInfo
-from .._owner import Uncopyable
+from .._owner import Owner, Uncopyable
 from ._loop import LoopBinding
 from ._stream import (TokenStream, Workers, check_open, deadline, open_engine_stream, open_token_stream,
                       run_in_thread, unwrap_single)
@@ -77,7 +77,7 @@ class AsyncConfig:
             raise InvalidConfigError(f"adaptive_threads must be a bool, got {type(self.adaptive_threads).__name__}")
 
 
-class AsyncModel(Uncopyable):
+class AsyncModel(Owner):
     """A model served to async code under asyncio or trio.
 
     Many tasks may share one AsyncModel: a continuous batching engine decodes
@@ -209,6 +209,19 @@ class AsyncModel(Uncopyable):
     def _record_generation(self, ms: float) -> None:
         self._conv_generations += 1
         self._conv_generation_ms += ms
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"active={self.active_workers} waiting={self.waiting}"
+        return f"<mullama.aio.AsyncModel {state} {os.fspath(self._config.model_path)}>"
+
+    def _close_unclosed(self) -> None:
+        self._closed = True
+        self._engine.close()  # cancels its requests, joins its thread
+        self._model.close()   # and the conversations' contexts
 
     async def aclose(self) -> None:
         """Cancel running requests, wait for their threads, free everything.

@@ -17,7 +17,7 @@ from .._context import Prompt
 from .._generation import Completion
 from .._errors import BusyError, ClosedError, ContextCreationError, InvalidConfigError
 from .._model import Model, ModelInfo
-from .._owner import Uncopyable
+from .._owner import Owner, Uncopyable
 from ._loop import LoopBinding
 from ._model import AsyncConfig, AsyncContext, PathLike, load_model
 from ._stream import TokenStream, check_open
@@ -54,7 +54,7 @@ class _Waiter:
         self.error: Optional[Exception] = None
 
 
-class ModelPool(Uncopyable):
+class ModelPool(Owner):
     """A pool of ``size`` members that share one loaded model.
 
     Each member has its own context (its own KV cache), so up to ``size``
@@ -446,6 +446,18 @@ class ModelPool(Uncopyable):
         s = self.stats()
         state = "closed" if self._closed else f"size={s.size} available={s.available} in_use={s.in_use}"
         return f"<mullama.aio.ModelPool {state}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _holds(self) -> bool:
+        return not self._closed and self._model is not None  # opened
+
+    def _close_unclosed(self) -> None:
+        self._closed = True
+        if self._model is not None:
+            self._model.close()  # and every member's context
 
 
 class _Acquire:
