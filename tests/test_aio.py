@@ -566,3 +566,51 @@ async def test_an_async_model_or_pool_dropped_open_warns_and_is_closed(tiny_mode
     assert len(owned) == 3 and all(o.closed for o in owned)
     ModelPool(AsyncConfig(tiny_model_path), 1)  # never opened: dropped at once, silently
     gc.collect()
+
+
+async def without_default_threads(fn, *args, **kwargs):
+    """``await fn(*args, **kwargs)`` while every free slot of anyio's default thread limiter is
+    held; fails if it does not complete within a bound (a call waiting for a default
+    slot would wait for ever). The slots are given back either way, so such a call ends."""
+    default = anyio.to_thread.current_default_thread_limiter()
+    held = []
+    result = []
+    done = anyio.Event()
+
+    async def call():
+        result.append(await fn(*args, **kwargs))
+        done.set()
+
+    async with anyio.create_task_group() as tg:
+        try:
+            for _ in range(int(default.available_tokens)):
+                held.append(object())
+                default.acquire_on_behalf_of_nowait(held[-1])
+            tg.start_soon(call)
+            with anyio.move_on_after(20):  # a bound, not a timing assertion (less than timeout_ms)
+                await done.wait()
+            in_time = done.is_set()
+        finally:
+            for borrower in held:
+                default.release_on_behalf_of(borrower)
+    assert in_time, f"{fn.__qualname__} waited for one of anyio's default thread slots"
+    return result[0]
+
+
+async def test_async_model_calls_do_not_need_anyio_default_thread_slots(tiny_model_path, tiny_model):
+    """AsyncModel's own blocking calls run on worker-thread slots of its own: with all of
+    anyio's default slots held (by a pool's or the application's threads), it still loads,
+    tokenizes prompts, makes contexts and closes."""
+    model = await without_default_threads(load_tiny, tiny_model_path)
+    async with model:
+        expected = tiny_model.tokenize("hello")
+        assert await without_default_threads(model.tokenize, "hello") == expected
+        assert await without_default_threads(model.detokenize, expected) == tiny_model.detokenize(expected)
+        assert await without_default_threads(model.tokenize_chat, [{"role": "user", "content": "hi"}],
+                                             template="chatml")
+        assert (await without_default_threads(model.model_info)).n_vocab == tiny_model.info.n_vocab
+        assert (await without_default_threads(model.complete, "once upon", 4)).tokens  # its prompt tokenized
+        conv = await without_default_threads(model.create_context, 256)
+        await conv.aclose()
+        await without_default_threads(model.aclose)
+    assert not model.is_ready()

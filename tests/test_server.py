@@ -873,11 +873,11 @@ def test_sigterm_while_streaming_exits_cleanly(default_model_path, mode):
 def test_event_template_equals_the_whole_chunk(chat):
     """Token events are rendered from a template: byte for byte what encoding the whole chunk gives."""
     from mullama.server import _openai as oa
-    from mullama.server._app import _EventTemplate, _dumps
+    from mullama.server._asgi import EventTemplate, _dumps
 
     ids = oa.ResponseIds(chat, "m")
     make = (lambda t: oa.chat_chunk(ids, {"content": t}, with_usage=True)) if chat else \
         (lambda t: oa.completion_chunk(ids, t))
-    template = _EventTemplate(make(_EventTemplate._MARK))
+    template = EventTemplate(make(EventTemplate.MARK))
     for text in ["plain", 'quote " and \\ backslash', "new\nline", "\x00\x1f", "héllo 日本 🙂", "\x01mullama\x01"]:
         assert template.render(text) == b"data: " + _dumps(make(text)) + b"\n\n"

@@ -19,7 +19,8 @@ from .._generation import Completion, RequestMetrics, TokenData
 from .._model import ModelInfo
 from ._model import AsyncConfig, AsyncContext, AsyncModel
 from ._pool import ModelPool, PooledModel, PoolStats
-from ._runtime import GenerationResult, Runtime, RuntimeMetrics, TaskHandle, TaskManager, WorkerStatus
+from ._runtime import Runtime, RuntimeMetrics, TaskHandle
+from ._tasks import GenerationResult, TaskManager, WorkerStatus
 from ._stream import TokenStream, unwrap_single
 
 __all__ = [

@@ -7,17 +7,23 @@ trio) waiting on them is never woken, and would hang. So each such object
 records the loop of its current users; a use from another loop while they
 run raises :class:`~mullama.LoopConflictError` at once. When the last user
 is done the object is free again, for any loop.
+
+An object that serves several loops at once (an
+:class:`~mullama.aio.AsyncModel`) keeps one of each such primitive per loop
+instead (:class:`LoopLimiters`).
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
+from weakref import WeakKeyDictionary
 
+import anyio
 import anyio.lowlevel
 
 from .._errors import LoopConflictError
 
-__all__ = ["LoopBinding"]
+__all__ = ["LoopBinding", "LoopLimiters"]
 
 
 class LoopBinding:
@@ -50,3 +56,24 @@ class LoopBinding:
 
     def leave(self) -> None:
         self.users -= 1
+
+
+class LoopLimiters:
+    """A :class:`anyio.CapacityLimiter` of *total_tokens* for each event loop
+    that asks (a limiter is waited on by one loop's tasks only); a loop's
+    limiter is forgotten with the loop."""
+
+    __slots__ = ("_total", "_by_loop")
+
+    def __init__(self, total_tokens: int) -> None:
+        self._total = total_tokens
+        # keyed by the loop's native token (asyncio's loop, trio's TrioToken), as anyio's RunVar is
+        self._by_loop: "WeakKeyDictionary[object, anyio.CapacityLimiter]" = WeakKeyDictionary()
+
+    def current(self) -> anyio.CapacityLimiter:
+        """The calling loop's limiter (made on its first use)."""
+        loop = anyio.lowlevel.current_token().native_token
+        limiter = self._by_loop.get(loop)
+        if limiter is None:
+            limiter = self._by_loop[loop] = anyio.CapacityLimiter(self._total)
+        return limiter

@@ -15,15 +15,14 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from .._chat import Message, chat_tokens, check_messages
-from .._config import StreamConfig, check_int, resolve_threads
-from .._config import token_list
+from .._config import StreamConfig, check_int, resolve_threads, token_list
 from .._context import Context, Prompt, ThreadStats
 from .._generation import Completion
 from .._errors import AbortedError, BusyError, InvalidConfigError
 from .._engine import MAX_SEQUENCES, Engine
 from .._model import Model, ModelInfo
 from .._owner import Owner, Uncopyable
-from ._loop import LoopBinding
+from ._loop import LoopBinding, LoopLimiters
 from ._stream import (TokenStream, Workers, check_open, deadline, open_engine_stream, open_token_stream,
                       run_in_thread, unwrap_single)
 
@@ -98,10 +97,11 @@ class AsyncModel(Owner):
 
     _copy_hint = "pass the AsyncConfig (or the path) and load it in the other process"
 
-    def __init__(self, model: Model, engine: Engine, config: AsyncConfig) -> None:
+    def __init__(self, model: Model, engine: Engine, config: AsyncConfig, limiters: LoopLimiters) -> None:
         self._model = model
         self._engine = engine
         self._config = config
+        self._limiters = limiters
         self._conversations: "set[AsyncContext]" = set()
         self._info: Optional[ModelInfo] = None
         self._closed = False
@@ -151,8 +151,14 @@ class AsyncModel(Owner):
                 raise
             return model, engine
 
-        model, engine = await anyio.to_thread.run_sync(load)
-        return cls(model, engine, config)
+        limiters = _model_limiters(config)
+        model, engine = await anyio.to_thread.run_sync(load, limiter=limiters.current())
+        return cls(model, engine, config, limiters)
+
+    def _threads(self) -> anyio.CapacityLimiter:
+        """The worker-thread slots of its own blocking calls, for the calling
+        loop (see :func:`_model_limiters`)."""
+        return self._limiters.current()
 
     # -- lifetime ---------------------------------------------------------------
 
@@ -236,8 +242,9 @@ class AsyncModel(Owner):
         with anyio.CancelScope(shield=True):
             for conv in list(self._conversations):
                 await conv.aclose()
-            await anyio.to_thread.run_sync(self._engine.close)  # cancels its requests, joins its thread
-            await anyio.to_thread.run_sync(self._model.close)
+            # (the engine's close cancels its requests and joins its thread)
+            await anyio.to_thread.run_sync(self._engine.close, limiter=self._threads())
+            await anyio.to_thread.run_sync(self._model.close, limiter=self._threads())
 
     async def __aenter__(self) -> "AsyncModel":
         return self
@@ -280,7 +287,7 @@ class AsyncModel(Owner):
         config = _with_max_tokens(config, None)
         async with deadline(self._config.timeout_ms):
             if callable(tokens):
-                tokens = await anyio.to_thread.run_sync(tokens)
+                tokens = await anyio.to_thread.run_sync(tokens, limiter=self._threads())
             check_open(self._closed, "AsyncModel")
             async with open_engine_stream(self._engine, tokens, config, self._config.timeout_ms) as stream:
                 yield stream
@@ -304,7 +311,7 @@ class AsyncModel(Owner):
     async def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> List[int]:
         """Token ids of *text* (on a worker thread)."""
         check_open(self._closed, "AsyncModel")
-        return await anyio.to_thread.run_sync(self._model.tokenize, text, add_bos, special)
+        return await anyio.to_thread.run_sync(self._model.tokenize, text, add_bos, special, limiter=self._threads())
 
     tokenize_async = tokenize  # Mullama's name
 
@@ -313,16 +320,17 @@ class AsyncModel(Owner):
         :meth:`chat` generates from); ChatTemplateError without a template."""
         check_open(self._closed, "AsyncModel")
         check_messages(messages)
-        return await anyio.to_thread.run_sync(chat_tokens, self._model, messages, template)
+        return await anyio.to_thread.run_sync(chat_tokens, self._model, messages, template,
+                                             limiter=self._threads())
 
     async def detokenize(self, tokens: Sequence[int]) -> str:
         check_open(self._closed, "AsyncModel")
-        return await anyio.to_thread.run_sync(self._model.detokenize, tokens)
+        return await anyio.to_thread.run_sync(self._model.detokenize, tokens, limiter=self._threads())
 
     async def model_info(self) -> ModelInfo:
         check_open(self._closed, "AsyncModel")
         if self._info is None:
-            self._info = await anyio.to_thread.run_sync(lambda: self._model.info)
+            self._info = await anyio.to_thread.run_sync(lambda: self._model.info, limiter=self._threads())
         return self._info
 
     async def create_context(self, context_size: Optional[int] = None) -> "AsyncContext":
@@ -333,7 +341,8 @@ class AsyncModel(Owner):
         ctx = await anyio.to_thread.run_sync(
             lambda: self._model.create_context(context_size=size, threads=cfg.threads,
                                                flash_attention=cfg.flash_attention,
-                                               adaptive_threads=cfg.adaptive_threads))
+                                               adaptive_threads=cfg.adaptive_threads),
+            limiter=self._threads())
         conv = AsyncContext(self, ctx)
         self._conversations.add(conv)
         return conv
@@ -528,6 +537,25 @@ async def _run_cancellable(ctx: Context, workers: Workers, limiter: anyio.Capaci
                 finished = True
                 workers.leave()
                 tg.cancel_scope.cancel()
+
+
+def _model_limiters(config: AsyncConfig) -> LoopLimiters:
+    """The worker-thread slots of an AsyncModel's own blocking calls (loading,
+    tokenizing each request's prompt, chat templates, detokenize, model_info,
+    create_context, closing), one set per event loop it serves.
+
+    They are its own so that those calls never wait for anyio's default slots
+    (40 per loop), which every ``to_thread`` call of the process shares (a
+    pool's calls, the application's own threads): were those all held, no
+    request could even be tokenized. As many as the engine has slots: it starts
+    at most ``max_concurrent`` requests at once, so tokenizing more prompts at
+    once would only move their wait into its queue, while each extra thread
+    competes for the cores the decode threads run on (tokenizing runs in C,
+    without the GIL). At least 2, so that one slow call (a create_context
+    allocating its KV cache, a long chat template, a close joining the engine)
+    does not hold up the short ones behind it.
+    """
+    return LoopLimiters(max(2, config.max_concurrent))
 
 
 def load_model(config: AsyncConfig, progress: Optional[Callable[[float], None]]) -> Model:

@@ -1,5 +1,12 @@
 """The OpenAI-compatible ASGI application, on :mod:`mullama.aio` (anyio only).
 
+It owns what is served: the lifespan (the model loaded on a
+:class:`~mullama.aio.Runtime`), routing, the API key, and the handlers of
+``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``, ``/health``
+and ``/metrics``, with the mapping of mullama's errors to HTTP answers. The
+HTTP exchange itself (body limits, writes, events, timeouts, disconnect
+detection) is :mod:`._asgi`'s; the OpenAI bodies are :mod:`._openai`'s.
+
 It runs unchanged under any ASGI server on asyncio or trio (``mullama serve``
 uses uvicorn or hypercorn's trio worker). Requests share one
 :class:`~mullama.aio.AsyncModel`, so they are decoded together by its
@@ -14,13 +21,11 @@ and frees its slot (mullama's cancel contract, end to end).
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import os
 import time
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, MutableMapping, Optional, Sequence, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple, Union
 
 import anyio
 
@@ -28,181 +33,14 @@ from .._chat import check_template
 from .._config import SERVER_IO_TIMEOUT_S as IO_TIMEOUT_S
 from .._errors import (ChatTemplateError, ClosedError, ContextOverflowError, InvalidConfigError,
                        InvalidTokenError, MullamaError, OverloadedError, RequestTimeoutError)
-from ..aio import AsyncConfig, AsyncModel, Runtime, TokenData, unwrap_single
+from ..aio import AsyncConfig, AsyncModel, Runtime, TokenData
 from . import _openai as oa
+from ._asgi import Disconnected, EventTemplate, Exchange, Receive, Scope, Send, cancel_on_disconnect
 from ._metrics import CONTENT_TYPE, ServerMetrics
 
 __all__ = ["create_app", "OpenAIApp"]
 
 log = logging.getLogger("mullama.server")
-
-#: largest request body accepted (bytes)
-MAX_BODY = 8 << 20
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
-
-
-class _Disconnected(Exception):
-    """The client went away while we were answering."""
-
-
-class _Exchange:
-    """One HTTP request and its response."""
-
-    def __init__(self, scope: Scope, receive: Receive, send: Send, io_timeout: float = IO_TIMEOUT_S) -> None:
-        self.scope = scope
-        self.receive = receive
-        self._send = send
-        self.io_timeout = io_timeout
-        self.started = False
-        #: the last part of the response is being sent (a disconnect from now on is the normal end)
-        self.complete = False
-        self.status = 0
-
-    def raw_header(self, name: bytes) -> Optional[bytes]:
-        for key, value in self.scope.get("headers", ()):
-            if key.lower() == name:
-                return bytes(value)
-        return None
-
-    async def body(self) -> bytes:
-        chunks: List[bytes] = []
-        size = 0
-        with anyio.move_on_after(self.io_timeout) as scope:
-            while True:
-                msg = await self.receive()
-                if msg["type"] == "http.disconnect":
-                    raise _Disconnected()
-                chunk = msg.get("body", b"")
-                size += len(chunk)
-                if size > MAX_BODY:
-                    raise oa.ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
-                chunks.append(chunk)
-                if not msg.get("more_body", False):
-                    return b"".join(chunks)
-        assert scope.cancelled_caught
-        raise oa.ApiError(408, f"the request body did not arrive within {self.io_timeout:g} s",
-                          code="request_timeout")
-
-    async def json(self) -> Any:
-        raw = await self.body()
-        try:
-            obj = json.loads(raw)
-        except RecursionError:
-            raise oa.ApiError(400, "the request body is not valid JSON: it is nested too deeply") from None
-        except ValueError as exc:  # (JSONDecodeError, UnicodeDecodeError, an integer of too many digits)
-            raise oa.ApiError(400, f"the request body is not valid JSON: {exc}") from None
-        _check_text(obj)
-        return obj
-
-    async def start(self, status: int, headers: List[Tuple[str, str]]) -> None:
-        self.started = True
-        self.status = status
-        await self.send({"type": "http.response.start", "status": status,
-                         "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]})
-
-    async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.body" and not message.get("more_body", False):
-            self.complete = True  # hypercorn answers this send with http.disconnect on receive()
-        # A client that stops receiving must not hold its request (and its slot) for
-        # ever: a send that cannot complete within io_timeout counts as a disconnect.
-        # (hypercorn shields its socket writes from cancellation; `mullama serve`
-        # bounds those in its server, see _run.py.)
-        with anyio.move_on_after(self.io_timeout) as scope:
-            try:
-                await self._send(message)
-            except OSError as exc:  # the connection is gone (uvicorn's ClientDisconnected is an OSError)
-                raise _Disconnected() from exc
-        if scope.cancelled_caught:
-            raise _Disconnected()
-
-    async def respond(self, status: int, body: bytes, content_type: str,
-                      headers: Sequence[Tuple[str, str]] = ()) -> None:
-        await self.start(status, [("content-type", content_type), ("content-length", str(len(body))), *headers])
-        await self.send({"type": "http.response.body", "body": body})
-
-    async def respond_json(self, status: int, obj: Any, headers: Sequence[Tuple[str, str]] = ()) -> None:
-        await self.respond(status, _dumps(obj), "application/json", headers)
-
-    async def event(self, obj: Any) -> None:
-        """One server-sent event."""
-        await self.send_event(b"data: " + _dumps(obj) + b"\n\n")
-
-    async def send_event(self, data: bytes) -> None:
-        await self.send({"type": "http.response.body", "body": data, "more_body": True})
-
-    async def end_events(self) -> None:
-        await self.send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
-
-
-def _check_text(obj: Any) -> None:
-    """Refuse strings that are not Unicode text: a lone surrogate (``"\\ud800"`` is
-    valid JSON) cannot be encoded, tokenized or echoed."""
-    stack = [obj]
-    while stack:
-        o = stack.pop()
-        if isinstance(o, dict):
-            stack.extend(o.keys())
-            stack.extend(o.values())
-        elif isinstance(o, list):
-            stack.extend(o)
-        elif isinstance(o, str) and not o.isascii():
-            try:
-                o.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise oa.ApiError(400, f"the request holds a lone surrogate ({o[exc.start]!r}) in {o[:40]!r}: "
-                                       "strings must be Unicode text") from None
-
-
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-
-
-def _dumps(obj: Any) -> bytes:
-    return _ENCODER.encode(obj).encode("utf-8")
-
-
-class _EventTemplate:
-    """The bytes of a chunk event around its one changing string: one
-    string encoding per token event instead of a whole dict."""
-
-    _MARK = "\x01mullama\x01"
-
-    def __init__(self, chunk_with_mark: Any) -> None:
-        raw = b"data: " + _dumps(chunk_with_mark) + b"\n\n"
-        self._head, mark, self._tail = raw.partition(_dumps(self._MARK))
-        assert mark, "the chunk holds no mark"
-
-    def render(self, text: str) -> bytes:
-        return self._head + _dumps(text) + self._tail
-
-
-class _DisconnectWatch:
-    disconnected = False
-
-
-@asynccontextmanager
-async def _cancel_on_disconnect(ex: _Exchange) -> AsyncIterator[_DisconnectWatch]:
-    """Run the body in a cancel scope that is cancelled when the client
-    disconnects before the response is complete."""
-    watch = _DisconnectWatch()
-    with unwrap_single():
-        async with anyio.create_task_group() as tg:
-            async def wait_for_disconnect() -> None:
-                while (await ex.receive())["type"] != "http.disconnect":
-                    pass
-                if not ex.complete:
-                    watch.disconnected = True
-                    tg.cancel_scope.cancel()
-
-            tg.start_soon(wait_for_disconnect)
-            try:
-                yield watch
-            finally:
-                tg.cancel_scope.cancel()
 
 
 class OpenAIApp:
@@ -254,7 +92,7 @@ class OpenAIApp:
         #: why the lifespan startup failed, if it did
         self.startup_error: Optional[BaseException] = None
         self._created = int(time.time())
-        self._routes: Dict[str, Tuple[str, Dict[str, Callable[[_Exchange], Awaitable[None]]]]] = {
+        self._routes: Dict[str, Tuple[str, Dict[str, Callable[[Exchange], Awaitable[None]]]]] = {
             "/v1/models": ("models", {"GET": self._list_models}),
             "/v1/completions": ("completions", {"POST": self._completions}),
             "/v1/chat/completions": ("chat_completions", {"POST": self._chat_completions}),
@@ -266,7 +104,7 @@ class OpenAIApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            await self._http(_Exchange(scope, receive, send, self.io_timeout))
+            await self._http(Exchange(scope, receive, send, self.io_timeout))
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
         else:  # websocket: not served
@@ -297,7 +135,7 @@ class OpenAIApp:
                 self.model = None
         await send({"type": "lifespan.shutdown.complete"})
 
-    async def _http(self, ex: _Exchange) -> None:
+    async def _http(self, ex: Exchange) -> None:
         path = ex.scope["path"]
         route = self._routes.get(path)
         if route is None and path.startswith("/v1/models/"):
@@ -317,7 +155,7 @@ class OpenAIApp:
         except oa.ApiError as exc:
             if not ex.started:
                 await self._error(ex, exc)
-        except _Disconnected:
+        except Disconnected:
             ex.status = ex.status if ex.started else 499  # nginx's "client closed request"
         except Exception as exc:
             log.exception("error answering %s %s", ex.scope["method"], path)
@@ -332,13 +170,13 @@ class OpenAIApp:
             # nothing sent and none of the above: an error escaped, which the HTTP server answers with 500
             self.metrics.response(endpoint, ex.status or 500)
 
-    async def _error(self, ex: _Exchange, exc: oa.ApiError) -> None:
+    async def _error(self, ex: Exchange, exc: oa.ApiError) -> None:
         try:
             await ex.respond_json(exc.status, exc.body(), exc.headers)
-        except _Disconnected:
+        except Disconnected:
             pass
 
-    def _check_key(self, ex: _Exchange) -> None:
+    def _check_key(self, ex: Exchange) -> None:
         if self.api_key is None:
             return
         auth = ex.raw_header(b"authorization") or b""
@@ -363,14 +201,14 @@ class OpenAIApp:
     def _model_card(self) -> Dict[str, Any]:
         return {"id": self.model_id, "object": "model", "created": self._created, "owned_by": "mullama"}
 
-    async def _list_models(self, ex: _Exchange) -> None:
+    async def _list_models(self, ex: Exchange) -> None:
         await ex.respond_json(200, {"object": "list", "data": [self._model_card()]})
 
-    async def _get_model(self, ex: _Exchange) -> None:
+    async def _get_model(self, ex: Exchange) -> None:
         self._check_model_name(ex.scope["path"][len("/v1/models/"):])
         await ex.respond_json(200, self._model_card())
 
-    async def _health(self, ex: _Exchange) -> None:
+    async def _health(self, ex: Exchange) -> None:
         model = self.model
         if model is None or not model.is_ready():
             await ex.respond_json(503, {"status": "unavailable", "model": self.model_id})
@@ -378,23 +216,23 @@ class OpenAIApp:
         await ex.respond_json(200, {"status": "ok", "model": self.model_id, "slots": model.config.max_concurrent,
                                     "active": model.active_workers, "waiting": model.waiting})
 
-    async def _metrics(self, ex: _Exchange) -> None:
+    async def _metrics(self, ex: Exchange) -> None:
         text = self.metrics.render(self.model, self.runtime)
         await ex.respond(200, text.encode("utf-8"), CONTENT_TYPE)
 
-    async def _completions(self, ex: _Exchange) -> None:
+    async def _completions(self, ex: Exchange) -> None:
         await self._generate(ex, chat=False)
 
-    async def _chat_completions(self, ex: _Exchange) -> None:
+    async def _chat_completions(self, ex: Exchange) -> None:
         await self._generate(ex, chat=True)
 
     # -- generation -----------------------------------------------------------------------
 
-    async def _generate(self, ex: _Exchange, chat: bool) -> None:
+    async def _generate(self, ex: Exchange, chat: bool) -> None:
         req = oa.parse_request(await ex.json(), chat=chat)
         self._check_model_name(req.model)
         model = self._ready()
-        async with _cancel_on_disconnect(ex) as watch:
+        async with cancel_on_disconnect(ex) as watch:
             tokens = await self._prompt_tokens(model, req)
             if req.sampling.get("frequency_penalty") or req.sampling.get("presence_penalty"):
                 # OpenAI's penalties count every token so far, not only the last 64
@@ -409,7 +247,7 @@ class OpenAIApp:
                         await self._stream_events(ex, model, req, stream, ids, len(tokens))
                     else:
                         await self._respond_whole(ex, model, req, stream, ids, len(tokens))
-            except _Disconnected:  # (a write failed, or made no progress for io_timeout)
+            except Disconnected:  # (a write failed, or made no progress for io_timeout)
                 watch.disconnected = True
                 raise
             except anyio.get_cancelled_exc_class():
@@ -419,7 +257,7 @@ class OpenAIApp:
                         try:
                             await _end_stream_with(ex, ClosedError("the server is shutting down"),
                                                    "messages" if chat else "prompt")
-                        except _Disconnected:
+                        except Disconnected:
                             pass
                 raise
             except Exception as exc:
@@ -427,7 +265,7 @@ class OpenAIApp:
                 if ex.started:  # a stream has answered 200 already: the error goes into it, as OpenAI does
                     try:
                         await _end_stream_with(ex, exc, param)
-                    except _Disconnected:
+                    except Disconnected:
                         watch.disconnected = True
                         raise
                 elif isinstance(exc, MullamaError):
@@ -441,7 +279,7 @@ class OpenAIApp:
                     self.metrics.generation(stream.metrics(), time.perf_counter() - t0,
                                             "disconnected" if watch.disconnected else None)
         if watch.disconnected:
-            raise _Disconnected()
+            raise Disconnected()
 
     async def _prompt_tokens(self, model: AsyncModel, req: oa.GenerationRequest) -> List[int]:
         try:
@@ -479,7 +317,7 @@ class OpenAIApp:
             return oa.chat_logprobs(toks, pieces)
         return oa.completion_logprobs(toks, pieces, offset)
 
-    async def _respond_whole(self, ex: _Exchange, model: AsyncModel, req: oa.GenerationRequest, stream: Any,
+    async def _respond_whole(self, ex: Exchange, model: AsyncModel, req: oa.GenerationRequest, stream: Any,
                              ids: oa.ResponseIds, n_prompt: int) -> None:
         toks: List[TokenData] = []
         async for batch in stream.batches():
@@ -495,7 +333,7 @@ class OpenAIApp:
                                           self._logprobs(model, req, toks, len(prefix)))
         await ex.respond_json(200, body)
 
-    async def _stream_events(self, ex: _Exchange, model: AsyncModel, req: oa.GenerationRequest, stream: Any,
+    async def _stream_events(self, ex: Exchange, model: AsyncModel, req: oa.GenerationRequest, stream: Any,
                              ids: oa.ResponseIds, n_prompt: int) -> None:
         prefix = await self._prompt_text(model, req) if req.echo else ""
         await ex.start(200, [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache"),
@@ -507,8 +345,8 @@ class OpenAIApp:
             await ex.event(oa.completion_chunk(ids, prefix, with_usage=usage))
         offset = len(prefix)
         n = 0
-        mark = _EventTemplate._MARK
-        template = _EventTemplate(oa.chat_chunk(ids, {"content": mark}, with_usage=usage) if req.chat
+        mark = EventTemplate.MARK
+        template = EventTemplate(oa.chat_chunk(ids, {"content": mark}, with_usage=usage) if req.chat
                                   else oa.completion_chunk(ids, mark, with_usage=usage))
         async for batch in stream.batches():
             n += len(batch)
@@ -533,7 +371,7 @@ class OpenAIApp:
         await ex.end_events()
 
 
-async def _end_stream_with(ex: _Exchange, exc: Exception, param: str) -> None:
+async def _end_stream_with(ex: Exchange, exc: Exception, param: str) -> None:
     """End a started event stream with an error event (OpenAI's way), then ``[DONE]``."""
     if isinstance(exc, MullamaError):
         body = _api_error(exc, param).body()
