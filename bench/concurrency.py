@@ -105,7 +105,7 @@ async def ttft(model_path: Path, threads: int, requests: int, repeat: int = 1, s
         results = []
 
         async def one():
-            results.append(await model.complete(PROMPT, config=StreamConfig.greedy(32)))
+            results.append(await model.generate(PROMPT, config=StreamConfig.greedy(32)))
 
         for _ in range(repeat):
             async with anyio.create_task_group() as tg:

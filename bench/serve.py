@@ -219,7 +219,7 @@ async def short_requests(model: AsyncModel, client: httpx.AsyncClient, model_id:
         t1 = time.perf_counter()
         (await client.post("/completions", json=body)).raise_for_status()
         t2 = time.perf_counter()
-        await model.complete(PROMPTS[0], config=StreamConfig.greedy(1))
+        await model.generate(PROMPTS[0], config=StreamConfig.greedy(1))
         t3 = time.perf_counter()
         if i >= 5:
             served.append((t2 - t1) * 1e3)

@@ -64,9 +64,9 @@ async def soak(model_path: Path, requests: int, seed: int, max_tokens: int = 48,
 
         async def complete(target: str, prompt: str) -> str:
             if target == "model":
-                return await model.generate(prompt, config=cfg)
+                return await model.generate_text(prompt, config=cfg)
             async with pool.acquire() as member:
-                return await member.generate(prompt, config=cfg)
+                return await member.generate_text(prompt, config=cfg)
 
         async def stream_some(target: str, prompt: str, keep: int) -> None:
             async def read(stream) -> None:

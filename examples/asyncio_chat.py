@@ -27,7 +27,7 @@ async def main(model_path: str) -> None:
             print(f"{q} -> {a.text.strip()!r} ({a.finish_reason}, {a.metrics.time_to_first_token_ms:.0f} ms to first token)")
 
         # 3. a timeout cancels the generation inside llama.cpp; the model is ready again at once
-        counting = model.generate("1, 2, 3, 4,", max_tokens=1500, config=mullama.StreamConfig.greedy())
+        counting = model.generate_text("1, 2, 3, 4,", max_tokens=1500, config=mullama.StreamConfig.greedy())
         try:
             print("finished within the timeout:", len(await asyncio.wait_for(counting, timeout=0.5)), "chars")
         except asyncio.TimeoutError:

@@ -46,8 +46,8 @@ async def main(model_path: str, deadline: float) -> None:
             # on a slow machine a prompt may not even be evaluated before the deadline: 0 chars
             print(f"  {name:8} {len(got['text']):4} chars, {got['state']}: {PROMPTS[name]}{got['text'][:60]!r}")
         print("generations still running:", model.active_workers)
-        print("next request:", repr(await model.generate("The largest planet is", max_tokens=8,
-                                                          config=mullama.StreamConfig.greedy())))
+        print("next request:", repr(await model.generate_text("The largest planet is", max_tokens=8,
+                                                               config=mullama.StreamConfig.greedy())))
 
 
 if __name__ == "__main__":

@@ -135,6 +135,11 @@ class Context(Owner):
         """The conversation so far, as token ids."""
         return self._core.tokens
 
+    def kv_used(self) -> int:
+        """KV cells in use: the conversation's tokens already evaluated into
+        the cache (``n_past`` may count one more, sampled and not yet decoded)."""
+        return self._core.n_kv
+
     def reset(self) -> None:
         """Forget the conversation (empties the KV cache)."""
         self._core.claim()
@@ -191,19 +196,20 @@ class Context(Owner):
 
     # -- low level: decode and read logits ------------------------------------
 
-    def eval(self, tokens: Sequence[int]) -> None:
+    def eval(self, tokens: Sequence[int], *, clear_cancel: bool = True) -> None:
         """Append *tokens* to the context and evaluate them (prompt processing).
+
+        *clear_cancel*: forget an earlier :meth:`cancel` first (async code
+        passes False: it clears the flag itself, before its worker starts, so
+        that a cancellation from then on counts).
 
         Raises:
             InvalidTokenError, ContextOverflowError, AbortedError (cancel()).
         """
-        self._eval(tokens, clear_cancel=True)
-
-    def _eval(self, tokens: Sequence[int], clear_cancel: bool) -> None:
         toks = token_list(tokens)
         self._core.claim()
         try:
-            if clear_cancel:  # the async side clears the flag itself, before its worker starts
+            if clear_cancel:
                 self._core.clear_cancel()
             if self._core.decode(toks) == _core.STATUS_ABORTED:
                 raise AbortedError("the evaluation was cancelled")

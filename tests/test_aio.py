@@ -38,8 +38,8 @@ async def load_tiny(path, **kw):
 async def test_generate_equals_sync(tiny_model_path, baseline):
     async with await load_tiny(tiny_model_path) as model:
         assert model.is_ready()
-        assert await model.generate("once upon", config=GREEDY) == baseline.text
-        done = await model.complete("once upon", config=GREEDY)
+        assert await model.generate_text("once upon", config=GREEDY) == baseline.text
+        done = await model.generate("once upon", config=GREEDY)
         assert done.tokens == baseline.tokens and done.finish_reason == baseline.finish_reason
     assert not model.is_ready()
 
@@ -74,7 +74,7 @@ async def test_cancel_during_decode(tiny_model_path, baseline):
         assert scope.cancelled_caught and len(got) == 20
         assert model.active_workers == 0  # no thread is still generating
         assert model.kv_used() == 0  # its KV cells are released
-        assert await model.generate("once upon", config=GREEDY) == baseline.text
+        assert await model.generate_text("once upon", config=GREEDY) == baseline.text
 
 
 async def test_move_on_after_during_decode(tiny_model_path, baseline):
@@ -83,7 +83,7 @@ async def test_move_on_after_during_decode(tiny_model_path, baseline):
             await model.generate("abc", config=LONG)
         assert scope.cancelled_caught
         assert model.active_workers == 0
-        assert await model.generate("once upon", config=GREEDY) == baseline.text
+        assert await model.generate_text("once upon", config=GREEDY) == baseline.text
 
 
 async def test_fail_after_during_decode(tiny_model_path, baseline):
@@ -96,7 +96,7 @@ async def test_fail_after_during_decode(tiny_model_path, baseline):
         assert stream.finish_reason == "cancelled"
         assert model.active_workers == 0
         assert model.kv_used() == 0
-        assert await model.generate("once upon", config=GREEDY) == baseline.text
+        assert await model.generate_text("once upon", config=GREEDY) == baseline.text
 
 
 async def test_cancel_during_prefill(default_model_path):
@@ -120,7 +120,7 @@ async def test_cancel_generate_during_prefill(default_model_path):
         assert scope.cancelled_caught
         assert stream.finish_reason in (None, "cancelled")
         assert model.active_workers == 0
-        assert "Paris" in await model.generate("The capital of France is", 8, StreamConfig.greedy())
+        assert "Paris" in await model.generate_text("The capital of France is", 8, StreamConfig.greedy())
 
 
 async def test_consumer_breaks_out(tiny_model_path, baseline):
@@ -136,7 +136,7 @@ async def test_consumer_breaks_out(tiny_model_path, baseline):
             with pytest.raises(StopAsyncIteration):
                 await stream.__anext__()
         assert model.active_workers == 0
-        assert await model.generate("once upon", config=GREEDY) == baseline.text
+        assert await model.generate_text("once upon", config=GREEDY) == baseline.text
 
 
 async def test_exception_in_consumer(tiny_model_path, baseline):
@@ -149,7 +149,7 @@ async def test_exception_in_consumer(tiny_model_path, baseline):
                 async for _ in stream:
                     raise Boom()
         assert model.active_workers == 0
-        assert await model.generate("once upon", config=GREEDY) == baseline.text
+        assert await model.generate_text("once upon", config=GREEDY) == baseline.text
 
 
 async def test_timeout(tiny_model_path, baseline):
@@ -159,7 +159,7 @@ async def test_timeout(tiny_model_path, baseline):
         assert isinstance(info.value, TimeoutError)
         assert model.active_workers == 0
     async with await load_tiny(tiny_model_path, timeout_ms=None) as model:
-        assert await model.generate("once upon", config=GREEDY) == baseline.text
+        assert await model.generate_text("once upon", config=GREEDY) == baseline.text
 
 
 async def test_cancel_while_waiting_for_capacity(tiny_model_path, baseline):
@@ -183,7 +183,7 @@ async def test_cancel_while_waiting_for_capacity(tiny_model_path, baseline):
             assert model.active_workers == 1  # only the holder runs
             release.set()
         assert model.active_workers == 0
-        assert await model.generate("once upon", config=GREEDY) == baseline.text
+        assert await model.generate_text("once upon", config=GREEDY) == baseline.text
 
 
 async def test_cancel_while_loading(tiny_model_path):
@@ -323,8 +323,6 @@ async def test_async_context_one_task_at_a_time(tiny_model_path):
 
         async def second():
             await first_started.wait()
-            with pytest.raises(mullama.BusyError):
-                await ctx.generate("x", 2, wait=False)
             await ctx.generate("x", 2, StreamConfig.greedy())  # waits its turn
             order.append("second")
 
@@ -375,7 +373,7 @@ async def test_asyncio_task_cancel(tiny_model_path, baseline):
         with pytest.raises(asyncio.CancelledError):
             await task
         assert model.active_workers == 0
-        assert await model.generate("once upon", config=GREEDY) == baseline.text
+        assert await model.generate_text("once upon", config=GREEDY) == baseline.text
 
 
 @pytest.mark.parametrize("anyio_backend", ["trio"])
@@ -389,7 +387,7 @@ async def test_trio_nursery_cancel(tiny_model_path, baseline):
                 await trio.sleep(0.001)
             nursery.cancel_scope.cancel()
         assert model.active_workers == 0
-        assert await model.generate("once upon", config=GREEDY) == baseline.text
+        assert await model.generate_text("once upon", config=GREEDY) == baseline.text
 
 
 async def test_worker_error_reaches_caller_bare(tiny_model_path, baseline):
@@ -399,7 +397,7 @@ async def test_worker_error_reaches_caller_bare(tiny_model_path, baseline):
         with pytest.raises(mullama.InvalidTokenError):
             await model.generate([1, 99999], config=GREEDY)
         assert model.active_workers == 0
-        assert await model.generate("once upon", config=GREEDY) == baseline.text
+        assert await model.generate_text("once upon", config=GREEDY) == baseline.text
 
 
 async def test_stream_in_batches(tiny_model_path, baseline):
@@ -464,7 +462,7 @@ async def test_a_stuck_consumer_loses_its_slot_at_the_deadline(default_model_pat
                     assert stream.finish_reason == "timeout"  # the engine ended it
                 async for _ in stream:
                     pass
-        got = await model.complete("once upon", config=StreamConfig.greedy(4))
+        got = await model.generate("once upon", config=StreamConfig.greedy(4))
         assert len(got.tokens) == 4
 
 
@@ -544,7 +542,7 @@ async def test_an_async_model_or_pool_dropped_open_warns_and_is_closed(tiny_mode
     from mullama.aio import ModelPool
 
     model = await AsyncModel.load(tiny_model_path, context_size=256, threads=1, max_concurrent=2)
-    assert (await model.complete("once upon", 2, StreamConfig.greedy())).tokens
+    assert (await model.generate("once upon", 2, StreamConfig.greedy())).tokens
     conv = await model.create_context()
     owned = [o for o in _core._live if getattr(o, "model", None) is model.model._core] + [model.model._core]
     thread = model._engine._thread
@@ -609,8 +607,36 @@ async def test_async_model_calls_do_not_need_anyio_default_thread_slots(tiny_mod
         assert await without_default_threads(model.tokenize_chat, [{"role": "user", "content": "hi"}],
                                              template="chatml")
         assert (await without_default_threads(model.model_info)).n_vocab == tiny_model.info.n_vocab
-        assert (await without_default_threads(model.complete, "once upon", 4)).tokens  # its prompt tokenized
+        assert (await without_default_threads(model.generate, "once upon", 4)).tokens  # its prompt tokenized
         conv = await without_default_threads(model.create_context, 256)
         await conv.aclose()
         await without_default_threads(model.aclose)
     assert not model.is_ready()
+
+
+async def test_one_meaning_of_generate_and_kv_used(tiny_model_path, tiny_model):
+    """generate() returns a Completion on the model, a conversation and a pool member alike;
+    generate_text() is its text. kv_used() counts KV cells everywhere: a model's include its
+    conversations', a pool's its members'."""
+    from mullama.aio import ModelPool
+
+    want = tiny_model.create_context(256, threads=1)
+    try:
+        expected = want.generate("once upon", StreamConfig.greedy(6))
+    finally:
+        want.close()
+    async with await load_tiny(tiny_model_path) as model:
+        done = await model.generate("once upon", 6, StreamConfig.greedy())
+        assert isinstance(done, mullama.Completion) and done.tokens == expected.tokens
+        assert await model.generate_text("once upon", 6, StreamConfig.greedy()) == expected.text
+        async with await model.create_context(256) as conv:
+            assert (await conv.generate("once upon", 6, StreamConfig.greedy())).tokens == expected.tokens
+            assert conv.kv_used() == conv.n_past - 1 > 0  # the last token waits for the next call
+            assert model.kv_used() == conv.kv_used()
+            assert await conv.generate_text(" and", 2, StreamConfig.greedy())
+        assert model.kv_used() == 0
+    async with ModelPool(AsyncConfig(tiny_model_path, context_size=256, threads=1), 2) as pool:
+        async with pool.acquire() as m:
+            assert (await m.generate("once upon", 6, StreamConfig.greedy())).text == expected.text
+            assert pool.kv_used() == m.kv_used() > 0
+            assert await m.generate_text(" and", 2, StreamConfig.greedy())

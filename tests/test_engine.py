@@ -30,7 +30,7 @@ async def run_all(model, prompts, configs):
     results = [None] * len(prompts)
 
     async def one(i):
-        results[i] = await model.complete(prompts[i], config=configs[i])
+        results[i] = await model.generate(prompts[i], config=configs[i])
 
     async with anyio.create_task_group() as tg:
         for i in range(len(prompts)):
@@ -76,7 +76,7 @@ async def test_cancelling_one_leaves_the_others_unchanged(tiny_model_path):
         results = {}
 
         async def keep(i):
-            results[i] = await model.complete(PROMPTS[i], config=cfg)
+            results[i] = await model.generate(PROMPTS[i], config=cfg)
 
         async def cancel_after(n):
             with anyio.CancelScope() as scope:
@@ -132,7 +132,7 @@ async def test_no_queue_still_fills_every_slot(tiny_model_path):
             await two.__anext__()
             with pytest.raises(mullama.OverloadedError, match="all 2 slots are busy and 0 requests are waiting"):
                 await model.generate("x", config=StreamConfig.greedy(3))
-        assert await model.generate("q", config=StreamConfig.greedy(3))
+        assert await model.generate_text("q", config=StreamConfig.greedy(3))
 
 
 async def test_prompt_too_long_refused_up_front(tiny_model_path):
@@ -143,7 +143,7 @@ async def test_prompt_too_long_refused_up_front(tiny_model_path):
         assert model.waiting == 0 and model.active_workers == 0
         with pytest.raises(mullama.ContextOverflowError, match=r"prompt \(502 tokens\).*\(256 tokens\)"):
             await model.generate("a" * 1000, config=StreamConfig.greedy(5))
-        assert await model.generate("ab", config=StreamConfig.greedy(5))
+        assert await model.generate_text("ab", config=StreamConfig.greedy(5))
 
 
 async def test_metrics_add_up(tiny_model_path):
@@ -168,7 +168,7 @@ async def test_slow_consumer_pauses_only_its_own_sequence(default_model_path):
     async with await AsyncModel.load(default_model_path, max_concurrent=2, context_size=2048) as model:
         async with model.generate_stream("Once upon a time", StreamConfig.greedy(1000)) as slow:
             await slow.__anext__()  # then it stops reading
-            fast = await model.complete("Once upon a time", config=StreamConfig.greedy(64))
+            fast = await model.generate("Once upon a time", config=StreamConfig.greedy(64))
             assert fast.finish_reason == "length"  # the other request ran to its end meanwhile
             stalled = len(slow._run.tokens)
             assert stalled < 32  # paused after a few buffered batches, not generating on

@@ -88,11 +88,11 @@ async def test_pool_used_from_two_loops_at_once(tiny_model_path, other):
             got = await in_other_loop(other, pool.aclose)
             assert isinstance(got, mullama.LoopConflictError), repr(got)
             assert pool.is_ready()
-            assert (await member.complete("once upon", config=GREEDY)).tokens
+            assert (await member.generate("once upon", config=GREEDY)).tokens
 
         async def use():
             async with pool.acquire() as m:
-                return await m.generate("once upon", config=GREEDY)
+                return await m.generate_text("once upon", config=GREEDY)
 
         assert isinstance(await in_other_loop(other, use), str)  # free again: any loop
         assert await use()
@@ -103,10 +103,10 @@ async def test_pool_used_from_two_loops_at_once(tiny_model_path, other):
 async def test_async_model_serves_two_loops_at_once(tiny_model_path, other):
     # the batching engine's requests have no loop-bound parts: both loops are served
     async with await load_tiny(tiny_model_path) as model:
-        expected = await model.generate("once upon", config=GREEDY)
+        expected = await model.generate_text("once upon", config=GREEDY)
         async with model.generate_stream("once upon", StreamConfig.greedy(64)) as stream:
             await stream.__anext__()
-            assert await in_other_loop(other, model.generate, "once upon", None, GREEDY) == expected
+            assert await in_other_loop(other, model.generate_text, "once upon", None, GREEDY) == expected
             async for _ in stream:
                 pass
 
@@ -372,7 +372,7 @@ async def test_async_objects_cannot_be_pickled_or_copied(tiny_model_path):
             with pytest.raises(mullama.NotCopyableError, match=f"{name} cannot be copied"):
                 copy.copy(obj)
         assert model.is_ready()
-        assert await conv.generate("once upon", 4)
+        assert await conv.generate_text("once upon", 4)
     config = AsyncConfig(tiny_model_path, context_size=256, threads=1, timeout_ms=None)
     async with ModelPool(config, size=1) as pool:
         with pytest.raises(mullama.NotCopyableError, match="a ModelPool cannot be pickled.*AsyncConfig"):

@@ -35,7 +35,7 @@ async def test_members_share_one_model_and_generate_like_sync(config, expected):
         assert len(members) == 3 and all(m._ctx.model is pool.model for m in members)
         async with pool.acquire() as m:
             assert pool.stats() == PoolStats(size=3, available=2, in_use=1, waiting=0)
-            assert await m.generate("once upon", config=GREEDY) == expected.text
+            assert await m.generate_text("once upon", config=GREEDY) == expected.text
             assert await m.tokenize("hi") == pool.model.tokenize("hi")
             assert (await m.model_info()).n_vocab == pool.model.n_vocab
         assert pool.stats() == PoolStats(size=3, available=3, in_use=0, waiting=0)
@@ -46,12 +46,13 @@ async def test_members_share_one_model_and_generate_like_sync(config, expected):
 async def test_member_keeps_its_conversation_until_released(config, expected):
     async with ModelPool(config, 1) as pool:
         m = await pool.acquire()  # the awaitable form
-        first = await m.complete("once upon", config=GREEDY)
+        first = await m.generate("once upon", config=GREEDY)
         assert first.tokens == expected.tokens
         await m.generate(" and then", max_tokens=4)
         held = m.n_past
         assert held > len(first.tokens)
-        assert pool.kv_used() == held
+        # KV cells: every token but the last sampled one, which the next call evaluates first
+        assert pool.kv_used() == m.kv_used() == held - 1
         await pool.release(m)
         assert pool.kv_used() == 0
         with pytest.raises(mullama.ClosedError, match="released"):
@@ -59,7 +60,7 @@ async def test_member_keeps_its_conversation_until_released(config, expected):
         await pool.release(m)  # idempotent
         async with pool.acquire() as again:
             assert again.n_past == 0  # reset on release
-            assert (await again.complete("once upon", config=GREEDY)).tokens == expected.tokens
+            assert (await again.generate("once upon", config=GREEDY)).tokens == expected.tokens
 
 
 async def test_never_more_than_size_members(config, expected):
@@ -75,7 +76,7 @@ async def test_never_more_than_size_members(config, expected):
                 s = pool.stats()
                 assert s.in_use <= size and s.size == size
                 waiting_seen = max(waiting_seen, s.waiting)
-                texts.append(await m.generate("once upon", config=GREEDY))
+                texts.append(await m.generate_text("once upon", config=GREEDY))
                 in_use -= 1
 
         async with anyio.create_task_group() as tg:
@@ -90,11 +91,11 @@ async def test_never_more_than_size_members(config, expected):
         assert count == 7 and total_ms > 0
 
 
-async def test_wait_false_and_cancel_while_waiting(config):
+async def test_acquire_nowait_and_cancel_while_waiting(config):
     async with ModelPool(config, 1) as pool:
         async with pool.acquire() as held:
             with pytest.raises(mullama.BusyError, match="in use"):
-                await pool.acquire(wait=False)
+                await pool.acquire_nowait()
             with anyio.move_on_after(0.05) as scope:
                 await pool.acquire()
             assert scope.cancelled_caught
@@ -156,7 +157,7 @@ async def test_member_whose_reset_fails_is_replaced(config, expected):
 
         async def use():
             async with pool.acquire() as m:
-                results.append(await m.generate("once upon", config=GREEDY))
+                results.append(await m.generate_text("once upon", config=GREEDY))
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(use)
@@ -183,19 +184,19 @@ async def test_resize_up_and_down_under_load(config, expected):
             await wait_until(lambda: pool.stats().available == 0)  # the idle member went at once
             assert pool.stats() == PoolStats(size=3, available=0, in_use=3, waiting=0)
             # in-use members finish their work first
-            assert await a.generate("once upon", config=GREEDY) == expected.text
+            assert await a.generate_text("once upon", config=GREEDY) == expected.text
             await pool.release(a)
             assert pool.stats() == PoolStats(size=2, available=0, in_use=2, waiting=0)
             assert not done.is_set()
             await pool.release(b)
             await wait_until(done.is_set)
             assert pool.stats() == PoolStats(size=1, available=0, in_use=1, waiting=0)
-            assert await c.generate("once upon", config=GREEDY) == expected.text  # untouched by the shrink
+            assert await c.generate_text("once upon", config=GREEDY) == expected.text  # untouched by the shrink
             await pool.release(c)
         assert pool.target_size == 1 and pool.stats() == PoolStats(size=1, available=1, in_use=0, waiting=0)
         assert len(pool._conversations) == 1
         async with pool.acquire() as m:
-            assert await m.generate("once upon", config=GREEDY) == expected.text
+            assert await m.generate_text("once upon", config=GREEDY) == expected.text
 
 
 async def test_a_later_resize_ends_a_waiting_shrink(config):
@@ -278,7 +279,7 @@ async def test_an_empty_pool_fails_waiters_and_recovers_by_resize(config, expect
         model.create_context = create
         await pool.resize(1)
         async with pool.acquire() as m:
-            assert await m.generate("once upon", config=GREEDY) == expected.text
+            assert await m.generate_text("once upon", config=GREEDY) == expected.text
 
 
 async def test_cancel_mid_generation_then_member_is_clean(config, expected):
@@ -291,7 +292,7 @@ async def test_cancel_mid_generation_then_member_is_clean(config, expected):
         assert scope.cancelled_caught
         async with pool.acquire() as m:
             assert m.n_past == 0
-            assert await m.generate("once upon", config=GREEDY) == expected.text
+            assert await m.generate_text("once upon", config=GREEDY) == expected.text
         assert pool.kv_used() == 0
 
 

@@ -99,12 +99,12 @@ async def test_models_generations_are_counted(tiny_model_path, expected):
         assert rt.metrics().total_generations == 0 and rt.metrics().avg_generation_ms == 0.0
 
         async def on_model():
-            assert await model.generate("once upon", config=GREEDY) == expected.text
+            assert await model.generate_text("once upon", config=GREEDY) == expected.text
             assert any(t.name == "rt-engine-1" for t in threading.enumerate())
 
         async def on_pool():
             async with pool.acquire() as m:
-                assert await m.generate("once upon", config=GREEDY) == expected.text
+                assert await m.generate_text("once upon", config=GREEDY) == expected.text
 
         handles = [rt.spawn(on_model) for _ in range(3)] + [rt.spawn(on_pool) for _ in range(2)]
         for h in handles:

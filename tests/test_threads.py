@@ -257,7 +257,7 @@ async def test_engine_watchdog_retries_keep_outputs(tiny_model_path, anyio_backe
     prompts = ["one two three", "the quick brown fox", "hello", "a b c d e f"]
     async with await AsyncModel.load(tiny_model_path, max_concurrent=4, threads=2, context_size=256,
                                      adaptive_threads=False) as fixed:
-        want = [await fixed.generate(p, max_tokens=40, config=StreamConfig.greedy()) for p in prompts]
+        want = [await fixed.generate_text(p, max_tokens=40, config=StreamConfig.greedy()) for p in prompts]
     async with await AsyncModel.load(tiny_model_path, max_concurrent=4, threads=2, context_size=256) as model:
         model._engine._core._set_watchdog(1e-9)
         import anyio
@@ -265,7 +265,7 @@ async def test_engine_watchdog_retries_keep_outputs(tiny_model_path, anyio_backe
         got = [None] * len(prompts)
 
         async def one(i):
-            got[i] = await model.generate(prompts[i], max_tokens=40, config=StreamConfig.greedy())
+            got[i] = await model.generate_text(prompts[i], max_tokens=40, config=StreamConfig.greedy())
 
         async with anyio.create_task_group() as tg:
             for i in range(len(prompts)):

@@ -7,7 +7,7 @@ import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncContextManager, AsyncIterator, Callable, List, Optional, Sequence, Union
+from typing import AsyncContextManager, AsyncIterator, Callable, List, Optional, Protocol, Sequence, Union
 
 import anyio
 import anyio.from_thread
@@ -18,13 +18,13 @@ from .._chat import Message, chat_tokens, check_messages
 from .._config import StreamConfig, check_int, resolve_threads, token_list
 from .._context import Context, Prompt, ThreadStats
 from .._generation import Completion
-from .._errors import AbortedError, BusyError, InvalidConfigError
+from .._errors import InvalidConfigError
 from .._engine import MAX_SEQUENCES, Engine
 from .._model import Model, ModelInfo
 from .._owner import Owner, Uncopyable
 from ._loop import LoopBinding, LoopLimiters
 from ._stream import (TokenStream, Workers, check_open, deadline, open_engine_stream, open_token_stream,
-                      run_in_thread, unwrap_single)
+                      run_cancellable, run_in_thread)
 
 __all__ = ["AsyncConfig", "AsyncModel", "AsyncContext"]
 
@@ -142,6 +142,7 @@ class AsyncModel(Owner):
         def load() -> "tuple[Model, Engine]":
             model = load_model(config, progress)
             try:
+                assert config.threads is not None  # resolved by AsyncConfig
                 engine = Engine(model, config.max_concurrent, config.context_size, config.threads,
                                 config.flash_attention, config.max_queue, adaptive_threads=config.adaptive_threads)
                 if thread_name is not None:
@@ -193,8 +194,9 @@ class AsyncModel(Owner):
         return self._engine.ctx_per_seq
 
     def kv_used(self) -> int:
-        """KV cells the engine's requests hold (0 when none runs)."""
-        return self._engine.kv_cells
+        """KV cells in use: the engine's requests' (0 when none runs) and its
+        open conversations' (:meth:`AsyncContext.kv_used`)."""
+        return self._engine.kv_cells + sum(c.kv_used() for c in list(self._conversations) if not c.closed)
 
     @property
     def tokens_in_flight(self) -> int:
@@ -293,14 +295,14 @@ class AsyncModel(Owner):
                 yield stream
 
     async def generate(self, prompt: Prompt, max_tokens: Optional[int] = None,
-                       config: Optional[StreamConfig] = None) -> str:
-        """Generate a completion of *prompt* and return its text."""
-        return (await self.complete(prompt, max_tokens, config)).text
-
-    async def complete(self, prompt: Prompt, max_tokens: Optional[int] = None,
                        config: Optional[StreamConfig] = None) -> Completion:
-        """Like :meth:`generate`, returning the whole :class:`~mullama.Completion`."""
+        """Generate a completion of *prompt* and return the :class:`~mullama.Completion`."""
         return await drain(self.generate_stream(prompt, _with_max_tokens(config, max_tokens)))
+
+    async def generate_text(self, prompt: Prompt, max_tokens: Optional[int] = None,
+                            config: Optional[StreamConfig] = None) -> str:
+        """The convenience: :meth:`generate`'s text alone."""
+        return (await self.generate(prompt, max_tokens, config)).text
 
     async def chat(self, messages: Sequence[Message], config: Optional[StreamConfig] = None, *,
                    max_tokens: Optional[int] = None, template: Optional[str] = None) -> Completion:
@@ -348,23 +350,37 @@ class AsyncModel(Owner):
         return conv
 
 
+class ConversationOwner(Protocol):
+    """What an :class:`AsyncContext` relies on in the object that made it (an
+    :class:`AsyncModel`, or a :class:`~mullama.aio.ModelPool` for its members)."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def config(self) -> AsyncConfig: ...
+
+    #: its open conversations (an AsyncContext leaves it when closed)
+    _conversations: "set[AsyncContext]"
+
+    def _record_generation(self, ms: float) -> None:
+        """Count a finished conversation call that took *ms* (its runtime metrics)."""
+
+
 class AsyncContext(Uncopyable):
     """One conversation with its own KV cache, for async code.
 
     Each call continues the conversation. One task uses it at a time: a second
-    task waits, or gets :class:`~mullama.BusyError` if it passes ``wait=False``.
-    A task of another event loop (another thread, or asyncio and trio) cannot
-    wait for it: while it is in use, such a call raises
-    :class:`~mullama.LoopConflictError` at once.
+    task waits its turn (first come, first served; bound the wait with a
+    cancel scope such as ``anyio.fail_after``). A task of another event loop
+    (another thread, or asyncio and trio) cannot wait for it: while it is in
+    use, such a call raises :class:`~mullama.LoopConflictError` at once.
     """
-
-    # its owner (an AsyncModel or a ModelPool) provides ``_closed``,
-    # ``_config.timeout_ms``, ``_conversations`` and ``_record_generation(ms)``
 
     _copy_hint = ("create a context in the other process (save_state() and load_state() move a "
                   "conversation); a copy would share the KV cache")
 
-    def __init__(self, owner: AsyncModel, ctx: Context) -> None:
+    def __init__(self, owner: ConversationOwner, ctx: Context) -> None:
         self._owner = owner
         self._ctx = ctx
         self._lock = anyio.Lock()
@@ -390,44 +406,50 @@ class AsyncContext(Uncopyable):
     def tokens(self) -> List[int]:
         return self._ctx.tokens
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def kv_used(self) -> int:
+        """KV cells the conversation holds (its tokens evaluated into the cache; 0 once closed)."""
+        return 0 if self._closed else self._ctx.kv_used()
+
     @asynccontextmanager
-    async def _use(self, wait: bool) -> AsyncIterator[Context]:
-        check_open(self._closed or self._owner._closed, "AsyncContext")
+    async def _use(self) -> AsyncIterator[Context]:
+        check_open(self._closed or self._owner.closed, "AsyncContext")
         if self._loop.enter():  # LoopConflictError if another loop is using it
             self._lock = anyio.Lock()  # the old ones belong to the last loop (and nobody holds them)
             self._limiter = None
         try:
-            if not wait and self._lock.locked():
-                raise BusyError("the context is in use by another task (wait=False)")
             async with self._lock:
-                check_open(self._closed or self._owner._closed, "AsyncContext")
+                check_open(self._closed or self._owner.closed, "AsyncContext")
                 yield self._ctx
         finally:
             self._loop.leave()
 
-    def generate_stream(self, prompt: Prompt, config: Optional[StreamConfig] = None, *,
-                        wait: bool = True) -> AsyncContextManager[TokenStream]:
+    def generate_stream(self, prompt: Prompt,
+                        config: Optional[StreamConfig] = None) -> AsyncContextManager[TokenStream]:
         """Continue the conversation with *prompt* (text or token ids), streaming tokens.
 
         A stream left early keeps in the conversation only the tokens the
         consumer received.
         """
-        return self._open_stream(prompt, config, wait)
+        return self._open_stream(prompt, config)
 
     def chat_stream(self, messages: Sequence[Message], config: Optional[StreamConfig] = None, *,
-                    template: Optional[str] = None, wait: bool = True) -> AsyncContextManager[TokenStream]:
+                    template: Optional[str] = None) -> AsyncContextManager[TokenStream]:
         """Stream the assistant's answer to *messages* (the whole conversation,
         earlier answers included as ``"assistant"`` messages). The tokens the
         conversation shares with what this context holds are not evaluated
         again, so a turn costs only its new tokens."""
         check_messages(messages)
         return self._open_stream(functools.partial(Context.chat_prompt, messages=messages, template=template),
-                                 config, wait)
+                                 config)
 
     @asynccontextmanager
     async def _open_stream(self, prompt: Union[Prompt, Callable[[Context], List[int]]],
-                           config: Optional[StreamConfig], wait: bool) -> AsyncIterator[TokenStream]:
-        async with deadline(self._owner._config.timeout_ms), self._use(wait) as ctx:
+                           config: Optional[StreamConfig]) -> AsyncIterator[TokenStream]:
+        async with deadline(self._owner.config.timeout_ms), self._use() as ctx:
             if callable(prompt):
                 prompt = await run_in_thread(prompt, ctx, limiter=self._threads())
             stream: Optional[TokenStream] = None
@@ -445,41 +467,46 @@ class AsyncContext(Uncopyable):
                         await run_in_thread(ctx.truncate, keep, limiter=self._threads())
 
     async def generate(self, prompt: Prompt, max_tokens: Optional[int] = None,
-                       config: Optional[StreamConfig] = None, *, wait: bool = True) -> Completion:
+                       config: Optional[StreamConfig] = None) -> Completion:
         """Continue the conversation and return the :class:`~mullama.Completion`."""
-        return await drain(self.generate_stream(prompt, _with_max_tokens(config, max_tokens), wait=wait))
+        return await drain(self.generate_stream(prompt, _with_max_tokens(config, max_tokens)))
+
+    async def generate_text(self, prompt: Prompt, max_tokens: Optional[int] = None,
+                            config: Optional[StreamConfig] = None) -> str:
+        """The convenience: :meth:`generate`'s text alone."""
+        return (await self.generate(prompt, max_tokens, config)).text
 
     async def chat(self, messages: Sequence[Message], config: Optional[StreamConfig] = None, *,
-                   max_tokens: Optional[int] = None, template: Optional[str] = None,
-                   wait: bool = True) -> Completion:
+                   max_tokens: Optional[int] = None, template: Optional[str] = None) -> Completion:
         """The assistant's answer to *messages*; see :meth:`chat_stream`."""
-        return await drain(self.chat_stream(messages, _with_max_tokens(config, max_tokens), template=template,
-                                            wait=wait))
+        return await drain(self.chat_stream(messages, _with_max_tokens(config, max_tokens), template=template))
 
-    async def process_batch(self, prompt: Prompt, *, wait: bool = True) -> int:
+    async def process_batch(self, prompt: Prompt) -> int:
         """Evaluate *prompt* (text or token ids) into the conversation without generating.
 
         Returns the number of tokens the context holds. Cancellation stops the
         evaluation inside llama.cpp and leaves the context as it was.
         """
-        async with deadline(self._owner._config.timeout_ms), self._use(wait) as ctx:
+        async with deadline(self._owner.config.timeout_ms), self._use() as ctx:
             if isinstance(prompt, str):
                 tokens = await run_in_thread(ctx.model.tokenize, prompt, ctx.n_past == 0, limiter=self._threads())
             else:
                 tokens = token_list(prompt)
-            await _run_cancellable(ctx, self._workers, self._threads(), ctx._eval, tokens, False)
+            ctx.clear_cancel()  # before the worker exists: a cancellation from now on stops it
+            await run_cancellable(ctx, self._workers, self._threads(),
+                                  functools.partial(ctx.eval, clear_cancel=False), tokens)
             return ctx.n_past
 
     async def save_state(self, path: PathLike) -> None:
-        async with self._use(True) as ctx:
+        async with self._use() as ctx:
             await run_in_thread(ctx.save_state, path, limiter=self._threads())
 
     async def load_state(self, path: PathLike) -> None:
-        async with self._use(True) as ctx:
+        async with self._use() as ctx:
             await run_in_thread(ctx.load_state, path, limiter=self._threads())
 
     async def reset(self) -> None:
-        async with self._use(True) as ctx:
+        async with self._use() as ctx:
             await run_in_thread(ctx.reset, limiter=self._threads())
 
     async def aclose(self) -> None:
@@ -505,38 +532,6 @@ class AsyncContext(Uncopyable):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-
-async def _run_cancellable(ctx: Context, workers: Workers, limiter: anyio.CapacityLimiter,
-                           fn: Callable[..., object], *args: object) -> object:
-    """Run *fn* on a worker thread; cancellation aborts it inside C and waits for it."""
-    finished = False
-    aborted = False
-
-    async def watch() -> None:
-        nonlocal aborted
-        try:
-            await anyio.sleep_forever()
-        finally:
-            if not finished:
-                aborted = True
-                ctx.cancel()
-
-    with unwrap_single():
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(watch)
-            ctx.clear_cancel()
-            workers.enter()
-            try:
-                return await run_in_thread(fn, *args, limiter=limiter)
-            except AbortedError:
-                if aborted:  # our own abort: let the cancellation itself propagate
-                    await anyio.lowlevel.checkpoint()
-                raise
-            finally:
-                finished = True
-                workers.leave()
-                tg.cancel_scope.cancel()
 
 
 def _model_limiters(config: AsyncConfig) -> LoopLimiters:

@@ -151,22 +151,20 @@ class ModelPool(Owner):
 
     # -- lending ----------------------------------------------------------------------
 
-    def acquire(self, *, wait: bool = True) -> "_Acquire":
+    def acquire(self) -> "_Acquire":
         """Lend a member: ``async with pool.acquire() as m:`` or ``m = await pool.acquire()``.
-
-        Args:
-            wait: if False and no member is free, raise :class:`~mullama.BusyError`
-                at once instead of waiting.
+        When every member is lent, wait for one (first come, first served);
+        :meth:`acquire_nowait` does not wait.
 
         **Cancellation**: a task cancelled while waiting leaves the queue and
         holds nothing; a member handed to it in the same instant goes to the
         next waiter.
         """
-        return _Acquire(self, wait)
+        return _Acquire(self, True)
 
     def acquire_nowait(self) -> "_Acquire":
         """Lend a free member, or raise :class:`~mullama.BusyError` at once if
-        none is (anyio's naming for ``acquire(wait=False)``)."""
+        none is (``async with pool.acquire_nowait() as m:``, or awaited)."""
         return _Acquire(self, False)
 
     async def _acquire(self, wait: bool) -> "PooledModel":
@@ -186,7 +184,7 @@ class ModelPool(Owner):
         elif self._size() == 0:
             raise self._empty_error()
         elif not wait:
-            raise BusyError(f"all {len(self._in_use)} members of the pool are in use (wait=False)")
+            raise BusyError(f"all {len(self._in_use)} members of the pool are in use (acquire_nowait)")
         else:
             waiter = _Waiter()
             self._waiters.append(waiter)
@@ -399,8 +397,8 @@ class ModelPool(Owner):
         return self._model is not None and not self._closed and not self._model.closed
 
     def kv_used(self) -> int:
-        """Tokens held in the KV caches of all members."""
-        return sum(m._ctx.n_past for m in self._conversations if not m._closed)
+        """KV cells its members' conversations hold (all members, lent or not)."""
+        return sum(m.kv_used() for m in list(self._conversations) if not m.closed)
 
     async def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> List[int]:
         return await anyio.to_thread.run_sync(self.model.tokenize, text, add_bos, special)
@@ -514,35 +512,35 @@ class PooledModel(Uncopyable):
             raise ClosedError("this pool member was released; acquire another")
         return member
 
-    def generate_stream(self, prompt: Prompt, config: Optional[StreamConfig] = None, *, wait: bool = True):
+    def generate_stream(self, prompt: Prompt,
+                        config: Optional[StreamConfig] = None) -> AsyncContextManager[TokenStream]:
         """``async with m.generate_stream(prompt, config) as stream: async for tok in stream:``."""
-        return self._m().generate_stream(prompt, config, wait=wait)
+        return self._m().generate_stream(prompt, config)
 
     async def generate(self, prompt: Prompt, max_tokens: Optional[int] = None,
-                       config: Optional[StreamConfig] = None, *, wait: bool = True) -> str:
-        """Continue the conversation and return the generated text."""
-        return (await self._m().generate(prompt, max_tokens, config, wait=wait)).text
-
-    async def complete(self, prompt: Prompt, max_tokens: Optional[int] = None,
-                       config: Optional[StreamConfig] = None, *, wait: bool = True) -> Completion:
+                       config: Optional[StreamConfig] = None) -> Completion:
         """Continue the conversation and return the :class:`~mullama.Completion`."""
-        return await self._m().generate(prompt, max_tokens, config, wait=wait)
+        return await self._m().generate(prompt, max_tokens, config)
+
+    async def generate_text(self, prompt: Prompt, max_tokens: Optional[int] = None,
+                            config: Optional[StreamConfig] = None) -> str:
+        """The convenience: :meth:`generate`'s text alone."""
+        return (await self.generate(prompt, max_tokens, config)).text
 
     def chat_stream(self, messages: Sequence[Message], config: Optional[StreamConfig] = None, *,
-                    template: Optional[str] = None, wait: bool = True) -> AsyncContextManager[TokenStream]:
+                    template: Optional[str] = None) -> AsyncContextManager[TokenStream]:
         """Stream the answer to *messages* (see :meth:`AsyncContext.chat_stream`)."""
-        return self._m().chat_stream(messages, config, template=template, wait=wait)
+        return self._m().chat_stream(messages, config, template=template)
 
     async def chat(self, messages: Sequence[Message], config: Optional[StreamConfig] = None, *,
-                   max_tokens: Optional[int] = None, template: Optional[str] = None,
-                   wait: bool = True) -> Completion:
+                   max_tokens: Optional[int] = None, template: Optional[str] = None) -> Completion:
         """The answer to *messages* as a :class:`~mullama.Completion`; the
         conversation keeps it (see :meth:`AsyncContext.chat`)."""
-        return await self._m().chat(messages, config, max_tokens=max_tokens, template=template, wait=wait)
+        return await self._m().chat(messages, config, max_tokens=max_tokens, template=template)
 
-    async def process_batch(self, prompt: Prompt, *, wait: bool = True) -> int:
+    async def process_batch(self, prompt: Prompt) -> int:
         """Evaluate *prompt* into the conversation without generating."""
-        return await self._m().process_batch(prompt, wait=wait)
+        return await self._m().process_batch(prompt)
 
     async def save_state(self, path: PathLike) -> None:
         await self._m().save_state(path)
@@ -569,6 +567,10 @@ class PooledModel(Uncopyable):
     def n_past(self) -> int:
         """Tokens in this member's conversation."""
         return self._m().n_past
+
+    def kv_used(self) -> int:
+        """KV cells this member's conversation holds."""
+        return self._m().kv_used()
 
     async def release(self) -> None:
         """Give the member back to its pool (same as ``await pool.release(m)``)."""

@@ -226,7 +226,7 @@ class Runtime:
     def spawn(self, fn: Callable[..., Awaitable[T]], *args: Any, name: Optional[str] = None) -> TaskHandle[T]:
         """Run ``await fn(*args)`` as a task of the runtime; returns its :class:`TaskHandle`."""
         tg = self._check_running()
-        handle: TaskHandle[T] = TaskHandle(name or getattr(fn, "__qualname__", repr(fn)))
+        handle: TaskHandle[T] = TaskHandle(name or str(getattr(fn, "__qualname__", repr(fn))))
         self._tasks.add(handle)
         self._active += 1
 

@@ -35,7 +35,7 @@ from .._context import Context, Prompt, _Run, STREAM_INTERVAL_S
 from .._config import StreamConfig
 from .._engine import Engine, EngineRequest
 from .._generation import Completion, Generation, RequestMetrics, TokenData, timeout_error
-from .._errors import ClosedError
+from .._errors import AbortedError, ClosedError
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -333,26 +333,40 @@ async def run_in_thread(fn: Callable[..., T], *args: object,
         del error
 
 
-async def _produce(ctx: Context, run: _Run, handoff: Handoff, workers: Workers,
-                   limiter: Optional[anyio.CapacityLimiter]) -> None:
+async def run_cancellable(ctx: Context, workers: Workers, limiter: Optional[anyio.CapacityLimiter],
+                          fn: Callable[..., T], *args: object) -> T:
+    """Run *fn* on a worker thread; cancelling the caller aborts it inside C
+    (``ctx.cancel()``: thread-safe, within about one token) and waits for it to
+    return. The caller clears *ctx*'s cancel flag first, on the loop, before
+    anything can cancel it. An AbortedError that this cancellation caused gives
+    way to the cancellation itself."""
     finished = False
+    aborted = False
 
     async def watch() -> None:
+        nonlocal aborted
         try:
             await anyio.sleep_forever()
         finally:
             if not finished:
-                ctx.cancel()  # abort inside C; thread-safe, returns at once
+                aborted = True
+                ctx.cancel()
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(watch)
-        workers.enter()
-        try:
-            await run_in_thread(_work, run, handoff, limiter=limiter)
-        finally:
-            finished = True
-            workers.leave()
-            tg.cancel_scope.cancel()
+    with unwrap_single():
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            workers.enter()
+            try:
+                result = await run_in_thread(fn, *args, limiter=limiter)
+            except AbortedError:
+                if aborted:  # our own abort: let the cancellation itself propagate
+                    await anyio.lowlevel.checkpoint()
+                raise
+            finally:
+                finished = True
+                workers.leave()
+                tg.cancel_scope.cancel()
+    return result
 
 
 @asynccontextmanager
@@ -377,7 +391,7 @@ async def open_token_stream(
     try:
         with unwrap_single():
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_produce, ctx, run, handoff, workers, limiter)
+                tg.start_soon(run_cancellable, ctx, workers, limiter, _work, run, handoff)
                 try:
                     yield stream
                 finally:

@@ -282,9 +282,9 @@ async def _generation_loop(w: _Worker, model: Union[AsyncModel, ModelPool],
         try:
             if isinstance(model, ModelPool):
                 async with model.acquire() as member:
-                    completion = await member.complete(prompt, config=config)
+                    completion = await member.generate(prompt, config=config)
             else:
-                completion = await model.complete(prompt, config=config)
+                completion = await model.generate(prompt, config=config)
             result = GenerationResult(prompt, completion, None)
         except Exception as exc:  # this request's error, sent in its place; the worker goes on
             result = GenerationResult(prompt, None, exc)

@@ -71,9 +71,10 @@ class OpenAIApp:
                  api_key: Optional[str] = None, io_timeout: float = IO_TIMEOUT_S) -> None:
         if not (isinstance(io_timeout, (int, float)) and io_timeout > 0):
             raise InvalidConfigError(f"io_timeout must be a positive number of seconds, got {io_timeout!r}")
-        self._given: Optional[AsyncModel] = model if isinstance(model, AsyncModel) else None
-        if self._given is not None:
-            self._config = self._given.config
+        self._given: Optional[AsyncModel] = None
+        if isinstance(model, AsyncModel):
+            self._given = model
+            self._config = model.config
         elif isinstance(model, AsyncConfig):
             self._config = model
         else:

@@ -344,7 +344,9 @@ def _serve_uvicorn(app: OpenAIApp, sock: socket.socket, log_level: str, access_l
 
     config = uvicorn.Config(app, loop="asyncio", lifespan="on", log_level=log_level, access_log=access_log,
                             timeout_graceful_shutdown=limits.graceful_timeout, ws="none",  # type: ignore[arg-type]
-                            http=_uvicorn_protocol(limits), timeout_keep_alive=limits.keep_alive_timeout)
+                            http=_uvicorn_protocol(limits),
+                            # seconds, fractions too: uvicorn hands them to loop.call_later (typed int)
+                            timeout_keep_alive=limits.keep_alive_timeout)  # type: ignore[arg-type]
     server = Server(config)
     try:
         server.run(sockets=[sock])
@@ -420,7 +422,7 @@ def _install_hypercorn_server() -> None:
                     await self.stream.aclose()
                     await self.protocol.handle(Closed())
 
-    hypercorn_run.TCPServer = Server  # type: ignore[attr-defined]
+    hypercorn_run.TCPServer = Server  # type: ignore[attr-defined,misc]
 
 
 def _serve_hypercorn(app: OpenAIApp, sock: socket.socket, log_level: str, access_log: bool, limits: Limits) -> None:
