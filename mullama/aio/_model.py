@@ -76,7 +76,38 @@ class AsyncConfig:
             raise InvalidConfigError(f"adaptive_threads must be a bool, got {type(self.adaptive_threads).__name__}")
 
 
-class AsyncModel(Owner):
+class _Results:
+    """``generate``, ``generate_text`` and ``chat`` of an object that streams
+    (:class:`AsyncModel`, :class:`AsyncContext`): each runs its stream to the end."""
+
+    __slots__ = ()
+
+    def generate_stream(self, prompt: Prompt,
+                        config: Optional[StreamConfig] = None) -> AsyncContextManager[TokenStream]:
+        raise NotImplementedError
+
+    def chat_stream(self, messages: Sequence[Message], config: Optional[StreamConfig] = None, *,
+                    template: Optional[str] = None) -> AsyncContextManager[TokenStream]:
+        raise NotImplementedError
+
+    async def generate(self, prompt: Prompt, max_tokens: Optional[int] = None,
+                       config: Optional[StreamConfig] = None) -> Completion:
+        """Generate from *prompt* (text or token ids) and return the :class:`~mullama.Completion`."""
+        return await drain(self.generate_stream(prompt, _with_max_tokens(config, max_tokens)))
+
+    async def generate_text(self, prompt: Prompt, max_tokens: Optional[int] = None,
+                            config: Optional[StreamConfig] = None) -> str:
+        """The convenience: :meth:`generate`'s text alone."""
+        return (await self.generate(prompt, max_tokens, config)).text
+
+    async def chat(self, messages: Sequence[Message], config: Optional[StreamConfig] = None, *,
+                   max_tokens: Optional[int] = None, template: Optional[str] = None) -> Completion:
+        """The assistant's answer to *messages* as a :class:`~mullama.Completion`
+        (its ``text`` is the reply); see :meth:`chat_stream`."""
+        return await drain(self.chat_stream(messages, _with_max_tokens(config, max_tokens), template=template))
+
+
+class AsyncModel(_Results, Owner):
     """A model served to async code under asyncio or trio.
 
     Many tasks may share one AsyncModel: a continuous batching engine decodes
@@ -294,22 +325,6 @@ class AsyncModel(Owner):
             async with open_engine_stream(self._engine, tokens, config, self._config.timeout_ms) as stream:
                 yield stream
 
-    async def generate(self, prompt: Prompt, max_tokens: Optional[int] = None,
-                       config: Optional[StreamConfig] = None) -> Completion:
-        """Generate a completion of *prompt* and return the :class:`~mullama.Completion`."""
-        return await drain(self.generate_stream(prompt, _with_max_tokens(config, max_tokens)))
-
-    async def generate_text(self, prompt: Prompt, max_tokens: Optional[int] = None,
-                            config: Optional[StreamConfig] = None) -> str:
-        """The convenience: :meth:`generate`'s text alone."""
-        return (await self.generate(prompt, max_tokens, config)).text
-
-    async def chat(self, messages: Sequence[Message], config: Optional[StreamConfig] = None, *,
-                   max_tokens: Optional[int] = None, template: Optional[str] = None) -> Completion:
-        """The assistant's answer to *messages* as a :class:`~mullama.Completion`
-        (its ``text`` is the reply); see :meth:`chat_stream`."""
-        return await drain(self.chat_stream(messages, _with_max_tokens(config, max_tokens), template=template))
-
     async def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> List[int]:
         """Token ids of *text* (on a worker thread)."""
         check_open(self._closed, "AsyncModel")
@@ -367,7 +382,7 @@ class ConversationOwner(Protocol):
         """Count a finished conversation call that took *ms* (its runtime metrics)."""
 
 
-class AsyncContext(Uncopyable):
+class AsyncContext(_Results, Uncopyable):
     """One conversation with its own KV cache, for async code.
 
     Each call continues the conversation. One task uses it at a time: a second
@@ -465,21 +480,6 @@ class AsyncContext(Uncopyable):
                 if keep is not None and not ctx.closed and keep < ctx.n_past:
                     with anyio.CancelScope(shield=True):
                         await run_in_thread(ctx.truncate, keep, limiter=self._threads())
-
-    async def generate(self, prompt: Prompt, max_tokens: Optional[int] = None,
-                       config: Optional[StreamConfig] = None) -> Completion:
-        """Continue the conversation and return the :class:`~mullama.Completion`."""
-        return await drain(self.generate_stream(prompt, _with_max_tokens(config, max_tokens)))
-
-    async def generate_text(self, prompt: Prompt, max_tokens: Optional[int] = None,
-                            config: Optional[StreamConfig] = None) -> str:
-        """The convenience: :meth:`generate`'s text alone."""
-        return (await self.generate(prompt, max_tokens, config)).text
-
-    async def chat(self, messages: Sequence[Message], config: Optional[StreamConfig] = None, *,
-                   max_tokens: Optional[int] = None, template: Optional[str] = None) -> Completion:
-        """The assistant's answer to *messages*; see :meth:`chat_stream`."""
-        return await drain(self.chat_stream(messages, _with_max_tokens(config, max_tokens), template=template))
 
     async def process_batch(self, prompt: Prompt) -> int:
         """Evaluate *prompt* (text or token ids) into the conversation without generating.
