@@ -392,6 +392,14 @@ def _install_hypercorn_server() -> None:
             finally:
                 limits.connections -= 1
 
+        async def _read_data(self) -> None:
+            await super()._read_data()
+            if getattr(self.config, "mullama_limits", None) is not None:
+                # Nothing more will be read (the client closed its side, or the connection
+                # was closed): hypercorn's idle timer would keep the connection, and its
+                # place under max_connections, until the keep-alive timeout.
+                await self.idle_task.stop()
+
         async def protocol_send(self, event: Any) -> None:
             limits: Optional[Limits] = getattr(self.config, "mullama_limits", None)
             if limits is None or not isinstance(event, RawData):
