@@ -126,6 +126,9 @@ class _AcceptErrorsOnce(logging.Filter):
     retries each second, trio ten times a second, each with a traceback)."""
 
     PREFIXES = ("socket.accept() out of system resource", "accept returned")
+    #: asyncio schedules a retry of the accept for each failure; the ones still pending when the
+    #: listener closes (at shutdown) fail on its closed socket (ValueError: fd -1): nothing was lost
+    STALE_RETRY = "Exception in callback BaseSelectorEventLoop._start_serving("
 
     def __init__(self, interval: float = 60.0) -> None:
         super().__init__()
@@ -134,7 +137,10 @@ class _AcceptErrorsOnce(logging.Filter):
         self._held = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith(self.PREFIXES):
+        msg = str(record.msg)
+        if msg.startswith(self.STALE_RETRY) and record.exc_info and isinstance(record.exc_info[1], ValueError):
+            return False
+        if not msg.startswith(self.PREFIXES):
             return True
         now = time.monotonic()
         if now < self._next:
