@@ -314,13 +314,19 @@ def test_stop_strings_usage_and_logprobs_when_streaming(tiny_server, tiny_model)
                                                      if c.choices) == chat.text
 
 
-def test_health_and_metrics(tiny_server):
+def test_health_and_metrics(tiny_server, prometheus_families):
     r = httpx.get(tiny_server.base + "/health", timeout=10)
     assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["slots"] == 2
     before = tiny_server.metrics()
     tiny_server.client().completions.create(model="tiny", prompt="abc", max_tokens=5, temperature=0)
     r = httpx.get(tiny_server.base + "/metrics", timeout=10)
     assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    families = prometheus_families(r.text)  # what Prometheus reads
+    kinds = {name: f.type for name, f in families.items()}
+    assert kinds["mullama_http_responses"] == kinds["mullama_generated_tokens"] == "counter"
+    assert kinds["mullama_engine_active_requests"] == kinds["mullama_runtime_uptime_seconds"] == "gauge"
+    assert kinds["mullama_time_to_first_token_seconds"] == "histogram"
+    assert {"endpoint": "completions", "status": "200"} in [s.labels for s in families["mullama_http_responses"].samples]
     after = tiny_server.metrics()
     key = 'mullama_http_responses_total{endpoint="completions",status="200"}'
     assert after[key] == before.get(key, 0) + 1
@@ -808,6 +814,7 @@ async def test_hostile_json_answers_400(tiny_model_path):
     bodies = {
         "nested too deeply": b"[" * 100_000 + b"]" * 100_000,
         "Exceeds the limit": b'{"prompt": "a", "max_tokens": ' + b"1" * 5000 + b"}",
+        "top_p must be": b'{"prompt": "a", "top_p": 1' + b"0" * 400 + b"}",  # an integer beyond any float
         "lone surrogate": b'{"prompt": "a", "\\ud800": 1}',
         "lone surrogate ('\\ud800')": b'{"prompt": "a\\ud800b", "echo": true, "max_tokens": 2}',
     }
