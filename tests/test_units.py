@@ -425,7 +425,7 @@ PARAMS = sorted({"model", "messages", "prompt", "max_tokens", "max_completion_to
                  "suffix", "best_of", "tools", "tool_choice", "response_format", "grammar"})
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(suppress_health_check=[HealthCheck.too_slow])
 @given(chat=st.booleans(), fields=st.dictionaries(st.sampled_from(PARAMS), JSON, max_size=5))
 def test_parse_any_body_gives_a_request_or_a_400(chat, fields):
     """Whatever JSON a client sends, the answer is a request or a 400 naming the problem (never a 500)."""
