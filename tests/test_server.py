@@ -326,7 +326,8 @@ def test_health_and_metrics(tiny_server, prometheus_families):
     assert kinds["mullama_http_responses"] == kinds["mullama_generated_tokens"] == "counter"
     assert kinds["mullama_engine_active_requests"] == kinds["mullama_runtime_uptime_seconds"] == "gauge"
     assert kinds["mullama_time_to_first_token_seconds"] == "histogram"
-    assert {"endpoint": "completions", "status": "200"} in [s.labels for s in families["mullama_http_responses"].samples]
+    responses = [s.labels for s in families["mullama_http_responses"].samples]
+    assert {"endpoint": "completions", "status": "200"} in responses
     after = tiny_server.metrics()
     key = 'mullama_http_responses_total{endpoint="completions",status="200"}'
     assert after[key] == before.get(key, 0) + 1

@@ -4,11 +4,10 @@ parsing and the Prometheus text of the server's metrics."""
 
 from __future__ import annotations
 
-import math
 import threading
 from collections import Counter, deque
 from types import SimpleNamespace
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import anyio
 import pytest
