@@ -53,23 +53,37 @@ def resolve_threads(name: str, value: Optional[int], stacklevel: int = 3) -> int
 
 def check_int(name: str, value: object, *, minimum: int, maximum: Optional[int] = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidConfigError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+        raise InvalidConfigError(f"{name} must be an integer, got {type(value).__name__} {_shown(value)}")
     if value < minimum or (maximum is not None and value > maximum):
         bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
-        raise InvalidConfigError(f"{name} must be {bound}, got {value}")
+        raise InvalidConfigError(f"{name} must be {bound}, got {_shown(value)}")
     return value
 
 
 def check_float(name: str, value: object, *, minimum: float, maximum: float = math.inf,
                 min_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidConfigError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    v = float(value)
+        raise InvalidConfigError(f"{name} must be a number, got {type(value).__name__} {_shown(value)}")
+    try:
+        v = float(value)
+    except OverflowError:  # an int beyond any float (JSON allows one)
+        v = math.inf if value > 0 else -math.inf  # type: ignore[operator]
     if not math.isfinite(v) or v < minimum or v > maximum or (min_open and v == minimum):
         lo = f"> {minimum}" if min_open else f">= {minimum}"
         hi = "" if maximum == math.inf else f" and <= {maximum}"
-        raise InvalidConfigError(f"{name} must be {lo}{hi}, got {value!r}")
+        raise InvalidConfigError(f"{name} must be {lo}{hi}, got {_shown(value)}")
     return v
+
+
+def _shown(value: object) -> str:
+    """repr() of a value in an error message; an integer too long for Python to print
+    (sys.get_int_max_str_digits) is shown by its size."""
+    try:
+        return repr(value)
+    except ValueError:
+        if not isinstance(value, int):
+            raise
+        return f"an integer of {value.bit_length()} bits"
 
 
 @dataclass(frozen=True)

@@ -367,8 +367,9 @@ class _Run(Generation):
             if core.thread_changes != self._ctx._thread_changes:
                 self._ctx._thread_changes = log_thread_changes(core, self._ctx._thread_changes, "a context")
             at_limit = n + len(toks) == limit
-            batch, stopped = self.add(toks, pieces, lps, core.n_past - len(toks),
-                                      ends=status != _core.STATUS_OK or at_limit)
+            # a cancelled generation ends at the text released so far (see TokenData)
+            ends = at_limit or status not in (_core.STATUS_OK, _core.STATUS_ABORTED)
+            batch, stopped = self.add(toks, pieces, lps, core.n_past - len(toks), ends)
             if stopped:
                 core.truncate(batch[-1].position + 1)  # drop tokens sampled past the stop string
                 self.end("stop")

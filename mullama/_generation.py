@@ -37,7 +37,10 @@ class TokenData:
 
     ``text`` is what this token adds to the output. It is always valid UTF-8:
     bytes of a character split across tokens, and text that may be the start of
-    a stop string, are held back and arrive with a later token.
+    a stop string, are held back and arrive with a later token (the final one
+    at the latest). A cancelled generation ends at the text released so far:
+    what was held back then is not part of its output, in the stream and in
+    its :class:`Completion` alike.
     """
 
     id: int

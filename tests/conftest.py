@@ -126,3 +126,38 @@ def cyclic_garbage():
             gc.enable()
 
     return collect
+
+
+@pytest.fixture(scope="session")
+def prometheus_families():
+    """A function: the metric families of a Prometheus text (format 0.0.4) by name, parsed by
+    prometheus_client, after checking what the parser lets through: every sample has a declared
+    type and help, each family is declared once, values are finite, counters end in _total and
+    are not negative, a histogram's buckets are cumulative with sorted bounds ending at +Inf,
+    which holds _count."""
+    import math
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def parse(text: str) -> dict:
+        assert text.endswith("\n")
+        families = {}
+        for f in text_string_to_metric_families(text):
+            assert f.name not in families, f.name
+            assert f.type in ("counter", "gauge", "histogram") and f.documentation, f
+            families[f.name] = f
+            assert all(math.isfinite(s.value) for s in f.samples), f
+            if f.type == "counter":
+                assert all(s.name == f.name + "_total" and s.value >= 0 for s in f.samples), f
+            if f.type == "histogram":
+                buckets = [s for s in f.samples if s.name == f.name + "_bucket"]
+                bounds = [float(s.labels["le"]) for s in buckets]
+                counts = [s.value for s in buckets]
+                assert bounds == sorted(bounds) and len(set(bounds)) == len(bounds) and bounds[-1] == math.inf, f
+                assert counts == sorted(counts), f
+                rest = {s.name: s.value for s in f.samples if s not in buckets}
+                assert set(rest) == {f.name + "_sum", f.name + "_count"}, f
+                assert counts[-1] == rest[f.name + "_count"], f
+        return families
+
+    return parse

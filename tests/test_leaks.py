@@ -13,7 +13,8 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 def test_rss_flat_and_objects_back_to_baseline(tiny_model_path):
     # a fresh process: the test session's own allocations must not blur the figures
-    out = subprocess.run([sys.executable, str(BENCH / "leaks.py"), "--generations", "600", "--cycles", "40", "--refused", "40",
+    # (10 refused requests, each ~0.3 s: a request kept in a cycle shows as ~170 MB, 4x the bound below)
+    out = subprocess.run([sys.executable, str(BENCH / "leaks.py"), "--generations", "600", "--cycles", "40", "--refused", "10",
                           "--model", str(tiny_model_path)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     phases = {r["phase"]: r for r in map(json.loads, out.stdout.splitlines())}
@@ -23,6 +24,7 @@ def test_rss_flat_and_objects_back_to_baseline(tiny_model_path):
         if name == "refused_requests":
             # with the cyclic collector off: a request kept in a reference cycle holds ~17 MB
             # (its body, messages and tokens); before the fix, 40 of them grew RSS by ~680 MB
+            # (the first requests after the warm-up still grow RSS by a few MB: 6-9 MB for 10)
             assert r["growth_mb"] < 40, r
         else:
             assert r["growth_pct"] < 5, r

@@ -29,7 +29,8 @@ def test_ctrl_c_stops_mullama_run(default_model_path):
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_interpreter_exit_while_an_event_loop_generates(tiny_model_path, backend):
     """The event loop runs in a daemon thread with requests in flight on the engine and on a
-    conversation; the main thread returns: the process must exit cleanly, not crash or hang."""
+    conversation (each has its first token); the main thread returns: the process must exit
+    cleanly, not crash or hang."""
     code = textwrap.dedent(f"""
         import threading, anyio, mullama
         from mullama import StreamConfig
@@ -38,22 +39,30 @@ def test_interpreter_exit_while_an_event_loop_generates(tiny_model_path, backend
         started = threading.Event()
 
         async def main():
+            generating = 0
+
             async with await AsyncModel.load({str(tiny_model_path)!r}, context_size=4096, threads=1,
                                              timeout_ms=None) as model:
                 conv = await model.create_context()
 
-                async def forever(gen):
-                    while True:
-                        await gen("ab", config=StreamConfig.greedy(3000))
-                        started.set()
+                async def generate(open_stream):
+                    nonlocal generating
+                    async with open_stream("ab", StreamConfig.greedy(3000)) as stream:
+                        await stream.__anext__()
+                        generating += 1
+                        if generating == 4:  # all four are generating: the main thread returns
+                            started.set()
+                        async for _ in stream:
+                            pass
 
                 async with anyio.create_task_group() as tg:
                     for _ in range(3):
-                        tg.start_soon(forever, model.generate)
-                    tg.start_soon(forever, lambda p, config: conv.generate(p, config=config))
+                        tg.start_soon(generate, model.generate_stream)
+                    tg.start_soon(generate, conv.generate_stream)
 
         threading.Thread(target=anyio.run, args=(main,), kwargs={{"backend": {backend!r}}}, daemon=True).start()
-        started.wait(60)
+        if not started.wait(60):
+            raise SystemExit("the four requests never were all generating")
         print("exiting")
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -143,13 +143,16 @@ class Handoff:
         while True:
             if self._closed:
                 return None
+            # read before looking at the buffer: the producer queues its last batch, then sets
+            # _done; read after, a finish between the two looks would lose that batch
+            done = self._done
             if self._items:
                 was_full = len(self._items) >= self._capacity
                 batch = self._items.popleft()
                 if was_full:  # only a full buffer stops the producer: waking it otherwise costs it a step
                     self._made_room()
                 return batch
-            if self._done or self._closed:
+            if done:
                 return None
             await anyio.wait_readable(self._reader)
             try:

@@ -192,12 +192,14 @@ def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
     try:  # every value checked once more by the same rules as the Python API
         req.config(max_tokens or 1)
     except InvalidConfigError as exc:
-        raise ApiError(400, str(exc), param=_param_of(exc, sampling)) from None
+        raise ApiError(400, str(exc), param=_param_of(exc, [*sampling, "max_tokens"])) from None
     return req
 
 
-def _param_of(exc: MullamaError, fields: Dict[str, Any]) -> Optional[str]:
+def _param_of(exc: MullamaError, fields: Sequence[str]) -> Optional[str]:
     text = str(exc)
+    if "stop strings" in text:  # (the count and size limits name them first)
+        return "stop"
     return next((name for name in fields if text.startswith(name)), None)
 
 

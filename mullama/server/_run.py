@@ -126,6 +126,9 @@ class _AcceptErrorsOnce(logging.Filter):
     retries each second, trio ten times a second, each with a traceback)."""
 
     PREFIXES = ("socket.accept() out of system resource", "accept returned")
+    #: asyncio schedules a retry of the accept for each failure; the ones still pending when the
+    #: listener closes (at shutdown) fail on its closed socket (ValueError: fd -1): nothing was lost
+    STALE_RETRY = "Exception in callback BaseSelectorEventLoop._start_serving("
 
     def __init__(self, interval: float = 60.0) -> None:
         super().__init__()
@@ -134,7 +137,10 @@ class _AcceptErrorsOnce(logging.Filter):
         self._held = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith(self.PREFIXES):
+        msg = str(record.msg)
+        if msg.startswith(self.STALE_RETRY) and record.exc_info and isinstance(record.exc_info[1], ValueError):
+            return False
+        if not msg.startswith(self.PREFIXES):
             return True
         now = time.monotonic()
         if now < self._next:
@@ -393,6 +399,14 @@ def _install_hypercorn_server() -> None:
                 await super().run()
             finally:
                 limits.connections -= 1
+
+        async def _read_data(self) -> None:
+            await super()._read_data()
+            if getattr(self.config, "mullama_limits", None) is not None:
+                # Nothing more will be read (the client closed its side, or the connection
+                # was closed): hypercorn's idle timer would keep the connection, and its
+                # place under max_connections, until the keep-alive timeout.
+                await self.idle_task.stop()
 
         async def protocol_send(self, event: Any) -> None:
             limits: Optional[Limits] = getattr(self.config, "mullama_limits", None)
