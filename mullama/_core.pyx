@@ -5,6 +5,9 @@ sampler chain, and the generation loop that runs without the GIL.
 
 Nothing outside this module touches C. The Python layer (``mullama/*.py``)
 validates arguments and shapes results; this module owns memory and threads.
+The classes' attributes and cdef method signatures, and the C types and
+Status codes they use, are declared in ``_core.pxd`` (for Cython code that
+cimports them); the implementations are here.
 
 Ownership:
   * ``LlamaModel`` owns a ``llama_model``.
@@ -49,32 +52,12 @@ cdef extern from *:
 
 
 cdef extern from "_threads.h" namespace "mullama" nogil:
-    # see _threads.h: the monotonic clock, the abort callback's state and the compute-thread governor
+    # see _threads.h: the monotonic clock and the abort callback (AbortState and
+    # the compute-thread governor, CGovernor, are declared in _core.pxd)
     double mullama_now "mullama::now_s"()
-    cdef struct AbortState:
-        int flags[2]     # [0] cancel()/close(), [1] the engine: a slot was cancelled
-        int fired        # the watchdog aborted the running decode
     void abort_state_init(AbortState * a, const int * shutdown)
     bint abort_state_cancelled(const AbortState * a)
     cbool abort_callback(void * data) noexcept
-
-    cdef cppclass CGovernor "mullama::ThreadGovernor":
-        int n_max
-        bint adaptive
-        long steps, changes, watchdog_aborts, trials
-        double last_step
-        double forced_limit
-        double idle_cores
-        void force(int threads)
-        CGovernor(int n_max, bint adaptive, int start, double first_cap)
-        bint bind(llama_context * ctx)
-        int threads()
-        int begin(int n, AbortState * ab)
-        double limit(int b, int threads, int n)
-        void end(int n, double elapsed, bint watchdog)
-        double floor_at(int b, int threads)
-        @staticmethod
-        int bucket(int n)
 
 
 # set once at interpreter exit: every loop and abort callback stops, and no new
@@ -99,9 +82,6 @@ def shutdown(double timeout=5.0):
 cdef class _InC:
     """Counts the threads inside a nogil section of an owner, so that close()
     (and interpreter exit) can wait for them before freeing anything."""
-    cdef int _in_c
-    cdef object _idle        # threading.Condition
-    cdef object __weakref__
 
     def __cinit__(self):
         self._in_c = 0
@@ -130,23 +110,13 @@ cdef class _InC:
                 self._idle.wait_for(lambda: self._in_c == 0, timeout)
 
 
-# how a generation call, or a request in the batching engine, ended (the Python
-# layer names them: mullama/_generation.py)
-cdef enum Status:
-    ST_OK = 0          # not ended: a chunk finished (token or time budget), more may follow
-    ST_EOG = 1         # the model produced an end-of-generation token
-    ST_ABORTED = 2     # cancel() (or close, or interpreter exit) stopped it
-    ST_CTX_FULL = 3    # the context window (a request's share of it) is full
-    ST_LENGTH = 4      # the request generated its max_tokens (the engine)
-
+# how a generation call, or a request in the batching engine, ended: Status
+# (_core.pxd), under the names the Python layer uses (mullama/_generation.py)
 STATUS_OK = ST_OK
 STATUS_EOG = ST_EOG
 STATUS_ABORTED = ST_ABORTED
 STATUS_CONTEXT_FULL = ST_CTX_FULL
 STATUS_LENGTH = ST_LENGTH
-
-cdef enum:
-    PIECE_BUF = 256    # bytes of one token's text (longer pieces do not exist in real vocabularies)
 
 
 # ---------------------------------------------------------------------------
@@ -320,9 +290,6 @@ def apply_builtin_chat_template(bytes name, list roles, list contents, bint add_
 
 cdef class _LoadState:
     """Carries the Python progress callback into C and its exception back out."""
-    cdef object fn
-    cdef object exc
-    cdef bint cancelled   # the callback returned False
 
     def __cinit__(self, fn):
         self.fn = fn
@@ -345,13 +312,6 @@ cdef cbool _progress_callback(float progress, void * user_data) noexcept with gi
 @cython.no_gc_clear
 cdef class LlamaModel(_InC):
     """Owns a ``llama_model``. Build with :meth:`load`."""
-
-    cdef llama_model * ptr
-    cdef const llama_vocab * vocab
-    cdef readonly int n_vocab
-    cdef readonly object path
-    cdef object _contexts   # WeakSet of LlamaContext / BatchEngine created from this model
-    cdef bint _closing      # close() was called; ptr is freed once no context needs it
 
     def __cinit__(self):
         self.ptr = NULL
@@ -588,9 +548,6 @@ cdef class SamplerChain:
     logit) without copying the vocabulary into a candidate array per token.
     """
 
-    cdef llama_sampler * ptr   # NULL for greedy
-    cdef readonly bint greedy
-
     def __cinit__(self):
         self.ptr = NULL
         self.greedy = True
@@ -730,16 +687,6 @@ cdef object _thread_stats(CGovernor * gov):
             "trials": gov.trials, "last_step_s": gov.last_step}
 
 
-cdef struct Output:
-    # what a generation produced since it was last taken: the tokens, their
-    # text (the pieces back to back) with each piece's length, and the
-    # log-probabilities when asked for
-    vector[llama_token] tok
-    string text
-    vector[int] len
-    vector[float] lp
-
-
 cdef bint _sample_into(llama_context * ctx, int i, llama_sampler * smpl, const llama_vocab * vocab, int n_vocab,
                        bint want_lp, Output * out, llama_token * tok_out) noexcept nogil:
     """Sample a token from the logits of batch row *i* (argmax when *smpl* is
@@ -817,16 +764,6 @@ cdef class _Decoder(_InC):
     """What a context and the batching engine share: a ``llama_context``, its
     batch, the abort callback's state (cancellation flags and the watchdog),
     the thread governor, and their lifetime (close, the model reference)."""
-
-    cdef llama_context * ptr
-    cdef readonly LlamaModel model
-    cdef llama_batch batch
-    cdef bint has_batch
-    cdef readonly int n_batch
-    cdef bint _closed
-    cdef str _what           # "context" / "engine", for messages
-    cdef CGovernor * gov     # how many compute threads, and their pools (_threads.h)
-    cdef AbortState ab       # flags: [0] cancel()/close(), [1] the engine: a slot was cancelled
 
     def __cinit__(self):
         self.ptr = NULL
@@ -932,9 +869,6 @@ cdef class ThreadGovernor:
     the deterministic harness of the tests. Contexts use the same C++ class
     (``_threads.h``) on their real steps."""
 
-    cdef CGovernor * g
-    cdef AbortState ab
-
     def __cinit__(self, int max_threads, bint adaptive=True, int start=0, double first_cap=1.0):
         self.g = new CGovernor(max_threads, adaptive, start if start > 0 else max_threads, first_cap)
         self.g.idle_cores = -1.0   # the machine's idle cores are not looked at: set idle_cores to simulate them
@@ -971,10 +905,6 @@ cdef class ThreadGovernor:
 
 cdef class _LogitsView:
     """Exports the context's last logits as a float32 buffer (zero-copy)."""
-    cdef LlamaContext ctx
-    cdef float * data
-    cdef Py_ssize_t shape[1]
-    cdef Py_ssize_t strides[1]
 
     def __getbuffer__(self, Py_buffer * view, int flags):
         view.buf = <void *>self.data
@@ -1007,13 +937,6 @@ cdef class LlamaContext(_Decoder):
     last sampled token, or tokens given to :meth:`decode` whose evaluation was
     interrupted) are decoded first by the next call that needs logits.
     """
-
-    cdef readonly int n_ctx
-    cdef vector[llama_token] _tokens
-    cdef int _n_kv
-    cdef bint _logits_ok     # the last decode produced logits for tokens[-1]
-    cdef int _exports        # live buffer exports of the logits
-    cdef object _owner       # threading.Lock: one user at a time (claim/release)
 
     def __cinit__(self):
         self._what = "context"
@@ -1304,21 +1227,6 @@ cdef class LlamaContext(_Decoder):
 # ---------------------------------------------------------------------------
 # continuous batching engine
 
-cdef struct Slot:
-    bint active          # a request owns this slot (sequence id = slot index)
-    bint paused          # its consumer is behind: leave it out of the next steps
-    int cancel           # set from any thread; the slot is left out of every step
-    int finish           # a Status: ST_OK while the request needs more steps
-    int n_prompt_done    # prompt tokens already in the KV cache
-    int pos              # tokens of this sequence in the KV cache
-    llama_token pending  # sampled, not yet decoded (-1: none)
-    int n_step           # tokens this slot put into the current batch
-    int i_batch          # batch index whose logits this slot samples (-1: none)
-    int n_gen            # tokens generated
-    int max_gen
-    bint want_lp
-
-
 @cython.no_gc_clear
 cdef class BatchEngine(_Decoder):
     """One llama.cpp context decoding many sequences together.
@@ -1330,16 +1238,6 @@ cdef class BatchEngine(_Decoder):
     but :meth:`cancel_slot` and :meth:`wake` must be called from one thread
     (the engine's driver); those two are thread-safe.
     """
-
-    cdef readonly int n_seq
-    cdef readonly int n_ctx_seq
-    cdef int prefill_chunk
-    cdef vector[Slot] slots
-    cdef vector[vector[llama_token]] prompts
-    cdef vector[Output] outs
-    cdef list samplers       # the SamplerChain of each slot (keeps its pointer alive)
-    cdef vector[llama_sampler *] smpls  # their pointers, for the nogil step (NULL: greedy)
-    cdef int _wake           # the driver has work: return from run() early
 
     def __cinit__(self):
         self._what = "engine"

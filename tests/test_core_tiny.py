@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 import warnings
 import threading
 
@@ -253,6 +254,27 @@ def test_objects_die_in_any_order(tiny_model_path):
         ctx.generate("ab")
     model.close()  # idempotent
     ctx.close()
+
+
+@pytest.mark.skipif(sys.implementation.name != "cpython" or sys.version_info < (3, 10),
+                    reason="PyType_GetSlot on static types: CPython 3.10+")
+def test_owners_have_no_tp_clear():
+    """The owners are @cython.no_gc_clear: the garbage collector never clears
+    their references (a context's model, an engine's samplers) before their
+    __dealloc__ frees C memory with them. Cython takes that directive from the
+    class definitions in _core.pyx, not from _core.pxd: this checks it stuck."""
+    import ctypes
+
+    from mullama import _core
+
+    get_slot = ctypes.pythonapi.PyType_GetSlot
+    get_slot.restype = ctypes.c_void_p
+    get_slot.argtypes = [ctypes.py_object, ctypes.c_int]
+    py_tp_clear, py_tp_traverse = 51, 71  # typeslots.h
+    assert get_slot(_core._InC, py_tp_clear) is not None  # the slot is read right: _InC has one
+    for owner in (_core.LlamaModel, _core.SamplerChain, _core._Decoder, _core.LlamaContext, _core.BatchEngine):
+        assert get_slot(owner, py_tp_clear) is None, owner.__name__
+    assert get_slot(_core.LlamaContext, py_tp_traverse) is not None  # still tracked by the collector
 
 
 def test_other_thread_runs_during_generation(tiny_model):

@@ -1,0 +1,200 @@
+# cython: language_level=3
+# The C-level interface of mullama._core, for Cython code that cimports it:
+# the layouts of the owner classes (their attributes and cdef methods), the C
+# types those layouts use, and the Status codes. Nothing but declarations:
+# mullama/_core.pyx implements every method and documents each class.
+#
+# The attributes are declared here only; each cdef method's signature is
+# declared here and repeated, with its body, in the .pyx (Cython checks that
+# the two match). The class decorators are not here: Cython takes a class's
+# directives from its definition in the .pyx, so @cython.no_gc_clear stays
+# there (LlamaModel, SamplerChain, _Decoder, LlamaContext, BatchEngine);
+# putting it here would do nothing. Every class of the module is here, in the
+# .pyx's order (the order the types are created in), the private helpers
+# _LoadState and _LogitsView included.
+#
+# inline methods stay inline and are called directly on their own class; a
+# subclass calls those it inherits (_InC's _enter_c/_leave_c, _Decoder's
+# _enter/_leave) through the vtable, as Cython does for inline or final
+# methods declared in a .pxd (cython/cython#6284). Only GIL-held entry and exit
+# points of calls are concerned; the nogil loops' inline methods (_refresh_last,
+# _runnable, _add) are called directly.
+#
+# A module that cimports this compiles against mullama/_llama.pxd, so it needs
+# llama.cpp's include/ and ggml/include/ (the pinned version, see
+# tools/fetch_llama_cpp.py) and this directory (_threads.h) on its include path.
+
+from libc.stdint cimport uint32_t
+from libcpp.string cimport string
+from libcpp.vector cimport vector
+
+from mullama._llama cimport (llama_batch, llama_context, llama_model, llama_pos, llama_sampler, llama_token,
+                             llama_vocab)
+
+
+cdef extern from "_threads.h" namespace "mullama" nogil:
+    # the abort callback's state and the compute-thread governor (see _threads.h;
+    # the functions that use them are declared in _core.pyx)
+    cdef struct AbortState:
+        int flags[2]     # [0] cancel()/close(), [1] the engine: a slot was cancelled
+        int fired        # the watchdog aborted the running decode
+
+    cdef cppclass CGovernor "mullama::ThreadGovernor":
+        int n_max
+        bint adaptive
+        long steps, changes, watchdog_aborts, trials
+        double last_step
+        double forced_limit
+        double idle_cores
+        void force(int threads)
+        CGovernor(int n_max, bint adaptive, int start, double first_cap)
+        bint bind(llama_context * ctx)
+        int threads()
+        int begin(int n, AbortState * ab)
+        double limit(int b, int threads, int n)
+        void end(int n, double elapsed, bint watchdog)
+        double floor_at(int b, int threads)
+        @staticmethod
+        int bucket(int n)
+
+
+# how a generation call, or a request in the batching engine, ended (the Python
+# layer names them: mullama/_generation.py)
+cdef enum Status:
+    ST_OK = 0          # not ended: a chunk finished (token or time budget), more may follow
+    ST_EOG = 1         # the model produced an end-of-generation token
+    ST_ABORTED = 2     # cancel() (or close, or interpreter exit) stopped it
+    ST_CTX_FULL = 3    # the context window (a request's share of it) is full
+    ST_LENGTH = 4      # the request generated its max_tokens (the engine)
+
+cdef enum:
+    PIECE_BUF = 256    # bytes of one token's text (longer pieces do not exist in real vocabularies)
+
+
+cdef struct Output:
+    # what a generation produced since it was last taken: the tokens, their
+    # text (the pieces back to back) with each piece's length, and the
+    # log-probabilities when asked for
+    vector[llama_token] tok
+    string text
+    vector[int] len
+    vector[float] lp
+
+
+cdef struct Slot:
+    # one request of the batching engine (its sequence id is the slot index)
+    bint active          # a request owns this slot
+    bint paused          # its consumer is behind: leave it out of the next steps
+    int cancel           # set from any thread; the slot is left out of every step
+    int finish           # a Status: ST_OK while the request needs more steps
+    int n_prompt_done    # prompt tokens already in the KV cache
+    int pos              # tokens of this sequence in the KV cache
+    llama_token pending  # sampled, not yet decoded (-1: none)
+    int n_step           # tokens this slot put into the current batch
+    int i_batch          # batch index whose logits this slot samples (-1: none)
+    int n_gen            # tokens generated
+    int max_gen
+    bint want_lp
+
+
+cdef class _InC:
+    # counts the threads inside a nogil section of an owner
+    cdef int _in_c
+    cdef object _idle        # threading.Condition
+    cdef object __weakref__
+
+    cdef inline int _enter_c(self) except -1
+    cdef inline void _leave_c(self)
+
+
+cdef class _LoadState:
+    # carries LlamaModel.load's progress callback into C and its exception back out
+    cdef object fn
+    cdef object exc
+    cdef bint cancelled   # the callback returned False
+
+
+cdef class LlamaModel(_InC):
+    cdef llama_model * ptr
+    cdef const llama_vocab * vocab
+    cdef readonly int n_vocab
+    cdef readonly object path
+    cdef object _contexts   # WeakSet of LlamaContext / BatchEngine created from this model
+    cdef bint _closing      # close() was called; ptr is freed once no context needs it
+
+    cdef inline _check(self)
+    cdef inline int _enter(self) except -1
+    cdef _release(self)
+    cdef int _check_tokens(self, vector[llama_token] & toks) except -1
+
+
+cdef class SamplerChain:
+    cdef llama_sampler * ptr   # NULL for greedy
+    cdef readonly bint greedy
+
+
+cdef class _Decoder(_InC):
+    # what LlamaContext and BatchEngine share
+    cdef llama_context * ptr
+    cdef readonly LlamaModel model
+    cdef llama_batch batch
+    cdef bint has_batch
+    cdef readonly int n_batch
+    cdef bint _closed
+    cdef str _what           # "context" / "engine", for messages
+    cdef CGovernor * gov     # how many compute threads, and their pools (_threads.h)
+    cdef AbortState ab       # flags: [0] cancel()/close(), [1] the engine: a slot was cancelled
+
+    cdef _open(self, LlamaModel model, uint32_t n_ctx, uint32_t n_batch, int n_seq, int n_threads,
+               int n_threads_batch, bint flash_attention, bint adaptive_threads, str what, str hint)
+    cdef _free(self)
+    cdef inline int _enter(self) except -1
+    cdef inline void _leave(self)
+
+
+cdef class ThreadGovernor:
+    cdef CGovernor * g
+    cdef AbortState ab
+
+
+cdef class _LogitsView:
+    # exports a context's last logits as a float32 buffer
+    cdef LlamaContext ctx
+    cdef float * data
+    cdef Py_ssize_t shape[1]
+    cdef Py_ssize_t strides[1]
+
+
+cdef class LlamaContext(_Decoder):
+    cdef readonly int n_ctx
+    cdef vector[llama_token] _tokens
+    cdef int _n_kv
+    cdef bint _logits_ok     # the last decode produced logits for tokens[-1]
+    cdef int _exports        # live buffer exports of the logits
+    cdef object _owner       # threading.Lock: one user at a time (claim/release)
+
+    cdef _free(self)
+    cdef void _clear(self) noexcept
+    cdef int _decode_pending(self) noexcept nogil
+    cdef inline void _refresh_last(self) noexcept nogil
+    cdef int _check(self, int status, int n_new) except -1
+    cdef int _generate(self, llama_sampler * smpl, int n_max, double deadline, bint want_lp,
+                       Output * out) noexcept nogil
+
+
+cdef class BatchEngine(_Decoder):
+    cdef readonly int n_seq
+    cdef readonly int n_ctx_seq
+    cdef int prefill_chunk
+    cdef vector[Slot] slots
+    cdef vector[vector[llama_token]] prompts
+    cdef vector[Output] outs
+    cdef list samplers       # the SamplerChain of each slot (keeps its pointer alive)
+    cdef vector[llama_sampler *] smpls  # their pointers, for the nogil step (NULL: greedy)
+    cdef int _wake           # the driver has work: return from run() early
+
+    cdef _free(self)
+    cdef inline bint _runnable(self, Slot * s) noexcept nogil
+    cdef inline void _add(self, int n, llama_token tok, llama_pos pos, int seq, bint logits) noexcept nogil
+    cdef int _step(self, int * n_decoded) noexcept nogil
+    cdef bint _needs_driver(self) noexcept nogil
