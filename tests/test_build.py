@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +82,20 @@ def test_probe_enables_only_what_runs():
     for name, deps in build_llama_cpp._REQUIRES.items():
         if found[name]:
             assert all(found[d] for d in deps)
+
+
+def test_the_sdist_holds_what_its_build_needs(tmp_path):
+    """A source distribution builds on its own: setup.py imports tools/build_llama_cpp.py (and the
+    fetch script), and the extension needs its C++ header and declaration files."""
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=root,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (sdist,) = tmp_path.glob("mullama-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    for needed in ("setup.py", "pyproject.toml", "tools/build_llama_cpp.py", "tools/fetch_llama_cpp.py",
+                   "mullama/_core.pyx", "mullama/_core.pxd", "mullama/_llama.pxd", "mullama/_threads.h",
+                   "mullama/_core.pyi", "mullama/py.typed"):
+        assert needed in names, needed
+    assert not any(n.startswith("third_party/") or n.endswith(".gguf") for n in names)  # nothing third-party
