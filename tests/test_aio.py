@@ -640,3 +640,24 @@ async def test_one_meaning_of_generate_and_kv_used(tiny_model_path, tiny_model):
             assert (await m.generate("once upon", 6, StreamConfig.greedy())).text == expected.text
             assert pool.kv_used() == m.kv_used() > 0
             assert await m.generate_text(" and", 2, StreamConfig.greedy())
+
+
+async def test_pool_calls_do_not_need_anyio_default_thread_slots(tiny_model_path, tiny_model):
+    """A ModelPool's own blocking calls (load, its members' contexts, tokenize, detokenize,
+    model_info, close) and its members' generations run on thread slots of its own."""
+    from mullama.aio import ModelPool
+
+    pool = await without_default_threads(ModelPool.load, AsyncConfig(tiny_model_path, context_size=256,
+                                                                     threads=1), 2)
+    try:
+        expected = tiny_model.tokenize("hello")
+        assert await without_default_threads(pool.tokenize, "hello") == expected
+        assert await without_default_threads(pool.detokenize, expected) == tiny_model.detokenize(expected)
+        assert (await without_default_threads(pool.model_info)).n_vocab == tiny_model.info.n_vocab
+        member = await without_default_threads(pool.acquire)
+        assert (await without_default_threads(member.generate, "once upon", 4)).tokens
+        assert await without_default_threads(member.detokenize, expected) == tiny_model.detokenize(expected)
+        await without_default_threads(member.release)
+        await without_default_threads(pool.resize, 3)  # a new member's context
+    finally:
+        await without_default_threads(pool.aclose)

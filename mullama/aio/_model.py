@@ -320,7 +320,7 @@ class AsyncModel(_Results, Owner):
         config = _with_max_tokens(config, None)
         async with deadline(self._config.timeout_ms):
             if callable(tokens):
-                tokens = await anyio.to_thread.run_sync(tokens, limiter=self._threads())
+                tokens = await run_in_thread(tokens, limiter=self._threads())
             check_open(self._closed, "AsyncModel")
             async with open_engine_stream(self._engine, tokens, config, self._config.timeout_ms) as stream:
                 yield stream

@@ -18,9 +18,9 @@ from .._generation import Completion
 from .._errors import BusyError, ClosedError, ContextCreationError, InvalidConfigError
 from .._model import Model, ModelInfo
 from .._owner import Owner, Uncopyable
-from ._loop import LoopBinding
+from ._loop import LoopBinding, LoopLimiters
 from ._model import AsyncConfig, AsyncContext, PathLike, load_model
-from ._stream import TokenStream, check_open
+from ._stream import TokenStream, check_open, run_in_thread
 
 __all__ = ["ModelPool", "PooledModel", "PoolStats"]
 
@@ -100,6 +100,9 @@ class ModelPool(Owner):
         self._generation_ms = 0.0
         #: the loop of the leases, waiters and resizes under way
         self._loop = LoopBinding("ModelPool")
+        # its own blocking calls (load, member contexts, tokenize, close): on thread slots of
+        # its own, never anyio's default ones, which every to_thread call of the process shares
+        self._limiters = LoopLimiters(max(2, size))
         #: members replaced because their reset failed
         self.replaced = 0
 
@@ -131,7 +134,8 @@ class ModelPool(Owner):
             return
         self._enter()
         try:
-            self._model = await anyio.to_thread.run_sync(load_model, self._config, progress)
+            self._model = await anyio.to_thread.run_sync(load_model, self._config, progress,
+                                                         limiter=self._limiters.current())
             try:
                 cfg = self._config
                 self._model._check_memory(
@@ -342,10 +346,11 @@ class ModelPool(Owner):
         for _ in range(n):
             self._creating += 1
             try:
-                ctx = await anyio.to_thread.run_sync(
+                ctx = await run_in_thread(
                     lambda: model.create_context(context_size=cfg.context_size, threads=cfg.threads,
                                                  adaptive_threads=cfg.adaptive_threads,
-                                                 flash_attention=cfg.flash_attention))
+                                                 flash_attention=cfg.flash_attention),
+                    limiter=self._limiters.current())
             except BaseException as exc:
                 self._creating -= 1
                 if isinstance(exc, Exception):
@@ -401,11 +406,14 @@ class ModelPool(Owner):
         return sum(m.kv_used() for m in list(self._conversations) if not m.closed)
 
     async def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> List[int]:
-        return await anyio.to_thread.run_sync(self.model.tokenize, text, add_bos, special)
+        return await run_in_thread(self.model.tokenize, text, add_bos, special, limiter=self._limiters.current())
+
+    async def detokenize(self, tokens: Sequence[int]) -> str:
+        return await run_in_thread(self.model.detokenize, tokens, limiter=self._limiters.current())
 
     async def model_info(self) -> ModelInfo:
         model = self.model
-        return await anyio.to_thread.run_sync(lambda: model.info)
+        return await run_in_thread(lambda: model.info, limiter=self._limiters.current())
 
     async def aclose(self) -> None:
         """Close every member (stopping what runs on it) and free the model.
@@ -431,7 +439,7 @@ class ModelPool(Owner):
                 await self._wait_change()
             self._available.clear()
             if self._model is not None:
-                await anyio.to_thread.run_sync(self._model.close)
+                await anyio.to_thread.run_sync(self._model.close, limiter=self._limiters.current())
 
     async def __aenter__(self) -> "ModelPool":
         await self.open()
@@ -557,7 +565,7 @@ class PooledModel(Uncopyable):
 
     async def detokenize(self, tokens: Sequence[int]) -> str:
         self._m()
-        return await anyio.to_thread.run_sync(self._pool.model.detokenize, tokens)
+        return await self._pool.detokenize(tokens)
 
     async def model_info(self) -> ModelInfo:
         self._m()
