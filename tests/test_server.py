@@ -40,10 +40,12 @@ PROMPTS = ["once upon", "hello there", "abc", "zz top"]
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
 LONG = dict(model="smol", prompt="1, 2, 3, 4, 5, 6,", max_tokens=900, temperature=0)  # a greedy count: no early end
 DISCONNECTED = 'mullama_generations_total{finish_reason="disconnected"}'
+API_KEY = "k"
 
 
 class Server:
-    def __init__(self, proc: subprocess.Popen, url: str, lines: "queue.Queue[str]") -> None:
+    def __init__(self, proc: subprocess.Popen, url: str, lines: "queue.Queue[str]", backend: str) -> None:
+        self.backend = backend
         self.proc = proc
         self.url = url  # ends with /v1
         self.base = url[: -len("/v1")]
@@ -109,7 +111,7 @@ def start_server(model: Path, backend: str, *args: str, **popen) -> Server:
         m = re.search(r"serving '.*' at (http://\S+/v1) \((\w+), (\w+)\)", line)
         if m:
             assert m.group(2) == backend and m.group(3) == {"asyncio": "uvicorn", "trio": "hypercorn"}[backend]
-            server = Server(proc, m.group(1), lines)
+            server = Server(proc, m.group(1), lines, backend)
             server.startup = "".join(seen)
             return server
     proc.kill()
@@ -129,6 +131,18 @@ def default_server(request, default_model_path) -> Iterator[Server]:
     """The real model, one slot and no queue: a second request while one runs gets 503."""
     server = start_server(default_model_path, request.param, "--name", "smol", "--context-size", "1024",
                           "--max-concurrent", "1", "--max-queue", "0")
+    yield server
+    assert server.stop() == 0
+
+
+@pytest.fixture(scope="module", params=MODES)
+def slow_clients_server(request, tiny_model_path) -> Iterator[Server]:
+    """Short limits for the tests of clients that misbehave: a request head within 0.5 s
+    (keep-alive), no write or body read stalled over 1 s (io), an API key (requests answered
+    401 before their body arrived). Each test leaves it with no request running."""
+    server = start_server(tiny_model_path, request.param, "--name", "tiny", "--context-size", "4096",
+                          "--max-concurrent", "2", "--timeout", "600", "--io-timeout", "1", "--keep-alive-timeout",
+                          "0.5", "--api-key", API_KEY, "--log-level", "info")
     yield server
     assert server.stop() == 0
 
@@ -414,7 +428,7 @@ def test_default_model_chat(default_server, default_model):
 # -- clients that misbehave: not reading, half-sent heads -------------------------------------------
 
 
-def non_reading_clients(server: Server, n: int, max_tokens: int = 4000) -> List[socket.socket]:
+def non_reading_clients(server: Server, n: int, max_tokens: int = 4000, api_key: str = "") -> List[socket.socket]:
     """*n* streaming requests whose clients never read (a tiny receive buffer): the tiny model
     writes faster than they take, so the server's writes to them block (under trio; uvicorn's
     kernel send buffer takes megabytes first)."""
@@ -426,7 +440,8 @@ def non_reading_clients(server: Server, n: int, max_tokens: int = 4000) -> List[
         c = socket.socket()
         c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
         c.connect((host, int(port)))
-        c.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        auth = f"authorization: Bearer {api_key}\r\n".encode() if api_key else b""
+        c.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n" + auth +
                   b"content-length: %d\r\n\r\n" % len(body) + body)
         socks.append(c)
     return socks
@@ -477,34 +492,29 @@ def test_clients_that_stop_reading_lose_their_slots_at_the_request_timeout(tiny_
             server.proc.kill()
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_a_client_that_stops_reading_is_disconnected_after_the_io_timeout(tiny_model_path, mode):
+def test_a_client_that_stops_reading_is_disconnected_after_the_io_timeout(slow_clients_server):
     """A client that stops reading cannot hold its slot, long before --timeout: the client reads
     nothing until its request has ended and freed its slot and KV cells, then finds the connection
     closed. On trio the server's socket takes at most 16 KiB of unsent bytes (trio's
     TCP_NOTSENT_LOWAT), so its writes block and the response is cut after --io-timeout without
     progress. Under uvicorn the kernel's send buffer (megabytes on loopback) takes this whole
     response: the request ends normally and the connection is closed at the keep-alive timeout."""
-    server = start_server(tiny_model_path, mode, "--name", "tiny", "--context-size", "4096", "--max-concurrent",
-                          "2", "--timeout", "600", "--io-timeout", "1", "--keep-alive-timeout", "1")
+    server = slow_clients_server
+    before = server.metrics()
+
+    def ended(m: Dict[str, float]) -> float:
+        return sum(v - before.get(k, 0) for k, v in m.items() if k.startswith("mullama_generations_total"))
+
+    (sock,) = non_reading_clients(server, 1, max_tokens=1500, api_key=API_KEY)  # (~55 KB of events)
     try:
-        before = server.metrics()
-
-        def ended(m: Dict[str, float]) -> float:
-            return sum(v - before.get(k, 0) for k, v in m.items() if k.startswith("mullama_generations_total"))
-
-        (sock,) = non_reading_clients(server, 1, max_tokens=1500)  # (~55 KB of events)
-        try:
-            m = server.wait_for(lambda m: ended(m) == 1 and m["mullama_http_requests_in_flight"] == 1  # (/metrics)
-                                and m["mullama_engine_active_requests"] == 0 and m["mullama_kv_cells_used"] == 0,
-                                "the request ended and freed its slot")
-            if mode == "trio":  # its writes blocked: cut at the io timeout, long before its 1500 tokens
-                assert m.get(DISCONNECTED, 0) == before.get(DISCONNECTED, 0) + 1
-                assert m["mullama_generated_tokens_total"] - before["mullama_generated_tokens_total"] < 1500
-        finally:
-            read_until_closed(sock)  # (closes it too)
+        m = server.wait_for(lambda m: ended(m) == 1 and m["mullama_http_requests_in_flight"] == 1  # (/metrics)
+                            and m["mullama_engine_active_requests"] == 0 and m["mullama_kv_cells_used"] == 0,
+                            "the request ended and freed its slot")
+        if server.backend == "trio":  # its writes blocked: cut at the io timeout, long before its 1500 tokens
+            assert m.get(DISCONNECTED, 0) == before.get(DISCONNECTED, 0) + 1
+            assert m["mullama_generated_tokens_total"] - before["mullama_generated_tokens_total"] < 1500
     finally:
-        assert server.stop() == 0
+        read_until_closed(sock)  # (closes it too)
 
 
 def half_sent_heads(server: Server, n: int) -> List[socket.socket]:
@@ -518,30 +528,23 @@ def half_sent_heads(server: Server, n: int) -> List[socket.socket]:
     return socks
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_half_sent_request_heads_are_closed_after_the_keep_alive_timeout(tiny_model_path, mode):
+def test_half_sent_request_heads_are_closed_after_the_keep_alive_timeout(slow_clients_server):
     """uvicorn on its own never closed a connection that sent half a request head."""
-    server = start_server(tiny_model_path, mode, "--name", "tiny", "--keep-alive-timeout", "0.5", "--log-level",
-                          "info")
-    try:
-        for c in half_sent_heads(server, 5):
-            read_until_closed(c)
-        assert httpx.get(server.base + "/health", timeout=30).status_code == 200
-        # `mullama serve` states its limits (and its own loggers print at --log-level)
-        assert "INFO:mullama.server: limits: a request head within 0.5 s (keep-alive)" in server.startup
-    finally:
-        assert server.stop() == 0
+    server = slow_clients_server
+    for c in half_sent_heads(server, 5):
+        read_until_closed(c)
+    assert httpx.get(server.base + "/health", timeout=30).status_code == 200
+    # `mullama serve` states its limits (and its own loggers print at --log-level)
+    assert "INFO:mullama.server: limits: a request head within 0.5 s (keep-alive), no write or body read " \
+           "stalled over 1 s" in server.startup
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_a_body_trickling_after_an_early_answer_is_cut(tiny_model_path, mode):
+def test_a_body_trickling_after_an_early_answer_is_cut(slow_clients_server):
     """A request answered before its body arrived (here 401) whose client then trickles the body
     a byte at a time: the connection is closed (keep-alive timeout, or the body's io timeout)."""
-    server = start_server(tiny_model_path, mode, "--name", "tiny", "--api-key", "k", "--keep-alive-timeout", "0.5",
-                          "--io-timeout", "1")
-    host, port = server.base[len("http://"):].rsplit(":", 1)
+    host, port = slow_clients_server.base[len("http://"):].rsplit(":", 1)
+    c = socket.create_connection((host, int(port)))
     try:
-        c = socket.create_connection((host, int(port)))
         c.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\nabc")
         assert c.recv(1000).startswith(b"HTTP/1.1 401")
         c.settimeout(0.2)
@@ -556,9 +559,8 @@ def test_a_body_trickling_after_an_early_answer_is_cut(tiny_model_path, mode):
                 pass
             except OSError:  # reset
                 break
-        c.close()
     finally:
-        assert server.stop() == 0
+        c.close()
 
 
 @pytest.mark.parametrize("mode", MODES)
