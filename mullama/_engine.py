@@ -68,8 +68,6 @@ class EngineRequest(Generation):
         self.cancelled = False
         self._engine: Optional["Engine"] = None
 
-    done = Generation.finished
-
     def cancel(self) -> None:
         """Stop this request (thread-safe); it leaves the engine at the next step."""
         self.cancelled = True
@@ -196,7 +194,7 @@ class Engine:
             slot = request.slot
             if slot is not None:
                 self._core.cancel_slot(slot)  # the driver releases it at the next step
-            elif not request.done and request in self._queue:
+            elif not request.finished and request in self._queue:
                 self._queue.remove(request)  # never started: done now
                 self._finish(request, "cancelled")
             self._cv.notify()
@@ -343,7 +341,7 @@ class Engine:
         self._finish(req, reason)
 
     def _finish(self, req: EngineRequest, reason: str) -> None:
-        if req.done:
+        if req.finished:
             return
         if req.slot is None and req.sampler is not None:
             req.sampler.close()  # never started (a started one is freed with its slot)

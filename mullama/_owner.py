@@ -63,15 +63,16 @@ class Owner(Uncopyable):
         self.close()  # type: ignore[attr-defined]
 
     def __del__(self) -> None:
+        if sys.is_finalizing():
+            return  # interpreter exit: mullama's atexit hook has stopped what runs; the process frees the rest
         try:
             if not self._holds():
                 return
         except Exception:  # __init__ did not finish: it owns nothing yet
             return
         try:
-            if not sys.is_finalizing():
-                # no source=self: a recorded warning would keep the object (and what it owns) alive
-                warnings.warn(f"unclosed {self!r}: close it (close(), aclose(), or a with block)",
-                              ResourceWarning, stacklevel=2)
+            # no source=self: a recorded warning would keep the object (and what it owns) alive
+            warnings.warn(f"unclosed {self!r}: close it (close(), aclose(), or a with block)",
+                          ResourceWarning, stacklevel=2)
         finally:
             self._close_unclosed()

@@ -254,12 +254,12 @@ def test_a_queued_request_times_out_too(tiny_model):
         engine.submit(first)
         engine.submit(queued)
         deadline = time.monotonic() + 60
-        while not queued.done:  # a bound, not a timing assertion
+        while not queued.finished:  # a bound, not a timing assertion
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert queued.finish_reason == "timeout" and queued.timed_out
         with pytest.raises(mullama.RequestTimeoutError, match="timeout_ms=200"):
             queued.completion()
-        assert not first.done  # the running one is not touched
+        assert not first.finished  # the running one is not touched
     finally:
         engine.close()
