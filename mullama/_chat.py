@@ -49,8 +49,17 @@ def _builtin_names() -> "tuple[str, ...]":
     return tuple(_core.chat_builtin_templates())
 
 
+class _Checked(List[Dict[str, Any]]):
+    """Messages :func:`check_messages` made: checking them again returns them as they are
+    (a request's messages pass the server, the model and the template renderer)."""
+
+    __slots__ = ()
+
+
 def check_messages(messages: Sequence[Message]) -> List[Dict[str, Any]]:
     """Validate *messages* and return them as plain dicts with text content."""
+    if type(messages) is _Checked:
+        return messages
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise InvalidConfigError(
             f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}")
@@ -73,7 +82,7 @@ def check_messages(messages: Sequence[Message]) -> List[Dict[str, Any]]:
         m = dict(msg)
         m["content"] = content
         out.append(m)
-    return out
+    return _Checked(out)
 
 
 def _text_of_parts(parts: object, i: int) -> str:

@@ -194,3 +194,19 @@ async def test_pool_member_chat(tiny_model_path, tiny_model):
             async with m.chat_stream(CONV + [{"role": "assistant", "content": expected.text}], GREEDY,
                                      template="chatml") as stream:
                 assert [t async for t in stream]
+
+
+def test_messages_are_checked_once():
+    """check_messages makes plain dicts with text content; what it made passes again as it is
+    (a request's messages go through the server, the model and the renderer: one walk, not three),
+    while anything else is checked in full."""
+    from mullama._chat import check_messages
+
+    given = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    checked = check_messages(given)
+    assert checked == [{"role": "user", "content": "ab"}] and given[0]["content"] != "ab"
+    assert check_messages(checked) is checked
+    again = list(checked)  # a plain list of the same dicts: checked again
+    assert check_messages(again) is not again and check_messages(again) == checked
+    with pytest.raises(mullama.InvalidConfigError, match=r"messages\[1\]"):
+        check_messages(checked + [{"role": "", "content": "x"}])

@@ -309,7 +309,7 @@ class AsyncModel(_Results, Owner):
         ``async with model.chat_stream([{"role": "user", "content": "Hi"}]) as s:``.
         Raises ChatTemplateError if the model has no template and none is given.
         """
-        check_messages(messages)
+        messages = check_messages(messages)  # checked once: the renderer takes them as they are
         return self._open_stream(functools.partial(chat_tokens, self._model, messages, template), config)
 
     @asynccontextmanager
@@ -336,7 +336,7 @@ class AsyncModel(_Results, Owner):
         """Token ids of *messages* formatted for the assistant's turn (what
         :meth:`chat` generates from); ChatTemplateError without a template."""
         check_open(self._closed, "AsyncModel")
-        check_messages(messages)
+        messages = check_messages(messages)
         return await anyio.to_thread.run_sync(chat_tokens, self._model, messages, template,
                                              limiter=self._threads())
 
@@ -457,7 +457,7 @@ class AsyncContext(_Results, Uncopyable):
         earlier answers included as ``"assistant"`` messages). The tokens the
         conversation shares with what this context holds are not evaluated
         again, so a turn costs only its new tokens."""
-        check_messages(messages)
+        messages = check_messages(messages)
         return self._open_stream(functools.partial(Context.chat_prompt, messages=messages, template=template),
                                  config)
 
