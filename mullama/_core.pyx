@@ -708,10 +708,11 @@ cdef bint _sample_into(llama_context * ctx, int i, llama_sampler * smpl, const l
     else:
         tok = llama_sampler_sample(smpl, ctx, i)
     if want_lp:
-        best = logits[0]
-        for j in range(1, n_vocab):
-            if logits[j] > best:
-                best = logits[j]
+        if smpl != NULL:  # (greedy found the largest logit already)
+            best = logits[0]
+            for j in range(1, n_vocab):
+                if logits[j] > best:
+                    best = logits[j]
         acc = 0.0
         for j in range(n_vocab):
             acc += expf(logits[j] - best)
@@ -729,6 +730,13 @@ cdef bint _sample_into(llama_context * ctx, int i, llama_sampler * smpl, const l
     return False
 
 
+cdef inline void _clear_output(Output * out) noexcept nogil:
+    out.tok.clear()
+    out.text.clear()
+    out.len.clear()
+    out.lp.clear()
+
+
 cdef tuple _take_output(Output * out, bint want_lp):
     """``(tokens, pieces, logprobs_or_None)`` of *out*, which is emptied."""
     cdef size_t i
@@ -739,11 +747,9 @@ cdef tuple _take_output(Output * out, bint want_lp):
         pieces.append(PyBytes_FromStringAndSize(base + off, out.len[i]))
         off += out.len[i]
     result = ([t for t in out.tok], pieces, [x for x in out.lp] if want_lp else None)
-    out.tok.clear()
-    out.text.clear()
-    out.len.clear()
-    out.lp.clear()
+    _clear_output(out)
     return result
+
 
 
 cdef void _free_decoder(_Decoder d):
@@ -1176,6 +1182,7 @@ cdef class LlamaContext(_Decoder):
                        Output * out) noexcept nogil:
         """The generation loop: decode what is pending, sample, stop at an end."""
         cdef int i, rc
+        cdef bint eog
         cdef llama_token tok
         for i in range(n_max):
             if abort_state_cancelled(&self.ab):
@@ -1185,12 +1192,11 @@ cdef class LlamaContext(_Decoder):
                 rc = self._decode_pending()
                 if rc != ST_OK:
                     return rc
-            if _sample_into(self.ptr, -1, smpl, self.model.vocab, self.model.n_vocab, want_lp, out, &tok):
-                self._tokens.push_back(tok)
-                self._logits_ok = False
-                return ST_EOG
+            eog = _sample_into(self.ptr, -1, smpl, self.model.vocab, self.model.n_vocab, want_lp, out, &tok)
             self._tokens.push_back(tok)   # pending until the next step decodes it
             self._logits_ok = False
+            if eog:
+                return ST_EOG
             if deadline > 0.0 and mullama_now() >= deadline:
                 break
         return ST_OK
@@ -1312,7 +1318,7 @@ cdef class BatchEngine(_Decoder):
             s.max_gen = max_gen
             s.want_lp = logprobs
             self.prompts[slot] = toks
-            _take_output(&self.outs[slot], False)   # empties it
+            _clear_output(&self.outs[slot])
             self.samplers[slot] = sampler
             self.smpls[slot] = sampler.ptr
         finally:

@@ -210,8 +210,8 @@ class Engine:
                     self._core.cancel_slot(req.slot)
             self._cv.notify()
         self._core.wake()
-        if self._thread is not None:
-            self._thread.join()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()  # (the driver itself can get here: a garbage collection run in it)
         self._core.close()
 
     # -- the driver thread ----------------------------------------------------------
