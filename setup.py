@@ -24,7 +24,10 @@ class BuildExt(build_ext):
         libs = build_llama_cpp.static_libs(bdir)
         cuda = os.environ.get("MULLAMA_CUDA") == "1" or "GGML_CUDA=ON" in os.environ.get("CMAKE_ARGS", "")
         for ext in self.extensions:
-            ext.include_dirs += [str(src / "include"), str(src / "ggml" / "include")]
+            # src/: llama-grammar.h (_sampling.h runs llama.cpp's GBNF parser to name a grammar's error);
+            # common/: llama.cpp's common library (JSON schema to grammar, chat templates with tools)
+            ext.include_dirs += [str(src / "include"), str(src / "ggml" / "include"), str(src / "src"),
+                                 str(src / "common")]
             ext.extra_objects += libs
             ext.extra_link_args += ["-lpthread", "-ldl"]
             if cuda:
@@ -43,7 +46,7 @@ class BuildExt(build_ext):
 core = Extension(
     "mullama._core",
     ["mullama/_core.pyx"],
-    depends=["mullama/_threads.h"],
+    depends=["mullama/_threads.h", "mullama/_sampling.h", "mullama/_common.h"],
     include_dirs=["mullama"],
     language="c++",
     extra_compile_args=["-std=c++17", "-O2"],

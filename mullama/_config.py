@@ -6,11 +6,12 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple, Union
+from functools import lru_cache
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from ._errors import InvalidConfigError, InvalidTokenError
+from ._errors import GrammarError, InvalidConfigError, InvalidTokenError
 
-__all__ = ["StreamConfig", "default_threads", "resolve_threads"]
+__all__ = ["StreamConfig", "Grammar", "default_threads", "resolve_threads"]
 
 _U32_MAX = 0xFFFFFFFF
 _I32_MAX = 0x7FFFFFFF
@@ -87,6 +88,59 @@ def _shown(value: object) -> str:
 
 
 @dataclass(frozen=True)
+class Grammar:
+    """A GBNF grammar (llama.cpp's grammar format) the output must follow.
+
+    Its syntax is checked by llama.cpp's own parser when a generation starts,
+    before anything is decoded: a grammar that does not parse raises
+    :class:`GrammarError` naming the problem, its line and column.
+
+    Args:
+        text: the grammar's rules, e.g. ``'root ::= "yes" | "no"'``.
+        root: the rule the whole output must match.
+        triggers: regular expressions that make the grammar *lazy*: the output is
+            free until one of them matches (searched from the start of the
+            output), and follows the grammar from the match on (from its first
+            group, if it has one). This is how tool-call grammars apply only once
+            a model starts a call.
+        trigger_tokens: token ids that trigger a lazy grammar the same way.
+    """
+
+    text: str
+    root: str = "root"
+    triggers: Tuple[str, ...] = ()
+    trigger_tokens: Tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.text, str):
+            raise InvalidConfigError(f"a grammar must be a str of GBNF rules, got {type(self.text).__name__}")
+        if not self.text.strip():
+            raise InvalidConfigError("the grammar is empty")
+        if not isinstance(self.root, str) or not self.root:
+            raise InvalidConfigError(f"the grammar's root must be a rule name, got {self.root!r}")
+        object.__setattr__(self, "triggers", _str_tuple("grammar trigger", self.triggers))
+        object.__setattr__(self, "trigger_tokens", tuple(token_list(self.trigger_tokens)))
+
+    @property
+    def lazy(self) -> bool:
+        """Whether the grammar waits for a trigger."""
+        return bool(self.triggers or self.trigger_tokens)
+
+
+def _str_tuple(what: str, items: Union[str, Sequence[str]]) -> Tuple[str, ...]:
+    if isinstance(items, str):
+        items = (items,)
+    try:
+        out = tuple(items)
+    except TypeError:
+        raise InvalidConfigError(f"{what}s must be a sequence of str, got {type(items).__name__}") from None
+    for x in out:
+        if not isinstance(x, str):
+            raise InvalidConfigError(f"a {what} must be a str, got {type(x).__name__} {x!r}")
+    return out
+
+
+@dataclass(frozen=True)
 class StreamConfig:
     """How to sample a generation. The defaults are llama.cpp's.
 
@@ -108,6 +162,21 @@ class StreamConfig:
             bytes together (``MAX_STOP_BYTES``).
         include_probabilities: fill ``TokenData.logprob`` with the log-probability
             of each chosen token under the model's raw distribution.
+        grammar: a GBNF grammar (a str, or a :class:`Grammar`) the output must
+            follow. A generation whose grammar allows no next token ends with
+            ``finish_reason == "grammar_dead_end"``.
+        json_schema: a JSON schema the output must validate against: a dict, its
+            JSON text, or a pydantic model class (its ``model_json_schema()``;
+            pydantic is not a dependency of mullama). It becomes a grammar by
+            llama.cpp's own converter, the one llama-server uses; a schema it
+            cannot convert raises :class:`GrammarError` naming the schema path.
+        response_format: OpenAI's ``response_format``: ``{"type": "text"}``,
+            ``{"type": "json_object"}`` (any JSON value; llama.cpp's
+            ``"schema"`` key is honoured too) or ``{"type": "json_schema",
+            "json_schema": {"name": ..., "schema": {...}, "strict": true}}``.
+
+    At most one of ``grammar``, ``json_schema`` and ``response_format`` may be
+    given; :attr:`constraint` is the grammar the output follows.
     """
 
     max_tokens: int = 256
@@ -122,6 +191,9 @@ class StreamConfig:
     seed: Optional[int] = None
     stop: Tuple[str, ...] = field(default=())
     include_probabilities: bool = False
+    grammar: Optional[Grammar] = None
+    json_schema: Optional[Any] = None
+    response_format: Optional[Mapping[str, Any]] = None
 
     def __post_init__(self) -> None:
         check_int("max_tokens", self.max_tokens, minimum=1, maximum=_I32_MAX)
@@ -139,6 +211,27 @@ class StreamConfig:
         if not isinstance(self.include_probabilities, bool):
             raise InvalidConfigError(
                 f"include_probabilities must be a bool, got {type(self.include_probabilities).__name__}")
+        if isinstance(self.grammar, str):
+            object.__setattr__(self, "grammar", Grammar(self.grammar))
+        elif self.grammar is not None and not isinstance(self.grammar, Grammar):
+            raise InvalidConfigError(f"grammar must be a str or a Grammar, got {type(self.grammar).__name__}")
+        given = [n for n in ("grammar", "json_schema", "response_format") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise InvalidConfigError(f"give at most one of grammar, json_schema and response_format, got {given}")
+        schema: Optional[Dict[str, Any]] = None
+        if self.json_schema is not None:
+            schema = json_schema_dict(self.json_schema)
+            object.__setattr__(self, "json_schema", schema)
+        elif self.response_format is not None:
+            schema = response_format_schema(self.response_format)
+        constraint = self.grammar if schema is None else Grammar(schema_grammar(_json_text(schema)))
+        object.__setattr__(self, "_constraint", constraint)
+
+    @property
+    def constraint(self) -> Optional[Grammar]:
+        """The grammar the output follows: ``grammar``, or the one made from
+        ``json_schema`` or ``response_format``; ``None`` if unconstrained."""
+        return self._constraint  # type: ignore[attr-defined,no-any-return]
 
     @classmethod
     def greedy(cls, max_tokens: int = 256, **kwargs: object) -> "StreamConfig":
@@ -150,6 +243,66 @@ class StreamConfig:
         import dataclasses
 
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def json_schema_dict(schema: Any) -> Dict[str, Any]:
+    """A JSON schema given as a dict, JSON text or a pydantic model class, as a dict."""
+    import json
+
+    if isinstance(schema, type) and hasattr(schema, "model_json_schema"):  # pydantic v2, without importing it
+        schema = schema.model_json_schema()
+    elif isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as e:
+            raise GrammarError(f"the JSON schema is not valid JSON: {e}") from None
+    if schema is True:
+        schema = {}
+    elif schema is False:
+        raise GrammarError("the JSON schema is false: it allows no output at all")
+    if not isinstance(schema, Mapping):
+        raise InvalidConfigError(
+            "a JSON schema must be a dict, its JSON text or a pydantic model class, got "
+            f"{type(schema).__name__}")
+    return dict(schema)
+
+
+def response_format_schema(fmt: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """The JSON schema an OpenAI ``response_format`` asks for (``None`` for text)."""
+    if not isinstance(fmt, Mapping):
+        raise InvalidConfigError(f"response_format must be a dict, got {type(fmt).__name__}")
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_schema_dict(fmt.get("schema") or {})
+    if kind == "json_schema":
+        inner = fmt.get("json_schema")
+        if inner is None and "schema" in fmt:  # llama.cpp's shorthand
+            return json_schema_dict(fmt["schema"])
+        if not isinstance(inner, Mapping) or "schema" not in inner:
+            raise InvalidConfigError(
+                'response_format {"type": "json_schema"} needs "json_schema": {"name": ..., "schema": {...}}')
+        return json_schema_dict(inner["schema"])
+    raise InvalidConfigError(
+        f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
+
+
+def _json_text(schema: Mapping[str, Any]) -> str:
+    import json
+
+    try:
+        return json.dumps(schema, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise GrammarError(f"the JSON schema cannot be written as JSON: {e}") from None
+
+
+@lru_cache(maxsize=128)
+def schema_grammar(schema_json: str) -> str:
+    """The GBNF grammar of a JSON schema's text (cached: clients send the same schemas again and again)."""
+    from . import _core
+
+    return _core.json_schema_to_grammar(schema_json)
 
 
 def _check_stop(stop: Union[str, Sequence[str], None]) -> Tuple[str, ...]:

@@ -339,6 +339,7 @@ class _Run(Generation):
         if not prompt and core.n_past == 0:
             raise MullamaError("the prompt is empty and the context holds nothing to continue from")
         self.prompt_tokens = len(prompt)
+        sampler = new_sampler(model._core, self.config)  # a bad grammar fails before anything is decoded
         try:
             if core.decode(prompt) == _core.STATUS_ABORTED:
                 self.end("cancelled")
@@ -349,12 +350,9 @@ class _Run(Generation):
             if limit <= 0:
                 self.end("context_full")
                 return
-            sampler = new_sampler(model.n_vocab, self.config)
-            try:
-                yield from self._loop(core, sampler, limit)
-            finally:
-                sampler.close()
+            yield from self._loop(core, sampler, limit)
         finally:
+            sampler.close()
             self.end("cancelled")  # the consumer stopped early: the generation counts as cancelled
 
     def _loop(self, core: "_core.LlamaContext", sampler: "_core.SamplerChain", limit: int) -> Iterator[List[TokenData]]:

@@ -32,6 +32,24 @@ from mullama._llama cimport (llama_batch, llama_context, llama_model, llama_pos,
                              llama_vocab)
 
 
+cdef extern from "_sampling.h" namespace "mullama" nogil:
+    # a request's sampling: its chain (NULL: greedy) and grammar (NULL: none),
+    # sampled without dead ends (see _sampling.h)
+    cdef cppclass Sampling:
+        llama_sampler * chain
+        llama_sampler * grammar
+        const llama_vocab * vocab
+    const llama_token DEAD_END
+    llama_token sample(Sampling * s, const float * logits, int n_vocab, float * best) noexcept
+    bint grammar_prefill(Sampling * s, const llama_token * tokens, int n) noexcept
+    string grammar_error(const llama_vocab * vocab, const string & src, long * offset) except +
+
+
+cdef extern from "_common.h" namespace "mullama":
+    # llama.cpp's common library (see _common.h)
+    string schema_to_grammar(const string & schema_json) except +
+
+
 cdef extern from "_threads.h" namespace "mullama" nogil:
     # the abort callback's state and the compute-thread governor (see _threads.h;
     # the functions that use them are declared in _core.pyx)
@@ -66,6 +84,7 @@ cdef enum Status:
     ST_ABORTED = 2     # cancel() (or close, or interpreter exit) stopped it
     ST_CTX_FULL = 3    # the context window (a request's share of it) is full
     ST_LENGTH = 4      # the request generated its max_tokens (the engine)
+    ST_DEAD_END = 5    # the grammar allows no next token
 
 cdef enum:
     PIECE_BUF = 256    # bytes of one token's text (longer pieces do not exist in real vocabularies)
@@ -129,8 +148,11 @@ cdef class LlamaModel(_InC):
 
 
 cdef class SamplerChain:
-    cdef llama_sampler * ptr   # NULL for greedy
+    cdef Sampling * s          # the chain (NULL: greedy) and the grammar (NULL: none)
     cdef readonly bint greedy
+    cdef readonly bint constrained
+
+    cdef _set_grammar(self, LlamaModel model, str grammar, str root, triggers, trigger_tokens)
 
 
 cdef class _Decoder(_InC):
@@ -178,7 +200,7 @@ cdef class LlamaContext(_Decoder):
     cdef int _decode_pending(self) noexcept nogil
     cdef inline void _refresh_last(self) noexcept nogil
     cdef int _check(self, int status, int n_new) except -1
-    cdef int _generate(self, llama_sampler * smpl, int n_max, double deadline, bint want_lp,
+    cdef int _generate(self, Sampling * smpl, int n_max, double deadline, bint want_lp,
                        Output * out) noexcept nogil
 
 
@@ -190,7 +212,7 @@ cdef class BatchEngine(_Decoder):
     cdef vector[vector[llama_token]] prompts
     cdef vector[Output] outs
     cdef list samplers       # the SamplerChain of each slot (keeps its pointer alive)
-    cdef vector[llama_sampler *] smpls  # their pointers, for the nogil step (NULL: greedy)
+    cdef vector[Sampling *] smpls  # their sampling, for the nogil step
     cdef int _wake           # the driver has work: return from run() early
 
     cdef _free(self)

@@ -117,6 +117,7 @@ STATUS_EOG = ST_EOG
 STATUS_ABORTED = ST_ABORTED
 STATUS_CONTEXT_FULL = ST_CTX_FULL
 STATUS_LENGTH = ST_LENGTH
+STATUS_DEAD_END = ST_DEAD_END
 
 
 # ---------------------------------------------------------------------------
@@ -541,61 +542,133 @@ cdef class LlamaModel(_InC):
 
 @cython.no_gc_clear
 cdef class SamplerChain:
-    """A llama.cpp sampler chain built from sampling settings, or greedy.
+    """A request's sampling: a llama.cpp sampler chain built from sampling
+    settings (or greedy) and, optionally, a GBNF grammar the output must follow.
 
     The greedy chain is a plain argmax done in the generation loop itself: the
     same choice as llama.cpp's greedy sampler (first index of the largest
     logit) without copying the vocabulary into a candidate array per token.
+
+    The grammar is kept beside the chain and checked as llama.cpp's
+    common_sampler does (see _sampling.h): the token the chain picks is checked
+    against it, and only a refused token makes the grammar filter the whole
+    vocabulary. With *triggers* or *trigger_tokens* the grammar is lazy: it
+    applies from the first match of a trigger pattern (regular expressions,
+    matched from the start of the output) or trigger token on.
     """
 
     def __cinit__(self):
-        self.ptr = NULL
+        self.s = new Sampling()
         self.greedy = True
+        self.constrained = False
 
-    def __init__(self, int n_vocab, float temperature=0.0, int top_k=0, float top_p=1.0, float min_p=0.0,
-                 float repeat_penalty=1.0, int repeat_last_n=64, unsigned int seed=0xFFFFFFFF,
-                 float frequency_penalty=0.0, float presence_penalty=0.0):
+    def __init__(self, LlamaModel model not None, float temperature=0.0, int top_k=0, float top_p=1.0,
+                 float min_p=0.0, float repeat_penalty=1.0, int repeat_last_n=64, unsigned int seed=0xFFFFFFFF,
+                 float frequency_penalty=0.0, float presence_penalty=0.0, str grammar=None, str root="root",
+                 triggers=(), trigger_tokens=()):
+        model._check()
+        if grammar is not None:
+            self._set_grammar(model, grammar, root, triggers, trigger_tokens)
         cdef llama_sampler_chain_params p = llama_sampler_chain_default_params()
         p.no_perf = True
         cdef bint penalties = repeat_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0
         if temperature <= 0.0 and not penalties:
             return  # greedy: argmax in the loop
         self.greedy = False
-        self.ptr = llama_sampler_chain_init(p)
+        cdef llama_sampler * chain = llama_sampler_chain_init(p)
+        self.s.chain = chain
         if penalties:
-            llama_sampler_chain_add(self.ptr, llama_sampler_init_penalties(
-                n_vocab, repeat_last_n, repeat_penalty, frequency_penalty, presence_penalty))
+            llama_sampler_chain_add(chain, llama_sampler_init_penalties(
+                model.n_vocab, repeat_last_n, repeat_penalty, frequency_penalty, presence_penalty))
         if temperature <= 0.0:
-            llama_sampler_chain_add(self.ptr, llama_sampler_init_greedy())
+            llama_sampler_chain_add(chain, llama_sampler_init_greedy())
             return
         if top_k > 0:
-            llama_sampler_chain_add(self.ptr, llama_sampler_init_top_k(top_k))
+            llama_sampler_chain_add(chain, llama_sampler_init_top_k(top_k))
         if top_p < 1.0:
-            llama_sampler_chain_add(self.ptr, llama_sampler_init_top_p(top_p, 1))
+            llama_sampler_chain_add(chain, llama_sampler_init_top_p(top_p, 1))
         if min_p > 0.0:
-            llama_sampler_chain_add(self.ptr, llama_sampler_init_min_p(min_p, 1))
-        llama_sampler_chain_add(self.ptr, llama_sampler_init_temp(temperature))
-        llama_sampler_chain_add(self.ptr, llama_sampler_init_dist(seed))
+            llama_sampler_chain_add(chain, llama_sampler_init_min_p(min_p, 1))
+        llama_sampler_chain_add(chain, llama_sampler_init_temp(temperature))
+        llama_sampler_chain_add(chain, llama_sampler_init_dist(seed))
 
-    def accept(self, tokens):
-        """Feed tokens (e.g. the prompt) into the chain's history (penalties)."""
-        if self.ptr != NULL:
-            for t in tokens:
-                llama_sampler_accept(self.ptr, t)
+    cdef _set_grammar(self, LlamaModel model, str grammar, str root, triggers, trigger_tokens):
+        cdef string src = grammar.encode("utf-8")
+        cdef string croot = root.encode("utf-8")
+        cdef long offset = -1
+        cdef string err = grammar_error(model.vocab, src, &offset)
+        if not err.empty():
+            raise _errors.GrammarError(_grammar_message(err.decode("utf-8", "replace"), src, offset))
+        cdef list pats = [_utf8(t, "trigger pattern") for t in triggers]
+        cdef vector[const char *] cpats
+        cdef vector[llama_token] ctoks
+        for t in pats:
+            cpats.push_back(<const char *>t)
+        for t in trigger_tokens:
+            if not 0 <= t < model.n_vocab:
+                raise _errors.InvalidTokenError(f"grammar trigger token {t} is outside the vocabulary")
+            ctoks.push_back(t)
+        take_errors()
+        try:
+            if cpats.empty() and ctoks.empty():
+                self.s.grammar = llama_sampler_init_grammar(model.vocab, src.c_str(), croot.c_str())
+            else:
+                self.s.grammar = llama_sampler_init_grammar_lazy_patterns(
+                    model.vocab, src.c_str(), croot.c_str(), cpats.data(), cpats.size(), ctoks.data(), ctoks.size())
+        except Exception as e:  # a trigger pattern std::regex refused
+            raise _errors.GrammarError(f"invalid grammar trigger pattern: {e}") from None
+        if self.s.grammar == NULL:
+            why = "; ".join(l.rstrip(".") for l in take_errors()) or "llama.cpp refused it"
+            raise _errors.GrammarError(f"invalid grammar: {why}")
+        self.s.vocab = model.vocab
+        self.constrained = True
 
-    def reset(self):
-        if self.ptr != NULL:
-            llama_sampler_reset(self.ptr)
+    def prefill(self, tokens):
+        """Advance the grammar over *tokens* as if they had been generated (the
+        start of a reply a chat template already wrote). GrammarError if the
+        grammar refuses them."""
+        cdef vector[llama_token] toks = tokens
+        if self.s.grammar != NULL and not grammar_prefill(self.s, toks.data(), <int>toks.size()):
+            raise _errors.GrammarError("the grammar does not accept the start of the reply the template wrote")
 
     def close(self):
-        if self.ptr != NULL:
-            llama_sampler_free(self.ptr)  # frees the samplers the chain owns
-            self.ptr = NULL
+        if self.s != NULL:
+            del self.s   # frees the chain, the samplers it owns, and the grammar
+            self.s = NULL
 
     def __dealloc__(self):
-        if self.ptr != NULL:
-            llama_sampler_free(self.ptr)
-            self.ptr = NULL
+        if self.s != NULL:
+            del self.s
+            self.s = NULL
+
+
+def json_schema_to_grammar(str schema_json):
+    """The GBNF grammar of a JSON schema (JSON text), by llama.cpp's own
+    converter (common/json-schema-to-grammar.cpp, as llama-server uses it).
+    GrammarError naming the schema path if it cannot be converted."""
+    try:
+        return schema_to_grammar(schema_json.encode("utf-8")).decode("utf-8")
+    except Exception as e:  # whatever C++ exception the converter threw, as Cython translated it
+        msg = str(e).replace("JSON schema conversion failed:\n", "").strip()
+        raise _errors.GrammarError(f"unsupported JSON schema: {msg}") from None
+
+
+cdef bytes _utf8(object text, str what):
+    if not isinstance(text, str):
+        raise _errors.InvalidConfigError(f"a {what} must be a str, got {type(text).__name__}")
+    return (<str>text).encode("utf-8")
+
+
+cdef str _grammar_message(str err, string src, long offset):
+    """*err* of llama.cpp's GBNF parser, with the line, column and text where it stopped."""
+    if offset < 0:
+        return f"invalid grammar: {err}"
+    before = src.substr(0, offset).decode("utf-8", "replace")
+    line = before.count("\n") + 1
+    column = len(before) - (before.rfind("\n") + 1) + 1
+    near = src.substr(offset, 24).decode("utf-8", "replace").split("\n")[0]
+    where = f"line {line}, column {column}"
+    return f"invalid grammar at {where}: {err}" + (f" (near {near!r})" if near else " (at the end)")
 
 
 # ---------------------------------------------------------------------------
@@ -687,28 +760,21 @@ cdef object _thread_stats(CGovernor * gov):
             "trials": gov.trials, "last_step_s": gov.last_step}
 
 
-cdef bint _sample_into(llama_context * ctx, int i, llama_sampler * smpl, const llama_vocab * vocab, int n_vocab,
-                       bint want_lp, Output * out, llama_token * tok_out) noexcept nogil:
-    """Sample a token from the logits of batch row *i* (argmax when *smpl* is
-    NULL: greedy) and append it to *out* with its piece (b"" for an
-    end-of-generation token) and, if *want_lp*, its log-probability. Returns
-    whether it ends the generation (an end-of-generation token)."""
+cdef int _sample_into(llama_context * ctx, int i, Sampling * smpl, const llama_vocab * vocab, int n_vocab,
+                      bint want_lp, Output * out, llama_token * tok_out) noexcept nogil:
+    """Sample a token from the logits of batch row *i* and append it to *out*
+    with its piece (b"" for an end-of-generation token) and, if *want_lp*, its
+    log-probability. Returns ST_OK, ST_EOG (an end-of-generation token) or
+    ST_DEAD_END (the grammar allows no token: nothing is appended)."""
     cdef float * logits = llama_get_logits_ith(ctx, i)
-    cdef llama_token tok
     cdef float best, acc
     cdef int j, n
     cdef char buf[PIECE_BUF]
-    if smpl == NULL:
-        tok = 0
-        best = logits[0]
-        for j in range(1, n_vocab):
-            if logits[j] > best:
-                best = logits[j]
-                tok = j
-    else:
-        tok = llama_sampler_sample(smpl, ctx, i)
+    cdef llama_token tok = sample(smpl, logits, n_vocab, &best)
+    if tok == DEAD_END:
+        return ST_DEAD_END
     if want_lp:
-        if smpl != NULL:  # (greedy found the largest logit already)
+        if best != best:  # NaN: the argmax did not run over the raw logits
             best = logits[0]
             for j in range(1, n_vocab):
                 if logits[j] > best:
@@ -721,13 +787,13 @@ cdef bint _sample_into(llama_context * ctx, int i, llama_sampler * smpl, const l
     tok_out[0] = tok
     if llama_vocab_is_eog(vocab, tok):
         out.len.push_back(0)
-        return True
+        return ST_EOG
     n = llama_token_to_piece(vocab, tok, buf, PIECE_BUF, 0, False)
     if n < 0:
         n = 0
     out.text.append(buf, n)
     out.len.push_back(n)
-    return False
+    return ST_OK
 
 
 cdef inline void _clear_output(Output * out) noexcept nogil:
@@ -1178,11 +1244,10 @@ cdef class LlamaContext(_Decoder):
         finally:
             self._leave()
 
-    cdef int _generate(self, llama_sampler * smpl, int n_max, double deadline, bint want_lp,
+    cdef int _generate(self, Sampling * smpl, int n_max, double deadline, bint want_lp,
                        Output * out) noexcept nogil:
         """The generation loop: decode what is pending, sample, stop at an end."""
-        cdef int i, rc
-        cdef bint eog
+        cdef int i, rc, st
         cdef llama_token tok
         for i in range(n_max):
             if abort_state_cancelled(&self.ab):
@@ -1192,10 +1257,12 @@ cdef class LlamaContext(_Decoder):
                 rc = self._decode_pending()
                 if rc != ST_OK:
                     return rc
-            eog = _sample_into(self.ptr, -1, smpl, self.model.vocab, self.model.n_vocab, want_lp, out, &tok)
+            st = _sample_into(self.ptr, -1, smpl, self.model.vocab, self.model.n_vocab, want_lp, out, &tok)
+            if st == ST_DEAD_END:
+                return st
             self._tokens.push_back(tok)   # pending until the next step decodes it
             self._logits_ok = False
-            if eog:
+            if st == ST_EOG:
                 return ST_EOG
             if deadline > 0.0 and mullama_now() >= deadline:
                 break
@@ -1213,10 +1280,12 @@ cdef class LlamaContext(_Decoder):
             raise _errors.InvalidConfigError(f"n_max must be positive, got {n_max}")
         self._enter()
         cdef Output out
-        cdef llama_sampler * smpl = sampler.ptr
+        cdef Sampling * smpl = sampler.s
         cdef double deadline = 0.0
         cdef int status
         try:
+            if smpl == NULL:
+                raise _errors.ClosedError("the sampler is closed")
             if self._tokens.empty():
                 raise _errors.MullamaError("the context is empty: give a prompt to generate from")
             if budget_s > 0.0:
@@ -1299,6 +1368,8 @@ cdef class BatchEngine(_Decoder):
             self.model._check_tokens(toks)
             if toks.empty():
                 raise _errors.MullamaError("the prompt is empty")
+            if sampler.s == NULL:
+                raise _errors.ClosedError("the sampler is closed")
             if <int>toks.size() + max_gen > self.n_ctx_seq:
                 raise _errors.ContextOverflowError(
                     f"the prompt ({toks.size()} tokens) plus max_tokens ({max_gen}) do not fit in a request's "
@@ -1320,7 +1391,7 @@ cdef class BatchEngine(_Decoder):
             self.prompts[slot] = toks
             _clear_output(&self.outs[slot])
             self.samplers[slot] = sampler
-            self.smpls[slot] = sampler.ptr
+            self.smpls[slot] = sampler.s
         finally:
             self._leave()
 
@@ -1393,7 +1464,7 @@ cdef class BatchEngine(_Decoder):
         """One llama_decode over every runnable slot. Returns a Status (ST_OK
         or ST_ABORTED, with nothing of the step kept) or a llama.cpp error;
         *n_decoded* is the number of tokens decoded (0: nothing to do)."""
-        cdef int i, k, n = 0, take, done, size, rc
+        cdef int i, k, n = 0, take, done, size, rc, st
         cdef Slot * s
         cdef llama_token tok
         n_decoded[0] = 0
@@ -1452,9 +1523,13 @@ cdef class BatchEngine(_Decoder):
             s.n_step = 0
             if s.i_batch < 0:
                 continue
+            st = _sample_into(self.ptr, s.i_batch, self.smpls[i], self.model.vocab, self.model.n_vocab, s.want_lp,
+                              &self.outs[i], &tok)
+            if st == ST_DEAD_END:
+                s.finish = st
+                continue
             s.n_gen += 1
-            if _sample_into(self.ptr, s.i_batch, self.smpls[i], self.model.vocab, self.model.n_vocab, s.want_lp,
-                            &self.outs[i], &tok):
+            if st == ST_EOG:
                 s.finish = ST_EOG
             elif s.n_gen >= s.max_gen:
                 s.finish = ST_LENGTH

@@ -164,7 +164,7 @@ class Engine:
             raise InvalidTokenError(f"token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})")
         cfg = request.config
         # built here, on the caller's side: the driver runs no code that bad input can break
-        request.sampler = new_sampler(self._model.n_vocab, cfg)
+        request.sampler = new_sampler(self._model._core, cfg)
         with self._cv:
             if self._closing:
                 request.sampler.close()

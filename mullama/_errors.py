@@ -25,6 +25,7 @@ __all__ = [
     "RequestTimeoutError",
     "OverloadedError",
     "ChatTemplateError",
+    "GrammarError",
     "NotCopyableError",
 ]
 
@@ -110,6 +111,11 @@ class RequestTimeoutError(MullamaError, TimeoutError):
 
 class OverloadedError(MullamaError):
     """Every slot is busy and the waiting queue is full: try again later."""
+
+
+class GrammarError(MullamaError, ValueError):
+    """A grammar (GBNF), JSON schema or response format that cannot be used: the
+    message names the problem and where it is."""
 
 
 class ChatTemplateError(MullamaError):

@@ -28,6 +28,7 @@ FINISH_REASONS = {
     _core.STATUS_LENGTH: "length",
     _core.STATUS_CONTEXT_FULL: "context_full",
     _core.STATUS_ABORTED: "cancelled",
+    _core.STATUS_DEAD_END: "grammar_dead_end",
 }
 
 
@@ -105,7 +106,8 @@ class Completion:
 
     ``finish_reason`` is ``"stop"`` (end-of-generation token or stop string),
     ``"length"`` (``max_tokens`` reached), ``"context_full"`` (the context
-    window is full) or ``"cancelled"``.
+    window is full), ``"cancelled"`` or ``"grammar_dead_end"`` (the grammar
+    allows no next token).
     """
 
     text: str
@@ -120,11 +122,14 @@ def timeout_error(timeout_ms: Optional[int]) -> RequestTimeoutError:
     return RequestTimeoutError(f"the request did not finish within timeout_ms={timeout_ms}")
 
 
-def new_sampler(n_vocab: int, cfg: StreamConfig) -> "_core.SamplerChain":
-    """The C sampler chain for *cfg*."""
+def new_sampler(model: "_core.LlamaModel", cfg: StreamConfig) -> "_core.SamplerChain":
+    """The C sampling (chain and grammar) for *cfg*; GrammarError if its grammar is invalid."""
+    g = cfg.constraint
     return _core.SamplerChain(
-        n_vocab, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repeat_penalty, cfg.repeat_last_n,
-        0xFFFFFFFF if cfg.seed is None else cfg.seed, cfg.frequency_penalty, cfg.presence_penalty)
+        model, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repeat_penalty, cfg.repeat_last_n,
+        0xFFFFFFFF if cfg.seed is None else cfg.seed, cfg.frequency_penalty, cfg.presence_penalty,
+        None if g is None else g.text, "root" if g is None else g.root,
+        () if g is None else g.triggers, () if g is None else g.trigger_tokens)
 
 
 class _TextAssembler:

@@ -223,7 +223,12 @@ cdef extern from "llama.h" nogil:
     llama_sampler * llama_sampler_init_temp(float t)
     llama_sampler * llama_sampler_init_penalties(int32_t n_vocab, int32_t penalty_last_n, float penalty_repeat,
                                                  float penalty_freq, float penalty_present)
-    llama_token llama_sampler_sample(llama_sampler * smpl, llama_context * ctx, int32_t idx)
+    llama_sampler * llama_sampler_init_grammar(const llama_vocab * vocab, const char * grammar_str,
+                                               const char * grammar_root) except +
+    llama_sampler * llama_sampler_init_grammar_lazy_patterns(
+        const llama_vocab * vocab, const char * grammar_str, const char * grammar_root,
+        const char ** trigger_patterns, size_t num_trigger_patterns,
+        const llama_token * trigger_tokens, size_t num_trigger_tokens) except +
 
     const char * llama_print_system_info()
 

@@ -65,8 +65,8 @@ def test_second_build_reuses_the_cache(tmp_path, monkeypatch, llama_cpp_dir):
     monkeypatch.setattr(build_llama_cpp, "probe_x86_features", lambda: {"GGML_AVX2": True})
     monkeypatch.setattr(build_llama_cpp.subprocess, "run", fake_run)
     first = build_llama_cpp.build()
-    assert len(calls) == 2  # configure + build, library target only
-    assert calls[1][-2:] == ["--target", "llama"]
+    assert len(calls) == 2  # configure + build, library targets only
+    assert calls[1][-4:] == ["--target", "llama", "--target", "llama-common"]
     assert "-DGGML_NATIVE=OFF" in calls[0] and "-DGGML_AVX2=ON" in calls[0]
     assert "-DLLAMA_BUILD_TESTS=OFF" in calls[0] and "-DBUILD_SHARED_LIBS=OFF" in calls[0]
     assert build_llama_cpp.build() == first
@@ -96,6 +96,7 @@ def test_the_sdist_holds_what_its_build_needs(tmp_path):
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     for needed in ("setup.py", "pyproject.toml", "tools/build_llama_cpp.py", "tools/fetch_llama_cpp.py",
                    "mullama/_core.pyx", "mullama/_core.pxd", "mullama/_llama.pxd", "mullama/_threads.h",
+                   "mullama/_sampling.h", "mullama/_common.h",
                    "mullama/_core.pyi", "mullama/py.typed"):
         assert needed in names, needed
     assert not any(n.startswith("third_party/") or n.endswith(".gguf") for n in names)  # nothing third-party

@@ -21,7 +21,9 @@ from typing import Dict, Iterator, List
 
 import anyio
 import httpx
+import jsonschema
 import openai
+import pydantic
 import pytest
 
 import mullama
@@ -262,7 +264,11 @@ async def test_concurrent_streams_async_client(tiny_server, tiny_model):
     (dict(messages=CHAT, max_tokens=10_000), "maximum context length is 256 tokens"),
     (dict(messages=CHAT, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
     (dict(messages=CHAT, top_logprobs=3, logprobs=True), "top_logprobs"),
-    (dict(messages=CHAT, extra_body={"grammar": "root ::= x"}), "unsupported parameter 'grammar'"),
+    (dict(messages=CHAT, extra_body={"grammar": "root ::= x"}), "undefined rule 'x'"),
+    (dict(messages=CHAT, extra_body={"grammar": "root ::= \"a\"", "json_schema": {}}), "at most one of"),
+    (dict(messages=CHAT, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"$ref": "#/$defs/nope"}}}}}), "unsupported JSON schema"),
+    (dict(messages=CHAT, response_format={"type": "yaml"}), "response_format type"),
     (dict(messages=CHAT, reasoning_effort="high"), "unsupported parameter 'reasoning_effort'"),
     (dict(messages=CHAT, stop=["a", ""]), "stop strings must not be empty"),
     (dict(messages=CHAT, stop=[f"s{i}" for i in range(10_000)]), "at most 64 stop strings"),
@@ -952,3 +958,42 @@ def test_event_template_equals_the_whole_chunk(chat):
     template = EventTemplate(make(EventTemplate.MARK))
     for text in ["plain", 'quote " and \\ backslash', "new\nline", "\x00\x1f", "héllo 日本 🙂", "\x01mullama\x01"]:
         assert template.render(text) == b"data: " + _dumps(make(text)) + b"\n\n"
+
+
+SMALL = {"type": "object", "additionalProperties": False, "required": ["n", "ok"],
+         "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}, "ok": {"type": "boolean"}}}
+
+
+class Small(pydantic.BaseModel):
+    n: int = pydantic.Field(ge=0, le=99)
+    ok: bool
+
+
+def test_structured_output_through_the_openai_client(tiny_server):
+    client = tiny_server.client()
+    fmt = {"type": "json_schema", "json_schema": {"name": "small", "schema": SMALL, "strict": True}}
+    for seed in range(3):
+        r = client.chat.completions.create(model="tiny", messages=CHAT, response_format=fmt, seed=seed,
+                                           max_tokens=60)
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content), SMALL)
+    chunks = client.chat.completions.create(model="tiny", messages=CHAT, response_format=fmt, seed=7,
+                                            max_tokens=60, stream=True)
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in chunks if c.choices)), SMALL)
+    # the client's own pydantic parsing
+    parsed = client.chat.completions.parse(model="tiny", messages=CHAT, response_format=Small, max_tokens=60)
+    assert isinstance(parsed.choices[0].message.parsed, Small)
+    # /v1/completions: response_format, and llama.cpp's json_schema and grammar fields
+    r = client.completions.create(model="tiny", prompt="x", max_tokens=60, extra_body={"response_format": fmt})
+    jsonschema.validate(json.loads(r.choices[0].text), SMALL)
+    r = client.completions.create(model="tiny", prompt="x", max_tokens=60, extra_body={"json_schema": SMALL})
+    jsonschema.validate(json.loads(r.choices[0].text), SMALL)
+    r = client.completions.create(model="tiny", prompt="x", max_tokens=8,
+                                  extra_body={"grammar": 'root ::= "yes" | "no"'})
+    assert r.choices[0].text in ("yes", "no") and r.choices[0].finish_reason == "stop"
+    r = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=8,
+                                       response_format={"type": "json_object", "schema": {"enum": [1, 2]}})
+    assert json.loads(r.choices[0].message.content) in (1, 2)
+    with pytest.raises(openai.BadRequestError, match=r"line 1, column 11: expecting newline or end \(near .\).") as info:
+        client.completions.create(model="tiny", prompt="x", max_tokens=8, extra_body={"grammar": "root ::= |)"})
+    assert info.value.body["param"] == "grammar"

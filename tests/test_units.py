@@ -366,7 +366,12 @@ HUGE = 10**400  # valid JSON (an integer), beyond any float
 
 @pytest.mark.parametrize("body, chat, param, match", [
     ([CHAT], True, None, "must be a JSON object, got list"),
-    ({"messages": CHAT, "grammar": "x"}, True, "grammar", "unsupported parameter 'grammar'"),
+    ({"messages": CHAT, "mirostat": 2}, True, "mirostat", "unsupported parameter 'mirostat'"),
+    ({"messages": CHAT, "grammar": 5}, True, "grammar", "'grammar' must be a string"),
+    ({"prompt": "x", "json_schema": [1]}, False, "json_schema", "'json_schema' must be an object"),
+    ({"prompt": "x", "json_schema": {"properties": {"a": {"$ref": "#/x"}}}}, False, "json_schema",
+     "unsupported JSON schema"),
+    ({"prompt": "x", "grammar": "a ::= b", "json_schema": {}}, False, "grammar", "at most one of json_schema"),
     ({"prompt": "x", "messages": CHAT}, False, "messages", "unsupported parameter 'messages'"),
     ({}, True, "messages", "'messages' is required"),
     ({}, False, "prompt", "'prompt' is required"),
@@ -400,7 +405,9 @@ HUGE = 10**400  # valid JSON (an integer), beyond any float
     ({"prompt": "x", "suffix": "y"}, False, "suffix", "not supported"),
     ({"prompt": "x", "best_of": 2}, False, "best_of", "best_of must be 1"),
     ({"messages": CHAT, "tools": [{"type": "function"}]}, True, "tools", "does not call tools"),
-    ({"messages": CHAT, "response_format": {"type": "json_object"}}, True, "response_format", "plain text"),
+    ({"messages": CHAT, "response_format": {"type": "jsonish"}}, True, "response_format", "response_format type"),
+    ({"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 5}}}, True,
+     "response_format", "must be a dict"),
     ({"messages": CHAT, "top_logprobs": 2}, True, "top_logprobs", "top_logprobs=0"),
     ({"messages": CHAT, "logprobs": 1}, True, "logprobs", "must be a boolean"),
     ({"messages": CHAT, "model": 5}, True, "model", "must be a string"),
@@ -421,7 +428,7 @@ JSON = st.recursive(_JSON_LEAF, lambda inner: st.lists(inner, max_size=3)
 PARAMS = sorted({"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
                  "stream", "stream_options", "stop", "seed", "frequency_penalty", "presence_penalty", "logprobs",
                  "top_logprobs", "logit_bias", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "user", "echo",
-                 "suffix", "best_of", "tools", "tool_choice", "response_format", "grammar"})
+                 "suffix", "best_of", "tools", "tool_choice", "response_format", "grammar", "json_schema"})
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow])

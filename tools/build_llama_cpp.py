@@ -33,8 +33,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fetch_llama_cpp import DEFAULT_DEST, LLAMA_CPP_COMMIT, SDIST_VERSION, ensure_llama_cpp  # noqa: E402
 
-#: static libraries the extension links, dependents before dependencies
-LINK_LIBS = ("libllama.a", "libggml.a", "libggml-cpu.a", "libggml-base.a")
+#: static libraries the extension links, dependents before dependencies: llama.cpp's
+#: ``common`` (JSON schema to grammar, chat templates with tools) first, then llama and ggml
+LINK_LIBS = ("libllama-common.a", "libllama-common-base.a", "libcpp-httplib.a",
+             "libllama.a", "libggml.a", "libggml-cpu.a", "libggml-base.a")
+#: the library build's targets
+LIB_TARGETS = ("llama", "llama-common")
 
 # ggml option -> (gcc flags, C body exercising one instruction of the feature)
 _X86_PROBES: dict[str, tuple[str, str]] = {
@@ -135,7 +139,7 @@ def _cmake() -> str:
     return exe
 
 
-def build(targets: tuple[str, ...] = ("llama",), src: Path = DEFAULT_DEST, tools: bool = False) -> Path:
+def build(targets: tuple[str, ...] = LIB_TARGETS, src: Path = DEFAULT_DEST, tools: bool = False) -> Path:
     """Build *targets* (cached) and return the build directory.
 
     With ``tools=True`` the tools (llama-bench, llama-batched-bench) are configured
@@ -144,7 +148,7 @@ def build(targets: tuple[str, ...] = ("llama",), src: Path = DEFAULT_DEST, tools
     src = ensure_llama_cpp(src)
     opts = cmake_options()
     opts.append(f"-DLLAMA_BUILD_TOOLS={'ON' if tools else 'OFF'}")
-    opts.append(f"-DLLAMA_BUILD_COMMON={'ON' if tools else 'OFF'}")
+    opts.append("-DLLAMA_BUILD_COMMON=ON")
     # a fetched tree is identified by its pin (so fresh clones share the cache);
     # a developer's own checkout by its path
     pin = src / ".mullama-pin"
@@ -177,15 +181,15 @@ def static_libs(bdir: Path) -> list[str]:
     if missing:
         raise RuntimeError(f"llama.cpp build in {bdir} lacks {', '.join(missing)}")
     extra = [str(p) for name, p in sorted(found.items()) if name.startswith("libggml-") and name not in LINK_LIBS]
-    return [str(found["libllama.a"]), str(found["libggml.a"]), *extra,
-            str(found["libggml-cpu.a"]), str(found["libggml-base.a"])]
+    first = [str(found[name]) for name in LINK_LIBS[:5]]
+    return [*first, *extra, str(found["libggml-cpu.a"]), str(found["libggml-base.a"])]
 
 
 if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(description="build llama.cpp (cached)")
-    ap.add_argument("targets", nargs="*", default=["llama"])
+    ap.add_argument("targets", nargs="*", default=list(LIB_TARGETS))
     ap.add_argument("--tools", action="store_true", help="configure with the tools (llama-bench ...)")
     a = ap.parse_args()
     print(build(tuple(a.targets), tools=a.tools))

@@ -31,7 +31,7 @@ import anyio
 
 from .._chat import check_template
 from .._config import SERVER_IO_TIMEOUT_S as IO_TIMEOUT_S
-from .._errors import (ChatTemplateError, ClosedError, ContextOverflowError, InvalidConfigError,
+from .._errors import (ChatTemplateError, ClosedError, ContextOverflowError, GrammarError, InvalidConfigError,
                        InvalidTokenError, MullamaError, OverloadedError, RequestTimeoutError)
 from ..aio import AsyncConfig, AsyncModel, Runtime, TokenData
 from . import _openai as oa
@@ -391,6 +391,8 @@ def _api_error(exc: MullamaError, param: str) -> oa.ApiError:
         return oa.ApiError(400, str(exc), code="context_length_exceeded")
     if isinstance(exc, (InvalidTokenError, InvalidConfigError)):
         return oa.ApiError(400, str(exc), param=param)
+    if isinstance(exc, GrammarError):  # a GBNF grammar's syntax is checked when its request starts
+        return oa.ApiError(400, str(exc), param="grammar")
     if isinstance(exc, RequestTimeoutError):
         return oa.ApiError(504, str(exc), type="timeout_error", code="timeout")
     if isinstance(exc, ClosedError):

@@ -17,7 +17,7 @@ from .. import __version__
 from .._chat import check_messages
 from .._config import StreamConfig
 from .._generation import Completion, TokenData
-from .._errors import InvalidConfigError, MullamaError
+from .._errors import GrammarError, InvalidConfigError, MullamaError
 
 __all__ = ["ApiError", "GenerationRequest", "parse_request", "finish_reason"]
 
@@ -89,12 +89,13 @@ _FINGERPRINT = f"mullama-{__version__}"
 #: parameters of both endpoints that this server reads (anything else is refused by name)
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
            "frequency_penalty", "presence_penalty", "logprobs", "logit_bias",
-           "top_k", "min_p", "repeat_penalty", "repeat_last_n",  # llama.cpp's extensions
+           "response_format",
+           "top_k", "min_p", "repeat_penalty", "repeat_last_n", "grammar", "json_schema",  # llama.cpp's extensions
            # no effect on the answer
            "user", "metadata", "store", "service_tier"}
 _KNOWN = {
     True: _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "functions",
-                     "function_call", "parallel_tool_calls", "response_format", "audio", "modalities"},
+                     "function_call", "parallel_tool_calls", "audio", "modalities"},
     False: _COMMON | {"prompt", "echo", "suffix", "best_of"},
 }
 
@@ -124,8 +125,6 @@ def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
         _refuse_unless(body, "functions", lambda v: v == [], "this server does not call functions")
         _refuse_unless(body, "function_call", lambda v: v == "none", "this server does not call functions")
         _refuse_unless(body, "tool_choice", lambda v: v == "none", "this server does not call tools")
-        _refuse_unless(body, "response_format", lambda v: isinstance(v, dict) and v.get("type") == "text",
-                       "only plain text responses are supported")
         _refuse_unless(body, "audio", lambda v: False, "only text output is supported")
         _refuse_unless(body, "modalities", lambda v: v == ["text"], "only text output is supported")
         logprobs = _get(body, "logprobs", (bool,), "a boolean")
@@ -188,6 +187,18 @@ def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
             raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
         sampling["stop"] = tuple(stop)
+    # structured output: OpenAI's response_format, llama.cpp's json_schema and grammar (GBNF)
+    constraints = [name for name in ("response_format", "json_schema", "grammar") if body.get(name) is not None]
+    for name in constraints:
+        sampling[name] = _get(body, name, (str,) if name == "grammar" else (dict,),
+                              "a string" if name == "grammar" else "an object")
+    if len(constraints) > 1:
+        raise ApiError(400, f"give at most one of {', '.join(constraints)}", param=constraints[1])
+    if constraints:
+        try:
+            StreamConfig(**{constraints[0]: sampling[constraints[0]]})
+        except (GrammarError, InvalidConfigError) as exc:
+            raise ApiError(400, str(exc), param=constraints[0]) from None
     req.sampling = sampling
     try:  # every value checked once more by the same rules as the Python API
         req.config(max_tokens or 1)

@@ -1,0 +1,254 @@
+// Sampling for mullama's decode loops: a sampler chain (or plain argmax) plus an
+// optional grammar, without the dead ends that abort the process.
+//
+// llama_sampler_sample() with a grammar in the chain selects *some* token even
+// when the grammar allows none, and then accepting it throws (or GGML_ABORTs for
+// an end-of-generation token). Here the grammar is kept beside the chain, as
+// llama.cpp's common_sampler does it (common/sampling.cpp): sample from the chain,
+// check the one token against the grammar, and only when it is refused apply the
+// grammar to the whole vocabulary and sample again. A grammar that allows no
+// token, or one whose accept throws, is a dead end reported to the caller.
+//
+// llama.cpp's grammar matches code points, but its UTF-8 decoder takes bytes that
+// are not UTF-8 (a token of lead bytes F8-FF, overlong forms, surrogates) as
+// code points, so a constrained string could hold invalid text. With a grammar
+// the output is also kept valid UTF-8 here: a token that would break it is
+// refused like one the grammar refuses.
+//
+// The grammar syntax check (grammar_error) runs llama.cpp's own GBNF parser
+// (src/llama-grammar.h, the pinned version) so the error can be named: llama.cpp
+// prints it to stderr and only returns NULL.
+
+#pragma once
+
+#include <cmath>
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "llama.h"
+#include "llama-grammar.h"
+
+namespace mullama {
+
+// where a UTF-8 byte stream is: how many continuation bytes it still needs and
+// the range the next one must be in (RFC 3629: no overlong forms, no surrogates)
+struct Utf8 {
+    int need = 0;
+    unsigned char lo = 0x80, hi = 0xBF;
+};
+
+// advance *u* over *n* bytes; false (and *u* unchanged) if they are not UTF-8
+inline bool utf8_feed(Utf8 * u, const char * s, int n) {
+    Utf8 v = *u;
+    for (int i = 0; i < n; i++) {
+        unsigned char c = (unsigned char) s[i];
+        if (v.need > 0) {
+            if (c < v.lo || c > v.hi) return false;
+            v.need--;
+            v.lo = 0x80;
+            v.hi = 0xBF;
+        } else if (c >= 0x80) {
+            if (c < 0xC2 || c > 0xF4) return false;
+            v.need = c < 0xE0 ? 1 : c < 0xF0 ? 2 : 3;
+            if (c == 0xE0) v.lo = 0xA0;
+            if (c == 0xED) v.hi = 0x9F;
+            if (c == 0xF0) v.lo = 0x90;
+            if (c == 0xF4) v.hi = 0x8F;
+        }
+    }
+    *u = v;
+    return true;
+}
+
+struct Sampling {
+    llama_sampler * chain = nullptr;     // NULL: greedy (argmax)
+    llama_sampler * grammar = nullptr;   // NULL: unconstrained
+    const llama_vocab * vocab = nullptr; // set with the grammar: the UTF-8 guard needs token text
+    Utf8 utf8;                           // the constrained output so far
+    std::vector<llama_token_data> cur;   // the candidates, reused token after token
+
+    Sampling() = default;
+    Sampling(const Sampling &) = delete;
+    Sampling & operator=(const Sampling &) = delete;
+    ~Sampling() {
+        if (chain != nullptr) llama_sampler_free(chain);
+        if (grammar != nullptr) llama_sampler_free(grammar);
+    }
+};
+
+// what sample() returns when the grammar allows no token
+static const llama_token DEAD_END = -1;
+
+inline llama_token argmax(const float * logits, int n_vocab, float * best) {
+    llama_token tok = 0;
+    float b = logits[0];
+    for (int j = 1; j < n_vocab; j++) {
+        if (logits[j] > b) {
+            b = logits[j];
+            tok = j;
+        }
+    }
+    *best = b;
+    return tok;
+}
+
+// apply the chain to the candidates (what llama_sampler_sample does) or take their argmax
+inline llama_token select(Sampling * s, llama_token_data_array * cur_p) {
+    if (s->chain != nullptr) {
+        llama_sampler_apply(s->chain, cur_p);
+        if (cur_p->selected < 0 || cur_p->selected >= (int64_t) cur_p->size) {
+            return DEAD_END;
+        }
+        return cur_p->data[cur_p->selected].id;
+    }
+    size_t k = 0;
+    for (size_t j = 1; j < cur_p->size; j++) {
+        if (cur_p->data[j].logit > cur_p->data[k].logit) k = j;
+    }
+    return cur_p->data[k].id;
+}
+
+inline llama_token_data_array fill(Sampling * s, const float * logits, int n_vocab) {
+    s->cur.resize(n_vocab);
+    for (llama_token t = 0; t < n_vocab; t++) {
+        s->cur[t] = llama_token_data{t, logits[t], 0.0f};
+    }
+    return llama_token_data_array{s->cur.data(), s->cur.size(), -1, false};
+}
+
+// the state after *tok*'s text; false if it would make the output invalid UTF-8
+inline bool utf8_after(const Sampling * s, llama_token tok, Utf8 * u) {
+    char buf[256];
+    int n = llama_token_to_piece(s->vocab, tok, buf, sizeof buf, 0, false);
+    *u = s->utf8;
+    return n >= 0 && utf8_feed(u, buf, n);
+}
+
+inline bool grammar_allows(Sampling * s, llama_token tok) {
+    Utf8 u;
+    if (!utf8_after(s, tok, &u)) return false;
+    llama_token_data one = {tok, 1.0f, 0.0f};
+    llama_token_data_array arr = {&one, 1, -1, false};
+    llama_sampler_apply(s->grammar, &arr);
+    return arr.data[0].logit != -INFINITY;
+}
+
+// Sample a token from *logits* and accept it into the chain and the grammar.
+// Returns DEAD_END when the grammar allows no token or refuses the one taken.
+// *best* is set to the largest logit when the argmax found it, else NAN.
+inline llama_token sample(Sampling * s, const float * logits, int n_vocab, float * best) noexcept {
+    *best = NAN;
+    try {
+        llama_token tok;
+        if (s->chain == nullptr) {
+            tok = argmax(logits, n_vocab, best);
+        } else {
+            llama_token_data_array cur_p = fill(s, logits, n_vocab);
+            tok = select(s, &cur_p);
+        }
+        if (s->grammar != nullptr && tok != DEAD_END && !grammar_allows(s, tok)) {
+            // rejected: the grammar (and the UTF-8 guard) first, then the chain, over the whole vocabulary
+            llama_token_data_array cur_p = fill(s, logits, n_vocab);
+            llama_sampler_apply(s->grammar, &cur_p);
+            bool any = false;
+            Utf8 u;
+            for (size_t j = 0; j < cur_p.size; j++) {
+                if (cur_p.data[j].logit == -INFINITY) continue;
+                if (!utf8_after(s, cur_p.data[j].id, &u)) {
+                    cur_p.data[j].logit = -INFINITY;
+                } else {
+                    any = true;
+                }
+            }
+            if (!any) {
+                return DEAD_END;
+            }
+            tok = select(s, &cur_p);
+            *best = NAN;
+        }
+        if (tok == DEAD_END) {
+            return DEAD_END;
+        }
+        if (s->grammar != nullptr) {
+            llama_sampler_accept(s->grammar, tok);
+            Utf8 u;
+            utf8_after(s, tok, &u);
+            s->utf8 = u;
+        }
+        if (s->chain != nullptr) llama_sampler_accept(s->chain, tok);
+        return tok;
+    } catch (const std::exception &) {
+        return DEAD_END;   // the grammar could not accept the token
+    }
+}
+
+// Feed *tokens* to the grammar as if generated (e.g. the part of the reply a
+// chat template already wrote). Returns false if the grammar refuses them.
+inline bool grammar_prefill(Sampling * s, const llama_token * tokens, int n) noexcept {
+    try {
+        Utf8 u;
+        for (int i = 0; i < n; i++) {
+            llama_sampler_accept(s->grammar, tokens[i]);
+            if (utf8_after(s, tokens[i], &u)) s->utf8 = u;
+        }
+        return true;
+    } catch (const std::exception &) {
+        return false;
+    }
+}
+
+// The syntax error of a GBNF grammar ("" if it parses), found by llama.cpp's
+// own parser, and the byte offset in *src* where it stopped (-1 if unknown).
+inline std::string grammar_error(const llama_vocab * vocab, const std::string & src, long * offset) {
+    *offset = -1;
+    llama_grammar_parser parser(vocab);
+    const char * pos = src.c_str();
+    try {
+        // llama_grammar_parser::parse without its stderr report: skip blank
+        // space and comments, parse rules, then check every referenced rule exists
+        for (;;) {
+            while (*pos == ' ' || *pos == '\t' || *pos == '\r' || *pos == '\n' || *pos == '#') {
+                if (*pos == '#') {
+                    while (*pos && *pos != '\r' && *pos != '\n') pos++;
+                } else {
+                    pos++;
+                }
+            }
+            if (!*pos) break;
+            pos = parser.parse_rule(pos);
+        }
+        for (const auto & kv : parser.symbol_ids) {
+            if (kv.second >= parser.rules.size() || parser.rules[kv.second].empty()) {
+                return "undefined rule '" + kv.first + "'";
+            }
+        }
+        const uint32_t n_vocab = vocab != nullptr ? (uint32_t) llama_vocab_n_tokens(vocab) : 0;
+        for (const auto & rule : parser.rules) {
+            for (const auto & elem : rule) {
+                if ((elem.type == LLAMA_GRETYPE_TOKEN || elem.type == LLAMA_GRETYPE_TOKEN_NOT) && elem.value >= n_vocab) {
+                    return "token id " + std::to_string(elem.value) + " is outside the vocabulary (" +
+                           std::to_string(n_vocab) + " tokens)";
+                }
+            }
+        }
+    } catch (const std::exception & e) {
+        // llama.cpp's messages end in " at <the rest of the grammar>"
+        std::string msg = e.what();
+        if (msg == "unexpected end of input") {
+            *offset = (long) src.size();
+            return msg;
+        }
+        for (size_t at = msg.find(" at "); at != std::string::npos; at = msg.find(" at ", at + 1)) {
+            size_t rest = msg.size() - at - 4;
+            if (rest <= src.size() && msg.compare(at + 4, rest, src, src.size() - rest, rest) == 0) {
+                *offset = (long) (src.size() - rest);
+                return msg.substr(0, at);
+            }
+        }
+        return msg;
+    }
+    return "";
+}
+
+}  // namespace mullama
