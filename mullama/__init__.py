@@ -18,6 +18,7 @@ from ._context import Context, ThreadStats
 from ._generation import Completion, RequestMetrics, Timings, TokenData
 from ._cache import DEFAULT_MODEL, default_model_path, model_home, pull
 from ._chat import Message, builtin_templates
+from ._tools import ChatCompletion, ChatDelta, ToolCall, ToolCallDelta
 
 # llama.cpp's log goes to the "mullama.llama_cpp" logger; quiet unless the
 # application configures logging
@@ -33,6 +34,10 @@ __all__ = [
     "Grammar",
     "TokenData",
     "Completion",
+    "ChatCompletion",
+    "ChatDelta",
+    "ToolCall",
+    "ToolCallDelta",
     "Timings",
     "RequestMetrics",
     "ThreadStats",

@@ -100,13 +100,14 @@ def _text_of_parts(parts: object, i: int) -> str:
 
 
 def format_chat(model: "Model", messages: Sequence[Message], *, template: Optional[str] = None,
-                add_generation_prompt: bool = True) -> str:
+                add_generation_prompt: bool = True, kwargs: Optional[Mapping[str, Any]] = None) -> str:
     """The prompt text of *messages* in the model's chat format.
 
     Args:
         template: a Jinja chat template, or the name of one of llama.cpp's
             built-in formats (:func:`builtin_templates`); default: the model's own.
         add_generation_prompt: end with the header of an assistant turn.
+        kwargs: extra variables for a Jinja template (``enable_thinking``, ``documents``, ...).
 
     Raises:
         ChatTemplateError: the model has no template and none was given, or the
@@ -122,10 +123,12 @@ def format_chat(model: "Model", messages: Sequence[Message], *, template: Option
                 f"chat template or one of llama.cpp's built-in formats: {', '.join(_builtin_names())}")
     else:
         check_template(template)
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise InvalidConfigError(f"chat_template_kwargs must be a dict, got {type(kwargs).__name__}")
     if template in _builtin_names():
         return _apply_builtin(template, msgs, add_generation_prompt)
     bos, eos, _ = model._core.special_tokens()
-    return _render(template, msgs, add_generation_prompt, _piece(model, bos), _piece(model, eos))
+    return _render(template, msgs, add_generation_prompt, _piece(model, bos), _piece(model, eos), kwargs or {})
 
 
 def check_template(template: object) -> None:
@@ -347,7 +350,8 @@ def _limited_filters(env: Any) -> None:
                        replace=jinja2.pass_eval_context(replace_))
 
 
-def _render(source: str, msgs: List[Dict[str, Any]], add_generation_prompt: bool, bos: str, eos: str) -> str:
+def _render(source: str, msgs: List[Dict[str, Any]], add_generation_prompt: bool, bos: str, eos: str,
+            kwargs: Mapping[str, Any]) -> str:
     import jinja2
 
     try:
@@ -357,8 +361,10 @@ def _render(source: str, msgs: List[Dict[str, Any]], add_generation_prompt: bool
         try:
             out: List[str] = []
             size = 0
-            for chunk in tmpl.generate(messages=msgs, add_generation_prompt=add_generation_prompt,
-                                       bos_token=bos, eos_token=eos):
+            # the template's variables: the caller's kwargs first, as transformers' apply_chat_template
+            variables = {**kwargs, "messages": msgs, "add_generation_prompt": add_generation_prompt,
+                         "bos_token": bos, "eos_token": eos}
+            for chunk in tmpl.generate(**variables):
                 size += len(chunk)
                 if size > budget.max_chars:
                     raise ChatTemplateError(
@@ -457,13 +463,14 @@ def _compile(source: str) -> Any:
         raise ChatTemplateError(f"the chat template is not valid Jinja (line {exc.lineno}): {exc.message}") from exc
 
 
-def chat_tokens(model: "Model", messages: Sequence[Message], template: Optional[str] = None) -> List[int]:
+def chat_tokens(model: "Model", messages: Sequence[Message], template: Optional[str] = None,
+                kwargs: Optional[Mapping[str, Any]] = None) -> List[int]:
     """Token ids of the formatted conversation, ready to generate the assistant's turn.
 
     Special tokens written by the template (``<|im_start|>``) are parsed as
     such; the model's BOS token is added unless the template wrote it.
     """
-    text = format_chat(model, messages, template=template)
+    text = format_chat(model, messages, template=template, kwargs=kwargs)
     bos = model._core.special_tokens()[0]
     add_bos = not (bos >= 0 and text.startswith(_piece(model, bos)))
     return model.tokenize(text, add_bos=add_bos, special=True)

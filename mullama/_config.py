@@ -104,12 +104,20 @@ class Grammar:
             group, if it has one). This is how tool-call grammars apply only once
             a model starts a call.
         trigger_tokens: token ids that trigger a lazy grammar the same way.
+        prefill_tokens: tokens the grammar is fed before the output (the header of
+            a reply that a chat template wrote and the grammar starts with).
+        preserved_tokens: special tokens whose text the output keeps (a tool-call
+            tag such as ``<tool_call>``; other special tokens are written as nothing).
+
+    Chat with ``tools`` makes its grammar from the chat template, with all of these.
     """
 
     text: str
     root: str = "root"
     triggers: Tuple[str, ...] = ()
     trigger_tokens: Tuple[int, ...] = ()
+    prefill_tokens: Tuple[int, ...] = ()
+    preserved_tokens: Tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.text, str):
@@ -119,7 +127,8 @@ class Grammar:
         if not isinstance(self.root, str) or not self.root:
             raise InvalidConfigError(f"the grammar's root must be a rule name, got {self.root!r}")
         object.__setattr__(self, "triggers", _str_tuple("grammar trigger", self.triggers))
-        object.__setattr__(self, "trigger_tokens", tuple(token_list(self.trigger_tokens)))
+        for name in ("trigger_tokens", "prefill_tokens", "preserved_tokens"):
+            object.__setattr__(self, name, tuple(token_list(getattr(self, name))))
 
     @property
     def lazy(self) -> bool:

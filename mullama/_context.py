@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generator, Iterator, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Generator, Iterator, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from ._owner import Owner
 if TYPE_CHECKING:
     from ._chat import Message
     from ._model import Model
+    from ._tools import ChatCompletion, ChatDelta, ChatPlan, ToolChoice
 
 __all__ = ["Context", "ThreadStats"]
 
@@ -242,32 +243,127 @@ class Context(Owner):
         return run.completion()
 
     def chat(self, messages: Sequence["Message"], config: Optional[StreamConfig] = None, *,
-             template: Optional[str] = None) -> Completion:
+             template: Optional[str] = None, tools: Optional[Sequence[Any]] = None,
+             tool_choice: "ToolChoice" = None, parallel_tool_calls: Optional[bool] = None,
+             chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> "ChatCompletion":
         """Answer a conversation: the assistant's next message.
 
         The context then holds *messages* and the answer. Pass the whole
         conversation each turn (with the previous answers as ``"assistant"``
-        messages): the tokens it shares with what the context already holds are
-        not evaluated again, so a turn costs only its new tokens.
+        messages, :meth:`ChatCompletion.message`): the tokens it shares with what
+        the context already holds are not evaluated again, so a turn costs only
+        its new tokens.
 
         Args:
-            messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
+            messages: ``[{"role": "system"|"user"|"assistant"|"tool", "content": str, ...}, ...]``;
+                assistant messages may carry OpenAI ``tool_calls``, tool results
+                their ``tool_call_id``.
             template: a Jinja chat template or a llama.cpp built-in format name
                 (default: the model's own; ChatTemplateError if it has none).
+            tools: OpenAI function tools (``[{"type": "function", "function":
+                {"name", "description", "parameters"}}]``) the model may call:
+                the reply's ``tool_calls``. Rendered by llama.cpp's chat library,
+                which gives the tool-call grammar and parser of the template.
+            tool_choice: ``"auto"`` (default), ``"none"``, ``"required"`` or
+                ``{"type": "function", "function": {"name": ...}}``.
+            parallel_tool_calls: let the model make several calls in one reply.
+            chat_template_kwargs: extra variables for the template
+                (``{"enable_thinking": False}``, ``{"documents": [...]}``).
+
+        Returns:
+            A :class:`ChatCompletion`: ``content``, ``reasoning_content``,
+            ``tool_calls`` and everything a :class:`Completion` has.
         """
-        return self.generate(self.chat_prompt(messages, template), config)
+        from ._tools import plain_completion
+
+        plan = self._plan(messages, template, tools, tool_choice, parallel_tool_calls, chat_template_kwargs)
+        if plan is None:
+            return plain_completion(self.generate(self.chat_prompt(messages, template, chat_template_kwargs), config))
+        parser = plan.reply_parser()
+        try:
+            done = self.generate(self._keep_prefix(plan.tokens), plan.config(config or StreamConfig()))
+            parser.feed(done.text, final=True)
+            return parser.completion(done)
+        finally:
+            parser.close()
 
     def chat_stream(self, messages: Sequence["Message"], config: Optional[StreamConfig] = None, *,
-                    template: Optional[str] = None) -> Iterator[TokenData]:
-        """Like :meth:`chat`, yielding the tokens of the answer as they come."""
-        return self.stream(self.chat_prompt(messages, template), config)
+                    template: Optional[str] = None, tools: Optional[Sequence[Any]] = None,
+                    tool_choice: "ToolChoice" = None, parallel_tool_calls: Optional[bool] = None,
+                    chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> Iterator[TokenData]:
+        """Like :meth:`chat`, yielding the tokens of the answer as they come
+        (:meth:`chat_deltas` yields them parsed into content and tool calls)."""
+        plan = self._plan(messages, template, tools, tool_choice, parallel_tool_calls, chat_template_kwargs)
+        if plan is None:
+            return self.stream(self.chat_prompt(messages, template, chat_template_kwargs), config)
+        return self.stream(self._keep_prefix(plan.tokens), plan.config(config or StreamConfig()))
 
-    def chat_prompt(self, messages: Sequence["Message"], template: Optional[str] = None) -> List[int]:
+    def chat_deltas(self, messages: Sequence["Message"], config: Optional[StreamConfig] = None, *,
+                    template: Optional[str] = None, tools: Optional[Sequence[Any]] = None,
+                    tool_choice: "ToolChoice" = None, parallel_tool_calls: Optional[bool] = None,
+                    chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> Iterator["ChatDelta"]:
+        """Like :meth:`chat`, yielding :class:`ChatDelta` pieces of the answer as
+        they come: text of ``content`` and ``reasoning_content``, and tool calls
+        (each call's id and name once, then pieces of its arguments), in the
+        order a client assembles them. The last delta has ``finish_reason``."""
+        from ._tools import ChatDelta
+
+        plan = self._plan(messages, template, tools, tool_choice, parallel_tool_calls, chat_template_kwargs)
+        if plan is None:
+            tokens = self.chat_prompt(messages, template, chat_template_kwargs)
+            run = _Run(self, tokens, config, interval=STREAM_INTERVAL_S)
+
+            def plain() -> Iterator[ChatDelta]:
+                for batch in run.batches():
+                    text = "".join(t.text for t in batch)
+                    if text:
+                        yield ChatDelta(content=text)
+                yield ChatDelta(finish_reason=run.completion().finish_reason)
+
+            return plain()
+        cfg = plan.config(config or StreamConfig())
+        tokens = self._keep_prefix(plan.tokens)
+
+        def parsed() -> Iterator[ChatDelta]:
+            parser = plan.reply_parser()
+            try:
+                run = _Run(self, tokens, cfg, interval=STREAM_INTERVAL_S)
+                for batch in run.batches():
+                    yield from parser.feed("".join(t.text for t in batch))
+                yield from parser.feed("", final=True)
+                yield ChatDelta(finish_reason=parser.completion(run.completion()).finish_reason)
+            finally:
+                parser.close()
+
+        return parsed()
+
+    def _plan(self, messages: Sequence["Message"], template: Optional[str], tools: Optional[Sequence[Any]],
+              tool_choice: "ToolChoice", parallel_tool_calls: Optional[bool],
+              kwargs: Optional[Mapping[str, Any]]) -> "Optional[ChatPlan]":
+        """The llama.cpp chat-library plan of a chat with tools, None for plain chat."""
+        from ._chat import check_messages
+        from ._tools import ChatPlan, uses_tools
+
+        msgs = check_messages(messages)
+        if not uses_tools(msgs, tools):
+            if tool_choice is not None or parallel_tool_calls is not None:
+                raise InvalidConfigError("tool_choice and parallel_tool_calls need tools")
+            return None
+        return ChatPlan(self._model, msgs, tools=tools, tool_choice=tool_choice,
+                        parallel_tool_calls=parallel_tool_calls, template=template, chat_template_kwargs=kwargs)
+
+    def chat_prompt(self, messages: Sequence["Message"], template: Optional[str] = None,
+                    chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> List[int]:
         """Format *messages*, keep the part of the context they share, and
         return the tokens still to evaluate (at least one)."""
-        from ._chat import chat_tokens, common_prefix
+        from ._chat import chat_tokens
 
-        tokens = chat_tokens(self._model, messages, template)
+        return self._keep_prefix(chat_tokens(self._model, messages, template, chat_template_kwargs))
+
+    def _keep_prefix(self, tokens: List[int]) -> List[int]:
+        """Keep the part of the context *tokens* start with; the tokens still to evaluate (at least one)."""
+        from ._chat import common_prefix
+
         self._core.claim()
         try:
             keep = min(common_prefix(self._core.tokens, tokens), len(tokens) - 1)

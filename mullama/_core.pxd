@@ -39,15 +39,33 @@ cdef extern from "_sampling.h" namespace "mullama" nogil:
         llama_sampler * chain
         llama_sampler * grammar
         const llama_vocab * vocab
+        vector[llama_token] preserved
     const llama_token DEAD_END
     llama_token sample(Sampling * s, const float * logits, int n_vocab, float * best) noexcept
+    bint special_text(const Sampling * s, llama_token tok) noexcept
     bint grammar_prefill(Sampling * s, const llama_token * tokens, int n) noexcept
     string grammar_error(const llama_vocab * vocab, const string & src, long * offset) except +
 
 
-cdef extern from "_common.h" namespace "mullama":
-    # llama.cpp's common library (see _common.h)
+cdef extern from "_common.h" nogil:
+    ctypedef struct common_chat_templates:
+        pass
+
+
+cdef extern from "_common.h" namespace "mullama" nogil:
+    # llama.cpp's common library (see _common.h): JSON text in and out
+    cdef cppclass ChatParser:
+        pass
+    void quiet_common_log()
     string schema_to_grammar(const string & schema_json) except +
+    common_chat_templates * chat_templates_new(const llama_model * model, const string & override_src) except +
+    void chat_templates_free(common_chat_templates * t)
+    string chat_template_source(const common_chat_templates * t) except +
+    string chat_apply(const common_chat_templates * t, const string & request_json) except +
+    ChatParser * chat_parser_new(int format, const string & generation_prompt, const string & parser,
+                                 const string & reasoning_format, bint parse_tool_calls) except +
+    void chat_parser_free(ChatParser * cp)
+    string chat_parse(ChatParser * cp, const string & text, bint partial) except +
 
 
 cdef extern from "_threads.h" namespace "mullama" nogil:
@@ -153,6 +171,17 @@ cdef class SamplerChain:
     cdef readonly bint constrained
 
     cdef _set_grammar(self, LlamaModel model, str grammar, str root, triggers, trigger_tokens)
+
+
+cdef class ChatTemplates:
+    cdef common_chat_templates * ptr
+    cdef readonly LlamaModel model
+
+    cdef _check(self)
+
+
+cdef class ChatOutputParser:
+    cdef ChatParser * ptr
 
 
 cdef class _Decoder(_InC):

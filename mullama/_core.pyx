@@ -180,6 +180,7 @@ def silence_logging():
 
 
 llama_log_set(_log_callback, NULL)
+quiet_common_log()
 llama_backend_init()
 
 
@@ -565,8 +566,12 @@ cdef class SamplerChain:
     def __init__(self, LlamaModel model not None, float temperature=0.0, int top_k=0, float top_p=1.0,
                  float min_p=0.0, float repeat_penalty=1.0, int repeat_last_n=64, unsigned int seed=0xFFFFFFFF,
                  float frequency_penalty=0.0, float presence_penalty=0.0, str grammar=None, str root="root",
-                 triggers=(), trigger_tokens=()):
+                 triggers=(), trigger_tokens=(), preserved=()):
         model._check()
+        for t in sorted(set(preserved)):
+            if not 0 <= t < model.n_vocab:
+                raise _errors.InvalidTokenError(f"preserved token {t} is outside the vocabulary")
+            self.s.preserved.push_back(t)
         if grammar is not None:
             self._set_grammar(model, grammar, root, triggers, trigger_tokens)
         cdef llama_sampler_chain_params p = llama_sampler_chain_default_params()
@@ -651,6 +656,106 @@ def json_schema_to_grammar(str schema_json):
     except Exception as e:  # whatever C++ exception the converter threw, as Cython translated it
         msg = str(e).replace("JSON schema conversion failed:\n", "").strip()
         raise _errors.GrammarError(f"unsupported JSON schema: {msg}") from None
+
+
+@cython.no_gc_clear
+cdef class ChatTemplates:
+    """A model's chat templates in llama.cpp's chat library (common/chat.h), as
+    llama-server uses them: rendering with tools, tool_choice and template
+    kwargs, which also gives the grammar, triggers and output parser a reply
+    needs. *override* is Jinja source replacing the model's own ("" for none)."""
+
+    def __cinit__(self):
+        self.ptr = NULL
+
+    def __init__(self, LlamaModel model not None, str override=""):
+        model._check()
+        cdef string src = override.encode("utf-8")
+        try:
+            with nogil:
+                self.ptr = chat_templates_new(model.ptr, src)
+        except Exception as e:
+            raise _errors.ChatTemplateError(f"llama.cpp's chat library refused the chat template: {e}") from None
+        self.model = model
+
+    @property
+    def source(self):
+        """The Jinja source of the template in use."""
+        self._check()
+        return chat_template_source(self.ptr).decode("utf-8", "replace")
+
+    cdef _check(self):
+        if self.ptr == NULL:
+            raise _errors.ClosedError("the chat templates are closed")
+        self.model._check()
+
+    def apply(self, str request_json):
+        """Render a request (JSON text, see _common.h's chat_apply) and return
+        its prompt, grammar, triggers and parser settings as JSON text."""
+        self._check()
+        cdef string req = request_json.encode("utf-8", "surrogatepass")
+        cdef string out
+        try:
+            with nogil:
+                out = chat_apply(self.ptr, req)
+        except Exception as e:
+            raise _errors.ChatTemplateError(f"the chat template failed: {e}") from None
+        return out.decode("utf-8", "replace")
+
+    def close(self):
+        if self.ptr != NULL:
+            chat_templates_free(self.ptr)
+            self.ptr = NULL
+
+    def __dealloc__(self):
+        if self.ptr != NULL:
+            chat_templates_free(self.ptr)
+            self.ptr = NULL
+
+
+@cython.no_gc_clear
+cdef class ChatOutputParser:
+    """Parses a reply, as it grows, into content, reasoning_content and
+    tool_calls with llama.cpp's chat library (the parser a template's
+    rendering chose: see ChatTemplates.apply)."""
+
+    def __cinit__(self):
+        self.ptr = NULL
+
+    def __init__(self, int format_id, str generation_prompt, str parser, str reasoning_format="none",
+                 bint parse_tool_calls=True):
+        cdef string gp = generation_prompt.encode("utf-8", "surrogatepass")
+        cdef string ps = parser.encode("utf-8", "surrogatepass")
+        cdef string rf = reasoning_format.encode("utf-8")
+        try:
+            self.ptr = chat_parser_new(format_id, gp, ps, rf, parse_tool_calls)
+        except Exception as e:
+            raise _errors.ChatTemplateError(f"llama.cpp's chat library could not make the reply parser: {e}") from None
+
+    def parse(self, text, bint partial):
+        """Parse the whole reply so far (*text*: str or UTF-8 bytes). Returns
+        JSON text: ``{"message": ..., "diffs": [...]}``; raises ValueError if a
+        final reply does not match the template's format."""
+        if self.ptr == NULL:
+            raise _errors.ClosedError("the parser is closed")
+        cdef string t = text if isinstance(text, bytes) else (<str>text).encode("utf-8", "surrogatepass")
+        cdef string out
+        try:
+            with nogil:
+                out = chat_parse(self.ptr, t, partial)
+        except Exception as e:
+            raise ValueError(str(e)) from None
+        return out.decode("utf-8", "replace")
+
+    def close(self):
+        if self.ptr != NULL:
+            chat_parser_free(self.ptr)
+            self.ptr = NULL
+
+    def __dealloc__(self):
+        if self.ptr != NULL:
+            chat_parser_free(self.ptr)
+            self.ptr = NULL
 
 
 cdef bytes _utf8(object text, str what):
@@ -788,7 +893,7 @@ cdef int _sample_into(llama_context * ctx, int i, Sampling * smpl, const llama_v
     if llama_vocab_is_eog(vocab, tok):
         out.len.push_back(0)
         return ST_EOG
-    n = llama_token_to_piece(vocab, tok, buf, PIECE_BUF, 0, False)
+    n = llama_token_to_piece(vocab, tok, buf, PIECE_BUF, 0, special_text(smpl, tok))
     if n < 0:
         n = 0
     out.text.append(buf, n)

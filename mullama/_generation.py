@@ -125,11 +125,20 @@ def timeout_error(timeout_ms: Optional[int]) -> RequestTimeoutError:
 def new_sampler(model: "_core.LlamaModel", cfg: StreamConfig) -> "_core.SamplerChain":
     """The C sampling (chain and grammar) for *cfg*; GrammarError if its grammar is invalid."""
     g = cfg.constraint
-    return _core.SamplerChain(
-        model, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repeat_penalty, cfg.repeat_last_n,
-        0xFFFFFFFF if cfg.seed is None else cfg.seed, cfg.frequency_penalty, cfg.presence_penalty,
-        None if g is None else g.text, "root" if g is None else g.root,
-        () if g is None else g.triggers, () if g is None else g.trigger_tokens)
+    seed = 0xFFFFFFFF if cfg.seed is None else cfg.seed
+    if g is None:
+        return _core.SamplerChain(model, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repeat_penalty,
+                                  cfg.repeat_last_n, seed, cfg.frequency_penalty, cfg.presence_penalty)
+    sampler = _core.SamplerChain(model, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repeat_penalty,
+                                 cfg.repeat_last_n, seed, cfg.frequency_penalty, cfg.presence_penalty,
+                                 g.text, g.root, g.triggers, g.trigger_tokens, g.preserved_tokens)
+    if g.prefill_tokens:
+        try:
+            sampler.prefill(g.prefill_tokens)
+        except BaseException:
+            sampler.close()
+            raise
+    return sampler
 
 
 class _TextAssembler:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Mapping, Optional, Sequence, Union
 
 from . import _core
 from ._config import StreamConfig, check_int, resolve_threads, token_list
 from ._context import Context
-from ._errors import ClosedError, InvalidConfigError, InvalidModelError, ModelNotFoundError
+from ._errors import ChatTemplateError, ClosedError, InvalidConfigError, InvalidModelError, ModelNotFoundError
 from ._generation import Completion, TokenData
 from ._gguf import GGUFInfo, read_gguf
 from ._memory import KVLayout, check_memory, kv_layout
@@ -20,6 +21,7 @@ from ._owner import Owner
 
 if TYPE_CHECKING:
     from ._chat import Message
+    from ._tools import ChatCompletion, ChatDelta, ToolChoice
 
 __all__ = ["Model", "ModelInfo"]
 
@@ -102,6 +104,9 @@ class Model(Owner):
         #: hyperparameters for a vocabulary-only model (asking for them aborts)
         self._file_sizes = None if gguf is None or not vocab_only else (
             sum(math.prod(shape) for _, shape, _, _ in gguf.tensors), sum(n for _, _, _, n in gguf.tensors))
+        #: llama.cpp's chat library's templates, by override ("" for the model's own); one rendering at a time
+        self._templates: "dict[str, _core.ChatTemplates]" = {}
+        self._templates_lock = threading.Lock()
 
     @classmethod
     def load(
@@ -144,7 +149,32 @@ class Model(Owner):
 
     def close(self) -> None:
         """Free the model and every context created from it (idempotent)."""
+        with self._templates_lock:
+            for t in self._templates.values():
+                t.close()
+            self._templates.clear()
         self._core.close()
+
+    def _render_with_tools(self, template: Optional[str], request_json: str) -> str:
+        """Render a chat request with llama.cpp's chat library (see _tools.ChatPlan)."""
+        from ._chat import _builtin_names, check_template
+
+        key = template or ""
+        if template is not None:
+            check_template(template)
+            if template in _builtin_names() and template != "chatml":
+                raise ChatTemplateError(
+                    f"llama.cpp's built-in format {template!r} has no tool calls: pass template= Jinja source")
+        with self._templates_lock:
+            if self._core.closed:
+                raise ClosedError("the model is closed")
+            t = self._templates.pop(key, None)
+            if t is None:
+                t = _core.ChatTemplates(self._core, key)
+                while len(self._templates) >= 8:  # a few templates kept, the least recently used dropped
+                    self._templates.pop(next(iter(self._templates))).close()
+            self._templates[key] = t
+            return t.apply(request_json)
 
     @property
     def closed(self) -> bool:
@@ -264,44 +294,82 @@ class Model(Owner):
         return format_chat(self, messages, template=template, add_generation_prompt=add_generation_prompt)
 
     def chat(self, messages: Sequence["Message"], config: Optional[StreamConfig] = None, *,
-             template: Optional[str] = None, context_size: Optional[int] = None) -> "Completion":
-        """Answer a conversation: the assistant's next message, as a :class:`Completion`.
+             template: Optional[str] = None, context_size: Optional[int] = None,
+             tools: Optional[Sequence[Any]] = None, tool_choice: "ToolChoice" = None,
+             parallel_tool_calls: Optional[bool] = None,
+             chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> "ChatCompletion":
+        """Answer a conversation: the assistant's next message, as a :class:`ChatCompletion`
+        (see :meth:`Context.chat` for the arguments).
 
         A one-off: a context sized for the prompt plus ``config.max_tokens`` (or
         *context_size*) is created and freed. To keep a conversation's KV cache
         between turns, use :meth:`Context.chat`.
         """
-        tokens, size = self._chat_setup(messages, config, template, context_size)
-        with self.create_context(context_size=size) as ctx:
-            return ctx.generate(tokens, config)
+        kw = dict(template=template, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
+                  chat_template_kwargs=chat_template_kwargs)
+        with self.create_context(context_size=self._chat_size(messages, config, context_size, kw)) as ctx:
+            return ctx.chat(messages, config, **kw)  # type: ignore[arg-type]
 
     def chat_stream(self, messages: Sequence["Message"], config: Optional[StreamConfig] = None, *,
-                    template: Optional[str] = None, context_size: Optional[int] = None) -> Iterator["TokenData"]:
+                    template: Optional[str] = None, context_size: Optional[int] = None,
+                    tools: Optional[Sequence[Any]] = None, tool_choice: "ToolChoice" = None,
+                    parallel_tool_calls: Optional[bool] = None,
+                    chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> Iterator["TokenData"]:
         """Like :meth:`chat`, yielding the tokens of the answer as they come.
 
         The messages are checked and formatted at the call; the context lives
         until the iterator is exhausted or closed.
         """
-        tokens, size = self._chat_setup(messages, config, template, context_size)
+        kw = dict(template=template, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
+                  chat_template_kwargs=chat_template_kwargs)
+        return self._in_context(messages, config, context_size, kw, "chat_stream")
 
-        def run() -> Iterator["TokenData"]:
-            with self.create_context(context_size=size) as ctx:
-                yield from ctx.stream(tokens, config)
+    def chat_deltas(self, messages: Sequence["Message"], config: Optional[StreamConfig] = None, *,
+                    template: Optional[str] = None, context_size: Optional[int] = None,
+                    tools: Optional[Sequence[Any]] = None, tool_choice: "ToolChoice" = None,
+                    parallel_tool_calls: Optional[bool] = None,
+                    chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> Iterator["ChatDelta"]:
+        """Like :meth:`chat`, yielding :class:`ChatDelta` pieces (see :meth:`Context.chat_deltas`)."""
+        kw = dict(template=template, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
+                  chat_template_kwargs=chat_template_kwargs)
+        return self._in_context(messages, config, context_size, kw, "chat_deltas")
+
+    def _in_context(self, messages: Sequence["Message"], config: Optional[StreamConfig],
+                    context_size: Optional[int], kw: "dict[str, Any]", method: str) -> Iterator[Any]:
+        ctx = self.create_context(context_size=self._chat_size(messages, config, context_size, kw))
+        try:
+            it = getattr(ctx, method)(messages, config, **kw)  # checked and formatted now
+        except BaseException:
+            ctx.close()
+            raise
+
+        def run() -> Iterator[Any]:
+            with ctx:
+                yield from it
 
         return run()
 
-    def _chat_setup(self, messages, config, template, context_size) -> "tuple[List[int], int]":
-        from ._chat import chat_tokens
+    def _chat_size(self, messages: Sequence["Message"], config: Optional[StreamConfig],
+                   context_size: Optional[int], kw: "dict[str, Any]") -> int:
+        """The context size of a one-off chat: its prompt plus max_tokens (at most the training size)."""
+        from ._chat import chat_tokens, check_messages
+        from ._tools import ChatPlan, uses_tools
 
         if self._core.closed:
             raise ClosedError("the model is closed")
-        tokens = chat_tokens(self, messages, template)
-        if context_size is None:
-            if config is not None and not isinstance(config, StreamConfig):
-                raise InvalidConfigError(f"config must be a StreamConfig, got {type(config).__name__}")
-            max_tokens = config.max_tokens if config is not None else StreamConfig.max_tokens
-            context_size = min(len(tokens) + max_tokens, self.info.n_ctx_train or (1 << 24))
-        return tokens, context_size
+        if context_size is not None:
+            return context_size
+        if config is not None and not isinstance(config, StreamConfig):
+            raise InvalidConfigError(f"config must be a StreamConfig, got {type(config).__name__}")
+        msgs = check_messages(messages)
+        if uses_tools(msgs, kw["tools"]):
+            n = len(ChatPlan(self, msgs, tools=kw["tools"], tool_choice=kw["tool_choice"],
+                             parallel_tool_calls=kw["parallel_tool_calls"], template=kw["template"],
+                             chat_template_kwargs=kw["chat_template_kwargs"]).tokens)
+        else:
+            n = len(chat_tokens(self, msgs, kw["template"], kw["chat_template_kwargs"]))
+        max_tokens = config.max_tokens if config is not None else StreamConfig.max_tokens
+        return min(n + max_tokens, self.info.n_ctx_train or (1 << 24))
 
     # -- contexts -----------------------------------------------------------------
 

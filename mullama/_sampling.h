@@ -21,6 +21,7 @@
 
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <exception>
 #include <string>
@@ -66,6 +67,7 @@ struct Sampling {
     llama_sampler * grammar = nullptr;   // NULL: unconstrained
     const llama_vocab * vocab = nullptr; // set with the grammar: the UTF-8 guard needs token text
     Utf8 utf8;                           // the constrained output so far
+    std::vector<llama_token> preserved;  // sorted: special tokens whose text the output keeps (tool-call tags)
     std::vector<llama_token_data> cur;   // the candidates, reused token after token
 
     Sampling() = default;
@@ -117,10 +119,15 @@ inline llama_token_data_array fill(Sampling * s, const float * logits, int n_voc
     return llama_token_data_array{s->cur.data(), s->cur.size(), -1, false};
 }
 
+// whether *tok* is written as its special text (a preserved token) rather than as nothing
+inline bool special_text(const Sampling * s, llama_token tok) {
+    return !s->preserved.empty() && std::binary_search(s->preserved.begin(), s->preserved.end(), tok);
+}
+
 // the state after *tok*'s text; false if it would make the output invalid UTF-8
 inline bool utf8_after(const Sampling * s, llama_token tok, Utf8 * u) {
     char buf[256];
-    int n = llama_token_to_piece(s->vocab, tok, buf, sizeof buf, 0, false);
+    int n = llama_token_to_piece(s->vocab, tok, buf, sizeof buf, 0, special_text(s, tok));
     *u = s->utf8;
     return n >= 0 && utf8_feed(u, buf, n);
 }
