@@ -204,3 +204,60 @@ def test_parallel_tool_calls_decides_how_many_calls(tiny_model, templates):
     assert "tool-calls ::= (tool-call space)+\n" in plan(True).grammar.text
     # "required" means a call at once: no free text before it
     assert "until-" not in plan(True).grammar.text.split("root ::= ")[1].splitlines()[0]
+
+
+# ---------------------------------------------------------------------------
+# the async API (asyncio and trio): the engine, a conversation, a pool member
+
+from mullama.aio import AsyncConfig, AsyncModel, ModelPool  # noqa: E402
+
+
+async def _assemble_async(cm):
+    async with cm as deltas:
+        return assemble([d async for d in deltas])
+
+
+@pytest.mark.anyio
+async def test_async_tool_calls_equal_sync(tiny_model, tiny_model_path, templates):
+    kw = dict(template=templates["hermes3"], tools=TOOLS, tool_choice="required")
+    cfg = StreamConfig.greedy(300)
+    expected = tiny_model.chat(ASK, cfg, **kw)
+    async with await AsyncModel.load(tiny_model_path, max_concurrent=2, context_size=4096, threads=1) as model:
+        got = await model.chat(ASK, cfg, **kw)
+        content, calls, finish = await _assemble_async(model.chat_deltas(ASK, cfg, **kw))
+        async with model.chat_stream(ASK, cfg, **kw) as stream:
+            text = "".join([t.text async for t in stream])
+        conv = await model.create_context(4096)
+        async with conv:
+            in_conv = await conv.chat(ASK, cfg, **kw)
+            conv_deltas = await _assemble_async(conv.chat_deltas(ASK, cfg, **kw))
+        assert model.kv_used() == 0
+    assert (got.text, got.finish_reason) == (expected.text, "tool_calls")
+    assert [(c.name, c.arguments) for c in got.tool_calls] == [(c.name, c.arguments) for c in expected.tool_calls]
+    assert [(c["name"], c["arguments"]) for c in calls] == [(c.name, c.arguments) for c in expected.tool_calls]
+    assert finish == "tool_calls" and text == expected.text and in_conv.text == expected.text
+    assert conv_deltas[1] == calls or [(c["name"], c["arguments"]) for c in conv_deltas[1]] == \
+        [(c["name"], c["arguments"]) for c in calls]
+
+
+@pytest.mark.anyio
+async def test_pool_members_call_tools(tiny_model, tiny_model_path, templates):
+    kw = dict(template=templates["qwen2.5"], tools=TOOLS[:1], tool_choice="required")
+    expected = tiny_model.chat(ASK, StreamConfig.greedy(300), **kw)
+    async with ModelPool(AsyncConfig(tiny_model_path, context_size=4096, threads=1), 1) as pool:
+        async with pool.acquire() as member:
+            got = await member.chat(ASK, StreamConfig.greedy(300), **kw)
+            _, calls, finish = await _assemble_async(member.chat_deltas(ASK, StreamConfig.greedy(300), **kw))
+    assert got.tool_calls and got.tool_calls[0].arguments == expected.tool_calls[0].arguments
+    assert finish == "tool_calls" and calls[0]["arguments"] == expected.tool_calls[0].arguments
+
+
+@pytest.mark.anyio
+async def test_async_plain_chat_gives_content_deltas(tiny_model_path):
+    async with await AsyncModel.load(tiny_model_path, max_concurrent=1, context_size=1024, threads=1) as model:
+        whole = await model.chat(ASK, StreamConfig.greedy(12), template="chatml")
+        content, calls, finish = await _assemble_async(model.chat_deltas(ASK, StreamConfig.greedy(12),
+                                                                         template="chatml"))
+        with pytest.raises(InvalidConfigError, match="need tools"):
+            await model.chat(ASK, tool_choice="required", template="chatml")
+    assert content == whole.content == whole.text and calls == [] and finish == whole.finish_reason == "length"

@@ -7,7 +7,8 @@ import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncContextManager, AsyncIterator, Callable, List, Optional, Protocol, Sequence, Union
+from typing import (TYPE_CHECKING, Any, AsyncContextManager, AsyncIterator, Callable, List, Mapping, Optional,
+                    Protocol, Sequence, Union)
 
 import anyio
 import anyio.from_thread
@@ -18,10 +19,14 @@ from .._chat import Message, chat_tokens, check_messages
 from .._config import StreamConfig, check_int, resolve_threads, token_list
 from .._context import Context, Prompt, ThreadStats
 from .._generation import Completion
+from .._tools import ChatCompletion, ChatDelta, ChatPlan, ReplyParser, plain_completion, uses_tools
 from .._errors import InvalidConfigError
 from .._engine import MAX_SEQUENCES, Engine
 from .._model import Model, ModelInfo
 from .._owner import Owner, Uncopyable
+
+if TYPE_CHECKING:
+    from .._tools import ToolChoice
 from ._loop import LoopBinding, LoopLimiters
 from ._stream import (TokenStream, Workers, check_open, deadline, open_engine_stream, open_token_stream,
                       run_cancellable, run_in_thread)
@@ -86,8 +91,12 @@ class _Results:
                         config: Optional[StreamConfig] = None) -> AsyncContextManager[TokenStream]:
         raise NotImplementedError
 
-    def chat_stream(self, messages: Sequence[Message], config: Optional[StreamConfig] = None, *,
-                    template: Optional[str] = None) -> AsyncContextManager[TokenStream]:
+    def _open_chat(self, messages: Sequence[Message], config: StreamConfig, template: Optional[str],
+                   args: ToolArgs) -> "AsyncContextManager[tuple[TokenStream, Optional[ReplyParser]]]":
+        """Stream a chat reply, with the parser of a chat with tools (None for plain chat)."""
+        raise NotImplementedError
+
+    def _threads(self) -> anyio.CapacityLimiter:
         raise NotImplementedError
 
     async def generate(self, prompt: Prompt, max_tokens: Optional[int] = None,
@@ -100,11 +109,99 @@ class _Results:
         """The convenience: :meth:`generate`'s text alone."""
         return (await self.generate(prompt, max_tokens, config)).text
 
+    def chat_stream(self, messages: Sequence[Message], config: Optional[StreamConfig] = None, *,
+                    template: Optional[str] = None, tools: Optional[Sequence[Any]] = None,
+                    tool_choice: "ToolChoice" = None, parallel_tool_calls: Optional[bool] = None,
+                    chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> AsyncContextManager[TokenStream]:
+        """Stream the tokens of the assistant's answer to *messages*:
+        ``async with m.chat_stream(messages) as s: async for tok in s:``. The
+        keywords are :meth:`chat`'s; :meth:`chat_deltas` streams the answer parsed."""
+        args = ToolArgs(tools, tool_choice, parallel_tool_calls, chat_template_kwargs)
+        return _stream_only(self._open_chat(messages, _with_max_tokens(config, None), template, args))
+
     async def chat(self, messages: Sequence[Message], config: Optional[StreamConfig] = None, *,
-                   max_tokens: Optional[int] = None, template: Optional[str] = None) -> Completion:
-        """The assistant's answer to *messages* as a :class:`~mullama.Completion`
-        (its ``text`` is the reply); see :meth:`chat_stream`."""
-        return await drain(self.chat_stream(messages, _with_max_tokens(config, max_tokens), template=template))
+                   max_tokens: Optional[int] = None, template: Optional[str] = None,
+                   tools: Optional[Sequence[Any]] = None, tool_choice: "ToolChoice" = None,
+                   parallel_tool_calls: Optional[bool] = None,
+                   chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> ChatCompletion:
+        """The assistant's answer to *messages* as a :class:`~mullama.ChatCompletion`:
+        ``content``, ``reasoning_content`` and ``tool_calls`` (see
+        :meth:`mullama.Context.chat` for *tools*, *tool_choice*,
+        *parallel_tool_calls* and *chat_template_kwargs*)."""
+        args = ToolArgs(tools, tool_choice, parallel_tool_calls, chat_template_kwargs)
+        async with self._open_chat(messages, _with_max_tokens(config, max_tokens), template, args) as (stream, parser):
+            async for _ in stream.batches():
+                pass
+            done = stream.completion()
+            if parser is None:
+                return plain_completion(done)
+            await run_in_thread(parser.feed, done.text, True, limiter=self._threads())
+            return parser.completion(done)
+
+    def chat_deltas(self, messages: Sequence[Message], config: Optional[StreamConfig] = None, *,
+                    max_tokens: Optional[int] = None, template: Optional[str] = None,
+                    tools: Optional[Sequence[Any]] = None, tool_choice: "ToolChoice" = None,
+                    parallel_tool_calls: Optional[bool] = None,
+                    chat_template_kwargs: Optional[Mapping[str, Any]] = None
+                    ) -> AsyncContextManager[AsyncIterator[ChatDelta]]:
+        """Stream the answer to *messages* as :class:`~mullama.ChatDelta` pieces:
+        ``async with m.chat_deltas(messages, tools=...) as deltas: async for d in deltas:``
+        (content and reasoning text, then each tool call's id and name once and
+        pieces of its arguments; the last delta has ``finish_reason``)."""
+        args = ToolArgs(tools, tool_choice, parallel_tool_calls, chat_template_kwargs)
+        return _deltas_only(self._open_chat(messages, _with_max_tokens(config, max_tokens), template, args))
+
+
+@dataclass(frozen=True)
+class ToolArgs:
+    """The tool-calling keywords of a chat request."""
+
+    tools: Optional[Sequence[Any]] = None
+    tool_choice: "ToolChoice" = None
+    parallel_tool_calls: Optional[bool] = None
+    chat_template_kwargs: Optional[Mapping[str, Any]] = None
+
+    def plan(self, model: Model, messages: Sequence[Message], template: Optional[str]) -> Optional[ChatPlan]:
+        """The llama.cpp chat-library plan of the request, None for plain chat (renders: run it on a worker)."""
+        if not uses_tools(messages, self.tools):
+            if self.tool_choice is not None or self.parallel_tool_calls is not None:
+                raise InvalidConfigError("tool_choice and parallel_tool_calls need tools")
+            return None
+        return ChatPlan(model, messages, tools=self.tools, tool_choice=self.tool_choice,
+                        parallel_tool_calls=self.parallel_tool_calls, template=template,
+                        chat_template_kwargs=self.chat_template_kwargs)
+
+
+@asynccontextmanager
+async def _stream_only(opened: "AsyncContextManager[tuple[TokenStream, Optional[ReplyParser]]]"
+                       ) -> AsyncIterator[TokenStream]:
+    async with opened as (stream, _):
+        yield stream
+
+
+@asynccontextmanager
+async def _deltas_only(opened: "AsyncContextManager[tuple[TokenStream, Optional[ReplyParser]]]"
+                       ) -> AsyncIterator[AsyncIterator[ChatDelta]]:
+    async with opened as (stream, parser):
+        yield chat_deltas_of(stream, parser)
+
+
+async def chat_deltas_of(stream: TokenStream, parser: Optional[ReplyParser]) -> AsyncIterator[ChatDelta]:
+    """The :class:`~mullama.ChatDelta` pieces of a chat stream (*parser*: None for plain chat)."""
+    async for batch in stream.batches():
+        text = "".join(t.text for t in batch)
+        if parser is None:
+            if text:
+                yield ChatDelta(content=text)
+            continue
+        for d in parser.feed(text):
+            yield d
+    if parser is None:
+        yield ChatDelta(finish_reason=stream.completion().finish_reason)
+        return
+    for d in parser.feed("", final=True):
+        yield d
+    yield ChatDelta(finish_reason=parser.completion(stream.completion()).finish_reason)
 
 
 class AsyncModel(_Results, Owner):
@@ -301,29 +398,49 @@ class AsyncModel(_Results, Owner):
             return self._open_stream(functools.partial(self._model.tokenize, prompt), config)
         return self._open_stream(token_list(prompt), config)
 
-    def chat_stream(self, messages: Sequence[Message], config: Optional[StreamConfig] = None, *,
-                    template: Optional[str] = None) -> AsyncContextManager[TokenStream]:
-        """Stream the assistant's answer to *messages*, formatted with the model's
-        chat template (or *template*: Jinja source or a llama.cpp built-in name).
-
-        ``async with model.chat_stream([{"role": "user", "content": "Hi"}]) as s:``.
-        Raises ChatTemplateError if the model has no template and none is given.
-        """
+    def _open_chat(self, messages: Sequence[Message], config: StreamConfig, template: Optional[str],
+                   args: ToolArgs) -> "AsyncContextManager[tuple[TokenStream, Optional[ReplyParser]]]":
+        """The reply to *messages* formatted with the model's chat template (or
+        *template*: Jinja source or a llama.cpp built-in name), or with llama.cpp's
+        chat library for a chat with tools. ChatTemplateError without a template."""
         messages = check_messages(messages)  # checked once: the renderer takes them as they are
-        return self._open_stream(functools.partial(chat_tokens, self._model, messages, template), config)
+
+        def prepare() -> "tuple[List[int], StreamConfig, Optional[ChatPlan]]":
+            plan = args.plan(self._model, messages, template)
+            if plan is None:
+                return chat_tokens(self._model, messages, template, args.chat_template_kwargs), config, None
+            return plan.tokens, plan.config(config), plan
+
+        return self._open(prepare, config)
+
+    def _open_stream(self, tokens: Union[List[int], Callable[[], List[int]]],
+                     config: Optional[StreamConfig]) -> AsyncContextManager[TokenStream]:
+        """*tokens*, or a function that makes them on a worker thread (tokenizing)."""
+        cfg = _with_max_tokens(config, None)
+
+        def prepare() -> "tuple[List[int], StreamConfig, Optional[ChatPlan]]":
+            return (tokens() if callable(tokens) else tokens), cfg, None
+
+        return _stream_only(self._open(prepare if callable(tokens) else prepare(), cfg))
 
     @asynccontextmanager
-    async def _open_stream(self, tokens: Union[List[int], Callable[[], List[int]]],
-                           config: Optional[StreamConfig]) -> AsyncIterator[TokenStream]:
-        """*tokens*, or a function that makes them on a worker thread (tokenizing)."""
+    async def _open(self, prepare: Any, config: StreamConfig
+                    ) -> "AsyncIterator[tuple[TokenStream, Optional[ReplyParser]]]":
+        """Run *prepare* (tokens, config and plan; a function runs on a worker
+        thread) and stream the request, with the plan's reply parser."""
         check_open(self._closed, "AsyncModel")
-        config = _with_max_tokens(config, None)
         async with deadline(self._config.timeout_ms):
-            if callable(tokens):
-                tokens = await run_in_thread(tokens, limiter=self._threads())
+            if callable(prepare):
+                prepare = await run_in_thread(prepare, limiter=self._threads())
+            tokens, config, plan = prepare
             check_open(self._closed, "AsyncModel")
-            async with open_engine_stream(self._engine, tokens, config, self._config.timeout_ms) as stream:
-                yield stream
+            parser = plan.reply_parser() if plan is not None else None
+            try:
+                async with open_engine_stream(self._engine, tokens, config, self._config.timeout_ms) as stream:
+                    yield stream, parser
+            finally:
+                if parser is not None:
+                    parser.close()
 
     async def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> List[int]:
         """Token ids of *text* (on a worker thread)."""
@@ -449,30 +566,40 @@ class AsyncContext(_Results, Uncopyable):
         A stream left early keeps in the conversation only the tokens the
         consumer received.
         """
-        return self._open_stream(prompt, config)
+        return _stream_only(self._open(lambda ctx: (prompt, config, None), config))
 
-    def chat_stream(self, messages: Sequence[Message], config: Optional[StreamConfig] = None, *,
-                    template: Optional[str] = None) -> AsyncContextManager[TokenStream]:
-        """Stream the assistant's answer to *messages* (the whole conversation,
-        earlier answers included as ``"assistant"`` messages). The tokens the
-        conversation shares with what this context holds are not evaluated
-        again, so a turn costs only its new tokens."""
+    def _open_chat(self, messages: Sequence[Message], config: StreamConfig, template: Optional[str],
+                   args: ToolArgs) -> "AsyncContextManager[tuple[TokenStream, Optional[ReplyParser]]]":
+        """The answer to *messages* (the whole conversation, earlier answers
+        included as ``"assistant"`` messages). The tokens the conversation shares
+        with what this context holds are not evaluated again, so a turn costs
+        only its new tokens."""
         messages = check_messages(messages)
-        return self._open_stream(functools.partial(Context.chat_prompt, messages=messages, template=template),
-                                 config)
+
+        def prepare(ctx: Context) -> "tuple[List[int], StreamConfig, Optional[ChatPlan]]":
+            plan = args.plan(ctx.model, messages, template)
+            if plan is None:
+                return ctx.chat_prompt(messages, template, args.chat_template_kwargs), config, None
+            return ctx._keep_prefix(plan.tokens), plan.config(config), plan
+
+        return self._open(prepare, config)
 
     @asynccontextmanager
-    async def _open_stream(self, prompt: Union[Prompt, Callable[[Context], List[int]]],
-                           config: Optional[StreamConfig]) -> AsyncIterator[TokenStream]:
+    async def _open(self, prepare: Callable[[Context], Any], config: Optional[StreamConfig]
+                    ) -> "AsyncIterator[tuple[TokenStream, Optional[ReplyParser]]]":
+        """Run *prepare* on the context (prompt, config and plan; on a worker
+        thread) and stream the generation, with the plan's reply parser."""
         async with deadline(self._owner.config.timeout_ms), self._use() as ctx:
-            if callable(prompt):
-                prompt = await run_in_thread(prompt, ctx, limiter=self._threads())
+            prompt, config, plan = await run_in_thread(prepare, ctx, limiter=self._threads())
             stream: Optional[TokenStream] = None
+            parser = plan.reply_parser() if plan is not None else None
             t0 = time.perf_counter()
             try:
                 async with open_token_stream(ctx, prompt, config, self._workers, self._threads()) as stream:
-                    yield stream
+                    yield stream, parser
             finally:
+                if parser is not None:
+                    parser.close()
                 if stream is not None:
                     self._owner._record_generation((time.perf_counter() - t0) * 1e3)
                 # the worker is done; the conversation keeps what the consumer received

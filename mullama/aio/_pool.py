@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, AsyncContextManager, Callable, Deque, Generator, List, Optional, Sequence
+from typing import Any, AsyncContextManager, AsyncIterator, Callable, Deque, Generator, List, Optional, Sequence
 
 import anyio
 import anyio.lowlevel
@@ -15,6 +15,7 @@ from .._chat import Message
 from .._config import StreamConfig, check_int
 from .._context import Prompt
 from .._generation import Completion
+from .._tools import ChatCompletion, ChatDelta
 from .._errors import BusyError, ClosedError, ContextCreationError, InvalidConfigError
 from .._model import Model, ModelInfo
 from .._owner import Owner, Uncopyable
@@ -536,15 +537,22 @@ class PooledModel(Uncopyable):
         return (await self.generate(prompt, max_tokens, config)).text
 
     def chat_stream(self, messages: Sequence[Message], config: Optional[StreamConfig] = None, *,
-                    template: Optional[str] = None) -> AsyncContextManager[TokenStream]:
-        """Stream the answer to *messages* (see :meth:`AsyncContext.chat_stream`)."""
-        return self._m().chat_stream(messages, config, template=template)
+                    template: Optional[str] = None, **tools: Any) -> AsyncContextManager[TokenStream]:
+        """Stream the answer to *messages* (see :meth:`AsyncContext.chat_stream`;
+        *tools* are :meth:`AsyncContext.chat`'s tool-calling keywords)."""
+        return self._m().chat_stream(messages, config, template=template, **tools)
 
     async def chat(self, messages: Sequence[Message], config: Optional[StreamConfig] = None, *,
-                   max_tokens: Optional[int] = None, template: Optional[str] = None) -> Completion:
-        """The answer to *messages* as a :class:`~mullama.Completion`; the
+                   max_tokens: Optional[int] = None, template: Optional[str] = None, **tools: Any) -> ChatCompletion:
+        """The answer to *messages* as a :class:`~mullama.ChatCompletion`; the
         conversation keeps it (see :meth:`AsyncContext.chat`)."""
-        return await self._m().chat(messages, config, max_tokens=max_tokens, template=template)
+        return await self._m().chat(messages, config, max_tokens=max_tokens, template=template, **tools)
+
+    def chat_deltas(self, messages: Sequence[Message], config: Optional[StreamConfig] = None, *,
+                    max_tokens: Optional[int] = None, template: Optional[str] = None,
+                    **tools: Any) -> AsyncContextManager[AsyncIterator[ChatDelta]]:
+        """Stream the answer as :class:`~mullama.ChatDelta` pieces (see :meth:`AsyncContext.chat_deltas`)."""
+        return self._m().chat_deltas(messages, config, max_tokens=max_tokens, template=template, **tools)
 
     async def process_batch(self, prompt: Prompt) -> int:
         """Evaluate *prompt* into the conversation without generating."""
