@@ -997,3 +997,105 @@ def test_structured_output_through_the_openai_client(tiny_server):
     with pytest.raises(openai.BadRequestError, match=r"line 1, column 11: expecting newline or end \(near .\).") as info:
         client.completions.create(model="tiny", prompt="x", max_tokens=8, extra_body={"grammar": "root ::= |)"})
     assert info.value.body["param"] == "grammar"
+
+
+# -- tool calls through the official client ---------------------------------------------
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["c", "f"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather of a city",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "description": "The time in a city",
+                                           "parameters": {"type": "object", "required": ["city"],
+                                                          "properties": {"city": {"enum": ["x", "y"]}}}}}]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module", params=MODES)
+def tools_server(request, tiny_model_path, llama_cpp_dir) -> Iterator[Server]:
+    """The tiny model with Qwen 2.5's chat template (from the fetched llama.cpp tree), which has tool calls."""
+    template = llama_cpp_dir / "models" / "templates" / "Qwen-Qwen2.5-7B-Instruct.jinja"
+    server = start_server(tiny_model_path, request.param, "--name", "tiny", "--chat-template-file", str(template),
+                          "--context-size", "4096", "--max-concurrent", "2")
+    yield server
+    assert server.stop() == 0
+
+
+def _assemble_chunks(chunks) -> "tuple[str, list, str]":
+    content, calls, finish = "", {}, None
+    for chunk in chunks:
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        content += choice.delta.content or ""
+        for c in choice.delta.tool_calls or []:
+            if c.index not in calls:
+                assert c.id and c.type == "function" and c.function.name
+                calls[c.index] = {"id": c.id, "name": c.function.name, "arguments": c.function.arguments or ""}
+            else:
+                assert c.id is None and c.function.name is None
+                calls[c.index]["arguments"] += c.function.arguments
+        finish = choice.finish_reason or finish
+    return content, [calls[i] for i in sorted(calls)], finish
+
+
+def test_tool_calls_round_trip_through_the_openai_client(tools_server):
+    client = tools_server.client()
+    r = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, tool_choice="required",
+                                       temperature=0, max_tokens=300)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id and call.function.name in ("get_weather", "get_time")
+    schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == call.function.name)
+    jsonschema.validate(json.loads(call.function.arguments), schema)
+    # the same, streamed: the pieces assemble into the same call
+    chunks = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, tool_choice="required",
+                                            temperature=0, max_tokens=300, stream=True)
+    content, calls, finish = _assemble_chunks(chunks)
+    assert finish == "tool_calls" and content == ""
+    assert [(c["name"], c["arguments"]) for c in calls] == [(call.function.name, call.function.arguments)]
+    # a named function
+    named = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, temperature=0, max_tokens=300,
+                                           tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert named.choices[0].message.tool_calls[0].function.name == "get_time"
+    # the call and its result go back into the conversation
+    history = ASK + [choice.message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}]
+    again = client.chat.completions.create(model="tiny", messages=history, tools=TOOLS, tool_choice="none",
+                                           temperature=0, max_tokens=8)
+    assert again.choices[0].message.tool_calls is None and again.choices[0].finish_reason == "length"
+    assert again.choices[0].message.content
+
+
+@pytest.mark.anyio
+async def test_tool_calls_through_the_async_openai_client(tools_server):
+    async with tools_server.async_client() as client:
+        r = await client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS[:1], temperature=0,
+                                                 tool_choice="required", max_tokens=300)
+        stream = await client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS[:1], temperature=0,
+                                                      tool_choice="required", max_tokens=300, stream=True)
+        _, calls, finish = _assemble_chunks([c async for c in stream])
+    call = r.choices[0].message.tool_calls[0]
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+    assert finish == "tool_calls" and calls[0]["arguments"] == call.function.arguments
+
+
+@pytest.mark.parametrize("kwargs, param, match", [
+    (dict(tools=[{"type": "function", "function": {"name": "bad name"}}]), "tools", "1-64 letters"),
+    (dict(tool_choice="required"), "tool_choice", "needs 'tools'"),
+    (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice",
+     "not among the tools"),
+    (dict(tools=TOOLS, response_format={"type": "json_object"}), "tools", "not both"),
+    (dict(tools=TOOLS, extra_body={"functions": [{"name": "f"}]}), "functions", "send them as 'tools'"),
+])
+def test_bad_tool_requests_answer_400(tools_server, kwargs, param, match):
+    with pytest.raises(openai.BadRequestError, match=match) as info:
+        tools_server.client().chat.completions.create(model="tiny", messages=ASK, max_tokens=8, **kwargs)
+    assert info.value.body["param"] == param
+
+
+def test_tools_with_a_template_that_has_none_answer_400(tiny_server):
+    with pytest.raises(openai.BadRequestError, match="describes no tool calls") as info:
+        tiny_server.client().chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, max_tokens=8)
+    assert info.value.body["param"] == "tools" and info.value.body["code"] == "chat_template"

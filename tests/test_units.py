@@ -404,7 +404,11 @@ HUGE = 10**400  # valid JSON (an integer), beyond any float
     ({"prompt": "x", "echo": True, "logprobs": 0}, False, "echo", "'echo' with 'logprobs'"),
     ({"prompt": "x", "suffix": "y"}, False, "suffix", "not supported"),
     ({"prompt": "x", "best_of": 2}, False, "best_of", "best_of must be 1"),
-    ({"messages": CHAT, "tools": [{"type": "function"}]}, True, "tools", "does not call tools"),
+    ({"messages": CHAT, "tools": [{"type": "function"}]}, True, "tools", r"tools\[0\]\['function'\] must be a dict"),
+    ({"messages": CHAT, "tool_choice": "auto"}, True, "tool_choice", "needs 'tools'"),
+    ({"messages": CHAT, "tools": [], "parallel_tool_calls": 1}, True, "parallel_tool_calls", "must be a boolean"),
+    ({"messages": CHAT, "chat_template_kwargs": []}, True, "chat_template_kwargs", "must be an object"),
+    ({"messages": CHAT, "functions": [{"name": "f"}]}, True, "functions", "send them as 'tools'"),
     ({"messages": CHAT, "response_format": {"type": "jsonish"}}, True, "response_format", "response_format type"),
     ({"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 5}}}, True,
      "response_format", "must be a dict"),
@@ -428,7 +432,8 @@ JSON = st.recursive(_JSON_LEAF, lambda inner: st.lists(inner, max_size=3)
 PARAMS = sorted({"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
                  "stream", "stream_options", "stop", "seed", "frequency_penalty", "presence_penalty", "logprobs",
                  "top_logprobs", "logit_bias", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "user", "echo",
-                 "suffix", "best_of", "tools", "tool_choice", "response_format", "grammar", "json_schema"})
+                 "suffix", "best_of", "tools", "tool_choice", "response_format", "grammar", "json_schema",
+                 "parallel_tool_calls", "chat_template_kwargs"})
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow])

@@ -449,13 +449,28 @@ class AsyncModel(_Results, Owner):
 
     tokenize_async = tokenize  # Mullama's name
 
-    async def tokenize_chat(self, messages: Sequence[Message], *, template: Optional[str] = None) -> List[int]:
+    async def tokenize_chat(self, messages: Sequence[Message], *, template: Optional[str] = None,
+                            chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> List[int]:
         """Token ids of *messages* formatted for the assistant's turn (what
         :meth:`chat` generates from); ChatTemplateError without a template."""
         check_open(self._closed, "AsyncModel")
         messages = check_messages(messages)
-        return await anyio.to_thread.run_sync(chat_tokens, self._model, messages, template,
+        return await anyio.to_thread.run_sync(chat_tokens, self._model, messages, template, chat_template_kwargs,
                                              limiter=self._threads())
+
+    async def plan_chat(self, messages: Sequence[Message], *, template: Optional[str] = None,
+                        tools: Optional[Sequence[Any]] = None, tool_choice: "ToolChoice" = None,
+                        parallel_tool_calls: Optional[bool] = None,
+                        chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> ChatPlan:
+        """Render a chat with tools with llama.cpp's chat library (on a worker
+        thread): the prompt's tokens, the tool-call grammar and the reply parser
+        (what :meth:`chat` does before generating; the server's building block)."""
+        check_open(self._closed, "AsyncModel")
+        messages = check_messages(messages)
+        plan = functools.partial(ChatPlan, self._model, messages, tools=tools, tool_choice=tool_choice,
+                                 parallel_tool_calls=parallel_tool_calls, template=template,
+                                 chat_template_kwargs=chat_template_kwargs)
+        return await run_in_thread(plan, limiter=self._threads())
 
     async def detokenize(self, tokens: Sequence[int]) -> str:
         check_open(self._closed, "AsyncModel")

@@ -30,6 +30,7 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple, Union
 import anyio
 
 from .._chat import check_template
+from .._tools import ChatDelta, ChatPlan, ReplyParser
 from .._config import SERVER_IO_TIMEOUT_S as IO_TIMEOUT_S
 from .._errors import (ChatTemplateError, ClosedError, ContextOverflowError, GrammarError, InvalidConfigError,
                        InvalidTokenError, MullamaError, OverloadedError, RequestTimeoutError)
@@ -234,20 +235,27 @@ class OpenAIApp:
         self._check_model_name(req.model)
         model = self._ready()
         async with cancel_on_disconnect(ex) as watch:
-            tokens = await self._prompt_tokens(model, req)
+            plan = await self._plan(model, req) if req.uses_tools else None
+            tokens = plan.tokens if plan is not None else await self._prompt_tokens(model, req)
             if req.sampling.get("frequency_penalty") or req.sampling.get("presence_penalty"):
                 # OpenAI's penalties count every token so far, not only the last 64
                 req.sampling.setdefault("repeat_last_n", min(model.request_context_size, 1 << 16))
             config = req.config(self._max_tokens(model, req, len(tokens)))
+            if plan is not None:
+                try:
+                    config = plan.config(config)  # the tool-call grammar and the template's stop strings
+                except InvalidConfigError as exc:
+                    raise oa.ApiError(400, str(exc), param="tools") from None
             ids = oa.ResponseIds(chat, self.model_id)
             t0 = time.perf_counter()
             stream = None
+            parser = plan.reply_parser() if plan is not None else None
             try:
                 async with model.generate_stream(tokens, config) as stream:
                     if req.stream:
-                        await self._stream_events(ex, model, req, stream, ids, len(tokens))
+                        await self._stream_events(ex, model, req, stream, ids, len(tokens), parser)
                     else:
-                        await self._respond_whole(ex, model, req, stream, ids, len(tokens))
+                        await self._respond_whole(ex, model, req, stream, ids, len(tokens), parser)
             except Disconnected:  # (a write failed, or made no progress for io_timeout)
                 watch.disconnected = True
                 raise
@@ -276,16 +284,34 @@ class OpenAIApp:
                 else:
                     raise
             finally:
+                if parser is not None:
+                    parser.close()
                 if stream is not None:
                     self.metrics.generation(stream.metrics(), time.perf_counter() - t0,
                                             "disconnected" if watch.disconnected else None)
         if watch.disconnected:
             raise Disconnected()
 
+    async def _plan(self, model: AsyncModel, req: oa.GenerationRequest) -> ChatPlan:
+        """A chat with tools, rendered by llama.cpp's chat library."""
+        try:
+            return await model.plan_chat(req.messages or [], template=self.chat_template, tools=req.tools,
+                                         tool_choice=req.tool_choice, parallel_tool_calls=req.parallel_tool_calls,
+                                         chat_template_kwargs=req.chat_template_kwargs)
+        except ChatTemplateError as exc:
+            raise oa.ApiError(400, str(exc), param="tools" if req.tools else "messages",
+                              code="chat_template") from None
+        except InvalidConfigError as exc:
+            text = str(exc)
+            param = next((p for p in ("tool_choice", "parallel_tool_calls", "chat_template_kwargs") if p in text),
+                         "messages" if text.startswith("messages") else "tools")
+            raise oa.ApiError(400, text, param=param) from None
+
     async def _prompt_tokens(self, model: AsyncModel, req: oa.GenerationRequest) -> List[int]:
         try:
             if req.chat:
-                return await model.tokenize_chat(req.messages, template=self.chat_template)  # type: ignore[arg-type]
+                return await model.tokenize_chat(req.messages, template=self.chat_template,  # type: ignore[arg-type]
+                                                 chat_template_kwargs=req.chat_template_kwargs)
             if isinstance(req.prompt, str):
                 return await model.tokenize(req.prompt)
             return list(req.prompt)  # type: ignore[arg-type]
@@ -319,13 +345,16 @@ class OpenAIApp:
         return oa.completion_logprobs(toks, pieces, offset)
 
     async def _respond_whole(self, ex: Exchange, model: AsyncModel, req: oa.GenerationRequest, stream: Any,
-                             ids: oa.ResponseIds, n_prompt: int) -> None:
+                             ids: oa.ResponseIds, n_prompt: int, parser: Optional[ReplyParser]) -> None:
         toks: List[TokenData] = []
         async for batch in stream.batches():
             toks.extend(batch)
         done = stream.completion()
         if done.finish_reason == "cancelled":  # not by us: the model was closed under it
             raise ClosedError("the server is shutting down")
+        if parser is not None:
+            parser.feed(done.text, final=True)
+            done = parser.completion(done)
         if req.chat:
             body = oa.chat_response(ids, done, n_prompt, self._logprobs(model, req, toks, 0))
         else:
@@ -335,7 +364,7 @@ class OpenAIApp:
         await ex.respond_json(200, body)
 
     async def _stream_events(self, ex: Exchange, model: AsyncModel, req: oa.GenerationRequest, stream: Any,
-                             ids: oa.ResponseIds, n_prompt: int) -> None:
+                             ids: oa.ResponseIds, n_prompt: int, parser: Optional[ReplyParser]) -> None:
         prefix = await self._prompt_text(model, req) if req.echo else ""
         await ex.start(200, [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache"),
                              ("x-accel-buffering", "no")])
@@ -354,7 +383,11 @@ class OpenAIApp:
             text = "".join(t.text for t in batch)
             lp = self._logprobs(model, req, batch, offset)
             offset += len(text)
-            if lp is not None:
+            if parser is not None:  # content, reasoning and tool-call pieces, as OpenAI streams them
+                for d in parser.feed(text) or [ChatDelta()] * (lp is not None):
+                    await ex.event(oa.chat_chunk(ids, oa.chat_delta(d), logprobs=lp, with_usage=usage))
+                    lp = None
+            elif lp is not None:
                 await ex.event(oa.chat_chunk(ids, {"content": text}, logprobs=lp, with_usage=usage) if req.chat
                                else oa.completion_chunk(ids, text, logprobs=lp, with_usage=usage))
             elif text:  # (no text: bytes held back, part of a character or of a stop string)
@@ -362,6 +395,10 @@ class OpenAIApp:
         done = stream.completion()
         if done.finish_reason == "cancelled":  # not by us: the model was closed under it
             raise ClosedError("the server is shutting down")
+        if parser is not None:
+            for d in parser.feed("", final=True):
+                await ex.event(oa.chat_chunk(ids, oa.chat_delta(d), with_usage=usage))
+            done = parser.completion(done)
         reason = oa.finish_reason(done.finish_reason)
         if req.chat:
             await ex.event(oa.chat_chunk(ids, {}, finish=reason, with_usage=usage))

@@ -17,6 +17,7 @@ from .. import __version__
 from .._chat import check_messages
 from .._config import StreamConfig
 from .._generation import Completion, TokenData
+from .._tools import ChatCompletion, ChatDelta, check_tools, uses_tools
 from .._errors import GrammarError, InvalidConfigError, MullamaError
 
 __all__ = ["ApiError", "GenerationRequest", "parse_request", "finish_reason"]
@@ -59,6 +60,16 @@ class GenerationRequest:
     include_usage: bool = False
     logprobs: bool = False
     echo: bool = False
+    #: chat: function tools, tool_choice, parallel_tool_calls and template kwargs (ChatPlan's arguments)
+    tools: Optional[List[Dict[str, Any]]] = None
+    tool_choice: Any = None
+    parallel_tool_calls: Optional[bool] = None
+    chat_template_kwargs: Optional[Dict[str, Any]] = None
+
+    @property
+    def uses_tools(self) -> bool:
+        """Rendered by llama.cpp's chat library: tools offered, or tool calls in the history."""
+        return self.chat and uses_tools(self.messages or [], self.tools)
 
     def config(self, max_tokens: int) -> StreamConfig:
         return StreamConfig(max_tokens=max_tokens, include_probabilities=self.logprobs, **self.sampling)
@@ -91,6 +102,7 @@ _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream
            "frequency_penalty", "presence_penalty", "logprobs", "logit_bias",
            "response_format",
            "top_k", "min_p", "repeat_penalty", "repeat_last_n", "grammar", "json_schema",  # llama.cpp's extensions
+           "chat_template_kwargs",
            # no effect on the answer
            "user", "metadata", "store", "service_tier"}
 _KNOWN = {
@@ -121,10 +133,23 @@ def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
         max_tokens = _get(body, "max_completion_tokens", (int,), "an integer")
         if max_tokens is None:
             max_tokens = _get(body, "max_tokens", (int,), "an integer")
-        _refuse_unless(body, "tools", lambda v: v == [], "this server does not call tools")
-        _refuse_unless(body, "functions", lambda v: v == [], "this server does not call functions")
-        _refuse_unless(body, "function_call", lambda v: v == "none", "this server does not call functions")
-        _refuse_unless(body, "tool_choice", lambda v: v == "none", "this server does not call tools")
+        try:
+            req.tools = check_tools(body.get("tools")) or None
+        except InvalidConfigError as exc:
+            raise ApiError(400, str(exc), param="tools") from None
+        req.tool_choice = body.get("tool_choice")
+        if req.tool_choice is not None and not req.tools:
+            if req.tool_choice != "none":
+                raise ApiError(400, "'tool_choice' needs 'tools'", param="tool_choice")
+            req.tool_choice = None
+        req.parallel_tool_calls = _get(body, "parallel_tool_calls", (bool,), "a boolean")
+        if not req.tools:
+            req.parallel_tool_calls = None
+        req.chat_template_kwargs = _get(body, "chat_template_kwargs", (dict,), "an object")
+        _refuse_unless(body, "functions", lambda v: v == [],
+                       "the legacy 'functions' are not supported: send them as 'tools'")
+        _refuse_unless(body, "function_call", lambda v: v == "none",
+                       "the legacy 'function_call' is not supported: use 'tool_choice'")
         _refuse_unless(body, "audio", lambda v: False, "only text output is supported")
         _refuse_unless(body, "modalities", lambda v: v == ["text"], "only text output is supported")
         logprobs = _get(body, "logprobs", (bool,), "a boolean")
@@ -230,8 +255,9 @@ def _parse_prompt(prompt: Any) -> Union[str, List[int]]:
 
 
 def finish_reason(reason: str) -> str:
-    """OpenAI's name for a mullama finish reason."""
-    return "stop" if reason == "stop" else "length"
+    """OpenAI's name for a mullama finish reason (a grammar's dead end, a full
+    context and a cancellation cut the reply short: ``"length"``)."""
+    return reason if reason in ("stop", "tool_calls") else "length"
 
 
 # -- responses -------------------------------------------------------------------------
@@ -269,13 +295,40 @@ def completion_logprobs(tokens: Sequence[TokenData], pieces: Sequence[bytes], of
 
 def chat_response(ids: ResponseIds, done: Completion, prompt_tokens: int,
                   logprobs: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    message: Dict[str, Any] = {"role": "assistant", "content": done.text, "refusal": None}
+    if isinstance(done, ChatCompletion):
+        message["content"] = done.content
+        if done.reasoning_content:
+            message["reasoning_content"] = done.reasoning_content
+        if done.tool_calls:
+            message["tool_calls"] = [c.to_openai() for c in done.tool_calls]
     return {
         "id": ids.id, "object": "chat.completion", "created": ids.created, "model": ids.model,
         "system_fingerprint": _FINGERPRINT,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text, "refusal": None},
-                     "logprobs": logprobs, "finish_reason": finish_reason(done.finish_reason)}],
+        "choices": [{"index": 0, "message": message, "logprobs": logprobs,
+                     "finish_reason": finish_reason(done.finish_reason)}],
         "usage": usage(prompt_tokens, len(done.tokens)),
     }
+
+
+def chat_delta(d: ChatDelta) -> Dict[str, Any]:
+    """OpenAI's ``delta`` of a :class:`ChatDelta` (a call's first piece has its id, type and name)."""
+    delta: Dict[str, Any] = {}
+    if d.content:
+        delta["content"] = d.content
+    if d.reasoning_content:
+        delta["reasoning_content"] = d.reasoning_content
+    if d.tool_calls:
+        calls = []
+        for c in d.tool_calls:
+            call: Dict[str, Any] = {"index": c.index}
+            if c.id is not None:
+                call.update(id=c.id, type="function", function={"name": c.name, "arguments": c.arguments})
+            else:
+                call["function"] = {"arguments": c.arguments}
+            calls.append(call)
+        delta["tool_calls"] = calls
+    return delta
 
 
 def completion_response(ids: ResponseIds, text: str, done: Completion, prompt_tokens: int,
