@@ -261,3 +261,16 @@ async def test_async_plain_chat_gives_content_deltas(tiny_model_path):
         with pytest.raises(InvalidConfigError, match="need tools"):
             await model.chat(ASK, tool_choice="required", template="chatml")
     assert content == whole.content == whole.text and calls == [] and finish == whole.finish_reason == "length"
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "hermes3", "mistral-nemo"])
+def test_plain_chat_gives_the_same_tokens_with_either_renderer(tiny_model, templates, family):
+    """Plain chat uses the sandboxed Jinja renderer, chat with tools llama.cpp's library: for these
+    templates a conversation's prompt tokens are the same either way (the README says where they differ)."""
+    from mullama._chat import chat_tokens
+
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": [{"type": "text", "text": "Weather today?"}]}]
+    plan = ChatPlan(tiny_model, conv, template=templates[family])
+    assert chat_tokens(tiny_model, conv, templates[family]) == plan.tokens
