@@ -18,7 +18,9 @@ each bench script of this folder and keeps what it prints:
 * ``serve.py``: ``mullama serve`` end to end against the in-process API;
 * ``contention.py``: throughput under competing CPU load (0, 1, 2 busy
   processes, another llama-bench), mullama's defaults against fixed thread
-  counts, llama-bench and llama-batched-bench.
+  counts, llama-bench and llama-batched-bench;
+* ``structured.py``: the cost per token of a JSON schema's grammar, mullama
+  against llama-server.
 
 Output goes to ``bench/results/<UTC time>/``: ``figures.jsonl`` (every line,
 tagged with its script), ``summary.md`` (one table per figure name, the
@@ -61,6 +63,7 @@ SCRIPTS: Dict[str, tuple] = {
     "load": ([], ["--rounds", "1", "--reps", "1"]),
     "serve": ([], ["--rounds", "1"]),
     "contention": ([], ["--rounds", "1", "--tokens", "24", "--cap", "5", "--steps", "12"]),
+    "structured": ([], ["--rounds", "1", "--max-tokens", "32"]),
 }
 
 

@@ -124,6 +124,10 @@ class Grammar:
             raise InvalidConfigError(f"a grammar must be a str of GBNF rules, got {type(self.text).__name__}")
         if not self.text.strip():
             raise InvalidConfigError("the grammar is empty")
+        try:
+            self.text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidConfigError(f"the grammar is not valid text: {exc.reason} at character {exc.start}") from None
         if not isinstance(self.root, str) or not self.root:
             raise InvalidConfigError(f"the grammar's root must be a rule name, got {self.root!r}")
         object.__setattr__(self, "triggers", _str_tuple("grammar trigger", self.triggers))

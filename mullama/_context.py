@@ -282,7 +282,7 @@ class Context(Owner):
         parser = plan.reply_parser()
         try:
             done = self.generate(self._keep_prefix(plan.tokens), plan.config(config or StreamConfig()))
-            parser.feed(done.text, final=True)
+            parser.feed(done.text, final=True, cut=done.finish_reason != "stop")
             return parser.completion(done)
         finally:
             parser.close()
@@ -330,8 +330,9 @@ class Context(Owner):
                 run = _Run(self, tokens, cfg, interval=STREAM_INTERVAL_S)
                 for batch in run.batches():
                     yield from parser.feed("".join(t.text for t in batch))
-                yield from parser.feed("", final=True)
-                yield ChatDelta(finish_reason=parser.completion(run.completion()).finish_reason)
+                done = run.completion()
+                yield from parser.feed("", final=True, cut=done.finish_reason != "stop")
+                yield ChatDelta(finish_reason=parser.completion(done).finish_reason)
             finally:
                 parser.close()
 

@@ -32,6 +32,8 @@ ToolChoice = Union[str, Mapping[str, Any], None]
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: the optional free text before the first call in llama.cpp's tool-call grammars (``until-12?``)
 _FREE_TEXT = re.compile(r"^(root ::= .*?)until-\d+\? ", re.M)
+#: what llama.cpp's regex_escape escapes (its trigger patterns are ECMAScript regular expressions)
+_REGEX_SPECIAL = re.compile(r"[.^$|()*+?\[\]{}\\]")
 #: one or more calls, in llama.cpp's tool-call grammars
 _MANY_CALLS = re.compile(r"^(tool-calls ::= )\(tool-call space\)\+$", re.M)
 
@@ -239,7 +241,7 @@ class ChatPlan:
                 if trig["type"] == "token":
                     tokens.append(trig["token"])
                 elif trig["type"] == "word":
-                    patterns.append(re.escape(trig["value"]))
+                    patterns.append(_REGEX_SPECIAL.sub(r"\\\g<0>", trig["value"]))
                 elif trig["type"] == "pattern_full":
                     p = trig["value"]
                     patterns.append(("" if p.startswith("^") else "^") + p + ("" if p.endswith("$") else "$"))
@@ -289,11 +291,13 @@ class ReplyParser:
         self._message: Dict[str, Any] = {"role": "assistant", "content": ""}
         self._named: set = set()
 
-    def feed(self, text: str, final: bool = False) -> List[ChatDelta]:
-        """Add *text* to the reply; the deltas it makes (with *final*, the reply is complete)."""
+    def feed(self, text: str, final: bool = False, cut: bool = False) -> List[ChatDelta]:
+        """Add *text* to the reply; the deltas it makes. *final*: the reply is
+        over; *cut*: it was cut short (max_tokens, cancelled...), so a call it
+        was writing is reported as far as it got."""
         self._text += text
         try:
-            out = json.loads(self._p.parse(self._text, not final))
+            out = json.loads(self._p.parse(self._text, not final or cut))
         except ValueError:
             if not final:
                 return []

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Literal
 
 import anyio
 import httpx
@@ -1099,3 +1099,25 @@ def test_tools_with_a_template_that_has_none_answer_400(tiny_server):
     with pytest.raises(openai.BadRequestError, match="describes no tool calls") as info:
         tiny_server.client().chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, max_tokens=8)
     assert info.value.body["param"] == "tools" and info.value.body["code"] == "chat_template"
+
+
+def test_langchain_structured_output_and_tools(tools_server):
+    """langchain-openai's with_structured_output (json_schema and function_calling) and bind_tools."""
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=tools_server.url, api_key="unused", model="tiny", temperature=0, max_tokens=300,
+                     max_retries=0)
+    for method in ("json_schema", "function_calling"):
+        out = llm.with_structured_output(Small, method=method).invoke("Give n and ok.")
+        assert isinstance(out, Small), method
+
+    class GetWeather(pydantic.BaseModel):
+        """The weather of a city."""
+
+        city: str = pydantic.Field(max_length=8)
+        unit: Literal["c", "f"]
+
+    msg = llm.bind_tools([GetWeather], tool_choice="any").invoke("What is the weather in Paris?")
+    (call,) = msg.tool_calls
+    assert call["name"] == "GetWeather" and call["id"]
+    GetWeather.model_validate(call["args"])

@@ -160,6 +160,7 @@ def test_an_invalid_schema_is_named(schema, expected):
     ({"json_schema": 3}, "must be a dict"),
     ({"grammar": 3}, "must be a str or a Grammar"),
     ({"grammar": "  "}, "empty"),
+    ({"grammar": 'root ::= "\ud800"'}, "not valid text: surrogates not allowed at character 10"),
 ])
 def test_bad_constraint_settings(kw, expected):
     with pytest.raises((InvalidConfigError, GrammarError), match=expected):

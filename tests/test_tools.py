@@ -274,3 +274,40 @@ def test_plain_chat_gives_the_same_tokens_with_either_renderer(tiny_model, templ
             {"role": "user", "content": [{"type": "text", "text": "Weather today?"}]}]
     plan = ChatPlan(tiny_model, conv, template=templates[family])
     assert chat_tokens(tiny_model, conv, templates[family]) == plan.tokens
+
+
+def test_a_call_cut_short_is_reported_as_far_as_it_got(tiny_model, templates):
+    kw = dict(template=templates["qwen2.5"], tools=TOOLS[:1], tool_choice="required")
+    full = tiny_model.chat(ASK, StreamConfig.greedy(400), **kw)
+    cut = tiny_model.chat(ASK, StreamConfig.greedy(len(full.tokens) - 6), **kw)
+    assert full.finish_reason == "tool_calls" and cut.finish_reason == "length"
+    assert [c.name for c in cut.tool_calls] == ["get_weather"]
+    content, calls, finish = assemble(tiny_model.chat_deltas(ASK, StreamConfig.greedy(len(full.tokens) - 6), **kw))
+    assert finish == "length" and [c["name"] for c in calls] == ["get_weather"]
+
+
+def test_an_auto_tool_grammar_waits_for_its_trigger(tiny_model, templates):
+    """tool_choice="auto": the grammar is lazy, free text until the template's tool-call marker, then
+    the call follows the grammar (the model "writes" the marker here: a random model never would)."""
+    from mullama._generation import new_sampler
+
+    plan = ChatPlan(tiny_model, ASK, tools=TOOLS[:1], template=templates["qwen2.5"])
+    assert plan.grammar is not None and plan.grammar.lazy and plan.grammar.triggers
+    marker = "<tool_call>\n"
+    head = tiny_model.tokenize(marker, add_bos=False, special=True)
+    sampler = new_sampler(tiny_model._core, plan.config(StreamConfig.greedy(200)))
+    try:
+        sampler.prefill(head)
+        with tiny_model.create_context(4096, threads=1) as ctx:
+            ctx.eval(plan.tokens + head)
+            status, _, pieces, _ = ctx._core.generate(sampler, 200)
+    finally:
+        sampler.close()
+    parser = plan.reply_parser()
+    try:
+        parser.feed(marker + b"".join(pieces).decode("utf-8"), final=True)
+        (call,) = parser.calls()
+    finally:
+        parser.close()
+    assert status == mullama._core.STATUS_EOG and call.name == "get_weather"
+    jsonschema.validate(json.loads(call.arguments), WEATHER)

@@ -142,13 +142,19 @@ def _cmake() -> str:
 def build(targets: tuple[str, ...] = LIB_TARGETS, src: Path = DEFAULT_DEST, tools: bool = False) -> Path:
     """Build *targets* (cached) and return the build directory.
 
-    With ``tools=True`` the tools (llama-bench, llama-batched-bench) are configured
-    too; that build is kept in its own directory so the library build stays lean.
+    With ``tools=True`` the tools (llama-bench, llama-batched-bench, llama-server)
+    are configured too; that build is kept in its own directory so the library
+    build stays lean.
     """
     src = ensure_llama_cpp(src)
     opts = cmake_options()
     opts.append(f"-DLLAMA_BUILD_TOOLS={'ON' if tools else 'OFF'}")
     opts.append("-DLLAMA_BUILD_COMMON=ON")
+    if tools:
+        # the tools build has llama-server too (bench/structured.py), without its web UI:
+        # no npm, and no download of prebuilt assets
+        opts = [o for o in opts if o != "-DLLAMA_BUILD_SERVER=OFF"]
+        opts += ["-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"]
     # a fetched tree is identified by its pin (so fresh clones share the cache);
     # a developer's own checkout by its path
     pin = src / ".mullama-pin"

@@ -135,7 +135,7 @@ class _Results:
             done = stream.completion()
             if parser is None:
                 return plain_completion(done)
-            await run_in_thread(parser.feed, done.text, True, limiter=self._threads())
+            await run_in_thread(parser.feed, done.text, True, done.finish_reason != "stop", limiter=self._threads())
             return parser.completion(done)
 
     def chat_deltas(self, messages: Sequence[Message], config: Optional[StreamConfig] = None, *,
@@ -199,9 +199,10 @@ async def chat_deltas_of(stream: TokenStream, parser: Optional[ReplyParser]) -> 
     if parser is None:
         yield ChatDelta(finish_reason=stream.completion().finish_reason)
         return
-    for d in parser.feed("", final=True):
+    done = stream.completion()
+    for d in parser.feed("", final=True, cut=done.finish_reason != "stop"):
         yield d
-    yield ChatDelta(finish_reason=parser.completion(stream.completion()).finish_reason)
+    yield ChatDelta(finish_reason=parser.completion(done).finish_reason)
 
 
 class AsyncModel(_Results, Owner):

@@ -353,7 +353,7 @@ class OpenAIApp:
         if done.finish_reason == "cancelled":  # not by us: the model was closed under it
             raise ClosedError("the server is shutting down")
         if parser is not None:
-            parser.feed(done.text, final=True)
+            parser.feed(done.text, final=True, cut=done.finish_reason != "stop")
             done = parser.completion(done)
         if req.chat:
             body = oa.chat_response(ids, done, n_prompt, self._logprobs(model, req, toks, 0))
@@ -396,7 +396,7 @@ class OpenAIApp:
         if done.finish_reason == "cancelled":  # not by us: the model was closed under it
             raise ClosedError("the server is shutting down")
         if parser is not None:
-            for d in parser.feed("", final=True):
+            for d in parser.feed("", final=True, cut=done.finish_reason != "stop"):
                 await ex.event(oa.chat_chunk(ids, oa.chat_delta(d), with_usage=usage))
             done = parser.completion(done)
         reason = oa.finish_reason(done.finish_reason)
