@@ -79,7 +79,7 @@ class LlamaServer:
         self.port = _free_port()
         self.proc = subprocess.Popen(
             [str(binary), "-m", str(model), "-c", str(n_ctx), "-t", str(THREADS), "-tb", str(THREADS), "-np", "1",
-             "--host", "127.0.0.1", "--port", str(self.port)],
+             "--flash-attn", "off", "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 120
