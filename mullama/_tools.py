@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 
 from . import _core
 from ._chat import Message, check_messages
-from ._config import Grammar, StreamConfig
+from ._config import Grammar, StreamConfig, json_schema_dict
 from ._errors import ChatTemplateError, InvalidConfigError
 from ._generation import Completion
 
@@ -119,11 +119,15 @@ def check_tools(tools: Optional[Sequence[Any]]) -> List[Dict[str, Any]]:
             raise InvalidConfigError(
                 f"tools[{i}]['function']['name'] must be 1-64 letters, digits, '_' or '-', got {name!r}")
         params = fn.get("parameters")
-        if params is not None and not isinstance(params, Mapping):
-            raise InvalidConfigError(f"tools[{i}]['function']['parameters'] must be a JSON schema (a dict)")
+        fn = dict(fn)
+        if isinstance(params, type) and hasattr(params, "model_json_schema"):  # a pydantic model class
+            fn["parameters"] = json_schema_dict(params)
+        elif params is not None and not isinstance(params, Mapping):
+            raise InvalidConfigError(
+                f"tools[{i}]['function']['parameters'] must be a JSON schema (a dict or a pydantic model class)")
         if "description" in fn and not isinstance(fn["description"], str):
             raise InvalidConfigError(f"tools[{i}]['function']['description'] must be a string")
-        out.append({"type": "function", "function": dict(fn)})
+        out.append({"type": "function", "function": fn})
     names = [t["function"]["name"] for t in out]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup is not None:

@@ -882,12 +882,15 @@ def test_examples_run(default_model_path):
 @pytest.mark.parametrize("mode", MODES)
 def test_openai_client_example(default_model_path, mode):
     root = Path(__file__).resolve().parent.parent / "examples"
-    server = start_server(default_model_path, mode, "--context-size", "512")
+    server = start_server(default_model_path, mode, "--context-size", "1024",
+                          "--chat-template-file", str(root / "chatml_tools.jinja"))
     try:
         r = subprocess.run([sys.executable, str(root / "openai_client.py"), "--url", server.url],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         assert "chat: " in r.stdout and "stream: " in r.stdout and "completion: ' the planet of Neptune" in r.stdout
+        assert "structured: name=" in r.stdout
+        assert "tool call: get_weather {'city': 'Paris'}" in r.stdout and "after the call: " in r.stdout
     finally:
         assert server.stop() == 0
 

@@ -148,6 +148,7 @@ def test_a_template_without_tool_calls_is_refused_by_name(tiny_model):
     ({"tools": [{"type": "code_interpreter"}]}, r"tools\[0\] must be"),
     ({"tools": [TOOLS[0], TOOLS[0]]}, "two tools are named 'get_weather'"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": 3}}]}, "must be a JSON schema"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "description": 3}}]}, "description'\\] must be a str"),
     ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice must be"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not among the tools"),
     ({"tool_choice": "required"}, "need tools"),
@@ -177,6 +178,8 @@ def test_template_kwargs_reach_both_renderers(tiny_model, llama_cpp_dir):
     with tiny_model.create_context(512, threads=1) as ctx:
         toks = ctx.chat_prompt(ASK, docs_template, {"documents": [{"title": "A"}, {"title": "B"}]})
     assert "[doc A][doc B]" in tiny_model.detokenize(toks)
+    docs = ChatPlan(tiny_model, ASK, template=docs_template, chat_template_kwargs={"documents": [{"title": "C"}]})
+    assert docs.prompt.startswith("[doc C]")
     qwen3 = (llama_cpp_dir / "models" / "templates" / "Qwen-Qwen3-0.6B.jinja").read_text()
     off = ChatPlan(tiny_model, ASK, tools=TOOLS, template=qwen3, chat_template_kwargs={"enable_thinking": False})
     on = ChatPlan(tiny_model, ASK, tools=TOOLS, template=qwen3)
@@ -311,3 +314,16 @@ def test_an_auto_tool_grammar_waits_for_its_trigger(tiny_model, templates):
         parser.close()
     assert status == mullama._core.STATUS_EOG and call.name == "get_weather"
     jsonschema.validate(json.loads(call.arguments), WEATHER)
+
+
+def test_a_pydantic_model_is_a_tool_s_parameters(tiny_model, templates):
+    import pydantic
+
+    class Weather(pydantic.BaseModel):
+        city: str = pydantic.Field(max_length=6)
+        days: int = pydantic.Field(ge=1, le=7)
+
+    tool = {"type": "function", "function": {"name": "forecast", "parameters": Weather}}
+    c = tiny_model.chat(ASK, StreamConfig.greedy(300), template=templates["qwen2.5"], tools=[tool],
+                        tool_choice="required")
+    Weather.model_validate_json(c.tool_calls[0].arguments)
