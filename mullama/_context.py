@@ -341,17 +341,10 @@ class Context(Owner):
     def _plan(self, messages: Sequence["Message"], template: Optional[str], tools: Optional[Sequence[Any]],
               tool_choice: "ToolChoice", parallel_tool_calls: Optional[bool],
               kwargs: Optional[Mapping[str, Any]]) -> "Optional[ChatPlan]":
-        """The llama.cpp chat-library plan of a chat with tools, None for plain chat."""
-        from ._chat import check_messages
-        from ._tools import ChatPlan, uses_tools
+        from ._tools import plan_chat
 
-        msgs = check_messages(messages)
-        if not uses_tools(msgs, tools):
-            if tool_choice is not None or parallel_tool_calls is not None:
-                raise InvalidConfigError("tool_choice and parallel_tool_calls need tools")
-            return None
-        return ChatPlan(self._model, msgs, tools=tools, tool_choice=tool_choice,
-                        parallel_tool_calls=parallel_tool_calls, template=template, chat_template_kwargs=kwargs)
+        return plan_chat(self._model, messages, template, tools=tools, tool_choice=tool_choice,
+                         parallel_tool_calls=parallel_tool_calls, chat_template_kwargs=kwargs)
 
     def chat_prompt(self, messages: Sequence["Message"], template: Optional[str] = None,
                     chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> List[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import threading
@@ -13,7 +14,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Mapping, Option
 from . import _core
 from ._config import StreamConfig, check_int, resolve_threads, token_list
 from ._context import Context
-from ._errors import ChatTemplateError, ClosedError, InvalidConfigError, InvalidModelError, ModelNotFoundError
+from ._errors import (ChatTemplateError, ClosedError, InvalidConfigError, InvalidModelError, ModelNotFoundError,
+                      MullamaError)
 from ._generation import Completion, TokenData
 from ._gguf import GGUFInfo, read_gguf
 from ._memory import KVLayout, check_memory, kv_layout
@@ -107,6 +109,7 @@ class Model(Owner):
         #: llama.cpp's chat library's templates, by override ("" for the model's own); one rendering at a time
         self._templates: "dict[str, _core.ChatTemplates]" = {}
         self._templates_lock = threading.Lock()
+        self._thinking: "dict[str, bool]" = {}  # _template_thinks, by template
 
     @classmethod
     def load(
@@ -154,6 +157,28 @@ class Model(Owner):
                 t.close()
             self._templates.clear()
         self._core.close()
+
+    def _template_thinks(self, template: Optional[str]) -> bool:
+        """Whether *template* (default: the model's own) lets the model think
+        (``<think>``...), as llama.cpp's chat library finds; known once per template."""
+        from ._chat import _builtin_names
+
+        key = template or ""
+        thinks = self._thinking.get(key)
+        if thinks is None:
+            if (template is None and not self.info.chat_template) or (
+                    template in _builtin_names() and template != "chatml"):
+                thinks = False  # no Jinja source: plain chat says why, or a built-in format
+            else:
+                try:
+                    probe = json.dumps({"messages": [{"role": "user", "content": "Hi"}]})
+                    thinks = bool(json.loads(self._render_with_tools(template, probe))["supports_thinking"])
+                except MullamaError:
+                    thinks = False  # a template llama.cpp's library cannot render stays on the Jinja renderer
+            if len(self._thinking) >= 64:
+                self._thinking.clear()
+            self._thinking[key] = thinks
+        return thinks
 
     def _render_with_tools(self, template: Optional[str], request_json: str) -> str:
         """Render a chat request with llama.cpp's chat library (see _tools.ChatPlan)."""
@@ -353,7 +378,7 @@ class Model(Owner):
                    context_size: Optional[int], kw: "dict[str, Any]") -> int:
         """The context size of a one-off chat: its prompt plus max_tokens (at most the training size)."""
         from ._chat import chat_tokens, check_messages
-        from ._tools import ChatPlan, uses_tools
+        from ._tools import plan_chat
 
         if self._core.closed:
             raise ClosedError("the model is closed")
@@ -362,12 +387,8 @@ class Model(Owner):
         if config is not None and not isinstance(config, StreamConfig):
             raise InvalidConfigError(f"config must be a StreamConfig, got {type(config).__name__}")
         msgs = check_messages(messages)
-        if uses_tools(msgs, kw["tools"]):
-            n = len(ChatPlan(self, msgs, tools=kw["tools"], tool_choice=kw["tool_choice"],
-                             parallel_tool_calls=kw["parallel_tool_calls"], template=kw["template"],
-                             chat_template_kwargs=kw["chat_template_kwargs"]).tokens)
-        else:
-            n = len(chat_tokens(self, msgs, kw["template"], kw["chat_template_kwargs"]))
+        plan = plan_chat(self, msgs, **kw)
+        n = len(plan.tokens if plan is not None else chat_tokens(self, msgs, kw["template"], kw["chat_template_kwargs"]))
         max_tokens = config.max_tokens if config is not None else StreamConfig.max_tokens
         return min(n + max_tokens, self.info.n_ctx_train or (1 << 24))
 

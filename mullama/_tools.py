@@ -25,7 +25,7 @@ from ._generation import Completion
 if TYPE_CHECKING:
     from ._model import Model
 
-__all__ = ["ToolCall", "ToolCallDelta", "ChatDelta", "ChatCompletion", "ChatPlan", "ReplyParser", "uses_tools"]
+__all__ = ["ToolCall", "ToolCallDelta", "ChatDelta", "ChatCompletion", "ChatPlan", "ReplyParser", "plan_chat"]
 
 ToolChoice = Union[str, Mapping[str, Any], None]
 
@@ -96,9 +96,26 @@ class ChatCompletion(Completion):
 
 
 def uses_tools(messages: Sequence[Mapping[str, Any]], tools: Optional[Sequence[Any]]) -> bool:
-    """Whether a chat goes through llama.cpp's chat library: it offers tools, or
-    its history holds tool calls or tool results."""
+    """Whether a chat offers tools, or its history holds tool calls or tool results."""
     return bool(tools) or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
+
+
+def plan_chat(model: "Model", messages: Sequence[Message], template: Optional[str] = None, *,
+              tools: Optional[Sequence[Any]] = None, tool_choice: ToolChoice = None,
+              parallel_tool_calls: Optional[bool] = None,
+              chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> "Optional[ChatPlan]":
+    """The one place that decides a chat's renderer: llama.cpp's chat library (a
+    :class:`ChatPlan`) for a chat with tools, tool calls or tool results, or whose
+    template thinks (its reply's reasoning is split off); ``None`` for plain chat,
+    which the sandboxed Jinja renderer formats. Renders: call it off the event loop."""
+    msgs = check_messages(messages)
+    if not uses_tools(msgs, tools):
+        if tool_choice is not None or parallel_tool_calls is not None:
+            raise InvalidConfigError("tool_choice and parallel_tool_calls need tools")
+        if not model._template_thinks(template):
+            return None
+    return ChatPlan(model, msgs, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
+                    template=template, chat_template_kwargs=chat_template_kwargs)
 
 
 def check_tools(tools: Optional[Sequence[Any]]) -> List[Dict[str, Any]]:

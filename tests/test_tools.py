@@ -327,3 +327,16 @@ def test_a_pydantic_model_is_a_tool_s_parameters(tiny_model, templates):
     c = tiny_model.chat(ASK, StreamConfig.greedy(300), template=templates["qwen2.5"], tools=[tool],
                         tool_choice="required")
     Weather.model_validate_json(c.tool_calls[0].arguments)
+
+
+def test_a_thinking_template_goes_through_llama_cpp_s_library(tiny_model, templates, llama_cpp_dir):
+    """Plain chat with a template that lets the model think is rendered and parsed by llama.cpp's
+    chat library, as llama-server does, so the thinking comes back as reasoning_content."""
+    from mullama._tools import plan_chat
+
+    qwen3 = (llama_cpp_dir / "models" / "templates" / "Qwen-Qwen3-0.6B.jinja").read_text()
+    assert plan_chat(tiny_model, ASK, qwen3) is not None
+    assert plan_chat(tiny_model, ASK, templates["qwen2.5"]) is None
+    assert plan_chat(tiny_model, ASK, "chatml") is None and plan_chat(tiny_model, ASK, None) is None
+    c = tiny_model.chat(ASK, StreamConfig.greedy(16), template=qwen3)
+    assert c.tool_calls == () and c.finish_reason == "length" and c.content == c.text.strip()

@@ -19,7 +19,7 @@ from .._chat import Message, chat_tokens, check_messages
 from .._config import StreamConfig, check_int, resolve_threads, token_list
 from .._context import Context, Prompt, ThreadStats
 from .._generation import Completion
-from .._tools import ChatCompletion, ChatDelta, ChatPlan, ReplyParser, plain_completion, uses_tools
+from .._tools import ChatCompletion, ChatDelta, ChatPlan, ReplyParser, plain_completion, plan_chat
 from .._errors import InvalidConfigError
 from .._engine import MAX_SEQUENCES, Engine
 from .._model import Model, ModelInfo
@@ -162,14 +162,9 @@ class ToolArgs:
     chat_template_kwargs: Optional[Mapping[str, Any]] = None
 
     def plan(self, model: Model, messages: Sequence[Message], template: Optional[str]) -> Optional[ChatPlan]:
-        """The llama.cpp chat-library plan of the request, None for plain chat (renders: run it on a worker)."""
-        if not uses_tools(messages, self.tools):
-            if self.tool_choice is not None or self.parallel_tool_calls is not None:
-                raise InvalidConfigError("tool_choice and parallel_tool_calls need tools")
-            return None
-        return ChatPlan(model, messages, tools=self.tools, tool_choice=self.tool_choice,
-                        parallel_tool_calls=self.parallel_tool_calls, template=template,
-                        chat_template_kwargs=self.chat_template_kwargs)
+        """The request's llama.cpp chat-library plan, None for plain chat (renders: run it on a worker)."""
+        return plan_chat(model, messages, template, tools=self.tools, tool_choice=self.tool_choice,
+                         parallel_tool_calls=self.parallel_tool_calls, chat_template_kwargs=self.chat_template_kwargs)
 
 
 @asynccontextmanager
@@ -462,15 +457,15 @@ class AsyncModel(_Results, Owner):
     async def plan_chat(self, messages: Sequence[Message], *, template: Optional[str] = None,
                         tools: Optional[Sequence[Any]] = None, tool_choice: "ToolChoice" = None,
                         parallel_tool_calls: Optional[bool] = None,
-                        chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> ChatPlan:
-        """Render a chat with tools with llama.cpp's chat library (on a worker
-        thread): the prompt's tokens, the tool-call grammar and the reply parser
-        (what :meth:`chat` does before generating; the server's building block)."""
+                        chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> Optional[ChatPlan]:
+        """How :meth:`chat` renders *messages* (on a worker thread): a plan from
+        llama.cpp's chat library (the prompt's tokens, the tool-call grammar, the
+        reply parser) for a chat with tools or a thinking template, ``None`` for
+        plain chat (:meth:`tokenize_chat`). The server's building block."""
         check_open(self._closed, "AsyncModel")
         messages = check_messages(messages)
-        plan = functools.partial(ChatPlan, self._model, messages, tools=tools, tool_choice=tool_choice,
-                                 parallel_tool_calls=parallel_tool_calls, template=template,
-                                 chat_template_kwargs=chat_template_kwargs)
+        plan = functools.partial(plan_chat, self._model, messages, template, tools=tools, tool_choice=tool_choice,
+                                 parallel_tool_calls=parallel_tool_calls, chat_template_kwargs=chat_template_kwargs)
         return await run_in_thread(plan, limiter=self._threads())
 
     async def detokenize(self, tokens: Sequence[int]) -> str:

@@ -235,7 +235,7 @@ class OpenAIApp:
         self._check_model_name(req.model)
         model = self._ready()
         async with cancel_on_disconnect(ex) as watch:
-            plan = await self._plan(model, req) if req.uses_tools else None
+            plan = await self._plan(model, req) if req.chat else None
             tokens = plan.tokens if plan is not None else await self._prompt_tokens(model, req)
             if req.sampling.get("frequency_penalty") or req.sampling.get("presence_penalty"):
                 # OpenAI's penalties count every token so far, not only the last 64
@@ -292,8 +292,8 @@ class OpenAIApp:
         if watch.disconnected:
             raise Disconnected()
 
-    async def _plan(self, model: AsyncModel, req: oa.GenerationRequest) -> ChatPlan:
-        """A chat with tools, rendered by llama.cpp's chat library."""
+    async def _plan(self, model: AsyncModel, req: oa.GenerationRequest) -> Optional[ChatPlan]:
+        """A chat with tools (or a thinking template) rendered by llama.cpp's chat library; None for plain chat."""
         try:
             return await model.plan_chat(req.messages or [], template=self.chat_template, tools=req.tools,
                                          tool_choice=req.tool_choice, parallel_tool_calls=req.parallel_tool_calls,

@@ -17,7 +17,7 @@ from .. import __version__
 from .._chat import check_messages
 from .._config import StreamConfig
 from .._generation import Completion, TokenData
-from .._tools import ChatCompletion, ChatDelta, check_tools, uses_tools
+from .._tools import ChatCompletion, ChatDelta, check_tools
 from .._errors import GrammarError, InvalidConfigError, MullamaError
 
 __all__ = ["ApiError", "GenerationRequest", "parse_request", "finish_reason"]
@@ -65,11 +65,6 @@ class GenerationRequest:
     tool_choice: Any = None
     parallel_tool_calls: Optional[bool] = None
     chat_template_kwargs: Optional[Dict[str, Any]] = None
-
-    @property
-    def uses_tools(self) -> bool:
-        """Rendered by llama.cpp's chat library: tools offered, or tool calls in the history."""
-        return self.chat and uses_tools(self.messages or [], self.tools)
 
     def config(self, max_tokens: int) -> StreamConfig:
         return StreamConfig(max_tokens=max_tokens, include_probabilities=self.logprobs, **self.sampling)
