@@ -26,6 +26,9 @@ SERVER_KEEP_ALIVE_TIMEOUT_S = 5.0
 MAX_STOP_STRINGS = 64
 #: most bytes (UTF-8) of all stop strings together
 MAX_STOP_BYTES = 8192
+#: most bytes of a JSON schema (as JSON): llama.cpp's converter takes more than a
+#: second on a schema of 1,000 properties (68 KB), and the time grows faster than the size
+MAX_SCHEMA_BYTES = 64 * 1024
 
 
 def default_threads() -> int:
@@ -205,8 +208,9 @@ class StreamConfig:
     stop: Tuple[str, ...] = field(default=())
     include_probabilities: bool = False
     grammar: Optional[Grammar] = None
-    json_schema: Optional[Any] = None
-    response_format: Optional[Mapping[str, Any]] = None
+    # (dicts: left out of the hash; equal configs still compare equal)
+    json_schema: Optional[Any] = field(default=None, hash=False)
+    response_format: Optional[Mapping[str, Any]] = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         check_int("max_tokens", self.max_tokens, minimum=1, maximum=_I32_MAX)
@@ -228,15 +232,17 @@ class StreamConfig:
             object.__setattr__(self, "grammar", Grammar(self.grammar))
         elif self.grammar is not None and not isinstance(self.grammar, Grammar):
             raise InvalidConfigError(f"grammar must be a str or a Grammar, got {type(self.grammar).__name__}")
+        schema: Optional[Dict[str, Any]] = None
+        if self.response_format is not None:
+            schema = response_format_schema(self.response_format)
+            if schema is None:  # {"type": "text"}: no constraint
+                object.__setattr__(self, "response_format", None)
         given = [n for n in ("grammar", "json_schema", "response_format") if getattr(self, n) is not None]
         if len(given) > 1:
             raise InvalidConfigError(f"give at most one of grammar, json_schema and response_format, got {given}")
-        schema: Optional[Dict[str, Any]] = None
         if self.json_schema is not None:
             schema = json_schema_dict(self.json_schema)
             object.__setattr__(self, "json_schema", schema)
-        elif self.response_format is not None:
-            schema = response_format_schema(self.response_format)
         constraint = self.grammar if schema is None else Grammar(schema_grammar(_json_text(schema)))
         object.__setattr__(self, "_constraint", constraint)
 
@@ -288,7 +294,7 @@ def response_format_schema(fmt: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
     if kind == "text":
         return None
     if kind == "json_object":
-        return json_schema_dict(fmt.get("schema") or {})
+        return json_schema_dict({} if fmt.get("schema") is None else fmt["schema"])
     if kind == "json_schema":
         inner = fmt.get("json_schema")
         if inner is None and "schema" in fmt:  # llama.cpp's shorthand
@@ -305,9 +311,48 @@ def _json_text(schema: Mapping[str, Any]) -> str:
     import json
 
     try:
-        return json.dumps(schema, allow_nan=False)
-    except (TypeError, ValueError) as e:
+        text = json.dumps(schema, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as e:
         raise GrammarError(f"the JSON schema cannot be written as JSON: {e}") from None
+    if len(text) > MAX_SCHEMA_BYTES:
+        raise GrammarError(f"the JSON schema is {len(text)} bytes as JSON; at most {MAX_SCHEMA_BYTES} are allowed "
+                           "(llama.cpp's converter takes seconds on schemas this large)")
+    try:
+        _check_bounds(schema, "#")
+    except RecursionError:
+        raise GrammarError("the JSON schema is nested too deeply") from None
+    return text
+
+
+_BOUNDS = (("minLength", "maxLength"), ("minItems", "maxItems"), ("minProperties", "maxProperties"),
+           ("minimum", "maximum"))
+
+
+def _check_bounds(schema: Any, path: str) -> None:
+    """A schema whose minimum is above its maximum allows nothing: named here, with its path."""
+    if isinstance(schema, Mapping):
+        for lo, hi in _BOUNDS:
+            a, b = schema.get(lo), schema.get(hi)
+            if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \
+                    and not isinstance(b, bool) and a > b:
+                raise GrammarError(f"JSON schema error at {path}: {lo} {a} is above {hi} {b}")
+        for key, value in schema.items():
+            _check_bounds(value, f"{path}/{key}")
+    elif isinstance(schema, list):
+        for i, value in enumerate(schema):
+            _check_bounds(value, f"{path}/{i}")
+
+
+def check_constraint(name: str, value: Any) -> None:
+    """Check a ``response_format``, ``json_schema`` or ``grammar`` value the quick way:
+    its shape, not yet its conversion to a grammar (which StreamConfig does)."""
+    if name == "grammar":
+        if not isinstance(value, Grammar):
+            Grammar(value)
+        return
+    schema = response_format_schema(value) if name == "response_format" else json_schema_dict(value)
+    if schema is not None:
+        _json_text(schema)
 
 
 @lru_cache(maxsize=128)

@@ -274,18 +274,9 @@ class Context(Owner):
             A :class:`ChatCompletion`: ``content``, ``reasoning_content``,
             ``tool_calls`` and everything a :class:`Completion` has.
         """
-        from ._tools import plain_completion
-
-        plan = self._plan(messages, template, tools, tool_choice, parallel_tool_calls, chat_template_kwargs)
-        if plan is None:
-            return plain_completion(self.generate(self.chat_prompt(messages, template, chat_template_kwargs), config))
-        parser = plan.reply_parser()
-        try:
-            done = self.generate(self._keep_prefix(plan.tokens), plan.config(config or StreamConfig()))
-            parser.feed(done.text, final=True, cut=done.finish_reason != "stop")
-            return parser.completion(done)
-        finally:
-            parser.close()
+        prepared = self._prepare(messages, config, template, tools, tool_choice, parallel_tool_calls,
+                                 chat_template_kwargs)
+        return self._complete(*prepared)
 
     def chat_stream(self, messages: Sequence["Message"], config: Optional[StreamConfig] = None, *,
                     template: Optional[str] = None, tools: Optional[Sequence[Any]] = None,
@@ -293,10 +284,9 @@ class Context(Owner):
                     chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> Iterator[TokenData]:
         """Like :meth:`chat`, yielding the tokens of the answer as they come
         (:meth:`chat_deltas` yields them parsed into content and tool calls)."""
-        plan = self._plan(messages, template, tools, tool_choice, parallel_tool_calls, chat_template_kwargs)
-        if plan is None:
-            return self.stream(self.chat_prompt(messages, template, chat_template_kwargs), config)
-        return self.stream(self._keep_prefix(plan.tokens), plan.config(config or StreamConfig()))
+        tokens, cfg, _ = self._prepare(messages, config, template, tools, tool_choice, parallel_tool_calls,
+                                       chat_template_kwargs)
+        return self.stream(self._keep_prefix(tokens), cfg)
 
     def chat_deltas(self, messages: Sequence["Message"], config: Optional[StreamConfig] = None, *,
                     template: Optional[str] = None, tools: Optional[Sequence[Any]] = None,
@@ -306,45 +296,60 @@ class Context(Owner):
         they come: text of ``content`` and ``reasoning_content``, and tool calls
         (each call's id and name once, then pieces of its arguments), in the
         order a client assembles them. The last delta has ``finish_reason``."""
-        from ._tools import ChatDelta
+        tokens, cfg, plan = self._prepare(messages, config, template, tools, tool_choice, parallel_tool_calls,
+                                          chat_template_kwargs)
+        return self._deltas(self._keep_prefix(tokens), cfg, plan)
 
-        plan = self._plan(messages, template, tools, tool_choice, parallel_tool_calls, chat_template_kwargs)
-        if plan is None:
-            tokens = self.chat_prompt(messages, template, chat_template_kwargs)
-            run = _Run(self, tokens, config, interval=STREAM_INTERVAL_S)
-
-            def plain() -> Iterator[ChatDelta]:
-                for batch in run.batches():
-                    text = "".join(t.text for t in batch)
-                    if text:
-                        yield ChatDelta(content=text)
-                yield ChatDelta(finish_reason=run.completion().finish_reason)
-
-            return plain()
-        cfg = plan.config(config or StreamConfig())
-        tokens = self._keep_prefix(plan.tokens)
-
-        def parsed() -> Iterator[ChatDelta]:
-            parser = plan.reply_parser()
-            try:
-                run = _Run(self, tokens, cfg, interval=STREAM_INTERVAL_S)
-                for batch in run.batches():
-                    yield from parser.feed("".join(t.text for t in batch))
-                done = run.completion()
-                yield from parser.feed("", final=True, cut=done.finish_reason != "stop")
-                yield ChatDelta(finish_reason=parser.completion(done).finish_reason)
-            finally:
-                parser.close()
-
-        return parsed()
-
-    def _plan(self, messages: Sequence["Message"], template: Optional[str], tools: Optional[Sequence[Any]],
-              tool_choice: "ToolChoice", parallel_tool_calls: Optional[bool],
-              kwargs: Optional[Mapping[str, Any]]) -> "Optional[ChatPlan]":
+    def _prepare(self, messages: Sequence["Message"], config: Optional[StreamConfig], template: Optional[str],
+                 tools: Optional[Sequence[Any]], tool_choice: "ToolChoice", parallel_tool_calls: Optional[bool],
+                 kwargs: Optional[Mapping[str, Any]]) -> "tuple[List[int], Optional[StreamConfig], Optional[ChatPlan]]":
+        """A chat's whole prompt, its config and its llama.cpp chat-library plan (None for plain chat)."""
+        from ._chat import chat_tokens
         from ._tools import plan_chat
 
-        return plan_chat(self._model, messages, template, tools=tools, tool_choice=tool_choice,
+        plan = plan_chat(self._model, messages, template, tools=tools, tool_choice=tool_choice,
                          parallel_tool_calls=parallel_tool_calls, chat_template_kwargs=kwargs)
+        if plan is None:
+            return chat_tokens(self._model, messages, template, kwargs), config, None
+        return plan.tokens, plan.config(config if config is not None else StreamConfig()), plan
+
+    def _complete(self, tokens: List[int], config: Optional[StreamConfig],
+                  plan: "Optional[ChatPlan]") -> "ChatCompletion":
+        """Generate a prepared chat's reply (keeping the prefix the context shares) and parse it."""
+        from ._tools import plain_completion
+
+        done = self.generate(self._keep_prefix(tokens), config)
+        if plan is None:
+            return plain_completion(done)
+        parser = plan.reply_parser()
+        try:
+            parser.feed(done.text, final=True, cut=done.finish_reason != "stop")
+            return parser.completion(done)
+        finally:
+            parser.close()
+
+    def _deltas(self, tokens: List[int], config: Optional[StreamConfig],
+                plan: "Optional[ChatPlan]") -> Iterator["ChatDelta"]:
+        """The ChatDelta pieces of generating from *tokens* (the part the context does not hold yet)."""
+        from ._tools import ChatDelta
+
+        run = _Run(self, tokens, config, interval=STREAM_INTERVAL_S)
+        if plan is None:
+            for batch in run.batches():
+                text = "".join(t.text for t in batch)
+                if text:
+                    yield ChatDelta(content=text)
+            yield ChatDelta(finish_reason=run.completion().finish_reason)
+            return
+        parser = plan.reply_parser()
+        try:
+            for batch in run.batches():
+                yield from parser.feed("".join(t.text for t in batch))
+            done = run.completion()
+            yield from parser.feed("", final=True, cut=done.finish_reason != "stop")
+            yield ChatDelta(finish_reason=parser.completion(done).finish_reason)
+        finally:
+            parser.close()
 
     def chat_prompt(self, messages: Sequence["Message"], template: Optional[str] = None,
                     chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> List[int]:

@@ -633,8 +633,11 @@ cdef class SamplerChain:
         start of a reply a chat template already wrote). GrammarError if the
         grammar refuses them."""
         cdef vector[llama_token] toks = tokens
+        if self.s == NULL:
+            raise _errors.ClosedError("the sampler is closed")
         if self.s.grammar != NULL and not grammar_prefill(self.s, toks.data(), <int>toks.size()):
-            raise _errors.GrammarError("the grammar does not accept the start of the reply the template wrote")
+            raise _errors.GrammarError(
+                "the grammar refuses its prefill tokens (the start of the reply it is fed before generating)")
 
     def close(self):
         if self.s != NULL:

@@ -330,10 +330,10 @@ class Model(Owner):
         *context_size*) is created and freed. To keep a conversation's KV cache
         between turns, use :meth:`Context.chat`.
         """
-        kw = dict(template=template, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
-                  chat_template_kwargs=chat_template_kwargs)
-        with self.create_context(context_size=self._chat_size(messages, config, context_size, kw)) as ctx:
-            return ctx.chat(messages, config, **kw)  # type: ignore[arg-type]
+        prepared = self._prepare_chat(messages, config, template, tools, tool_choice, parallel_tool_calls,
+                                      chat_template_kwargs)
+        with self.create_context(context_size=self._chat_size(prepared, context_size)) as ctx:
+            return ctx._complete(*prepared)
 
     def chat_stream(self, messages: Sequence["Message"], config: Optional[StreamConfig] = None, *,
                     template: Optional[str] = None, context_size: Optional[int] = None,
@@ -345,9 +345,15 @@ class Model(Owner):
         The messages are checked and formatted at the call; the context lives
         until the iterator is exhausted or closed.
         """
-        kw = dict(template=template, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
-                  chat_template_kwargs=chat_template_kwargs)
-        return self._in_context(messages, config, context_size, kw, "chat_stream")
+        prepared = self._prepare_chat(messages, config, template, tools, tool_choice, parallel_tool_calls,
+                                      chat_template_kwargs)
+        size = self._chat_size(prepared, context_size)
+
+        def run() -> Iterator["TokenData"]:
+            with self.create_context(context_size=size) as ctx:
+                yield from ctx.stream(prepared[0], prepared[1])
+
+        return run()
 
     def chat_deltas(self, messages: Sequence["Message"], config: Optional[StreamConfig] = None, *,
                     template: Optional[str] = None, context_size: Optional[int] = None,
@@ -355,42 +361,41 @@ class Model(Owner):
                     parallel_tool_calls: Optional[bool] = None,
                     chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> Iterator["ChatDelta"]:
         """Like :meth:`chat`, yielding :class:`ChatDelta` pieces (see :meth:`Context.chat_deltas`)."""
-        kw = dict(template=template, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
-                  chat_template_kwargs=chat_template_kwargs)
-        return self._in_context(messages, config, context_size, kw, "chat_deltas")
+        prepared = self._prepare_chat(messages, config, template, tools, tool_choice, parallel_tool_calls,
+                                      chat_template_kwargs)
+        size = self._chat_size(prepared, context_size)
 
-    def _in_context(self, messages: Sequence["Message"], config: Optional[StreamConfig],
-                    context_size: Optional[int], kw: "dict[str, Any]", method: str) -> Iterator[Any]:
-        ctx = self.create_context(context_size=self._chat_size(messages, config, context_size, kw))
-        try:
-            it = getattr(ctx, method)(messages, config, **kw)  # checked and formatted now
-        except BaseException:
-            ctx.close()
-            raise
-
-        def run() -> Iterator[Any]:
-            with ctx:
-                yield from it
+        def run() -> Iterator["ChatDelta"]:
+            with self.create_context(context_size=size) as ctx:
+                yield from ctx._deltas(*prepared)
 
         return run()
 
-    def _chat_size(self, messages: Sequence["Message"], config: Optional[StreamConfig],
-                   context_size: Optional[int], kw: "dict[str, Any]") -> int:
-        """The context size of a one-off chat: its prompt plus max_tokens (at most the training size)."""
-        from ._chat import chat_tokens, check_messages
+    def _prepare_chat(self, messages: Sequence["Message"], config: Optional[StreamConfig], template: Optional[str],
+                      tools: Optional[Sequence[Any]], tool_choice: "ToolChoice", parallel_tool_calls: Optional[bool],
+                      kwargs: Optional[Mapping[str, Any]]) -> "tuple[List[int], Optional[StreamConfig], Any]":
+        """A one-off chat's prompt, config and plan, made at the call (see Context._prepare)."""
+        from ._chat import chat_tokens
         from ._tools import plan_chat
 
         if self._core.closed:
             raise ClosedError("the model is closed")
-        if context_size is not None:
-            return context_size
         if config is not None and not isinstance(config, StreamConfig):
             raise InvalidConfigError(f"config must be a StreamConfig, got {type(config).__name__}")
-        msgs = check_messages(messages)
-        plan = plan_chat(self, msgs, **kw)
-        n = len(plan.tokens if plan is not None else chat_tokens(self, msgs, kw["template"], kw["chat_template_kwargs"]))
+        plan = plan_chat(self, messages, template, tools=tools, tool_choice=tool_choice,
+                         parallel_tool_calls=parallel_tool_calls, chat_template_kwargs=kwargs)
+        if plan is None:
+            return chat_tokens(self, messages, template, kwargs), config, None
+        return plan.tokens, plan.config(config if config is not None else StreamConfig()), plan
+
+    def _chat_size(self, prepared: "tuple[List[int], Optional[StreamConfig], Any]",
+                   context_size: Optional[int]) -> int:
+        """The context size of a one-off chat: its prompt plus max_tokens (at most the training size)."""
+        if context_size is not None:
+            return context_size
+        tokens, config = prepared[0], prepared[1]
         max_tokens = config.max_tokens if config is not None else StreamConfig.max_tokens
-        return min(n + max_tokens, self.info.n_ctx_train or (1 << 24))
+        return min(len(tokens) + max_tokens, self.info.n_ctx_train or (1 << 24))
 
     # -- contexts -----------------------------------------------------------------
 

@@ -196,6 +196,12 @@ inline bool grammar_prefill(Sampling * s, const llama_token * tokens, int n) noe
     try {
         Utf8 u;
         for (int i = 0; i < n; i++) {
+            // a token the grammar refuses is not accepted: accepting an end-of-generation
+            // token the grammar cannot end on aborts the process
+            llama_token_data one = {tokens[i], 1.0f, 0.0f};
+            llama_token_data_array arr = {&one, 1, -1, false};
+            llama_sampler_apply(s->grammar, &arr);
+            if (one.logit == -INFINITY) return false;
             llama_sampler_accept(s->grammar, tokens[i]);
             if (utf8_after(s, tokens[i], &u)) s->utf8 = u;
         }
@@ -205,10 +211,84 @@ inline bool grammar_prefill(Sampling * s, const llama_token * tokens, int n) noe
     }
 }
 
+// most nesting of groups, and most rules, a grammar may have: llama.cpp parses and
+// walks grammars recursively, and deeper ones overflow the stack
+static const int MAX_GRAMMAR_DEPTH = 500;
+static const long MAX_GRAMMAR_RULES = 10000;
+// most repetitions of one item ({m,n}): each is a rule of its own
+static const unsigned long long MAX_GRAMMAR_REPEAT = 100000;
+
+// What llama.cpp's parser would choke on rather than refuse (a repetition {m,n}
+// with m > n wraps around and allocates until memory runs out; deep nesting or a
+// long chain of rules overflows the stack): "" if none, else the problem and
+// where (*offset). A lexical scan outside literals, classes, token references
+// and comments; the parser checks the rest.
+inline std::string grammar_limits(const std::string & src, long * offset) {
+    int depth = 0;
+    long rules = 0;
+    const size_t n = src.size();
+    for (size_t i = 0; i < n; i++) {
+        const char c = src[i];
+        if (c == '#') {
+            while (i < n && src[i] != '\n' && src[i] != '\r') i++;
+        } else if (c == '"' || c == '[' || c == '<') {
+            const char end = c == '"' ? '"' : c == '[' ? ']' : '>';
+            for (i++; i < n && src[i] != end; i++) {
+                if (src[i] == '\\' && c != '<') i++;
+            }
+        } else if (c == '(') {
+            if (++depth > MAX_GRAMMAR_DEPTH) {
+                *offset = (long) i;
+                return "groups nested more than " + std::to_string(MAX_GRAMMAR_DEPTH) + " levels deep";
+            }
+        } else if (c == ')') {
+            depth--;
+        } else if (c == ':' && src.compare(i, 3, "::=") == 0) {
+            if (++rules > MAX_GRAMMAR_RULES) {
+                *offset = (long) i;
+                return "more than " + std::to_string(MAX_GRAMMAR_RULES) + " rules";
+            }
+        } else if (c == '{') {
+            size_t j = i + 1;
+            unsigned long long lo = 0, hi = 0;
+            bool has_lo = false, has_hi = false, comma = false;
+            while (j < n && (src[j] == ' ' || src[j] == '\t')) j++;
+            for (; j < n && src[j] >= '0' && src[j] <= '9'; j++) {
+                lo = std::min(lo * 10 + (unsigned) (src[j] - '0'), MAX_GRAMMAR_REPEAT + 1);
+                has_lo = true;
+            }
+            while (j < n && (src[j] == ' ' || src[j] == '\t')) j++;
+            if (j < n && src[j] == ',') {
+                comma = true;
+                for (j++; j < n && (src[j] == ' ' || src[j] == '\t'); j++) {}
+                for (; j < n && src[j] >= '0' && src[j] <= '9'; j++) {
+                    hi = std::min(hi * 10 + (unsigned) (src[j] - '0'), MAX_GRAMMAR_REPEAT + 1);
+                    has_hi = true;
+                }
+            }
+            if (!has_lo) continue;  // the parser names the syntax error
+            if (lo > MAX_GRAMMAR_REPEAT || hi > MAX_GRAMMAR_REPEAT) {
+                *offset = (long) i;
+                return "a repetition of more than " + std::to_string(MAX_GRAMMAR_REPEAT) + " times";
+            }
+            if (comma && has_hi && lo > hi) {
+                *offset = (long) i;
+                return "repetition {" + std::to_string(lo) + "," + std::to_string(hi) +
+                       "}: the minimum is above the maximum";
+            }
+        }
+    }
+    return "";
+}
+
 // The syntax error of a GBNF grammar ("" if it parses), found by llama.cpp's
 // own parser, and the byte offset in *src* where it stopped (-1 if unknown).
 inline std::string grammar_error(const llama_vocab * vocab, const std::string & src, long * offset) {
     *offset = -1;
+    std::string limit = grammar_limits(src, offset);
+    if (!limit.empty()) {
+        return limit;
+    }
     llama_grammar_parser parser(vocab);
     const char * pos = src.c_str();
     try {

@@ -34,8 +34,9 @@ _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _FREE_TEXT = re.compile(r"^(root ::= .*?)until-\d+\? ", re.M)
 #: what llama.cpp's regex_escape escapes (its trigger patterns are ECMAScript regular expressions)
 _REGEX_SPECIAL = re.compile(r"[.^$|()*+?\[\]{}\\]")
-#: one or more calls, in llama.cpp's tool-call grammars
-_MANY_CALLS = re.compile(r"^(tool-calls ::= )\(tool-call space\)\+$", re.M)
+#: the calls of a reply, in llama.cpp's tool-call grammars (``(tool-call space)+``, or
+#: ``(tool-call? space)+`` for auto)
+_MANY_CALLS = re.compile(r"^(tool-calls ::= )\(tool-call\?? space\)\+$", re.M)
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,8 @@ class ChatPlan:
         choice, offered = _check_tool_choice(tool_choice, checked)
         if parallel_tool_calls is not None and not isinstance(parallel_tool_calls, bool):
             raise InvalidConfigError(f"parallel_tool_calls must be a bool, got {parallel_tool_calls!r}")
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, Mapping):
+            raise InvalidConfigError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
         kwargs = dict(chat_template_kwargs or {})
         request: Dict[str, Any] = {
             "messages": msgs, "tools": offered or None, "tool_choice": choice,
@@ -287,6 +290,8 @@ class ChatPlan:
 
     def config(self, config: StreamConfig) -> StreamConfig:
         """*config* with the tool-call grammar and the template's extra stop strings."""
+        if not isinstance(config, StreamConfig):
+            raise InvalidConfigError(f"config must be a StreamConfig, got {type(config).__name__}")
         if self.grammar is None and not self.stops:
             return config
         if self.grammar is not None and config.constraint is not None:

@@ -132,12 +132,38 @@ def test_a_lazy_grammar_applies_from_its_trigger_pattern_on(tiny_ctx):
     ('other ::= "a"', r"does not contain a 'root' symbol"),
     ('root ::= root "a" | "a"', r"left recursion"),
     ('root ::= <[99999]>', r"token id 99999 is outside the vocabulary \(512 tokens\)"),
+    # what would make llama.cpp's parser allocate without end, or overflow the stack
+    ('root ::= "a"{3,1}', r"column 13: repetition \{3,1\}: the minimum is above the maximum"),
+    ('root ::= [a-z]{0, 1000000}', r"a repetition of more than 100000 times"),
+    ('root ::= ' + "(" * 600 + '"a"' + ")" * 600, r"column 510: groups nested more than 500 levels deep"),
+    ("\n".join([f"r{i} ::= r{i + 1}" for i in range(20000)] + ['r20000 ::= "a"', "root ::= r0"]),
+     r"line 10001, .*more than 10000 rules"),
+    ('root ::= "{" "(" [(] "#" # a (comment {3,1}\n', None),
 ])
 def test_an_invalid_grammar_is_named_before_anything_is_decoded(tiny_ctx, grammar, expected):
     before = tiny_ctx.n_past
+    if expected is None:  # (braces, parentheses and comments inside literals and classes are text)
+        assert tiny_ctx.generate("once upon", StreamConfig.greedy(8, grammar=grammar)).text == "{((#"
+        return
     with pytest.raises(GrammarError, match=expected):
         tiny_ctx.generate("once upon", StreamConfig.greedy(4, grammar=grammar))
     assert tiny_ctx.n_past == before
+
+
+def test_a_prefill_the_grammar_refuses_is_an_error_not_an_abort(tiny_ctx, tiny_model):
+    eos = tiny_model._core.special_tokens()[1]
+    with pytest.raises(GrammarError, match="refuses its prefill tokens"):
+        tiny_ctx.generate("hi", StreamConfig(grammar=Grammar('root ::= "a"', prefill_tokens=(eos,))))
+    a = next(t for t in range(tiny_model.n_vocab) if tiny_model.token_to_piece(t) == b"a")
+    ok = tiny_ctx.generate("hi", StreamConfig.greedy(8, grammar=Grammar('root ::= "ab"', prefill_tokens=(a,))))
+    assert ok.text == "b" and ok.finish_reason == "stop"
+
+
+def _nested(depth):
+    schema = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    return schema
 
 
 @pytest.mark.parametrize("schema, expected", [
@@ -146,6 +172,10 @@ def test_an_invalid_grammar_is_named_before_anything_is_decoded(tiny_ctx, gramma
     ({"type": "string", "pattern": "^(a$"}, r"pattern|parenthes"),
     ({"type": "frobnicate"}, r"frobnicate|type"),
     (False, r"allows no output"),
+    ({"type": "object", "properties": {"a": {"type": "array", "minItems": 4, "maxItems": 2}}},
+     r"at #/properties/a: minItems 4 is above maxItems 2"),
+    ({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(5000)}}, r"at most 65536"),
+    (_nested(5000), r"cannot be written as JSON|too deeply"),
 ])
 def test_an_invalid_schema_is_named(schema, expected):
     with pytest.raises(GrammarError, match=expected):
@@ -179,6 +209,13 @@ def test_bad_grammar_settings():
 def test_an_invalid_trigger_pattern_is_a_grammar_error(tiny_ctx):
     with pytest.raises(GrammarError, match="trigger pattern"):
         tiny_ctx.generate("x", StreamConfig.greedy(4, grammar=Grammar(YES_NO, triggers=["(unclosed"])))
+
+
+def test_a_config_with_a_schema_is_hashable_and_text_is_no_constraint():
+    assert hash(StreamConfig(json_schema=PERSON)) == hash(StreamConfig(json_schema=dict(PERSON)))
+    assert StreamConfig(response_format={"type": "text"}).response_format is None
+    with pytest.raises(InvalidConfigError, match="must be a dict"):
+        StreamConfig(response_format={"type": "json_object", "schema": []})
 
 
 def test_replace_keeps_a_schema_config_valid():

@@ -159,6 +159,20 @@ def test_bad_tool_arguments_are_named(tiny_model, templates, kw, match):
         tiny_model.chat(ASK, StreamConfig.greedy(4), template=templates["qwen2.5"], **kw)
 
 
+def test_tools_with_a_text_response_format(tiny_model, templates):
+    c = tiny_model.chat(ASK, StreamConfig.greedy(300, response_format={"type": "text"}),
+                        template=templates["qwen2.5"], tools=TOOLS[:1], tool_choice="required")
+    assert c.finish_reason == "tool_calls"
+
+
+def test_bad_config_and_kwargs_with_tools_are_named(tiny_model, templates):
+    with tiny_model.create_context(1024, threads=1) as ctx:
+        with pytest.raises(InvalidConfigError, match="config must be a StreamConfig, got dict"):
+            ctx.chat(ASK, {"max_tokens": 4}, template=templates["qwen2.5"], tools=TOOLS)
+        with pytest.raises(InvalidConfigError, match="chat_template_kwargs must be a dict, got list"):
+            ctx.chat(ASK, template=templates["qwen2.5"], tools=TOOLS, chat_template_kwargs=[1])
+
+
 def test_tools_and_a_schema_are_not_both_given(tiny_model, templates):
     with pytest.raises(InvalidConfigError, match="not both"):
         tiny_model.chat(ASK, StreamConfig.greedy(4, json_schema={"type": "object"}), template=templates["qwen2.5"],
@@ -205,6 +219,8 @@ def test_parallel_tool_calls_decides_how_many_calls(tiny_model, templates):
 
     assert "tool-calls ::= tool-call space\n" in plan(False).grammar.text
     assert "tool-calls ::= (tool-call space)+\n" in plan(True).grammar.text
+    auto = ChatPlan(tiny_model, ASK, tools=TOOLS, template=templates["qwen2.5"]).grammar.text
+    assert "tool-calls ::= tool-call space\n" in auto  # auto too: one call unless parallel_tool_calls
     # "required" means a call at once: no free text before it
     assert "until-" not in plan(True).grammar.text.split("root ::= ")[1].splitlines()[0]
 
@@ -340,3 +356,19 @@ def test_a_thinking_template_goes_through_llama_cpp_s_library(tiny_model, templa
     assert plan_chat(tiny_model, ASK, "chatml") is None and plan_chat(tiny_model, ASK, None) is None
     c = tiny_model.chat(ASK, StreamConfig.greedy(16), template=qwen3)
     assert c.tool_calls == () and c.finish_reason == "length" and c.content == c.text.strip()
+
+
+def test_a_one_off_chat_stream_makes_its_context_only_when_read(tiny_model, templates):
+    def contexts():
+        return sum(isinstance(o, mullama._core.LlamaContext) and not o.closed for o in list(mullama._core._live))
+
+    before = contexts()
+    for method in (tiny_model.chat_stream, tiny_model.chat_deltas):
+        it = method(ASK, StreamConfig.greedy(4), template=templates["qwen2.5"], tools=TOOLS)
+        assert contexts() == before  # checked and rendered, but no KV cache held yet
+        it.close()
+        stream = method(ASK, StreamConfig.greedy(4), template="chatml")
+        next(stream)
+        assert contexts() == before + 1
+        stream.close()
+        assert contexts() == before

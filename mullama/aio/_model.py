@@ -7,8 +7,8 @@ import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import (TYPE_CHECKING, Any, AsyncContextManager, AsyncIterator, Callable, List, Mapping, Optional,
-                    Protocol, Sequence, Union)
+from typing import (TYPE_CHECKING, Any, AsyncContextManager, AsyncIterator, Callable, List, Mapping, NamedTuple,
+                    Optional, Protocol, Sequence, Union)
 
 import anyio
 import anyio.from_thread
@@ -152,19 +152,13 @@ class _Results:
         return _deltas_only(self._open_chat(messages, _with_max_tokens(config, max_tokens), template, args))
 
 
-@dataclass(frozen=True)
-class ToolArgs:
-    """The tool-calling keywords of a chat request."""
+class ToolArgs(NamedTuple):
+    """The tool-calling keywords of a chat request (in Context._prepare's order)."""
 
     tools: Optional[Sequence[Any]] = None
     tool_choice: "ToolChoice" = None
     parallel_tool_calls: Optional[bool] = None
     chat_template_kwargs: Optional[Mapping[str, Any]] = None
-
-    def plan(self, model: Model, messages: Sequence[Message], template: Optional[str]) -> Optional[ChatPlan]:
-        """The request's llama.cpp chat-library plan, None for plain chat (renders: run it on a worker)."""
-        return plan_chat(model, messages, template, tools=self.tools, tool_choice=self.tool_choice,
-                         parallel_tool_calls=self.parallel_tool_calls, chat_template_kwargs=self.chat_template_kwargs)
 
 
 @asynccontextmanager
@@ -401,11 +395,8 @@ class AsyncModel(_Results, Owner):
         chat library for a chat with tools. ChatTemplateError without a template."""
         messages = check_messages(messages)  # checked once: the renderer takes them as they are
 
-        def prepare() -> "tuple[List[int], StreamConfig, Optional[ChatPlan]]":
-            plan = args.plan(self._model, messages, template)
-            if plan is None:
-                return chat_tokens(self._model, messages, template, args.chat_template_kwargs), config, None
-            return plan.tokens, plan.config(config), plan
+        def prepare() -> "tuple[List[int], Optional[StreamConfig], Optional[ChatPlan]]":
+            return self._model._prepare_chat(messages, config, template, *args)
 
         return self._open(prepare, config)
 
@@ -453,6 +444,12 @@ class AsyncModel(_Results, Owner):
         messages = check_messages(messages)
         return await anyio.to_thread.run_sync(chat_tokens, self._model, messages, template, chat_template_kwargs,
                                              limiter=self._threads())
+
+    async def make_config(self, **fields: Any) -> StreamConfig:
+        """``StreamConfig(**fields)``, built on one of this model's worker threads:
+        llama.cpp's converter can take a second on a large JSON schema (many
+        optional properties), which must not stall the event loop."""
+        return await run_in_thread(functools.partial(StreamConfig, **fields), limiter=self._threads())
 
     async def plan_chat(self, messages: Sequence[Message], *, template: Optional[str] = None,
                         tools: Optional[Sequence[Any]] = None, tool_choice: "ToolChoice" = None,
@@ -587,11 +584,9 @@ class AsyncContext(_Results, Uncopyable):
         only its new tokens."""
         messages = check_messages(messages)
 
-        def prepare(ctx: Context) -> "tuple[List[int], StreamConfig, Optional[ChatPlan]]":
-            plan = args.plan(ctx.model, messages, template)
-            if plan is None:
-                return ctx.chat_prompt(messages, template, args.chat_template_kwargs), config, None
-            return ctx._keep_prefix(plan.tokens), plan.config(config), plan
+        def prepare(ctx: Context) -> "tuple[List[int], Optional[StreamConfig], Optional[ChatPlan]]":
+            tokens, cfg, plan = ctx._prepare(messages, config, template, *args)
+            return ctx._keep_prefix(tokens), cfg, plan
 
         return self._open(prepare, config)
 

@@ -240,7 +240,10 @@ class OpenAIApp:
             if req.sampling.get("frequency_penalty") or req.sampling.get("presence_penalty"):
                 # OpenAI's penalties count every token so far, not only the last 64
                 req.sampling.setdefault("repeat_last_n", min(model.request_context_size, 1 << 16))
-            config = req.config(self._max_tokens(model, req, len(tokens)))
+            try:
+                config = await model.make_config(**req.config_fields(self._max_tokens(model, req, len(tokens))))
+            except (GrammarError, InvalidConfigError) as exc:
+                raise oa.ApiError(400, str(exc), param=req.constraint) from None
             if plan is not None:
                 try:
                     config = plan.config(config)  # the tool-call grammar and the template's stop strings

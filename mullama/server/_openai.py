@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from .. import __version__
 from .._chat import check_messages
-from .._config import StreamConfig
+from .._config import StreamConfig, check_constraint
 from .._generation import Completion, TokenData
 from .._tools import ChatCompletion, ChatDelta, check_tools
 from .._errors import GrammarError, InvalidConfigError, MullamaError
@@ -66,8 +66,15 @@ class GenerationRequest:
     parallel_tool_calls: Optional[bool] = None
     chat_template_kwargs: Optional[Dict[str, Any]] = None
 
+    #: the structured-output field the request uses (response_format, json_schema or grammar), if any
+    constraint: Optional[str] = None
+
+    def config_fields(self, max_tokens: int) -> Dict[str, Any]:
+        """The request's :class:`StreamConfig` fields."""
+        return dict(max_tokens=max_tokens, include_probabilities=self.logprobs, **self.sampling)
+
     def config(self, max_tokens: int) -> StreamConfig:
-        return StreamConfig(max_tokens=max_tokens, include_probabilities=self.logprobs, **self.sampling)
+        return StreamConfig(**self.config_fields(max_tokens))
 
 
 def _get(body: Dict[str, Any], name: str, types: "tuple[type, ...]", what: str) -> Any:
@@ -97,12 +104,11 @@ _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream
            "frequency_penalty", "presence_penalty", "logprobs", "logit_bias",
            "response_format",
            "top_k", "min_p", "repeat_penalty", "repeat_last_n", "grammar", "json_schema",  # llama.cpp's extensions
-           "chat_template_kwargs",
            # no effect on the answer
            "user", "metadata", "store", "service_tier"}
 _KNOWN = {
     True: _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "functions",
-                     "function_call", "parallel_tool_calls", "audio", "modalities"},
+                     "function_call", "parallel_tool_calls", "audio", "modalities", "chat_template_kwargs"},
     False: _COMMON | {"prompt", "echo", "suffix", "best_of"},
 }
 
@@ -214,14 +220,17 @@ def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
                               "a string" if name == "grammar" else "an object")
     if len(constraints) > 1:
         raise ApiError(400, f"give at most one of {', '.join(constraints)}", param=constraints[1])
-    if constraints:
+    req.constraint = constraints[0] if constraints else None
+    if req.constraint is not None:
         try:
-            StreamConfig(**{constraints[0]: sampling[constraints[0]]})
+            check_constraint(req.constraint, sampling[req.constraint])
         except (GrammarError, InvalidConfigError) as exc:
-            raise ApiError(400, str(exc), param=constraints[0]) from None
+            raise ApiError(400, str(exc), param=req.constraint) from None
     req.sampling = sampling
-    try:  # every value checked once more by the same rules as the Python API
-        req.config(max_tokens or 1)
+    # every value checked once more by the same rules as the Python API; a JSON schema's
+    # conversion to a grammar can take a second, so the app makes the config off the event loop
+    try:
+        StreamConfig(**{k: v for k, v in req.config_fields(max_tokens or 1).items() if k not in constraints})
     except InvalidConfigError as exc:
         raise ApiError(400, str(exc), param=_param_of(exc, [*sampling, "max_tokens"])) from None
     return req
