@@ -7,6 +7,7 @@
 
 #pragma once
 
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -41,15 +42,11 @@ inline void chat_templates_free(common_chat_templates * t) {
     common_chat_templates_free(t);
 }
 
-inline std::string chat_template_source(const common_chat_templates * t) {
-    return common_chat_templates_source(t);
-}
-
 // Render a request (JSON: messages, tools, tool_choice, parallel_tool_calls,
-// add_generation_prompt, enable_thinking, reasoning_format, chat_template_kwargs,
-// json_schema) and return what generating its answer needs (JSON: prompt,
-// grammar, grammar_lazy, triggers, preserved_tokens, additional_stops, format,
-// generation_prompt, parser, thinking tags).
+// add_generation_prompt, enable_thinking, reasoning_format, chat_template_kwargs)
+// and return what generating its answer needs (JSON: prompt, grammar,
+// grammar_lazy, triggers, preserved_tokens, additional_stops, format_id,
+// generation_prompt, parser, supports_thinking and its tags, caps).
 inline std::string chat_apply(const common_chat_templates * t, const std::string & request_json) {
     const common_json req = common_json::parse(request_json);
     common_chat_templates_inputs in;
@@ -62,9 +59,6 @@ inline std::string chat_apply(const common_chat_templates * t, const std::string
     in.add_generation_prompt = req.value("add_generation_prompt", true);
     in.enable_thinking = req.value("enable_thinking", true);
     in.reasoning_format = common_reasoning_format_from_name(req.value("reasoning_format", std::string("none")));
-    if (req.contains("json_schema") && !req.at("json_schema").is_null()) {
-        in.json_schema = req.at("json_schema").dump();
-    }
     if (req.contains("chat_template_kwargs")) {
         for (const auto & [key, value] : req.at("chat_template_kwargs").items()) {
             in.chat_template_kwargs[key] = value.dump();
@@ -88,7 +82,6 @@ inline std::string chat_apply(const common_chat_templates * t, const std::string
     out["triggers"] = triggers;
     out["preserved_tokens"] = p.preserved_tokens;
     out["additional_stops"] = p.additional_stops;
-    out["format"] = common_chat_format_name(p.format);
     out["format_id"] = common_json_value((int64_t) p.format);
     out["generation_prompt"] = p.generation_prompt;
     out["parser"] = p.parser;
@@ -117,7 +110,7 @@ struct ChatParser {
 
 inline ChatParser * chat_parser_new(int format, const std::string & generation_prompt, const std::string & parser,
                                     const std::string & reasoning_format, bool parse_tool_calls) {
-    auto * cp = new ChatParser();
+    std::unique_ptr<ChatParser> cp(new ChatParser());
     cp->params.format = (common_chat_format) format;
     cp->params.generation_prompt = generation_prompt;
     cp->params.reasoning_format = common_reasoning_format_from_name(reasoning_format);
@@ -125,7 +118,7 @@ inline ChatParser * chat_parser_new(int format, const std::string & generation_p
     if (!parser.empty()) {
         cp->params.parser.load(parser);
     }
-    return cp;
+    return cp.release();
 }
 
 inline void chat_parser_free(ChatParser * cp) {

@@ -111,6 +111,10 @@ class Grammar:
             a reply that a chat template wrote and the grammar starts with).
         preserved_tokens: special tokens whose text the output keeps (a tool-call
             tag such as ``<tool_call>``; other special tokens are written as nothing).
+        reasoning: the tags around a model's thinking (``("<think>", "</think>")``):
+            a lazy grammar waits while the model thinks, so that a trigger in a
+            thought does not start a call.
+        reasoning_open: the output starts inside a thought (the template opened it).
 
     Chat with ``tools`` makes its grammar from the chat template, with all of these.
     """
@@ -121,6 +125,8 @@ class Grammar:
     trigger_tokens: Tuple[int, ...] = ()
     prefill_tokens: Tuple[int, ...] = ()
     preserved_tokens: Tuple[int, ...] = ()
+    reasoning: Tuple[str, ...] = ()
+    reasoning_open: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.text, str):
@@ -136,6 +142,9 @@ class Grammar:
         object.__setattr__(self, "triggers", _str_tuple("grammar trigger", self.triggers))
         for name in ("trigger_tokens", "prefill_tokens", "preserved_tokens"):
             object.__setattr__(self, name, tuple(token_list(getattr(self, name))))
+        object.__setattr__(self, "reasoning", _str_tuple("reasoning tag", self.reasoning))
+        if self.reasoning and (len(self.reasoning) != 2 or not all(self.reasoning)):
+            raise InvalidConfigError(f"reasoning must be two tags (start, end), got {self.reasoning!r}")
 
     @property
     def lazy(self) -> bool:

@@ -40,6 +40,10 @@ cdef extern from "_sampling.h" namespace "mullama" nogil:
         llama_sampler * grammar
         const llama_vocab * vocab
         vector[llama_token] preserved
+        bint lazy
+        string think_start
+        string think_end
+        bint thinking
     const llama_token DEAD_END
     llama_token sample(Sampling * s, const float * logits, int n_vocab, float * best) noexcept
     bint special_text(const Sampling * s, llama_token tok) noexcept
@@ -60,7 +64,6 @@ cdef extern from "_common.h" namespace "mullama" nogil:
     string schema_to_grammar(const string & schema_json) except +
     common_chat_templates * chat_templates_new(const llama_model * model, const string & override_src) except +
     void chat_templates_free(common_chat_templates * t)
-    string chat_template_source(const common_chat_templates * t) except +
     string chat_apply(const common_chat_templates * t, const string & request_json) except +
     ChatParser * chat_parser_new(int format, const string & generation_prompt, const string & parser,
                                  const string & reasoning_format, bint parse_tool_calls) except +
@@ -168,9 +171,9 @@ cdef class LlamaModel(_InC):
 cdef class SamplerChain:
     cdef Sampling * s          # the chain (NULL: greedy) and the grammar (NULL: none)
     cdef readonly bint greedy
-    cdef readonly bint constrained
 
-    cdef _set_grammar(self, LlamaModel model, str grammar, str root, triggers, trigger_tokens)
+    cdef _set_grammar(self, LlamaModel model, str grammar, str root, triggers, trigger_tokens, reasoning,
+                      bint reasoning_open)
 
 
 cdef class ChatTemplates:

@@ -555,25 +555,26 @@ cdef class SamplerChain:
     against it, and only a refused token makes the grammar filter the whole
     vocabulary. With *triggers* or *trigger_tokens* the grammar is lazy: it
     applies from the first match of a trigger pattern (regular expressions,
-    matched from the start of the output) or trigger token on.
+    matched from the start of the output) or trigger token on; with
+    *reasoning* (start and end tags) a lazy grammar waits while the model
+    thinks (*reasoning_open*: the reply starts inside a thought).
     """
 
     def __cinit__(self):
         self.s = new Sampling()
         self.greedy = True
-        self.constrained = False
 
     def __init__(self, LlamaModel model not None, float temperature=0.0, int top_k=0, float top_p=1.0,
                  float min_p=0.0, float repeat_penalty=1.0, int repeat_last_n=64, unsigned int seed=0xFFFFFFFF,
                  float frequency_penalty=0.0, float presence_penalty=0.0, str grammar=None, str root="root",
-                 triggers=(), trigger_tokens=(), preserved=()):
+                 triggers=(), trigger_tokens=(), preserved=(), reasoning=(), bint reasoning_open=False):
         model._check()
         for t in sorted(set(preserved)):
             if not 0 <= t < model.n_vocab:
                 raise _errors.InvalidTokenError(f"preserved token {t} is outside the vocabulary")
             self.s.preserved.push_back(t)
         if grammar is not None:
-            self._set_grammar(model, grammar, root, triggers, trigger_tokens)
+            self._set_grammar(model, grammar, root, triggers, trigger_tokens, reasoning, reasoning_open)
         cdef llama_sampler_chain_params p = llama_sampler_chain_default_params()
         p.no_perf = True
         cdef bint penalties = repeat_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0
@@ -597,7 +598,8 @@ cdef class SamplerChain:
         llama_sampler_chain_add(chain, llama_sampler_init_temp(temperature))
         llama_sampler_chain_add(chain, llama_sampler_init_dist(seed))
 
-    cdef _set_grammar(self, LlamaModel model, str grammar, str root, triggers, trigger_tokens):
+    cdef _set_grammar(self, LlamaModel model, str grammar, str root, triggers, trigger_tokens, reasoning,
+                      bint reasoning_open):
         cdef string src = grammar.encode("utf-8")
         cdef string croot = root.encode("utf-8")
         cdef long offset = -1
@@ -626,7 +628,12 @@ cdef class SamplerChain:
             why = "; ".join(l.rstrip(".") for l in take_errors()) or "llama.cpp refused it"
             raise _errors.GrammarError(f"invalid grammar: {why}")
         self.s.vocab = model.vocab
-        self.constrained = True
+        self.s.lazy = not (cpats.empty() and ctoks.empty())
+        if reasoning:
+            start, end = reasoning
+            self.s.think_start = _utf8(start, "reasoning tag")
+            self.s.think_end = _utf8(end, "reasoning tag")
+            self.s.thinking = reasoning_open
 
     def prefill(self, tokens):
         """Advance the grammar over *tokens* as if they had been generated (the
@@ -680,12 +687,6 @@ cdef class ChatTemplates:
         except Exception as e:
             raise _errors.ChatTemplateError(f"llama.cpp's chat library refused the chat template: {e}") from None
         self.model = model
-
-    @property
-    def source(self):
-        """The Jinja source of the template in use."""
-        self._check()
-        return chat_template_source(self.ptr).decode("utf-8", "replace")
 
     cdef _check(self):
         if self.ptr == NULL:

@@ -131,7 +131,8 @@ def new_sampler(model: "_core.LlamaModel", cfg: StreamConfig) -> "_core.SamplerC
                                   cfg.repeat_last_n, seed, cfg.frequency_penalty, cfg.presence_penalty)
     sampler = _core.SamplerChain(model, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repeat_penalty,
                                  cfg.repeat_last_n, seed, cfg.frequency_penalty, cfg.presence_penalty,
-                                 g.text, g.root, g.triggers, g.trigger_tokens, g.preserved_tokens)
+                                 g.text, g.root, g.triggers, g.trigger_tokens, g.preserved_tokens, g.reasoning,
+                                 g.reasoning_open)
     if g.prefill_tokens:
         try:
             sampler.prefill(g.prefill_tokens)

@@ -68,6 +68,12 @@ struct Sampling {
     const llama_vocab * vocab = nullptr; // set with the grammar: the UTF-8 guard needs token text
     Utf8 utf8;                           // the constrained output so far
     std::vector<llama_token> preserved;  // sorted: special tokens whose text the output keeps (tool-call tags)
+    // a lazy grammar waits while the model thinks (between these tags), as llama.cpp's
+    // common_sampler does with its reasoning budget: a tool-call marker in a thought is no call
+    bool lazy = false;
+    std::string think_start, think_end;
+    bool thinking = false;
+    std::string recent;                  // output text since the last tag
     std::vector<llama_token_data> cur;   // the candidates, reused token after token
 
     Sampling() = default;
@@ -132,6 +138,28 @@ inline bool utf8_after(const Sampling * s, llama_token tok, Utf8 * u) {
     return n >= 0 && utf8_feed(u, buf, n);
 }
 
+// whether the grammar applies to the next token (not a lazy one while the model thinks)
+inline bool grammar_active(const Sampling * s) {
+    return s->grammar != nullptr && !(s->lazy && s->thinking);
+}
+
+// follow the thinking tags through the output
+inline void track_thinking(Sampling * s, llama_token tok) {
+    if (s->think_start.empty() || s->vocab == nullptr) return;
+    char buf[256];
+    int n = llama_token_to_piece(s->vocab, tok, buf, sizeof buf, 0, true);
+    if (n > 0) s->recent.append(buf, n);
+    for (;;) {
+        const std::string & tag = s->thinking ? s->think_end : s->think_start;
+        size_t at = s->recent.find(tag);
+        if (at == std::string::npos) break;
+        s->thinking = !s->thinking;
+        s->recent.erase(0, at + tag.size());
+    }
+    size_t keep = std::max(s->think_start.size(), s->think_end.size());
+    if (s->recent.size() > 2 * keep + 256) s->recent.erase(0, s->recent.size() - keep);
+}
+
 inline bool grammar_allows(Sampling * s, llama_token tok) {
     Utf8 u;
     if (!utf8_after(s, tok, &u)) return false;
@@ -154,7 +182,8 @@ inline llama_token sample(Sampling * s, const float * logits, int n_vocab, float
             llama_token_data_array cur_p = fill(s, logits, n_vocab);
             tok = select(s, &cur_p);
         }
-        if (s->grammar != nullptr && tok != DEAD_END && !grammar_allows(s, tok)) {
+        const bool active = grammar_active(s);
+        if (active && tok != DEAD_END && !grammar_allows(s, tok)) {
             // rejected: the grammar (and the UTF-8 guard) first, then the chain, over the whole vocabulary
             llama_token_data_array cur_p = fill(s, logits, n_vocab);
             llama_sampler_apply(s->grammar, &cur_p);
@@ -177,11 +206,14 @@ inline llama_token sample(Sampling * s, const float * logits, int n_vocab, float
         if (tok == DEAD_END) {
             return DEAD_END;
         }
-        if (s->grammar != nullptr) {
+        if (active) {
             llama_sampler_accept(s->grammar, tok);
+        }
+        if (s->grammar != nullptr) {
             Utf8 u;
             utf8_after(s, tok, &u);
             s->utf8 = u;
+            track_thinking(s, tok);
         }
         if (s->chain != nullptr) llama_sampler_accept(s->chain, tok);
         return tok;
@@ -196,14 +228,17 @@ inline bool grammar_prefill(Sampling * s, const llama_token * tokens, int n) noe
     try {
         Utf8 u;
         for (int i = 0; i < n; i++) {
-            // a token the grammar refuses is not accepted: accepting an end-of-generation
-            // token the grammar cannot end on aborts the process
-            llama_token_data one = {tokens[i], 1.0f, 0.0f};
-            llama_token_data_array arr = {&one, 1, -1, false};
-            llama_sampler_apply(s->grammar, &arr);
-            if (one.logit == -INFINITY) return false;
-            llama_sampler_accept(s->grammar, tokens[i]);
+            if (grammar_active(s)) {
+                // a token the grammar refuses is not accepted: accepting an end-of-generation
+                // token the grammar cannot end on aborts the process
+                llama_token_data one = {tokens[i], 1.0f, 0.0f};
+                llama_token_data_array arr = {&one, 1, -1, false};
+                llama_sampler_apply(s->grammar, &arr);
+                if (one.logit == -INFINITY) return false;
+                llama_sampler_accept(s->grammar, tokens[i]);
+            }
             if (utf8_after(s, tokens[i], &u)) s->utf8 = u;
+            track_thinking(s, tokens[i]);
         }
         return true;
     } catch (const std::exception &) {

@@ -280,9 +280,12 @@ class ChatPlan:
                 first = model.token_to_piece(prefill[0], special=True) if prefill else b""
                 if first[:1].isspace() and not self.generation_prompt[:1].isspace():
                     prefill = prefill[1:]
+            start, ends = rendered["thinking_start_tag"], rendered["thinking_end_tags"]
+            reasoning = (start, ends[0]) if lazy and start and ends else ()
             self.grammar = Grammar(grammar_text, triggers=tuple(patterns) if lazy else (),
                                    trigger_tokens=tuple(tokens) if lazy else (), prefill_tokens=prefill,
-                                   preserved_tokens=tuple(preserved))
+                                   preserved_tokens=tuple(preserved), reasoning=reasoning,
+                                   reasoning_open=bool(reasoning) and self.generation_prompt.rstrip().endswith(start))
         bos = model._core.special_tokens()[0]
         bos_text = model.token_to_piece(bos, special=True).decode("utf-8", "replace") if bos >= 0 else ""
         self.tokens: List[int] = model.tokenize(self.prompt, add_bos=not (bos_text and self.prompt.startswith(bos_text)),

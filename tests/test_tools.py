@@ -372,3 +372,32 @@ def test_a_one_off_chat_stream_makes_its_context_only_when_read(tiny_model, temp
         assert contexts() == before + 1
         stream.close()
         assert contexts() == before
+
+
+def test_a_tool_marker_in_a_thought_is_no_call(tiny_model, llama_cpp_dir):
+    """With a thinking template, the lazy tool grammar waits while the model thinks (as llama.cpp's
+    reasoning budget makes it): "<tool_call>" inside <think>...</think> does not start a call."""
+    from mullama._generation import new_sampler
+
+    qwen3 = (llama_cpp_dir / "models" / "templates" / "Qwen-Qwen3-0.6B.jinja").read_text()
+    plan = ChatPlan(tiny_model, ASK, tools=TOOLS[:1], template=qwen3)
+    assert plan.grammar.lazy and plan.grammar.reasoning == ("<think>", "</think>")
+    thought = "<think>\nI could write <tool_call>\n but not yet.\n</think>\n\n<tool_call>\n"
+    head = tiny_model.tokenize(thought, add_bos=False, special=True)
+    sampler = new_sampler(tiny_model._core, plan.config(StreamConfig.greedy(200)))
+    try:
+        sampler.prefill(head)  # (a grammar triggered inside the thought would refuse "but not yet")
+        with tiny_model.create_context(4096, threads=1) as ctx:
+            ctx.eval(plan.tokens + head)
+            status, _, pieces, _ = ctx._core.generate(sampler, 200)
+    finally:
+        sampler.close()
+    parser = plan.reply_parser()
+    try:
+        deltas = parser.feed(thought + b"".join(pieces).decode("utf-8"), final=True)
+        (call,) = parser.calls()
+    finally:
+        parser.close()
+    assert status == mullama._core.STATUS_EOG and call.name == "get_weather"
+    jsonschema.validate(json.loads(call.arguments), WEATHER)
+    assert "<tool_call>" in "".join(d.reasoning_content for d in deltas)
