@@ -75,6 +75,7 @@ struct Sampling {
     bool thinking = false;
     std::string recent;                  // output text since the last tag
     std::vector<llama_token_data> cur;   // the candidates, reused token after token
+    std::vector<unsigned char> ascii;    // per token: its text is ASCII (made at the first filtering)
 
     Sampling() = default;
     Sampling(const Sampling &) = delete;
@@ -189,9 +190,21 @@ inline llama_token sample(Sampling * s, const float * logits, int n_vocab, float
             llama_sampler_apply(s->grammar, &cur_p);
             bool any = false;
             Utf8 u;
+            if (s->ascii.empty()) {
+                s->ascii.resize(n_vocab);
+                char buf[256];
+                for (llama_token t = 0; t < n_vocab; t++) {
+                    int len = llama_token_to_piece(s->vocab, t, buf, sizeof buf, 0, special_text(s, t));
+                    bool plain = len >= 0;
+                    for (int k = 0; k < len && plain; k++) plain = (unsigned char) buf[k] < 0x80;
+                    s->ascii[t] = plain;
+                }
+            }
             for (size_t j = 0; j < cur_p.size; j++) {
                 if (cur_p.data[j].logit == -INFINITY) continue;
-                if (!utf8_after(s, cur_p.data[j].id, &u)) {
+                if (s->utf8.need == 0 && s->ascii[cur_p.data[j].id]) {
+                    any = true;  // ASCII after a whole character: always UTF-8
+                } else if (!utf8_after(s, cur_p.data[j].id, &u)) {
                     cur_p.data[j].logit = -INFINITY;
                 } else {
                     any = true;
