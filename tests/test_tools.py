@@ -305,29 +305,34 @@ def test_a_call_cut_short_is_reported_as_far_as_it_got(tiny_model, templates):
     assert finish == "length" and [c["name"] for c in calls] == ["get_weather"]
 
 
-def test_an_auto_tool_grammar_waits_for_its_trigger(tiny_model, templates):
-    """tool_choice="auto": the grammar is lazy, free text until the template's tool-call marker, then
-    the call follows the grammar (the model "writes" the marker here: a random model never would)."""
+def _reply_after(model, plan, written):
+    """The reply's end when the model has *written* its start (fed to the grammar as a prefill): the
+    status, the calls parsed from the whole reply and its deltas."""
     from mullama._generation import new_sampler
 
-    plan = ChatPlan(tiny_model, ASK, tools=TOOLS[:1], template=templates["qwen2.5"])
-    assert plan.grammar is not None and plan.grammar.lazy and plan.grammar.triggers
-    marker = "<tool_call>\n"
-    head = tiny_model.tokenize(marker, add_bos=False, special=True)
-    sampler = new_sampler(tiny_model._core, plan.config(StreamConfig.greedy(200)))
+    head = model.tokenize(written, add_bos=False, special=True)
+    sampler = new_sampler(model._core, plan.config(StreamConfig.greedy(200)))
     try:
         sampler.prefill(head)
-        with tiny_model.create_context(4096, threads=1) as ctx:
+        with model.create_context(4096, threads=1) as ctx:
             ctx.eval(plan.tokens + head)
             status, _, pieces, _ = ctx._core.generate(sampler, 200)
     finally:
         sampler.close()
     parser = plan.reply_parser()
     try:
-        parser.feed(marker + b"".join(pieces).decode("utf-8"), final=True)
-        (call,) = parser.calls()
+        deltas = parser.feed(written + b"".join(pieces).decode("utf-8"), final=True)
+        return status, parser.calls(), deltas
     finally:
         parser.close()
+
+
+def test_an_auto_tool_grammar_waits_for_its_trigger(tiny_model, templates):
+    """tool_choice="auto": the grammar is lazy, free text until the template's tool-call marker, then
+    the call follows the grammar (the model "writes" the marker here: a random model never would)."""
+    plan = ChatPlan(tiny_model, ASK, tools=TOOLS[:1], template=templates["qwen2.5"])
+    assert plan.grammar is not None and plan.grammar.lazy and plan.grammar.triggers
+    status, (call,), _ = _reply_after(tiny_model, plan, "<tool_call>\n")
     assert status == mullama._core.STATUS_EOG and call.name == "get_weather"
     jsonschema.validate(json.loads(call.arguments), WEATHER)
 
@@ -377,27 +382,12 @@ def test_a_one_off_chat_stream_makes_its_context_only_when_read(tiny_model, temp
 def test_a_tool_marker_in_a_thought_is_no_call(tiny_model, llama_cpp_dir):
     """With a thinking template, the lazy tool grammar waits while the model thinks (as llama.cpp's
     reasoning budget makes it): "<tool_call>" inside <think>...</think> does not start a call."""
-    from mullama._generation import new_sampler
-
     qwen3 = (llama_cpp_dir / "models" / "templates" / "Qwen-Qwen3-0.6B.jinja").read_text()
     plan = ChatPlan(tiny_model, ASK, tools=TOOLS[:1], template=qwen3)
     assert plan.grammar.lazy and plan.grammar.reasoning == ("<think>", "</think>")
-    thought = "<think>\nI could write <tool_call>\n but not yet.\n</think>\n\n<tool_call>\n"
-    head = tiny_model.tokenize(thought, add_bos=False, special=True)
-    sampler = new_sampler(tiny_model._core, plan.config(StreamConfig.greedy(200)))
-    try:
-        sampler.prefill(head)  # (a grammar triggered inside the thought would refuse "but not yet")
-        with tiny_model.create_context(4096, threads=1) as ctx:
-            ctx.eval(plan.tokens + head)
-            status, _, pieces, _ = ctx._core.generate(sampler, 200)
-    finally:
-        sampler.close()
-    parser = plan.reply_parser()
-    try:
-        deltas = parser.feed(thought + b"".join(pieces).decode("utf-8"), final=True)
-        (call,) = parser.calls()
-    finally:
-        parser.close()
+    # (a grammar triggered inside the thought would refuse "but not yet")
+    status, (call,), deltas = _reply_after(
+        tiny_model, plan, "<think>\nI could write <tool_call>\n but not yet.\n</think>\n\n<tool_call>\n")
     assert status == mullama._core.STATUS_EOG and call.name == "get_weather"
     jsonschema.validate(json.loads(call.arguments), WEATHER)
     assert "<tool_call>" in "".join(d.reasoning_content for d in deltas)
