@@ -26,6 +26,8 @@ SERVER_KEEP_ALIVE_TIMEOUT_S = 5.0
 MAX_STOP_STRINGS = 64
 #: most bytes (UTF-8) of all stop strings together
 MAX_STOP_BYTES = 8192
+#: most alternatives' log-probabilities per token (OpenAI's bound; _core.TOP_LOGPROBS_MAX)
+MAX_TOP_LOGPROBS = 20
 #: most bytes of a JSON schema (as JSON): llama.cpp's converter takes more than a
 #: second on a schema of 1,000 properties (68 KB), and the time grows faster than the size
 MAX_SCHEMA_BYTES = 64 * 1024
@@ -187,6 +189,10 @@ class StreamConfig:
             bytes together (``MAX_STOP_BYTES``).
         include_probabilities: fill ``TokenData.logprob`` with the log-probability
             of each chosen token under the model's raw distribution.
+        top_logprobs: also give, per token, the log-probabilities of the this
+            many most likely tokens (0..20, found in the C loop without copying
+            the logits): ``TokenData.top_logprobs``. More than 0 turns
+            ``include_probabilities`` on.
         grammar: a GBNF grammar (a str, or a :class:`Grammar`) the output must
             follow. A generation whose grammar allows no next token ends with
             ``finish_reason == "grammar_dead_end"``.
@@ -216,6 +222,7 @@ class StreamConfig:
     seed: Optional[int] = None
     stop: Tuple[str, ...] = field(default=())
     include_probabilities: bool = False
+    top_logprobs: int = 0
     grammar: Optional[Grammar] = None
     # (dicts: left out of the hash; equal configs still compare equal)
     json_schema: Optional[Any] = field(default=None, hash=False)
@@ -237,6 +244,9 @@ class StreamConfig:
         if not isinstance(self.include_probabilities, bool):
             raise InvalidConfigError(
                 f"include_probabilities must be a bool, got {type(self.include_probabilities).__name__}")
+        check_int("top_logprobs", self.top_logprobs, minimum=0, maximum=MAX_TOP_LOGPROBS)
+        if self.top_logprobs:
+            object.__setattr__(self, "include_probabilities", True)
         if isinstance(self.grammar, str):
             object.__setattr__(self, "grammar", Grammar(self.grammar))
         elif self.grammar is not None and not isinstance(self.grammar, Grammar):

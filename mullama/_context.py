@@ -451,18 +451,19 @@ class _Run(Generation):
             self.end("cancelled")  # the consumer stopped early: the generation counts as cancelled
 
     def _loop(self, core: "_core.LlamaContext", sampler: "_core.SamplerChain", limit: int) -> Iterator[List[TokenData]]:
-        want_lp = self.config.include_probabilities
+        want_lp, n_top = self.config.include_probabilities, self.config.top_logprobs
         chunk = 1  # the first chunk is one token, so that the first token arrives at once
         while True:
             n = len(self.tokens)
-            status, toks, pieces, lps = core.generate(sampler, min(chunk, limit - n), self._interval, want_lp)
+            status, toks, pieces, lps, top = core.generate(sampler, min(chunk, limit - n), self._interval, want_lp,
+                                                           n_top)
             chunk = limit
             if core.thread_changes != self._ctx._thread_changes:
                 self._ctx._thread_changes = log_thread_changes(core, self._ctx._thread_changes, "a context")
             at_limit = n + len(toks) == limit
             # a cancelled generation ends at the text released so far (see TokenData)
             ends = at_limit or status not in (_core.STATUS_OK, _core.STATUS_ABORTED)
-            batch, stopped = self.add(toks, pieces, lps, core.n_past - len(toks), ends)
+            batch, stopped = self.add(toks, pieces, lps, core.n_past - len(toks), ends, top)
             if stopped:
                 core.truncate(batch[-1].position + 1)  # drop tokens sampled past the stop string
                 self.end("stop")

@@ -49,6 +49,9 @@ cdef extern from "_sampling.h" namespace "mullama" nogil:
     bint special_text(const Sampling * s, llama_token tok) noexcept
     bint grammar_prefill(Sampling * s, const llama_token * tokens, int n) noexcept
     string grammar_error(const llama_vocab * vocab, const string & src, long * offset) except +
+    const int MAX_TOP_LOGPROBS
+    void top_logprobs(const float * logits, int n_vocab, int k, float lse, vector[llama_token] & toks,
+                      vector[float] & lps) noexcept
 
 
 cdef extern from "_common.h" nogil:
@@ -119,6 +122,8 @@ cdef struct Output:
     string text
     vector[int] len
     vector[float] lp
+    vector[llama_token] top_tok   # n_top per token, with top_lp: the most likely alternatives
+    vector[float] top_lp
 
 
 cdef struct Slot:
@@ -135,6 +140,7 @@ cdef struct Slot:
     int n_gen            # tokens generated
     int max_gen
     bint want_lp
+    int n_top            # log-probabilities of this many most likely tokens, per token
 
 
 cdef class _InC:
@@ -232,7 +238,7 @@ cdef class LlamaContext(_Decoder):
     cdef int _decode_pending(self) noexcept nogil
     cdef inline void _refresh_last(self) noexcept nogil
     cdef int _check(self, int status, int n_new) except -1
-    cdef int _generate(self, Sampling * smpl, int n_max, double deadline, bint want_lp,
+    cdef int _generate(self, Sampling * smpl, int n_max, double deadline, bint want_lp, int n_top,
                        Output * out) noexcept nogil
 
 

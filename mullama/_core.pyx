@@ -118,6 +118,8 @@ STATUS_ABORTED = ST_ABORTED
 STATUS_CONTEXT_FULL = ST_CTX_FULL
 STATUS_LENGTH = ST_LENGTH
 STATUS_DEAD_END = ST_DEAD_END
+#: most log-probabilities of alternatives per generated token (``top_logprobs``)
+TOP_LOGPROBS_MAX = MAX_TOP_LOGPROBS
 
 
 # ---------------------------------------------------------------------------
@@ -870,11 +872,12 @@ cdef object _thread_stats(CGovernor * gov):
 
 
 cdef int _sample_into(llama_context * ctx, int i, Sampling * smpl, const llama_vocab * vocab, int n_vocab,
-                      bint want_lp, Output * out, llama_token * tok_out) noexcept nogil:
+                      bint want_lp, int n_top, Output * out, llama_token * tok_out) noexcept nogil:
     """Sample a token from the logits of batch row *i* and append it to *out*
     with its piece (b"" for an end-of-generation token) and, if *want_lp*, its
-    log-probability. Returns ST_OK, ST_EOG (an end-of-generation token) or
-    ST_DEAD_END (the grammar allows no token: nothing is appended)."""
+    log-probability and those of the *n_top* most likely tokens. Returns ST_OK,
+    ST_EOG (an end-of-generation token) or ST_DEAD_END (the grammar allows no
+    token: nothing is appended)."""
     cdef float * logits = llama_get_logits_ith(ctx, i)
     cdef float best, acc
     cdef int j, n
@@ -891,7 +894,10 @@ cdef int _sample_into(llama_context * ctx, int i, Sampling * smpl, const llama_v
         acc = 0.0
         for j in range(n_vocab):
             acc += expf(logits[j] - best)
-        out.lp.push_back(logits[tok] - best - logf(acc))
+        acc = best + logf(acc)  # the log of the softmax's sum
+        out.lp.push_back(logits[tok] - acc)
+        if n_top > 0:
+            top_logprobs(logits, n_vocab, n_top, acc, out.top_tok, out.top_lp)
     out.tok.push_back(tok)
     tok_out[0] = tok
     if llama_vocab_is_eog(vocab, tok):
@@ -910,18 +916,25 @@ cdef inline void _clear_output(Output * out) noexcept nogil:
     out.text.clear()
     out.len.clear()
     out.lp.clear()
+    out.top_tok.clear()
+    out.top_lp.clear()
 
 
-cdef tuple _take_output(Output * out, bint want_lp):
-    """``(tokens, pieces, logprobs_or_None)`` of *out*, which is emptied."""
-    cdef size_t i
+cdef tuple _take_output(Output * out, bint want_lp, int n_top):
+    """``(tokens, pieces, logprobs_or_None, top_or_None)`` of *out*, which is
+    emptied; ``top[i]`` is token i's ``n_top`` most likely ``(token, logprob)``."""
+    cdef size_t i, j
     cdef Py_ssize_t off = 0
     cdef const char * base = out.text.c_str()
     pieces = []
     for i in range(out.len.size()):
         pieces.append(PyBytes_FromStringAndSize(base + off, out.len[i]))
         off += out.len[i]
-    result = ([t for t in out.tok], pieces, [x for x in out.lp] if want_lp else None)
+    top = None
+    if want_lp and n_top > 0:
+        top = [tuple([(out.top_tok[j], out.top_lp[j]) for j in range(i * n_top, (i + 1) * n_top)
+                      if out.top_tok[j] >= 0]) for i in range(out.tok.size())]
+    result = ([t for t in out.tok], pieces, [x for x in out.lp] if want_lp else None, top)
     _clear_output(out)
     return result
 
@@ -1353,7 +1366,7 @@ cdef class LlamaContext(_Decoder):
         finally:
             self._leave()
 
-    cdef int _generate(self, Sampling * smpl, int n_max, double deadline, bint want_lp,
+    cdef int _generate(self, Sampling * smpl, int n_max, double deadline, bint want_lp, int n_top,
                        Output * out) noexcept nogil:
         """The generation loop: decode what is pending, sample, stop at an end."""
         cdef int i, rc, st
@@ -1366,7 +1379,7 @@ cdef class LlamaContext(_Decoder):
                 rc = self._decode_pending()
                 if rc != ST_OK:
                     return rc
-            st = _sample_into(self.ptr, -1, smpl, self.model.vocab, self.model.n_vocab, want_lp, out, &tok)
+            st = _sample_into(self.ptr, -1, smpl, self.model.vocab, self.model.n_vocab, want_lp, n_top, out, &tok)
             if st == ST_DEAD_END:
                 return st
             self._tokens.push_back(tok)   # pending until the next step decodes it
@@ -1377,16 +1390,21 @@ cdef class LlamaContext(_Decoder):
                 break
         return ST_OK
 
-    def generate(self, SamplerChain sampler not None, int n_max, double budget_s=0.0, bint logprobs=False):
+    def generate(self, SamplerChain sampler not None, int n_max, double budget_s=0.0, bint logprobs=False,
+                 int top_logprobs=0):
         """Sample up to *n_max* tokens without the GIL.
 
         Stops early after *budget_s* seconds (if > 0, at least one token), at
         an end-of-generation token, on cancel() or when the context is full.
-        Returns ``(status, tokens, pieces, logprobs_or_None)``: ``pieces[i]``
+        Returns ``(status, tokens, pieces, logprobs_or_None, top_or_None)``
+        (*top_logprobs* > 0, with *logprobs*: each token's most likely
+        ``(token, logprob)``, see _take_output): ``pieces[i]``
         is the bytes of ``tokens[i]`` (b"" for an end-of-generation token).
         """
         if n_max <= 0:
             raise _errors.InvalidConfigError(f"n_max must be positive, got {n_max}")
+        if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+            raise _errors.InvalidConfigError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
         self._enter()
         cdef Output out
         cdef Sampling * smpl = sampler.s
@@ -1400,10 +1418,10 @@ cdef class LlamaContext(_Decoder):
             if budget_s > 0.0:
                 deadline = mullama_now() + budget_s
             with nogil:
-                status = self._generate(smpl, n_max, deadline, logprobs, &out)
+                status = self._generate(smpl, n_max, deadline, logprobs, top_logprobs, &out)
             if status < 0:
                 _check_status(status, None)
-            return (status,) + _take_output(&out, logprobs)
+            return (status,) + _take_output(&out, logprobs, top_logprobs)
         finally:
             self._leave()
 
@@ -1452,6 +1470,7 @@ cdef class BatchEngine(_Decoder):
         empty.n_gen = 0
         empty.max_gen = 0
         empty.want_lp = False
+        empty.n_top = 0
         self.slots.assign(n_seq, empty)
         self.prompts.resize(n_seq)
         self.outs.resize(n_seq)
@@ -1466,7 +1485,8 @@ cdef class BatchEngine(_Decoder):
 
     # -- slots --------------------------------------------------------------------
 
-    def start(self, int slot, tokens, SamplerChain sampler not None, int max_gen, bint logprobs=False):
+    def start(self, int slot, tokens, SamplerChain sampler not None, int max_gen, bint logprobs=False,
+              int top_logprobs=0):
         """Give *slot* a new request: its prompt tokens and sampling."""
         self._enter()
         cdef vector[llama_token] toks = tokens
@@ -1497,6 +1517,7 @@ cdef class BatchEngine(_Decoder):
             s.n_gen = 0
             s.max_gen = max_gen
             s.want_lp = logprobs
+            s.n_top = max(0, min(top_logprobs, MAX_TOP_LOGPROBS))
             self.prompts[slot] = toks
             _clear_output(&self.outs[slot])
             self.samplers[slot] = sampler
@@ -1554,8 +1575,8 @@ cdef class BatchEngine(_Decoder):
             self._leave()
 
     def drain(self, int slot):
-        """Take the slot's new output: ``(tokens, pieces, logprobs_or_None)``."""
-        return _take_output(&self.outs[slot], self.slots[slot].want_lp)
+        """Take the slot's new output: ``(tokens, pieces, logprobs_or_None, top_or_None)``."""
+        return _take_output(&self.outs[slot], self.slots[slot].want_lp, self.slots[slot].n_top)
 
     # -- stepping -------------------------------------------------------------------
 
@@ -1633,7 +1654,7 @@ cdef class BatchEngine(_Decoder):
             if s.i_batch < 0:
                 continue
             st = _sample_into(self.ptr, s.i_batch, self.smpls[i], self.model.vocab, self.model.n_vocab, s.want_lp,
-                              &self.outs[i], &tok)
+                              s.n_top, &self.outs[i], &tok)
             if st == ST_DEAD_END:
                 s.finish = st
                 continue

@@ -301,7 +301,8 @@ class Engine:
             sampler = req.sampler
             assert sampler is not None  # made by submit()
             try:
-                self._core.start(slot, req.tokens_in, sampler, cfg.max_tokens, cfg.include_probabilities)
+                self._core.start(slot, req.tokens_in, sampler, cfg.max_tokens, cfg.include_probabilities,
+                                 cfg.top_logprobs)
             except Exception as exc:
                 sampler.close()
                 self._free.append(slot)
@@ -315,11 +316,11 @@ class Engine:
     def _deliver(self) -> None:
         core = self._core
         for slot, req in list(self._active.items()):
-            toks, pieces, lps = core.drain(slot)
+            toks, pieces, lps, top = core.drain(slot)
             _, finish, cancelled, _, _, _ = core.slot_state(slot)
             if toks:
                 batch, stopped = req.add(toks, pieces, lps, len(req.tokens_in) + len(req.tokens),
-                                         ends=finish != _core.STATUS_OK)
+                                         ends=finish != _core.STATUS_OK, top=top)
                 if batch:
                     req.sink.offer(batch)
                 if stopped:

@@ -49,6 +49,9 @@ class TokenData:
     position: int
     logprob: Optional[float] = None
     is_final: bool = False
+    #: the ``StreamConfig.top_logprobs`` most likely tokens at this position, as
+    #: ``(token id, log-probability)``, most likely first (None unless asked for)
+    top_logprobs: Optional[Tuple[Tuple[int, float], ...]] = None
 
     @property
     def token_id(self) -> int:  # the name Mullama's TokenData uses
@@ -116,6 +119,8 @@ class Completion:
     timings: Timings
     logprobs: Optional[List[float]] = None
     metrics: Optional[RequestMetrics] = None
+    #: per token, its ``StreamConfig.top_logprobs`` most likely ``(token id, log-probability)``
+    top_logprobs: Optional[List[Tuple[Tuple[int, float], ...]]] = None
 
 
 def timeout_error(timeout_ms: Optional[int]) -> RequestTimeoutError:
@@ -213,6 +218,7 @@ class Generation:
         self.tokens: List[int] = []
         self.pieces: List[str] = []
         self.logprobs: List[float] = []
+        self.top_logprobs: List[Tuple[Tuple[int, float], ...]] = []
         self.prompt_tokens = 0
         self.finish_reason: Optional[str] = None
         self.t_submit = time.perf_counter()
@@ -234,7 +240,8 @@ class Generation:
         raise NotImplementedError
 
     def add(self, toks: Sequence[int], pieces: Sequence[bytes], lps: Optional[Sequence[float]], first_pos: int,
-            ends: bool) -> Tuple[List[TokenData], bool]:
+            ends: bool, top: Optional[Sequence[Tuple[Tuple[int, float], ...]]] = None
+            ) -> Tuple[List[TokenData], bool]:
         """Record a chunk of tokens from C (the first at position *first_pos*;
         *ends*: its last token ends the generation) and return its
         ``TokenData`` and whether a stop string ended it. Tokens after a stop
@@ -249,11 +256,14 @@ class Generation:
             if final and not stopped:
                 text += self.text.flush()
             lp = lps[i] if lps is not None else None
+            alternatives = top[i] if top is not None else None
             self.tokens.append(tok)
             self.pieces.append(text)
             if lp is not None:
                 self.logprobs.append(lp)
-            batch.append(TokenData(tok, text, first_pos + i, lp, final))
+            if alternatives is not None:
+                self.top_logprobs.append(alternatives)
+            batch.append(TokenData(tok, text, first_pos + i, lp, final, alternatives))
             if stopped:
                 return batch, True
         return batch, False
@@ -306,4 +316,5 @@ class Generation:
             timings=self.timings(),
             logprobs=list(self.logprobs) if self.config.include_probabilities else None,
             metrics=self.metrics(),
+            top_logprobs=list(self.top_logprobs) if self.config.top_logprobs else None,
         )

@@ -235,6 +235,36 @@ inline llama_token sample(Sampling * s, const float * logits, int n_vocab, float
     }
 }
 
+// most log-probabilities of alternatives per token (OpenAI's top_logprobs bound)
+static const int MAX_TOP_LOGPROBS = 20;
+
+// Append the *k* largest logits' tokens and log-probabilities (logit - *lse*, the
+// log of the softmax's sum), most likely first (ties: the lower id first), to
+// *toks* and *lps*: one pass over the vocabulary with an insertion array.
+inline void top_logprobs(const float * logits, int n_vocab, int k, float lse, std::vector<llama_token> & toks,
+                         std::vector<float> & lps) {
+    llama_token idx[MAX_TOP_LOGPROBS];
+    float val[MAX_TOP_LOGPROBS];
+    int m = 0;
+    if (k > MAX_TOP_LOGPROBS) k = MAX_TOP_LOGPROBS;
+    for (int j = 0; j < n_vocab; j++) {
+        const float v = logits[j];
+        if (m == k && !(v > val[m - 1])) continue;
+        int p = m < k ? m++ : k - 1;
+        while (p > 0 && val[p - 1] < v) {
+            val[p] = val[p - 1];
+            idx[p] = idx[p - 1];
+            p--;
+        }
+        val[p] = v;
+        idx[p] = j;
+    }
+    for (int i = 0; i < k; i++) {
+        toks.push_back(i < m ? idx[i] : -1);
+        lps.push_back(i < m ? val[i] - lse : -INFINITY);
+    }
+}
+
 // Feed *tokens* to the grammar as if generated (e.g. the part of the reply a
 // chat template already wrote). Returns false if the grammar refuses them.
 inline bool grammar_prefill(Sampling * s, const llama_token * tokens, int n) noexcept {

@@ -263,7 +263,7 @@ async def test_concurrent_streams_async_client(tiny_server, tiny_model):
     (dict(messages=CHAT, max_tokens=0), "max_tokens"),
     (dict(messages=CHAT, max_tokens=10_000), "maximum context length is 256 tokens"),
     (dict(messages=CHAT, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
-    (dict(messages=CHAT, top_logprobs=3, logprobs=True), "top_logprobs"),
+    (dict(messages=CHAT, top_logprobs=30, logprobs=True), "between 0 and 20"),
     (dict(messages=CHAT, extra_body={"grammar": "root ::= x"}), "undefined rule 'x'"),
     (dict(messages=CHAT, extra_body={"grammar": "root ::= \"a\"", "json_schema": {}}), "at most one of"),
     (dict(messages=CHAT, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
@@ -1124,3 +1124,22 @@ def test_langchain_structured_output_and_tools(tools_server):
     (call,) = msg.tool_calls
     assert call["name"] == "GetWeather" and call["id"]
     GetWeather.model_validate(call["args"])
+
+
+def test_top_logprobs_through_the_openai_client(tiny_server):
+    client = tiny_server.client()
+    r = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].logprob == entry.logprob
+        assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].bytes == entry.bytes
+    chunks = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, temperature=0, logprobs=True,
+                                            top_logprobs=2, stream=True)
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [len(e.top_logprobs) for e in streamed] == [2] * 4
+    done = client.completions.create(model="tiny", prompt="once upon", max_tokens=3, temperature=0, logprobs=2)
+    lp = done.choices[0].logprobs
+    assert len(lp.top_logprobs) == 3 and all(len(d) <= 2 for d in lp.top_logprobs)
+    assert [max(d.values()) for d in lp.top_logprobs] == pytest.approx(lp.token_logprobs)

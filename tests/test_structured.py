@@ -376,3 +376,50 @@ def test_every_listed_schema_shape_validates(tiny_ctx, shape):
         jsonschema.validate(value, schema)
         if "format" in schema:
             assert re.match(_FORMATS[schema["format"]], value), value
+
+
+# ---------------------------------------------------------------------------
+# top log-probabilities (issue 15): found in the C loop, in both decode paths
+
+def test_top_logprobs_are_the_most_likely_tokens_of_the_raw_distribution(tiny_model):
+    import numpy as np
+
+    with tiny_model.create_context(512, threads=1) as ctx:
+        ctx.eval(tiny_model.tokenize("once upon"))
+        logits = np.array(ctx.logits(), dtype=np.float64)
+        ctx.reset()
+        c = ctx.generate("once upon", StreamConfig.greedy(6, top_logprobs=5))
+    logp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+    first = c.top_logprobs[0]
+    assert [t for t, _ in first] == [int(i) for i in np.argsort(-logp, kind="stable")[:5]]
+    assert [lp for _, lp in first] == pytest.approx([float(logp[t]) for t, _ in first], abs=1e-4)
+    for toks, chosen, lp in zip(c.top_logprobs, c.tokens, c.logprobs):
+        assert len(toks) == 5 and toks[0] == (chosen, lp)  # greedy: the chosen token is the most likely
+        assert all(a[1] >= b[1] for a, b in zip(toks, toks[1:]))
+    assert StreamConfig(top_logprobs=3).include_probabilities
+    with pytest.raises(InvalidConfigError, match="top_logprobs must be between 0 and 20"):
+        StreamConfig(top_logprobs=21)
+
+
+@pytest_anyio
+async def test_top_logprobs_on_the_engine_equal_one_at_a_time(tiny_model, tiny_model_path):
+    cfgs = [StreamConfig.greedy(8, top_logprobs=k) for k in (1, 3, 20)] + [sampled(2, top_logprobs=4)]
+    with tiny_model.create_context(1024, threads=1) as ctx:
+        expected = []
+        for cfg in cfgs:
+            ctx.reset()
+            expected.append(ctx.generate("hello", cfg))
+    async with await AsyncModel.load(tiny_model_path, max_concurrent=4, context_size=4096, threads=1) as model:
+        got = [None] * len(cfgs)
+
+        async def one(i):
+            got[i] = await model.generate("hello", config=cfgs[i])
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(cfgs)):
+                tg.start_soon(one, i)
+        async with model.generate_stream("hello", cfgs[1]) as stream:
+            streamed = [t.top_logprobs async for t in stream]
+    for g, e in zip(got, expected):
+        assert [[t for t, _ in row] for row in g.top_logprobs] == [[t for t, _ in row] for row in e.top_logprobs]
+    assert [[t for t, _ in row] for row in streamed] == [[t for t, _ in row] for row in got[1].top_logprobs]

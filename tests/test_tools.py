@@ -316,7 +316,7 @@ def _reply_after(model, plan, written):
         sampler.prefill(head)
         with model.create_context(4096, threads=1) as ctx:
             ctx.eval(plan.tokens + head)
-            status, _, pieces, _ = ctx._core.generate(sampler, 200)
+            status, _, pieces, _, _ = ctx._core.generate(sampler, 200)
     finally:
         sampler.close()
     parser = plan.reply_parser()

@@ -400,7 +400,7 @@ HUGE = 10**400  # valid JSON (an integer), beyond any float
     ({"prompt": "x", "stop": ["a", ""]}, False, "stop", "must not be empty"),
     ({"prompt": "x", "stop": ["s"] * 65}, False, "stop", "at most 64 stop strings"),
     ({"prompt": "x", "stop": ["x" * 9000]}, False, "stop", "8192"),
-    ({"prompt": "x", "logprobs": 2}, False, "logprobs", "logprobs=0"),
+    ({"prompt": "x", "logprobs": 21}, False, "logprobs", "between 0 and 20"),
     ({"prompt": "x", "echo": True, "logprobs": 0}, False, "echo", "'echo' with 'logprobs'"),
     ({"prompt": "x", "suffix": "y"}, False, "suffix", "not supported"),
     ({"prompt": "x", "best_of": 2}, False, "best_of", "best_of must be 1"),
@@ -414,7 +414,8 @@ HUGE = 10**400  # valid JSON (an integer), beyond any float
     ({"messages": CHAT, "response_format": {"type": "jsonish"}}, True, "response_format", "response_format type"),
     ({"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 5}}}, True,
      "response_format", "must be a dict"),
-    ({"messages": CHAT, "top_logprobs": 2}, True, "top_logprobs", "top_logprobs=0"),
+    ({"messages": CHAT, "top_logprobs": 2}, True, "top_logprobs", "needs 'logprobs': true"),
+    ({"messages": CHAT, "logprobs": True, "top_logprobs": 21}, True, "top_logprobs", "between 0 and 20"),
     ({"messages": CHAT, "logprobs": 1}, True, "logprobs", "must be a boolean"),
     ({"messages": CHAT, "model": 5}, True, "model", "must be a string"),
 ])

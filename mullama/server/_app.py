@@ -20,6 +20,7 @@ and frees its slot (mullama's cancel contract, end to end).
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import os
@@ -342,10 +343,10 @@ class OpenAIApp:
                   offset: int) -> Optional[Dict[str, Any]]:
         if not req.logprobs or not toks:
             return None
-        pieces = [model.model.token_to_piece(t.id, special=True) for t in toks]
+        piece = functools.partial(model.model.token_to_piece, special=True)
         if req.chat:
-            return oa.chat_logprobs(toks, pieces)
-        return oa.completion_logprobs(toks, pieces, offset)
+            return oa.chat_logprobs(toks, piece)
+        return oa.completion_logprobs(toks, piece, offset)
 
     async def _respond_whole(self, ex: Exchange, model: AsyncModel, req: oa.GenerationRequest, stream: Any,
                              ids: oa.ResponseIds, n_prompt: int, parser: Optional[ReplyParser]) -> None:

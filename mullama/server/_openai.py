@@ -11,11 +11,11 @@ import math
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from .. import __version__
 from .._chat import check_messages
-from .._config import StreamConfig, check_constraint
+from .._config import MAX_TOP_LOGPROBS, StreamConfig, check_constraint
 from .._generation import Completion, TokenData
 from .._tools import ChatCompletion, ChatDelta, check_tools
 from .._errors import GrammarError, InvalidConfigError, MullamaError
@@ -59,6 +59,8 @@ class GenerationRequest:
     stream: bool = False
     include_usage: bool = False
     logprobs: bool = False
+    #: how many most likely alternatives per token (chat: top_logprobs; completions: logprobs)
+    top_logprobs: int = 0
     echo: bool = False
     #: chat: function tools, tool_choice, parallel_tool_calls and template kwargs (ChatPlan's arguments)
     tools: Optional[List[Dict[str, Any]]] = None
@@ -71,7 +73,8 @@ class GenerationRequest:
 
     def config_fields(self, max_tokens: int) -> Dict[str, Any]:
         """The request's :class:`StreamConfig` fields."""
-        return dict(max_tokens=max_tokens, include_probabilities=self.logprobs, **self.sampling)
+        return dict(max_tokens=max_tokens, include_probabilities=self.logprobs, top_logprobs=self.top_logprobs,
+                    **self.sampling)
 
     def config(self, max_tokens: int) -> StreamConfig:
         return StreamConfig(**self.config_fields(max_tokens))
@@ -155,8 +158,14 @@ def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
         _refuse_unless(body, "modalities", lambda v: v == ["text"], "only text output is supported")
         logprobs = _get(body, "logprobs", (bool,), "a boolean")
         req.logprobs = bool(logprobs)
-        _refuse_unless(body, "top_logprobs", lambda v: v == 0,
-                       "only the chosen token's log-probability is available (top_logprobs=0)")
+        top = _get(body, "top_logprobs", (int,), "an integer")
+        if top is not None:
+            if not 0 <= top <= MAX_TOP_LOGPROBS:
+                raise ApiError(400, f"'top_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}, got {top}",
+                               param="top_logprobs")
+            if top and not req.logprobs:
+                raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+            req.top_logprobs = top
     else:
         if "prompt" not in body:
             raise ApiError(400, "'prompt' is required", param="prompt")
@@ -165,10 +174,11 @@ def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
         if max_tokens is None:
             max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
         logprobs = _get(body, "logprobs", (int,), "an integer")
-        if logprobs is not None and logprobs != 0:
-            raise ApiError(400, f"'logprobs'={logprobs} is not supported: only the chosen token's log-probability "
-                                "is available (logprobs=0)", param="logprobs")
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise ApiError(400, f"'logprobs' must be between 0 and {MAX_TOP_LOGPROBS}, got {logprobs}",
+                           param="logprobs")
         req.logprobs = logprobs is not None
+        req.top_logprobs = logprobs or 0
         req.echo = bool(_get(body, "echo", (bool,), "a boolean"))
         if req.echo and req.logprobs:
             raise ApiError(400, "'echo' with 'logprobs' is not supported: the prompt's log-probabilities are not "
@@ -283,18 +293,33 @@ def usage(prompt_tokens: int, completion_tokens: int) -> Dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_logprobs(tokens: Sequence[TokenData], pieces: Sequence[bytes]) -> Dict[str, Any]:
-    return {"content": [{"token": piece.decode("utf-8", "replace"), "logprob": tok.logprob,
-                         "bytes": list(piece), "top_logprobs": []} for tok, piece in zip(tokens, pieces)]}
+Piece = Callable[[int], bytes]
 
 
-def completion_logprobs(tokens: Sequence[TokenData], pieces: Sequence[bytes], offset: int) -> Dict[str, Any]:
+def chat_logprobs(tokens: Sequence[TokenData], piece: Piece) -> Dict[str, Any]:
+    """OpenAI's chat ``logprobs``: per token its text, bytes and log-probability,
+    and its ``top_logprobs`` alternatives in the same shape. *piece*: a token's bytes."""
+    def entry(token: int, logprob: Optional[float]) -> Dict[str, Any]:
+        b = piece(token)
+        return {"token": b.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(b)}
+
+    return {"content": [{**entry(t.id, t.logprob),
+                         "top_logprobs": [entry(i, lp) for i, lp in t.top_logprobs or ()]} for t in tokens]}
+
+
+def completion_logprobs(tokens: Sequence[TokenData], piece: Piece, offset: int) -> Dict[str, Any]:
+    """OpenAI's completions ``logprobs``: tokens, their log-probabilities and text
+    offsets, and per token ``{text: logprob}`` of its alternatives (``logprobs=k``)."""
+    texts = [piece(t.id).decode("utf-8", "replace") for t in tokens]
     offsets = []
-    for piece in pieces:
+    for text in texts:
         offsets.append(offset)
-        offset += len(piece.decode("utf-8", "replace"))
-    return {"tokens": [p.decode("utf-8", "replace") for p in pieces], "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": None, "text_offset": offsets}
+        offset += len(text)
+    top = None
+    if any(t.top_logprobs for t in tokens):
+        top = [{piece(i).decode("utf-8", "replace"): lp for i, lp in t.top_logprobs or ()} for t in tokens]
+    return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens], "top_logprobs": top,
+            "text_offset": offsets}
 
 
 def chat_response(ids: ResponseIds, done: Completion, prompt_tokens: int,
