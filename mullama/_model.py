@@ -299,7 +299,8 @@ class Model(Owner):
     # -- chat -----------------------------------------------------------------------
 
     def apply_chat_template(self, messages: Sequence["Message"], *, template: Optional[str] = None,
-                            add_generation_prompt: bool = True) -> str:
+                            add_generation_prompt: bool = True,
+                            chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> str:
         """The prompt text of *messages* (``[{"role": "user", "content": "Hi"}]``)
         in the model's chat format.
 
@@ -307,6 +308,7 @@ class Model(Owner):
             template: a Jinja chat template or the name of a llama.cpp built-in
                 format (:func:`mullama.builtin_templates`); default: the model's own.
             add_generation_prompt: end with the header of an assistant turn.
+            chat_template_kwargs: extra variables for the template.
 
         Raises:
             ChatTemplateError: no template (the model has none and none was
@@ -316,7 +318,8 @@ class Model(Owner):
 
         if self._core.closed:
             raise ClosedError("the model is closed")
-        return format_chat(self, messages, template=template, add_generation_prompt=add_generation_prompt)
+        return format_chat(self, messages, template=template, add_generation_prompt=add_generation_prompt,
+                           kwargs=chat_template_kwargs)
 
     def chat(self, messages: Sequence["Message"], config: Optional[StreamConfig] = None, *,
              template: Optional[str] = None, context_size: Optional[int] = None,

@@ -1143,3 +1143,44 @@ def test_top_logprobs_through_the_openai_client(tiny_server):
     lp = done.choices[0].logprobs
     assert len(lp.top_logprobs) == 3 and all(len(d) <= 2 for d in lp.top_logprobs)
     assert [max(d.values()) for d in lp.top_logprobs] == pytest.approx(lp.token_logprobs)
+
+
+def test_llama_server_routes_and_unprefixed_openai_routes(tiny_server, tiny_model):
+    base = tiny_server.base
+    r = httpx.get(base + "/models", timeout=10)
+    assert r.status_code == 200 and r.json()["data"][0]["id"] == "tiny"
+    assert httpx.get(base + "/models/tiny", timeout=10).status_code == 200
+    r = httpx.post(base + "/completions", json={"prompt": "once upon", "max_tokens": 3, "temperature": 0}, timeout=30)
+    assert r.status_code == 200 and r.json()["object"] == "text_completion"
+    r = httpx.post(base + "/chat/completions", json={"messages": CHAT, "max_tokens": 3}, timeout=30)
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+    # llama-server's /tokenize, /detokenize and /apply-template
+    r = httpx.post(base + "/tokenize", json={"content": "hello there"}, timeout=10)
+    tokens = r.json()["tokens"]
+    assert tokens == tiny_model.tokenize("hello there", add_bos=False, special=True)
+    r = httpx.post(base + "/tokenize", json={"content": "hello", "add_special": True, "with_pieces": True},
+                   timeout=10)
+    pieces = r.json()["tokens"]
+    assert [p["id"] for p in pieces] == tiny_model.tokenize("hello", add_bos=True, special=True)
+    assert "".join(p["piece"] for p in pieces[1:]).strip() == "hello"
+    r = httpx.post(base + "/detokenize", json={"tokens": tokens}, timeout=10)
+    assert r.status_code == 200 and r.json()["content"].strip() == "hello there"
+    r = httpx.post(base + "/apply-template", json={"messages": CHAT}, timeout=10)
+    assert r.json()["prompt"] == tiny_model.apply_chat_template(CHAT, template="chatml")
+    for path, body, param in (("/tokenize", {}, "content"), ("/detokenize", {"tokens": [1, "x"]}, "tokens"),
+                              ("/detokenize", {"tokens": [10 ** 9]}, "tokens"), ("/tokenize", [1], None)):
+        r = httpx.post(base + path, json=body, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, body, r.text)
+
+
+def test_any_model_name_is_a_choice(tiny_model_path):
+    from mullama.server import create_app
+    from mullama.server._openai import ApiError
+
+    strict = create_app(str(tiny_model_path), model_id="tiny")
+    with pytest.raises(ApiError, match="does not exist"):
+        strict._check_model_name("gpt-4o")
+    create_app(str(tiny_model_path), model_id="tiny", any_model_name=True)._check_model_name("gpt-4o")
+    r = subprocess.run([sys.executable, "-m", "mullama", "serve", "--help"], capture_output=True, text=True,
+                       timeout=60)
+    assert "--any-model-name" in r.stdout

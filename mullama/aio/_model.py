@@ -445,6 +445,18 @@ class AsyncModel(_Results, Owner):
         return await anyio.to_thread.run_sync(chat_tokens, self._model, messages, template, chat_template_kwargs,
                                              limiter=self._threads())
 
+    async def apply_chat_template(self, messages: Sequence[Message], *, template: Optional[str] = None,
+                                  add_generation_prompt: bool = True,
+                                  chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> str:
+        """The prompt text of *messages* in the model's chat format (on a worker
+        thread; see :meth:`mullama.Model.apply_chat_template`)."""
+        check_open(self._closed, "AsyncModel")
+        messages = check_messages(messages)
+        render = functools.partial(self._model.apply_chat_template, messages, template=template,
+                                   add_generation_prompt=add_generation_prompt,
+                                   chat_template_kwargs=chat_template_kwargs)
+        return await run_in_thread(render, limiter=self._threads())
+
     async def make_config(self, **fields: Any) -> StreamConfig:
         """``StreamConfig(**fields)``, built on one of this model's worker threads:
         llama.cpp's converter can take a second on a large JSON schema (many

@@ -50,8 +50,10 @@ class OpenAIApp:
 
     Endpoints: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST
     /v1/completions``, ``POST /v1/chat/completions`` (both with ``"stream":
-    true`` as server-sent events), ``GET /health`` and ``GET /metrics``
-    (Prometheus text format).
+    true`` as server-sent events), the same without the ``/v1`` prefix (as
+    llama-server and others also serve them), llama-server's ``POST /tokenize``,
+    ``POST /detokenize`` and ``POST /apply-template``, ``GET /health`` and
+    ``GET /metrics`` (Prometheus text format).
 
     Args:
         model: a ``.gguf`` path or an :class:`~mullama.aio.AsyncConfig`, loaded
@@ -61,8 +63,11 @@ class OpenAIApp:
         model_id: the name clients use in ``"model"`` (default: the file's stem).
         chat_template: a Jinja chat template or a llama.cpp built-in format name
             for ``/v1/chat/completions`` (default: the model's own).
-        api_key: if set, ``/v1/`` requests need ``Authorization: Bearer <api_key>``
-            (compared as UTF-8 bytes, in constant time).
+        api_key: if set, every request but ``/health`` and ``/metrics`` needs
+            ``Authorization: Bearer <api_key>`` (compared as UTF-8 bytes, in constant time).
+        any_model_name: answer requests whatever their ``"model"`` names (as
+            llama-server does when it serves one model), for clients that send
+            a fixed placeholder; by default another name is a ``404``.
         io_timeout: seconds a client may go without sending anything of its
             request body (then ``408``) or receiving anything of the response
             (then it counts as disconnected: its generation is cancelled).
@@ -70,7 +75,8 @@ class OpenAIApp:
 
     def __init__(self, model: Union[str, "os.PathLike[str]", AsyncConfig, AsyncModel], *,
                  model_id: Optional[str] = None, chat_template: Optional[str] = None,
-                 api_key: Optional[str] = None, io_timeout: float = IO_TIMEOUT_S) -> None:
+                 api_key: Optional[str] = None, io_timeout: float = IO_TIMEOUT_S,
+                 any_model_name: bool = False) -> None:
         if not (isinstance(io_timeout, (int, float)) and io_timeout > 0):
             raise InvalidConfigError(f"io_timeout must be a positive number of seconds, got {io_timeout!r}")
         self._given: Optional[AsyncModel] = None
@@ -86,6 +92,7 @@ class OpenAIApp:
             check_template(chat_template)  # a broken template fails here, not on every request
         self.chat_template = chat_template
         self.api_key = api_key
+        self.any_model_name = bool(any_model_name)
         self.io_timeout = float(io_timeout)
         self.model: Optional[AsyncModel] = self._given
         self.runtime: Optional[Runtime] = None
@@ -95,13 +102,18 @@ class OpenAIApp:
         #: why the lifespan startup failed, if it did
         self.startup_error: Optional[BaseException] = None
         self._created = int(time.time())
-        self._routes: Dict[str, Tuple[str, Dict[str, Callable[[Exchange], Awaitable[None]]]]] = {
-            "/v1/models": ("models", {"GET": self._list_models}),
-            "/v1/completions": ("completions", {"POST": self._completions}),
-            "/v1/chat/completions": ("chat_completions", {"POST": self._chat_completions}),
-            "/health": ("health", {"GET": self._health}),
-            "/metrics": ("metrics", {"GET": self._metrics}),
+        api: Dict[str, Tuple[str, Dict[str, Callable[[Exchange], Awaitable[None]]]]] = {
+            "/models": ("models", {"GET": self._list_models}),
+            "/completions": ("completions", {"POST": self._completions}),
+            "/chat/completions": ("chat_completions", {"POST": self._chat_completions}),
         }
+        self._routes: Dict[str, Tuple[str, Dict[str, Callable[[Exchange], Awaitable[None]]]]] = {
+                        **{"/v1" + path: route for path, route in api.items()}, **api,
+                        "/tokenize": ("tokenize", {"POST": self._tokenize}),
+                        "/detokenize": ("detokenize", {"POST": self._detokenize}),
+                        "/apply-template": ("apply_template", {"POST": self._apply_template}),
+                        "/health": ("health", {"GET": self._health}),
+                        "/metrics": ("metrics", {"GET": self._metrics})}
 
     # -- ASGI ---------------------------------------------------------------------------
 
@@ -141,7 +153,7 @@ class OpenAIApp:
     async def _http(self, ex: Exchange) -> None:
         path = ex.scope["path"]
         route = self._routes.get(path)
-        if route is None and path.startswith("/v1/models/"):
+        if route is None and (path.startswith("/v1/models/") or path.startswith("/models/")):
             route = ("models", {"GET": self._get_model})
         endpoint = route[0] if route else "other"
         self.metrics.in_flight += 1
@@ -152,7 +164,7 @@ class OpenAIApp:
             if handler is None:
                 raise oa.ApiError(405, f"{path} does not allow {ex.scope['method']}; use {', '.join(route[1])}",
                                   headers=[("allow", ", ".join(route[1]))])
-            if path.startswith("/v1/"):
+            if path not in ("/health", "/metrics"):
                 self._check_key(ex)
             await handler(ex)
         except oa.ApiError as exc:
@@ -195,7 +207,7 @@ class OpenAIApp:
         return model
 
     def _check_model_name(self, name: Optional[str]) -> None:
-        if name is not None and name != self.model_id:
+        if name is not None and name != self.model_id and not self.any_model_name:
             raise oa.ApiError(404, f"the model {name!r} does not exist; this server serves {self.model_id!r}",
                               param="model", code="model_not_found")
 
@@ -208,8 +220,52 @@ class OpenAIApp:
         await ex.respond_json(200, {"object": "list", "data": [self._model_card()]})
 
     async def _get_model(self, ex: Exchange) -> None:
-        self._check_model_name(ex.scope["path"][len("/v1/models/"):])
+        self._check_model_name(ex.scope["path"].split("/models/", 1)[1])
         await ex.respond_json(200, self._model_card())
+
+    # llama-server's own endpoints, with its shapes
+
+    async def _tokenize(self, ex: Exchange) -> None:
+        body = oa.body_object(await ex.json())
+        content = oa.body_field(body, "content", (str,), "a string", required=True)
+        add_special = bool(oa.body_field(body, "add_special", (bool,), "a boolean"))
+        parse_special = oa.body_field(body, "parse_special", (bool,), "a boolean")
+        with_pieces = bool(oa.body_field(body, "with_pieces", (bool,), "a boolean"))
+        model = self._ready()
+        tokens = await model.tokenize(content, add_bos=add_special, special=parse_special is not False)
+        if with_pieces:
+            piece = functools.partial(model.model.token_to_piece, special=True)
+            out: List[Any] = [{"id": t, "piece": piece(t).decode("utf-8", "replace")} for t in tokens]
+        else:
+            out = tokens
+        await ex.respond_json(200, {"tokens": out})
+
+    async def _detokenize(self, ex: Exchange) -> None:
+        body = oa.body_object(await ex.json())
+        tokens = oa.body_field(body, "tokens", (list,), "a list of token ids", required=True)
+        model = self._ready()
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise oa.ApiError(400, "'tokens' must be a list of token ids", param="tokens")
+        try:
+            text = await model.detokenize(tokens)
+        except (InvalidTokenError, InvalidConfigError) as exc:
+            raise oa.ApiError(400, str(exc), param="tokens") from None
+        await ex.respond_json(200, {"content": text})
+
+    async def _apply_template(self, ex: Exchange) -> None:
+        """The prompt a chat request's messages make (``{"prompt": ...}``), as /v1/chat/completions renders it."""
+        req = oa.parse_request(await ex.json(), chat=True)
+        model = self._ready()
+        plan = await self._plan(model, req)
+        if plan is not None:
+            prompt = plan.prompt
+        else:
+            try:
+                prompt = await model.apply_chat_template(req.messages or [], template=self.chat_template,
+                                                         chat_template_kwargs=req.chat_template_kwargs)
+            except ChatTemplateError as exc:
+                raise oa.ApiError(400, str(exc), param="messages", code="chat_template") from None
+        await ex.respond_json(200, {"prompt": prompt})
 
     async def _health(self, ex: Exchange) -> None:
         model = self.model

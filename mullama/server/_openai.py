@@ -93,6 +93,20 @@ def _get(body: Dict[str, Any], name: str, types: "tuple[type, ...]", what: str) 
     return value
 
 
+def body_object(body: Any) -> Dict[str, Any]:
+    """A request body that must be a JSON object."""
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def body_field(body: Dict[str, Any], name: str, types: "tuple[type, ...]", what: str, required: bool = False) -> Any:
+    """A field of a request body, checked (``None`` when absent, unless *required*)."""
+    if required and body.get(name) is None:
+        raise ApiError(400, f"'{name}' is required", param=name)
+    return _get(body, name, types, what)
+
+
 def _refuse_unless(body: Dict[str, Any], name: str, ok: Any, why: str) -> None:
     value = body.get(name)
     if value is not None and not ok(value):
