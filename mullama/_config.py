@@ -189,7 +189,10 @@ class StreamConfig:
             bytes together (``MAX_STOP_BYTES``).
         include_probabilities: fill ``TokenData.logprob`` with the log-probability
             of each chosen token under the model's raw distribution.
-        top_logprobs: also give, per token, the log-probabilities of the this
+        logit_bias: ``{token id: bias}`` added to the logits before sampling
+            (-100..100, as in OpenAI's API: -100 bans a token, 100 all but
+            forces it); kept as sorted ``(token, bias)`` pairs.
+        top_logprobs: also give, per token, the log-probabilities of this
             many most likely tokens (0..20, found in the C loop without copying
             the logits): ``TokenData.top_logprobs``. More than 0 turns
             ``include_probabilities`` on.
@@ -222,6 +225,7 @@ class StreamConfig:
     seed: Optional[int] = None
     stop: Tuple[str, ...] = field(default=())
     include_probabilities: bool = False
+    logit_bias: Tuple[Tuple[int, float], ...] = ()
     top_logprobs: int = 0
     grammar: Optional[Grammar] = None
     # (dicts: left out of the hash; equal configs still compare equal)
@@ -244,6 +248,7 @@ class StreamConfig:
         if not isinstance(self.include_probabilities, bool):
             raise InvalidConfigError(
                 f"include_probabilities must be a bool, got {type(self.include_probabilities).__name__}")
+        object.__setattr__(self, "logit_bias", _check_logit_bias(self.logit_bias))
         check_int("top_logprobs", self.top_logprobs, minimum=0, maximum=MAX_TOP_LOGPROBS)
         if self.top_logprobs:
             object.__setattr__(self, "include_probabilities", True)
@@ -380,6 +385,24 @@ def schema_grammar(schema_json: str) -> str:
     from . import _core
 
     return _core.json_schema_to_grammar(schema_json)
+
+
+def _check_logit_bias(bias: Any) -> Tuple[Tuple[int, float], ...]:
+    """``{token id: bias}`` (or pairs) as sorted pairs, each bias in -100..100."""
+    if not bias:
+        return ()
+    try:
+        items = list(bias.items()) if isinstance(bias, Mapping) else [tuple(p) for p in bias]
+    except TypeError:
+        raise InvalidConfigError(f"logit_bias must be a dict of token id to bias, got {type(bias).__name__}") from None
+    out = {}
+    for pair in items:
+        if len(pair) != 2:
+            raise InvalidConfigError(f"logit_bias must be a dict of token id to bias, got the item {pair!r}")
+        tok, value = pair
+        tok = check_int("logit_bias token", tok, minimum=0, maximum=_I32_MAX)
+        out[tok] = check_float(f"logit_bias[{tok}]", value, minimum=-100.0, maximum=100.0)
+    return tuple(sorted(out.items()))
 
 
 def _check_stop(stop: Union[str, Sequence[str], None]) -> Tuple[str, ...]:

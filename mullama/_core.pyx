@@ -569,8 +569,17 @@ cdef class SamplerChain:
     def __init__(self, LlamaModel model not None, float temperature=0.0, int top_k=0, float top_p=1.0,
                  float min_p=0.0, float repeat_penalty=1.0, int repeat_last_n=64, unsigned int seed=0xFFFFFFFF,
                  float frequency_penalty=0.0, float presence_penalty=0.0, str grammar=None, str root="root",
-                 triggers=(), trigger_tokens=(), preserved=(), reasoning=(), bint reasoning_open=False):
+                 triggers=(), trigger_tokens=(), preserved=(), reasoning=(), bint reasoning_open=False,
+                 logit_bias=()):
         model._check()
+        cdef vector[llama_logit_bias] biases
+        cdef llama_logit_bias b
+        for tok, bias in logit_bias:
+            if not 0 <= tok < model.n_vocab:
+                raise _errors.InvalidTokenError(f"logit_bias token {tok} is outside the vocabulary (0..{model.n_vocab - 1})")
+            b.token = tok
+            b.bias = bias
+            biases.push_back(b)
         for t in sorted(set(preserved)):
             if not 0 <= t < model.n_vocab:
                 raise _errors.InvalidTokenError(f"preserved token {t} is outside the vocabulary")
@@ -580,11 +589,14 @@ cdef class SamplerChain:
         cdef llama_sampler_chain_params p = llama_sampler_chain_default_params()
         p.no_perf = True
         cdef bint penalties = repeat_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0
-        if temperature <= 0.0 and not penalties:
+        if temperature <= 0.0 and not penalties and biases.empty():
             return  # greedy: argmax in the loop
         self.greedy = False
         cdef llama_sampler * chain = llama_sampler_chain_init(p)
         self.s.chain = chain
+        if not biases.empty():  # first, as in llama.cpp's common_sampler
+            llama_sampler_chain_add(chain, llama_sampler_init_logit_bias(model.n_vocab, <int32_t>biases.size(),
+                                                                         biases.data()))
         if penalties:
             llama_sampler_chain_add(chain, llama_sampler_init_penalties(
                 model.n_vocab, repeat_last_n, repeat_penalty, frequency_penalty, presence_penalty))

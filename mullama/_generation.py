@@ -133,11 +133,12 @@ def new_sampler(model: "_core.LlamaModel", cfg: StreamConfig) -> "_core.SamplerC
     seed = 0xFFFFFFFF if cfg.seed is None else cfg.seed
     if g is None:
         return _core.SamplerChain(model, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repeat_penalty,
-                                  cfg.repeat_last_n, seed, cfg.frequency_penalty, cfg.presence_penalty)
+                                  cfg.repeat_last_n, seed, cfg.frequency_penalty, cfg.presence_penalty,
+                                  logit_bias=cfg.logit_bias)
     sampler = _core.SamplerChain(model, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repeat_penalty,
                                  cfg.repeat_last_n, seed, cfg.frequency_penalty, cfg.presence_penalty,
                                  g.text, g.root, g.triggers, g.trigger_tokens, g.preserved_tokens, g.reasoning,
-                                 g.reasoning_open)
+                                 g.reasoning_open, cfg.logit_bias)
     if g.prefill_tokens:
         try:
             sampler.prefill(g.prefill_tokens)

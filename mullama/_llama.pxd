@@ -115,6 +115,10 @@ cdef extern from "llama.h" nogil:
         bint kv_unified           # one KV buffer shared by all sequences
         # ...
 
+    ctypedef struct llama_logit_bias:
+        llama_token token
+        float bias
+
     ctypedef struct llama_sampler_chain_params:
         bint no_perf
 
@@ -221,6 +225,8 @@ cdef extern from "llama.h" nogil:
     llama_sampler * llama_sampler_init_top_p(float p, size_t min_keep)
     llama_sampler * llama_sampler_init_min_p(float p, size_t min_keep)
     llama_sampler * llama_sampler_init_temp(float t)
+    llama_sampler * llama_sampler_init_logit_bias(int32_t n_vocab, int32_t n_logit_bias,
+                                                  const llama_logit_bias * logit_bias)
     llama_sampler * llama_sampler_init_penalties(int32_t n_vocab, int32_t penalty_last_n, float penalty_repeat,
                                                  float penalty_freq, float penalty_present)
     llama_sampler * llama_sampler_init_grammar(const llama_vocab * vocab, const char * grammar_str,

@@ -1184,3 +1184,16 @@ def test_any_model_name_is_a_choice(tiny_model_path):
     r = subprocess.run([sys.executable, "-m", "mullama", "serve", "--help"], capture_output=True, text=True,
                        timeout=60)
     assert "--any-model-name" in r.stdout
+
+
+def test_logit_bias_through_the_openai_client(tiny_server, tiny_model):
+    client = tiny_server.client()
+    with tiny_model.create_context(256, threads=1) as ctx:
+        first = ctx.generate("once upon", StreamConfig.greedy(1)).tokens[0]
+    forced = client.completions.create(model="tiny", prompt="once upon", max_tokens=4, temperature=0,
+                                       logit_bias={str(first + 1): 100})
+    assert forced.choices[0].text == tiny_model.token_to_piece(first + 1).decode() * 4
+    for bias, match in (({"x": 1}, "keys must be token ids"), ({"5": 1000}, r"logit_bias\[5\] must be")):
+        with pytest.raises(openai.BadRequestError, match=match) as info:
+            client.completions.create(model="tiny", prompt="a", max_tokens=2, logit_bias=bias)
+        assert info.value.body["param"] == "logit_bias"

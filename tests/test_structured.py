@@ -403,7 +403,8 @@ def test_top_logprobs_are_the_most_likely_tokens_of_the_raw_distribution(tiny_mo
 
 @pytest_anyio
 async def test_top_logprobs_on_the_engine_equal_one_at_a_time(tiny_model, tiny_model_path):
-    cfgs = [StreamConfig.greedy(8, top_logprobs=k) for k in (1, 3, 20)] + [sampled(2, top_logprobs=4)]
+    cfgs = [StreamConfig.greedy(8, top_logprobs=k) for k in (1, 3, 20)] + [sampled(2, top_logprobs=4)] + [
+        StreamConfig.greedy(8, top_logprobs=2, logit_bias={400: 5.0, 455: -100})]
     with tiny_model.create_context(1024, threads=1) as ctx:
         expected = []
         for cfg in cfgs:
@@ -423,3 +424,26 @@ async def test_top_logprobs_on_the_engine_equal_one_at_a_time(tiny_model, tiny_m
     for g, e in zip(got, expected):
         assert [[t for t, _ in row] for row in g.top_logprobs] == [[t for t, _ in row] for row in e.top_logprobs]
     assert [[t for t, _ in row] for row in streamed] == [[t for t, _ in row] for row in got[1].top_logprobs]
+
+
+# ---------------------------------------------------------------------------
+# logit_bias (issue 15): in the sampler chain, both decode paths
+
+def test_logit_bias_bans_and_forces_tokens(tiny_model):
+    with tiny_model.create_context(512, threads=1) as ctx:
+        free = ctx.generate("once upon", StreamConfig.greedy(6))
+        ctx.reset()
+        banned = ctx.generate("once upon", StreamConfig.greedy(6, logit_bias={free.tokens[0]: -100}))
+        ctx.reset()
+        forced = ctx.generate("once upon", StreamConfig.greedy(6, logit_bias={free.tokens[0]: 100}))
+    assert banned.tokens[0] != free.tokens[0] and free.tokens[0] not in banned.tokens
+    assert forced.tokens == [free.tokens[0]] * 6
+    assert StreamConfig(logit_bias={5: 1, 3: -2.5}).logit_bias == ((3, -2.5), (5, 1.0))
+    for bad, match in (({-1: 1}, "logit_bias token must be"), ({5: 101}, r"logit_bias\[5\] must be"),
+                       ({True: 1}, "logit_bias token must be an integer"), (["x"], "logit_bias must be a dict")):
+        with pytest.raises(InvalidConfigError, match=match):
+            StreamConfig(logit_bias=bad)
+    with tiny_model.create_context(64, threads=1) as ctx:
+        with pytest.raises(mullama.InvalidTokenError, match="logit_bias token 9999 is outside the vocabulary"):
+            ctx.generate("x", StreamConfig(logit_bias={9999: 1}))
+        assert ctx.n_past == 0  # refused before anything was decoded

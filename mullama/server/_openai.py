@@ -207,7 +207,6 @@ def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
     n = _get(body, "n", (int,), "an integer")
     if n is not None and n != 1:
         raise ApiError(400, f"'n'={n} is not supported: one choice per request (send several requests)", param="n")
-    _refuse_unless(body, "logit_bias", lambda v: v == {}, "logit bias is not supported")
     req.stream = bool(_get(body, "stream", (bool,), "a boolean"))
     options = _get(body, "stream_options", (dict,), "an object")
     if options is not None:
@@ -225,6 +224,12 @@ def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
         value = _get(body, name, types, what)
         if value is not None:
             sampling[name] = value
+    bias = _get(body, "logit_bias", (dict,), "an object of token ids to biases")
+    if bias:
+        try:  # OpenAI's keys are token ids as strings
+            sampling["logit_bias"] = {int(k): v for k, v in bias.items()}
+        except ValueError:
+            raise ApiError(400, "'logit_bias' keys must be token ids", param="logit_bias") from None
     if not 0 <= sampling["temperature"] <= 2:
         raise ApiError(400, f"'temperature' must be between 0 and 2, got {sampling['temperature']}",
                        param="temperature")
