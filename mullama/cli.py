@@ -117,7 +117,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue, timeout_ms=int(args.timeout * 1000) if args.timeout else None,
         gpu_layers=args.gpu_layers, flash_attention=args.flash_attention, adaptive_threads=not args.fixed_threads)
     app = create_app(config, model_id=args.name, chat_template=template, api_key=args.api_key,
-                     io_timeout=args.io_timeout, any_model_name=args.any_model_name)
+                     io_timeout=args.io_timeout, any_model_name=args.any_model_name,
+                     cors_origins=[o.strip() for o in (args.cors_origins or "").split(",") if o.strip()])
 
     def ready(url: str) -> None:
         print(f"mullama: serving {app.model_id!r} at {url}/v1 ({args.backend}, {BACKENDS[args.backend]})",
@@ -169,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio",
                    help="event loop: asyncio (uvicorn) or trio (hypercorn); default asyncio")
     p.add_argument("--name", help="the model id clients ask for (default: the file name without .gguf)")
+    p.add_argument("--cors-origins", metavar="ORIGINS",
+                   help="comma-separated origins browsers may call the API from ('*' for any; default: none)")
     p.add_argument("--any-model-name", action="store_true",
                    help="answer whatever \"model\" a request names (as llama-server does with one model), for "
                         "clients that send a fixed placeholder; by default another name is a 404")

@@ -546,3 +546,44 @@ def test_histogram_buckets_count_values_at_most_their_bound(prometheus_families)
         "mullama_generation_duration_seconds"].samples if s.name.endswith("_bucket")}
     assert buckets["0.005"] == 1 and buckets["0.01"] == 2 and buckets["1.0"] == 3 and buckets["120.0"] == 3
     assert buckets["+Inf"] == 4
+
+
+@pytest.mark.anyio
+async def test_cors_preflight_and_allowed_origins(tiny_model_path):
+    """--cors-origins: a browser's preflight OPTIONS is answered for an allowed origin, and
+    responses let that origin read them; other origins get no CORS headers."""
+    from mullama.server import create_app
+
+    async def call(app, method, path, headers):
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": method, "path": path, "headers": [
+            (k.encode(), v.encode()) for k, v in headers.items()], "query_string": b""}
+        await app(scope, receive, send)
+        start = sent[0]
+        return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}
+
+    app = create_app(str(tiny_model_path), cors_origins=["https://app.example"])
+    preflight = {"origin": "https://app.example", "access-control-request-method": "POST",
+                 "access-control-request-headers": "authorization, content-type"}
+    status, headers = await call(app, "OPTIONS", "/v1/chat/completions", preflight)
+    assert status == 204 and headers["access-control-allow-origin"] == "https://app.example"
+    assert "POST" in headers["access-control-allow-methods"]
+    assert headers["access-control-allow-headers"] == "authorization, content-type"
+    status, headers = await call(app, "GET", "/health", {"origin": "https://app.example"})
+    assert headers["access-control-allow-origin"] == "https://app.example"
+    status, headers = await call(app, "OPTIONS", "/v1/chat/completions", {**preflight, "origin": "https://evil.example"})
+    assert status == 405 and "access-control-allow-origin" not in headers
+    status, headers = await call(create_app(str(tiny_model_path), cors_origins=["*"]), "GET", "/health",
+                                 {"origin": "https://any.example"})
+    assert headers["access-control-allow-origin"] == "*"
+    status, headers = await call(create_app(str(tiny_model_path)), "OPTIONS", "/v1/models", preflight)
+    assert status == 405 and "access-control-allow-origin" not in headers
+    with pytest.raises(mullama.InvalidConfigError, match="cors_origins"):
+        create_app(str(tiny_model_path), cors_origins="*")

@@ -26,7 +26,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import anyio
 
@@ -68,6 +68,9 @@ class OpenAIApp:
         any_model_name: answer requests whatever their ``"model"`` names (as
             llama-server does when it serves one model), for clients that send
             a fixed placeholder; by default another name is a ``404``.
+        cors_origins: origins a browser may call the API from (``"*"`` for
+            any): their preflight ``OPTIONS`` requests are answered, and the
+            responses allow them. None by default (no cross-origin access).
         io_timeout: seconds a client may go without sending anything of its
             request body (then ``408``) or receiving anything of the response
             (then it counts as disconnected: its generation is cancelled).
@@ -76,7 +79,7 @@ class OpenAIApp:
     def __init__(self, model: Union[str, "os.PathLike[str]", AsyncConfig, AsyncModel], *,
                  model_id: Optional[str] = None, chat_template: Optional[str] = None,
                  api_key: Optional[str] = None, io_timeout: float = IO_TIMEOUT_S,
-                 any_model_name: bool = False) -> None:
+                 any_model_name: bool = False, cors_origins: Sequence[str] = ()) -> None:
         if not (isinstance(io_timeout, (int, float)) and io_timeout > 0):
             raise InvalidConfigError(f"io_timeout must be a positive number of seconds, got {io_timeout!r}")
         self._given: Optional[AsyncModel] = None
@@ -93,6 +96,9 @@ class OpenAIApp:
         self.chat_template = chat_template
         self.api_key = api_key
         self.any_model_name = bool(any_model_name)
+        if isinstance(cors_origins, str) or not all(isinstance(o, str) and o for o in cors_origins):
+            raise InvalidConfigError(f"cors_origins must be a list of origins, got {cors_origins!r}")
+        self.cors_origins = frozenset(o.rstrip("/") for o in cors_origins)
         self.io_timeout = float(io_timeout)
         self.model: Optional[AsyncModel] = self._given
         self.runtime: Optional[Runtime] = None
@@ -158,6 +164,8 @@ class OpenAIApp:
         endpoint = route[0] if route else "other"
         self.metrics.in_flight += 1
         try:
+            if await self._cors(ex, route):
+                return  # a preflight, answered
             if route is None:
                 raise oa.ApiError(404, f"no such endpoint: {ex.scope['method']} {path}", code="not_found")
             handler = route[1].get(ex.scope["method"])
@@ -184,6 +192,25 @@ class OpenAIApp:
             self.metrics.in_flight -= 1
             # nothing sent and none of the above: an error escaped, which the HTTP server answers with 500
             self.metrics.response(endpoint, ex.status or 500)
+
+    async def _cors(self, ex: Exchange, route: Optional[Tuple[str, Dict[str, Any]]]) -> bool:
+        """Let an accepted origin read this exchange's response; answer its
+        preflight (``OPTIONS`` with ``Access-Control-Request-Method``) and return True."""
+        origin = ex.raw_header(b"origin")
+        if not self.cors_origins or origin is None:
+            return False
+        text = origin.decode("latin-1").rstrip("/")
+        if "*" not in self.cors_origins and text not in self.cors_origins:
+            return False
+        ex.extra_headers += [("access-control-allow-origin", "*" if "*" in self.cors_origins else text),
+                             ("vary", "origin")]
+        if ex.scope["method"] != "OPTIONS" or route is None or not ex.raw_header(b"access-control-request-method"):
+            return False
+        asked = (ex.raw_header(b"access-control-request-headers") or b"authorization, content-type").decode("latin-1")
+        await ex.start(204, [("access-control-allow-methods", ", ".join([*route[1], "OPTIONS"])),
+                             ("access-control-allow-headers", asked), ("access-control-max-age", "600")])
+        await ex.send({"type": "http.response.body", "body": b""})
+        return True
 
     async def _error(self, ex: Exchange, exc: oa.ApiError) -> None:
         try:

@@ -48,6 +48,8 @@ class Exchange:
         #: the last part of the response is being sent (a disconnect from now on is the normal end)
         self.complete = False
         self.status = 0
+        #: headers every response of this exchange carries (CORS)
+        self.extra_headers: List[Tuple[str, str]] = []
 
     def raw_header(self, name: bytes) -> Optional[bytes]:
         for key, value in self.scope.get("headers", ()):
@@ -89,7 +91,8 @@ class Exchange:
         self.started = True
         self.status = status
         await self.send({"type": "http.response.start", "status": status,
-                         "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]})
+                         "headers": [(k.encode("latin-1"), v.encode("latin-1"))
+                                     for k, v in [*headers, *self.extra_headers]]})
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.body" and not message.get("more_body", False):
