@@ -398,7 +398,7 @@ class AsyncModel(_Results, Owner):
         def prepare() -> "tuple[List[int], Optional[StreamConfig], Optional[ChatPlan]]":
             return self._model._prepare_chat(messages, config, template, *args)
 
-        return self._open(prepare, config)
+        return self._open(prepare)
 
     def _open_stream(self, tokens: Union[List[int], Callable[[], List[int]]],
                      config: Optional[StreamConfig]) -> AsyncContextManager[TokenStream]:
@@ -408,10 +408,10 @@ class AsyncModel(_Results, Owner):
         def prepare() -> "tuple[List[int], StreamConfig, Optional[ChatPlan]]":
             return (tokens() if callable(tokens) else tokens), cfg, None
 
-        return _stream_only(self._open(prepare if callable(tokens) else prepare(), cfg))
+        return _stream_only(self._open(prepare if callable(tokens) else prepare()))
 
     @asynccontextmanager
-    async def _open(self, prepare: Any, config: StreamConfig
+    async def _open(self, prepare: Any
                     ) -> "AsyncIterator[tuple[TokenStream, Optional[ReplyParser]]]":
         """Run *prepare* (tokens, config and plan; a function runs on a worker
         thread) and stream the request, with the plan's reply parser."""
@@ -586,7 +586,7 @@ class AsyncContext(_Results, Uncopyable):
         A stream left early keeps in the conversation only the tokens the
         consumer received.
         """
-        return _stream_only(self._open(lambda ctx: (prompt, config, None), config))
+        return _stream_only(self._open(lambda ctx: (prompt, config, None)))
 
     def _open_chat(self, messages: Sequence[Message], config: StreamConfig, template: Optional[str],
                    args: ToolArgs) -> "AsyncContextManager[tuple[TokenStream, Optional[ReplyParser]]]":
@@ -600,10 +600,10 @@ class AsyncContext(_Results, Uncopyable):
             tokens, cfg, plan = ctx._prepare(messages, config, template, *args)
             return ctx._keep_prefix(tokens), cfg, plan
 
-        return self._open(prepare, config)
+        return self._open(prepare)
 
     @asynccontextmanager
-    async def _open(self, prepare: Callable[[Context], Any], config: Optional[StreamConfig]
+    async def _open(self, prepare: Callable[[Context], Any]
                     ) -> "AsyncIterator[tuple[TokenStream, Optional[ReplyParser]]]":
         """Run *prepare* on the context (prompt, config and plan; on a worker
         thread) and stream the generation, with the plan's reply parser."""
