@@ -134,6 +134,7 @@ cdef struct Slot:
     int finish           # a Status: ST_OK while the request needs more steps
     int n_prompt_done    # prompt tokens already in the KV cache
     int pos              # tokens of this sequence in the KV cache
+    int n_exact          # the first n_exact of them were computed in batches of 2 or more tokens (reusable)
     llama_token pending  # sampled, not yet decoded (-1: none)
     int n_step           # tokens this slot put into the current batch
     int i_batch          # batch index whose logits this slot samples (-1: none)
@@ -248,6 +249,7 @@ cdef class BatchEngine(_Decoder):
     cdef int prefill_chunk
     cdef vector[Slot] slots
     cdef vector[vector[llama_token]] prompts
+    cdef vector[vector[llama_token]] hist   # each sequence's tokens in the KV cache (its size is the slot's pos)
     cdef vector[Output] outs
     cdef list samplers       # the SamplerChain of each slot (keeps its pointer alive)
     cdef vector[Sampling *] smpls  # their sampling, for the nogil step

@@ -23,10 +23,10 @@ Ownership:
 
 cimport cython
 from cpython.buffer cimport PyBUF_FORMAT, PyBUF_ND, PyBUF_WRITABLE
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.ref cimport PyObject
 from libc.math cimport expf, logf
-from libc.stdint cimport int32_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memchr
 from libc.stdlib cimport free, malloc, realloc
 from libcpp cimport bool as cbool
@@ -1441,6 +1441,19 @@ cdef class LlamaContext(_Decoder):
 # ---------------------------------------------------------------------------
 # continuous batching engine
 
+cdef int _common_prefix(const vector[llama_token] & a, const vector[llama_token] & b) noexcept nogil:
+    cdef size_t i = 0, n = min(a.size(), b.size())
+    while i < n and a[i] == b[i]:
+        i += 1
+    return <int>i
+
+
+def common_prefix(a, b):
+    """How many tokens two token lists share from their start."""
+    cdef vector[llama_token] va = a, vb = b
+    return _common_prefix(va, vb)
+
+
 @cython.no_gc_clear
 cdef class BatchEngine(_Decoder):
     """One llama.cpp context decoding many sequences together.
@@ -1476,6 +1489,7 @@ cdef class BatchEngine(_Decoder):
         empty.finish = ST_OK
         empty.n_prompt_done = 0
         empty.pos = 0
+        empty.n_exact = 0
         empty.pending = -1
         empty.n_step = 0
         empty.i_batch = -1
@@ -1485,6 +1499,7 @@ cdef class BatchEngine(_Decoder):
         empty.n_top = 0
         self.slots.assign(n_seq, empty)
         self.prompts.resize(n_seq)
+        self.hist.resize(n_seq)
         self.outs.resize(n_seq)
 
     cdef _free(self):
@@ -1498,11 +1513,21 @@ cdef class BatchEngine(_Decoder):
     # -- slots --------------------------------------------------------------------
 
     def start(self, int slot, tokens, SamplerChain sampler not None, int max_gen, bint logprobs=False,
-              int top_logprobs=0):
-        """Give *slot* a new request: its prompt tokens and sampling."""
+              int top_logprobs=0, int reuse=0, int source=-1):
+        """Give *slot* a new request: its prompt tokens and sampling.
+
+        The first *reuse* prompt tokens are taken from the KV cache instead of
+        evaluated: from the slot's own cached sequence, or (*source* >= 0)
+        copied from sequence *source*, whose cache must hold them
+        (:meth:`match`). At least the prompt's last two tokens are evaluated
+        (see :meth:`match`). Returns the tokens reused (0 when the model's
+        memory cannot drop a sequence's tail, a recurrent model's).
+        """
         self._enter()
         cdef vector[llama_token] toks = tokens
         cdef Slot * s
+        cdef llama_memory_t mem
+        cdef int src = slot if source < 0 else source
         try:
             if slot < 0 or slot >= self.n_seq or self.slots[slot].active:
                 raise _errors.MullamaError(f"slot {slot} is not free")
@@ -1515,14 +1540,28 @@ cdef class BatchEngine(_Decoder):
                 raise _errors.ContextOverflowError(
                     f"the prompt ({toks.size()} tokens) plus max_tokens ({max_gen}) do not fit in a request's "
                     f"share of the context ({self.n_ctx_seq} tokens)")
-            llama_memory_seq_rm(llama_get_memory(self.ptr), slot, -1, -1)
+            if src >= self.n_seq:
+                raise _errors.MullamaError(f"no sequence {source} to copy from")
+            if (reuse < 0 or (reuse > 0 and reuse > <int>toks.size() - 2)
+                    or reuse > min(_common_prefix(self.hist[src], toks), self.slots[src].n_exact)):
+                raise _errors.MullamaError(f"sequence {src} does not hold the prompt's first {reuse} tokens")
+            mem = llama_get_memory(self.ptr)
+            if src != slot and reuse > 0:
+                llama_memory_seq_cp(mem, src, slot, -1, -1)  # a full copy of its KV, done by the next decode
+                self.hist[slot] = self.hist[src]
+                self.slots[slot].n_exact = reuse
+            if reuse == 0 or not llama_memory_seq_rm(mem, slot, reuse, -1):
+                llama_memory_seq_rm(mem, slot, -1, -1)
+                reuse = 0
+            self.hist[slot].resize(reuse)
             s = &self.slots[slot]
             s.active = True
             s.paused = False
             mullama_store_flag(&s.cancel, 0)
             s.finish = ST_OK
-            s.n_prompt_done = 0
-            s.pos = 0
+            s.n_prompt_done = reuse
+            s.pos = reuse
+            s.n_exact = reuse
             s.pending = -1
             s.n_step = 0
             s.i_batch = -1
@@ -1534,6 +1573,85 @@ cdef class BatchEngine(_Decoder):
             _clear_output(&self.outs[slot])
             self.samplers[slot] = sampler
             self.smpls[slot] = sampler.s
+            return reuse
+        finally:
+            self._leave()
+
+    def match(self, tokens):
+        """How many of *tokens* each sequence's cache holds, and (for the
+        requests still evaluating their prompt) will hold once its prompt is
+        done: two lists, one count per slot.
+
+        Only cells computed in batches of two or more tokens count: llama.cpp's
+        CPU kernels compute a one-token batch (a lone request's decode step)
+        along another path (``llamafile_sgemm`` declines n < 2), so those
+        cells differ in the last bits from what a prompt evaluation of the
+        same tokens gives. Reusing only the others keeps outputs identical to
+        an uncached run; for the same reason the last two prompt tokens are
+        always evaluated, together.
+        """
+        cdef vector[llama_token] toks = tokens
+        cdef int i
+        held = [0] * self.n_seq
+        coming = [0] * self.n_seq
+        for i in range(self.n_seq):
+            held[i] = min(_common_prefix(self.hist[i], toks), self.slots[i].n_exact)
+            if self.slots[i].active and self.slots[i].n_prompt_done < <int>self.prompts[i].size():
+                coming[i] = _common_prefix(self.prompts[i], toks)
+        return held, coming
+
+    def cached(self, int slot):
+        """The tokens whose reusable KV cells sequence *slot* holds (see :meth:`match`)."""
+        cdef int i
+        return [self.hist[slot][i] for i in range(self.slots[slot].n_exact)]
+
+    def save_sequence(self, int slot):
+        """A free slot's cached sequence as bytes (llama.cpp's sequence state),
+        for :meth:`restore_sequence`; b"" if it holds nothing. Its cells that
+        cannot be reused (see :meth:`match`) are dropped first: the state holds
+        the tokens :meth:`cached` gives."""
+        self._enter()
+        cdef size_t size, got
+        cdef bytes data
+        cdef uint8_t * buf
+        cdef Slot * s = &self.slots[slot]
+        try:
+            if s.active:
+                raise _errors.MullamaError(f"slot {slot} is in use")
+            if s.n_exact < <int>self.hist[slot].size():
+                if not llama_memory_seq_rm(llama_get_memory(self.ptr), slot, s.n_exact, -1):
+                    return b""
+                self.hist[slot].resize(s.n_exact)
+            if self.hist[slot].empty():
+                return b""
+            size = llama_state_seq_get_size(self.ptr, slot)
+            data = PyBytes_FromStringAndSize(NULL, size)
+            buf = <uint8_t *>PyBytes_AS_STRING(data)
+            with nogil:
+                got = llama_state_seq_get_data(self.ptr, buf, size, slot)
+            if got != size:
+                raise _errors.StateError(f"llama.cpp wrote {got} of {size} bytes of sequence {slot}'s state")
+            return data
+        finally:
+            self._leave()
+
+    def restore_sequence(self, int slot, const uint8_t[::1] data, tokens):
+        """Load a sequence saved by :meth:`save_sequence` (whose cache held
+        *tokens*) into the free *slot*."""
+        self._enter()
+        cdef vector[llama_token] toks = tokens
+        cdef size_t got
+        try:
+            if self.slots[slot].active:
+                raise _errors.MullamaError(f"slot {slot} is in use")
+            with nogil:
+                got = llama_state_seq_set_data(self.ptr, &data[0], data.shape[0], slot)
+            if got == 0 or llama_memory_seq_pos_max(llama_get_memory(self.ptr), slot) + 1 != <llama_pos>toks.size():
+                llama_memory_seq_rm(llama_get_memory(self.ptr), slot, -1, -1)
+                self.hist[slot].clear()
+                raise _errors.StateError(f"could not restore a cached sequence of {toks.size()} tokens")
+            self.hist[slot] = toks
+            self.slots[slot].n_exact = <int>toks.size()
         finally:
             self._leave()
 
@@ -1551,13 +1669,18 @@ cdef class BatchEngine(_Decoder):
     def set_paused(self, int slot, bint paused):
         self.slots[slot].paused = paused
 
-    def release(self, int slot):
-        """Free *slot*: its KV cells are removed at once."""
+    def release(self, int slot, bint keep=True):
+        """Free *slot*. Its KV cells stay as a cache of its tokens
+        (:meth:`cached`) for a later request with the same prefix, unless
+        *keep* is false."""
         if self._closed or slot < 0 or slot >= self.n_seq:
             return
         self._enter()
         try:
-            llama_memory_seq_rm(llama_get_memory(self.ptr), slot, -1, -1)
+            if not keep:
+                llama_memory_seq_rm(llama_get_memory(self.ptr), slot, -1, -1)
+                self.hist[slot].clear()
+                self.slots[slot].n_exact = 0
             self.slots[slot].active = False
             self.prompts[slot].clear()
             s = self.samplers[slot]
@@ -1574,17 +1697,14 @@ cdef class BatchEngine(_Decoder):
         return (s.active, s.finish, mullama_load_flag(&s.cancel) != 0, s.n_prompt_done, s.pos, s.n_gen)
 
     def kv_used(self):
-        """Tokens held in the KV cache over all sequences."""
-        self._enter()
-        cdef int i, total = 0
-        cdef llama_pos pmax
-        try:
-            for i in range(self.n_seq):
-                pmax = llama_memory_seq_pos_max(llama_get_memory(self.ptr), i)
-                total += pmax + 1
-            return total
-        finally:
-            self._leave()
+        """KV cells held by the running requests, and by the free slots' caches."""
+        cdef int i, running = 0, cached = 0
+        for i in range(self.n_seq):
+            if self.slots[i].active:
+                running += <int>self.hist[i].size()
+            else:
+                cached += <int>self.hist[i].size()
+        return running, cached
 
     def drain(self, int slot):
         """Take the slot's new output: ``(tokens, pieces, logprobs_or_None, top_or_None)``."""
@@ -1634,6 +1754,8 @@ cdef class BatchEngine(_Decoder):
             take = min(size - done, self.prefill_chunk, self.n_batch - n)
             if take <= 0:
                 continue
+            if size - done - take == 1 and take > 1:
+                take -= 1  # never leave the last token alone in a batch (see match())
             for k in range(take):
                 self._add(n + k, self.prompts[i][done + k], s.pos + k, i, done + k == size - 1)
             s.n_step = take
@@ -1657,9 +1779,14 @@ cdef class BatchEngine(_Decoder):
             s = &self.slots[i]
             if s.n_step == 0:
                 continue
+            if n >= 2 and s.n_exact == <int>self.hist[i].size():
+                s.n_exact += s.n_step
             if s.pending >= 0:
+                self.hist[i].push_back(s.pending)
                 s.pending = -1
             else:
+                self.hist[i].insert(self.hist[i].end(), self.prompts[i].begin() + s.n_prompt_done,
+                                    self.prompts[i].begin() + s.n_prompt_done + s.n_step)
                 s.n_prompt_done += s.n_step
             s.pos += s.n_step
             s.n_step = 0

@@ -5,7 +5,14 @@ llama.cpp context with a sequence per slot). Between steps it admits queued
 requests into free slots, pauses slots whose consumer is behind, and hands
 each request's new tokens to its sink; the steps themselves run in C without
 the GIL. A request that finishes or is cancelled leaves at the next step
-boundary and its KV cells are freed at once.
+boundary and its slot is free at once.
+
+The prompt cache: a free slot keeps its sequence's KV cells, and a request is
+given the free slot whose cells hold the longest prefix of its prompt (or
+copies them from a running request's sequence, or restores them from the
+host-memory cache, :mod:`mullama._prompt_cache`), so only the rest of its
+prompt is evaluated. Reused cells are those an uncached run would compute:
+outputs are the same.
 
 Sync code: the async side (``mullama.aio``) gives each request a sink and
 waits on it; nothing here knows about event loops.
@@ -13,6 +20,7 @@ waits on it; nothing here knows about event loops.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -23,8 +31,11 @@ from ._config import StreamConfig, check_int, token_list
 from ._context import ThreadStats, log_thread_changes
 from ._errors import ClosedError, ContextOverflowError, InvalidTokenError, MullamaError, OverloadedError
 from ._generation import FINISH_REASONS, Generation, TokenData, new_sampler
+from ._prompt_cache import HostPromptCache
 
 __all__ = ["Engine", "EngineRequest", "MAX_SEQUENCES"]
+
+log = logging.getLogger("mullama")
 
 #: the driver hands tokens to consumers at least this often (seconds)
 STEP_BUDGET_S = 0.02
@@ -32,6 +43,12 @@ STEP_BUDGET_S = 0.02
 MAX_SEQUENCES = 256
 #: most tokens of one llama.cpp context (its n_ctx is a uint32)
 MAX_CONTEXT_TOKENS = 0xFFFFFFFF
+#: a request waits for a running request still evaluating a prompt that shares
+#: at least this many more of its tokens, then copies them rather than evaluate them again
+SHARE_MIN_TOKENS = 32
+#: a free slot's cached sequence is saved to the host-memory cache before its cells
+#: are given to another prompt if that would lose at least this many tokens
+SAVE_MIN_TOKENS = 32
 
 
 class Sink(Protocol):
@@ -85,6 +102,8 @@ class Engine:
         ctx_per_seq: tokens each request may hold (prompt + generation).
         max_queue: requests that may wait for a slot; beyond, ``submit`` raises
             :class:`OverloadedError` at once.
+        prompt_cache_bytes: the host-memory prompt cache's budget (0: none;
+            the slots' own cells are reused either way).
 
     Raises:
         InvalidConfigError: *n_seq* out of range.
@@ -93,7 +112,8 @@ class Engine:
     """
 
     def __init__(self, model, n_seq: int, ctx_per_seq: int, threads: int, flash_attention: bool = False,
-                 max_queue: int = 64, batch_size: int = 512, adaptive_threads: bool = True) -> None:
+                 max_queue: int = 64, batch_size: int = 512, adaptive_threads: bool = True,
+                 prompt_cache_bytes: int = 0) -> None:
         check_int("max_concurrent (the engine's sequences)", n_seq, minimum=1, maximum=MAX_SEQUENCES)
         check_int("context_size", ctx_per_seq, minimum=1, maximum=MAX_CONTEXT_TOKENS // max(n_seq, 1))
         model._check_memory(ctx_per_seq, n_seq, batch_size, bool(flash_attention),
@@ -108,6 +128,10 @@ class Engine:
         self._queue: Deque[EngineRequest] = deque()
         self._free: List[int] = list(range(n_seq - 1, -1, -1))
         self._active: Dict[int, EngineRequest] = {}
+        self._used_at = [0] * n_seq  # when each slot last started or ended a request (LRU)
+        self._clock = 0
+        check_int("prompt_cache_bytes", prompt_cache_bytes, minimum=0)
+        self.host_cache: Optional[HostPromptCache] = HostPromptCache(prompt_cache_bytes) if prompt_cache_bytes else None
         self._thread: Optional[threading.Thread] = None
         self._closing = False
         self.completed = 0
@@ -117,8 +141,12 @@ class Engine:
         self.generation_ms = 0.0
         #: name of the driver thread (set before the first request)
         self.thread_name = "mullama-engine"
-        #: KV cells in use over all slots, as of the driver's last step
+        #: KV cells held by running requests, and by free slots' caches, as of the driver's last step
         self.kv_cells = 0
+        self.cached_cells = 0
+        #: prompt tokens of started requests that were reused from a cache, and that were evaluated
+        self.cached_prompt_tokens = 0
+        self.evaluated_prompt_tokens = 0
         #: the exception that stopped the driver thread, if one did
         self.broken: Optional[BaseException] = None
         self.on_done: Optional[Callable[[EngineRequest], None]] = None
@@ -213,6 +241,8 @@ class Engine:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()  # (the driver itself can get here: a garbage collection run in it)
         self._core.close()
+        if self.host_cache is not None:
+            self.host_cache.clear()
 
     # -- the driver thread ----------------------------------------------------------
 
@@ -236,7 +266,7 @@ class Engine:
             with self._cv:
                 while True:
                     wait = self._expire()
-                    if self._closing or self._queue or self._runnable():
+                    if self._closing or (self._queue and self._free) or self._runnable():
                         break
                     self._cv.wait(wait)
                 if self._closing and not self._active:
@@ -256,7 +286,7 @@ class Engine:
                     self._leave(req, "error")
                 continue
             self._deliver()
-            self.kv_cells = core.kv_used()
+            self.kv_cells, self.cached_cells = core.kv_used()
             if core.thread_changes != self._thread_changes:
                 self._thread_changes = log_thread_changes(core, self._thread_changes, "the batching engine")
 
@@ -291,27 +321,83 @@ class Engine:
         return False
 
     def _admit(self) -> None:
+        waiting: List[EngineRequest] = []
         while self._free and self._queue:
             req = self._queue.popleft()
             if req.cancelled:
                 self._finish(req, "cancelled")
-                continue
-            slot = self._free.pop()
-            cfg = req.config
-            sampler = req.sampler
-            assert sampler is not None  # made by submit()
+            elif not self._place(req):
+                waiting.append(req)
+        self._queue.extendleft(reversed(waiting))
+
+    def _place(self, req: EngineRequest) -> bool:
+        """Start *req* in a free slot, reusing the longest cached prefix of its
+        prompt; False if it should wait for a running request to finish
+        evaluating a prompt it shares."""
+        core = self._core
+        tokens = req.tokens_in
+        limit = max(len(tokens) - 2, 0)  # the last two are evaluated, in one batch (BatchEngine.match)
+        held, coming = core.match(tokens)
+        # in place: the free slot whose cells hold the most, the least recently used of equals
+        slot = max(self._free, key=lambda i: (min(held[i], limit), -self._used_at[i]))
+        reuse, source, entry = min(held[slot], limit), -1, None
+        for i in self._active:
+            if min(held[i], limit) > reuse:
+                reuse, source = min(held[i], limit), i
+        if self.host_cache is not None:
+            key, n = self.host_cache.best(tokens)
+            if min(n, limit) > reuse:
+                reuse, source, entry = min(n, limit), -1, key
+        if any(min(coming[i], limit) >= reuse + SHARE_MIN_TOKENS for i in self._active):
+            return False
+        if source >= 0 or entry is not None:  # the cells come from elsewhere: take the least useful slot
+            slot = min(self._free, key=lambda i: (held[i] > 0, self._used_at[i]))
+        restore = self.host_cache.get(entry) if self.host_cache is not None and entry is not None else None
+        self._save(slot, reuse if source < 0 and restore is None else 0)  # (may evict the entry: it is taken)
+        if restore is not None:
             try:
-                self._core.start(slot, req.tokens_in, sampler, cfg.max_tokens, cfg.include_probabilities,
-                                 cfg.top_logprobs)
-            except Exception as exc:
-                sampler.close()
-                self._free.append(slot)
-                req.error = exc
-                self._finish(req, "error")
-                continue
-            req.slot = slot
-            req.t_start = time.perf_counter()
-            self._active[slot] = req
+                core.restore_sequence(slot, restore[1], restore[0])
+            except MullamaError as exc:
+                log.warning("could not restore a cached prompt of %d tokens: %s", len(restore[0]), exc)
+                reuse = 0
+        cfg = req.config
+        sampler = req.sampler
+        assert sampler is not None  # made by submit()
+        try:
+            reuse = core.start(slot, tokens, sampler, cfg.max_tokens, cfg.include_probabilities, cfg.top_logprobs,
+                               reuse=reuse, source=source)
+        except Exception as exc:
+            sampler.close()
+            req.error = exc
+            self._finish(req, "error")
+            return True
+        self._free.remove(slot)
+        self._touch(slot)
+        req.slot = slot
+        req.cached_tokens = reuse
+        self.cached_prompt_tokens += reuse
+        self.evaluated_prompt_tokens += len(tokens) - reuse
+        req.t_start = time.perf_counter()
+        self._active[slot] = req
+        return True
+
+    def _save(self, slot: int, keep: int) -> None:
+        """Before the free *slot* keeps only its first *keep* cached tokens:
+        save its sequence to the host-memory cache if that would lose enough."""
+        cache = self.host_cache
+        if cache is None:
+            return
+        tokens = self._core.cached(slot)
+        if len(tokens) - keep < SAVE_MIN_TOKENS or cache.holds(tokens):
+            return
+        try:
+            cache.put(tokens, self._core.save_sequence(slot))
+        except MullamaError as exc:  # not cached: the request goes on, slower next time
+            log.warning("could not save a cached prompt of %d tokens: %s", len(tokens), exc)
+
+    def _touch(self, slot: int) -> None:
+        self._clock += 1
+        self._used_at[slot] = self._clock
 
     def _deliver(self) -> None:
         core = self._core
@@ -334,11 +420,12 @@ class Engine:
     def _leave(self, req: EngineRequest, reason: str) -> None:
         slot = req.slot
         if slot is not None:
-            self._core.release(slot)  # KV cells freed now
+            self._core.release(slot, keep=reason != "error")  # its cells stay as a cache of its tokens
             del self._active[slot]
             self._free.append(slot)
+            self._touch(slot)
             req.slot = None
-            self.kv_cells = self._core.kv_used()  # before the consumer hears of it
+            self.kv_cells, self.cached_cells = self._core.kv_used()  # before the consumer hears of it
         self._finish(req, reason)
 
     def _finish(self, req: EngineRequest, reason: str) -> None:

@@ -67,7 +67,9 @@ class Timings:
     the first generated token (the prompt's evaluation and the first token's
     sampling); ``generation_ms``: from the first token to the end;
     ``time_to_first_token_ms``: from the request to its first token, queue
-    included.
+    included. ``cached_tokens``: how many of the ``prompt_tokens`` were
+    reused from the engine's prompt cache rather than evaluated
+    (:attr:`evaluated_prompt_tokens` were).
     """
 
     prompt_tokens: int
@@ -76,6 +78,11 @@ class Timings:
     generation_ms: float
     time_to_first_token_ms: float
     queue_ms: float = 0.0
+    cached_tokens: int = 0
+
+    @property
+    def evaluated_prompt_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
 
     @property
     def prompt_tokens_per_s(self) -> float:
@@ -91,7 +98,8 @@ class RequestMetrics:
     """What one generation cost (times in milliseconds; see :class:`Timings`).
 
     ``generation_tokens_per_s`` counts the tokens after the first (the first
-    one's time is in the time to first token).
+    one's time is in the time to first token); ``prompt_tokens_per_s``
+    counts the evaluated prompt tokens (``prompt_tokens - cached_tokens``).
     """
 
     queue_ms: float
@@ -101,6 +109,7 @@ class RequestMetrics:
     generated_tokens: int
     generation_tokens_per_s: float
     finish_reason: str
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -221,6 +230,7 @@ class Generation:
         self.logprobs: List[float] = []
         self.top_logprobs: List[Tuple[Tuple[int, float], ...]] = []
         self.prompt_tokens = 0
+        self.cached_tokens = 0
         self.finish_reason: Optional[str] = None
         self.t_submit = time.perf_counter()
         self.t_start: Optional[float] = None
@@ -286,20 +296,23 @@ class Generation:
             generation_ms=(end - first) * 1e3,
             time_to_first_token_ms=(first - self.t_submit) * 1e3,
             queue_ms=(start - self.t_submit) * 1e3,
+            cached_tokens=self.cached_tokens,
         )
 
     def metrics(self) -> RequestMetrics:
         t = self.timings()
         n = len(self.tokens)
         gen_s = max(t.generation_ms / 1e3, 1e-9)
+        evaluated = t.evaluated_prompt_tokens
         return RequestMetrics(
             queue_ms=t.queue_ms,
             time_to_first_token_ms=t.time_to_first_token_ms,
             prompt_tokens=self.prompt_tokens,
-            prompt_tokens_per_s=self.prompt_tokens / max(t.prompt_ms / 1e3, 1e-9) if self.t_first else 0.0,
+            prompt_tokens_per_s=evaluated / max(t.prompt_ms / 1e3, 1e-9) if self.t_first else 0.0,
             generated_tokens=n,
             generation_tokens_per_s=(n - 1) / gen_s if n > 1 else 0.0,
             finish_reason=self.finish_reason or "",
+            cached_tokens=self.cached_tokens,
         )
 
     def completion(self) -> Completion:

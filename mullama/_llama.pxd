@@ -175,6 +175,8 @@ cdef extern from "llama.h" nogil:
     void llama_memory_clear(llama_memory_t mem, bint data)
     bint llama_memory_seq_rm(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1)
     llama_pos llama_memory_seq_pos_max(llama_memory_t mem, llama_seq_id seq_id)
+    void llama_memory_seq_cp(llama_memory_t mem, llama_seq_id seq_id_src, llama_seq_id seq_id_dst,
+                             llama_pos p0, llama_pos p1)
 
     # State / sessions
     bint llama_state_load_file(llama_context * ctx, const char * path_session,
@@ -182,6 +184,10 @@ cdef extern from "llama.h" nogil:
                                size_t * n_token_count_out)
     bint llama_state_save_file(llama_context * ctx, const char * path_session,
                                const llama_token * tokens, size_t n_token_count)
+    size_t llama_state_seq_get_size(llama_context * ctx, llama_seq_id seq_id)
+    size_t llama_state_seq_get_data(llama_context * ctx, uint8_t * dst, size_t size, llama_seq_id seq_id)
+    size_t llama_state_seq_set_data(llama_context * ctx, const uint8_t * src, size_t size,
+                                    llama_seq_id dest_seq_id)
 
     # Decoding
     llama_batch llama_batch_init(int32_t n_tokens, int32_t embd, int32_t n_seq_max)

@@ -22,6 +22,7 @@ from .._generation import Completion
 from .._tools import ChatCompletion, ChatDelta, ChatPlan, ReplyParser, plain_completion, plan_chat
 from .._errors import InvalidConfigError
 from .._engine import MAX_SEQUENCES, Engine
+from .._prompt_cache import default_prompt_cache_bytes
 from .._model import Model, ModelInfo
 from .._owner import Owner, Uncopyable
 
@@ -53,6 +54,12 @@ class AsyncConfig:
         max_queue: requests that may wait for a turn; beyond, OverloadedError at once.
         adaptive_threads: decode with fewer threads while the machine is busy
             (see :meth:`mullama.Model.create_context`); ``False`` always uses ``threads``.
+        prompt_cache_bytes: the engine's host-memory prompt cache, in bytes:
+            sequences of KV cells saved when their slot is given to another
+            prompt, restored for a later prompt with the same start (least
+            recently used evicted first). Default (None): a tenth of the
+            machine's memory, at most 2 GiB; 0: none. The slots' own cells
+            are reused either way (see the README's "Prompt cache").
     """
 
     model_path: PathLike
@@ -64,6 +71,7 @@ class AsyncConfig:
     timeout_ms: Optional[int] = 30000
     max_queue: int = 64
     adaptive_threads: bool = True
+    prompt_cache_bytes: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_path, (str, os.PathLike)):
@@ -79,6 +87,9 @@ class AsyncConfig:
         check_int("max_queue", self.max_queue, minimum=0)
         if not isinstance(self.adaptive_threads, bool):
             raise InvalidConfigError(f"adaptive_threads must be a bool, got {type(self.adaptive_threads).__name__}")
+        if self.prompt_cache_bytes is None:
+            object.__setattr__(self, "prompt_cache_bytes", default_prompt_cache_bytes())
+        check_int("prompt_cache_bytes", self.prompt_cache_bytes, minimum=0)
 
 
 class _Results:
@@ -260,9 +271,10 @@ class AsyncModel(_Results, Owner):
         def load() -> "tuple[Model, Engine]":
             model = load_model(config, progress)
             try:
-                assert config.threads is not None  # resolved by AsyncConfig
+                assert config.threads is not None and config.prompt_cache_bytes is not None  # resolved by AsyncConfig
                 engine = Engine(model, config.max_concurrent, config.context_size, config.threads,
-                                config.flash_attention, config.max_queue, adaptive_threads=config.adaptive_threads)
+                                config.flash_attention, config.max_queue, adaptive_threads=config.adaptive_threads,
+                                prompt_cache_bytes=config.prompt_cache_bytes)
                 if thread_name is not None:
                     engine.thread_name = thread_name
             except BaseException:

@@ -1,0 +1,174 @@
+"""The batching engine's prompt cache: reused KV cells give the outputs an
+uncached run gives (asyncio and trio)."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+import mullama
+from mullama import StreamConfig, _core
+from mullama._engine import SAVE_MIN_TOKENS
+from mullama._prompt_cache import HostPromptCache, default_prompt_cache_bytes
+from mullama.aio import AsyncModel
+
+pytestmark = pytest.mark.anyio
+
+GREEDY = StreamConfig.greedy(12)
+SYSTEM = "You are a careful assistant who answers in one short sentence. " * 6
+
+
+def cold(model_path, prompts, config=GREEDY):
+    """Each prompt on a fresh context: nothing cached."""
+    with mullama.Model.load(model_path) as m:
+        out = []
+        for p in prompts:
+            with m.create_context(1024, threads=1) as ctx:
+                out.append(ctx.generate(p, config).tokens)
+        return out
+
+
+async def in_order(model, prompts, config=GREEDY):
+    return [await model.generate(p, config=config) for p in prompts]
+
+
+async def together(model, prompts, config=GREEDY):
+    results = [None] * len(prompts)
+
+    async def one(i):
+        results[i] = await model.generate(prompts[i], config=config)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(prompts)):
+            tg.start_soon(one, i)
+    return results
+
+
+async def test_a_repeated_prefix_is_reused_and_changes_nothing(tiny_model_path):
+    prompts = [SYSTEM + "alpha", SYSTEM + "alpha", SYSTEM + "beta", SYSTEM + "alpha gamma"]
+    expected = cold(tiny_model_path, prompts)
+    async with await AsyncModel.load(tiny_model_path, max_concurrent=2, context_size=1024, threads=1) as model:
+        got = await in_order(model, prompts)
+        assert [c.tokens for c in got] == expected
+        cached = [c.timings.cached_tokens for c in got]
+        assert cached[0] == 0 and all(n > 0 for n in cached[1:])
+        # the second prompt was evaluated before: all of it but the last two tokens
+        assert cached[1] == got[1].timings.prompt_tokens - 2
+        assert got[3].metrics.cached_tokens == cached[3]
+        engine = model._engine
+        assert engine.cached_prompt_tokens == sum(cached)
+        assert engine.evaluated_prompt_tokens == sum(c.timings.prompt_tokens for c in got) - sum(cached)
+        assert model.kv_used() == 0 and engine.cached_cells > 0  # no request holds cells; the cache does
+
+
+async def test_requests_sharing_a_prompt_evaluate_it_once(tiny_model_path):
+    """Requests arriving together copy the shared prefix from the first one's sequence."""
+    prompts = [SYSTEM + s for s in ("one", "two", "three", "four")]
+    expected = cold(tiny_model_path, prompts)
+    async with await AsyncModel.load(tiny_model_path, max_concurrent=4, context_size=1024, threads=1) as model:
+        got = await together(model, prompts)
+        assert [c.tokens for c in got] == expected
+        toks = [await model.tokenize(p) for p in prompts]
+        shared = min(_core.common_prefix(toks[0], t) for t in toks[1:])
+        assert shared > 40
+        cached = sorted(c.timings.cached_tokens for c in got)
+        # one request evaluated the shared part; the others copied it from its sequence
+        assert cached[0] == 0 and all(n >= shared for n in cached[1:])
+        assert model._engine.evaluated_prompt_tokens == sum(len(t) for t in toks) - sum(cached)
+
+
+async def test_host_cache_under_a_tiny_budget_keeps_outputs_exact(tiny_model_path):
+    """One slot, three conversations in turn: the host cache saves and restores
+    them, evicting under its budget, and every reply equals the cold one."""
+    convs = [f"Conversation {i}. " + SYSTEM * 2 for i in range(3)]
+    order = [0, 1, 0, 2, 1, 2, 0, 0, 1]
+    prompts = [convs[c] + "x" * i for i, c in enumerate(order)]
+    expected = cold(tiny_model_path, prompts)
+    async with await AsyncModel.load(tiny_model_path, max_concurrent=1, context_size=1024, threads=1) as model:
+        probe = await model.generate(prompts[0], config=GREEDY)
+        engine = model._engine
+        entry = len(engine._core.save_sequence(0))  # the state of one conversation's sequence
+    budget = int(entry * 1.5)  # room for one entry, not two
+    async with await AsyncModel.load(tiny_model_path, max_concurrent=1, context_size=1024, threads=1,
+                                     prompt_cache_bytes=budget) as model:
+        engine = model._engine
+        got = []
+        for p in prompts:
+            got.append(await model.generate(p, config=GREEDY))
+            assert engine.host_cache.bytes <= budget
+        assert [c.tokens for c in got] == expected
+        assert probe.tokens == expected[0]
+        cache = engine.host_cache
+        assert cache.saves >= 3 and cache.evictions >= 1 and len(cache) == 1
+        assert cache.restores >= 1  # the conversation saved last came back from host memory
+        assert any(c.timings.cached_tokens > SAVE_MIN_TOKENS for c in got[3:])
+
+
+async def test_host_cache_restores_alternating_prompts_exactly(tiny_model_path):
+    a, b = SYSTEM + "first topic", "A different start entirely, " * 8
+    prompts = [a, b, a + " more", b + " more", a]
+    expected = cold(tiny_model_path, prompts)
+    async with await AsyncModel.load(tiny_model_path, max_concurrent=1, context_size=1024, threads=1,
+                                     prompt_cache_bytes=64 << 20) as model:
+        got = await in_order(model, prompts)
+        assert [c.tokens for c in got] == expected
+        assert model._engine.host_cache.restores >= 2
+        assert all(c.timings.cached_tokens > SAVE_MIN_TOKENS for c in got[2:])
+
+
+async def test_no_host_cache_when_its_budget_is_zero(tiny_model_path):
+    async with await AsyncModel.load(tiny_model_path, max_concurrent=1, context_size=512, threads=1,
+                                     prompt_cache_bytes=0) as model:
+        assert model.config.prompt_cache_bytes == 0 and model._engine.host_cache is None
+        await in_order(model, [SYSTEM + "a", "other " * 40, SYSTEM + "a"])
+        assert model._engine.cached_cells > 0  # the slot still keeps its own cells
+
+
+async def test_a_cancelled_request_leaves_no_poisoned_cache(default_model_path):
+    """Cancelled during its prompt's evaluation or its generation, a request
+    leaves cells that are exactly what they claim: the next one is exact."""
+    prompt = (SYSTEM + "Tell me about the sea. ") * 12
+    expected = cold(default_model_path, [prompt])[0]
+    async with await AsyncModel.load(default_model_path, max_concurrent=1, context_size=1024) as model:
+        for wait in (0.05, 0.3, 1.0):
+            with anyio.move_on_after(wait):
+                async with model.generate_stream(prompt, GREEDY) as stream:
+                    async for _ in stream:
+                        pass
+            c = await model.generate(prompt, config=GREEDY)
+            assert c.tokens == expected
+        assert model.kv_used() == 0
+
+
+async def test_a_chat_hits_the_cache_on_every_turn(default_model_path):
+    """A growing conversation through AsyncModel.chat: each turn reuses the last
+    one's cells, and every reply equals the reply computed from scratch."""
+    last_prompt = 0
+    questions = ["Name a planet.", "How far is it from the sun?", "And its largest moon?", "Thanks!"]
+    cfg = StreamConfig.greedy(24)
+    messages = [{"role": "system", "content": "You answer briefly."}]
+    async with await AsyncModel.load(default_model_path, max_concurrent=2, context_size=2048) as model:
+        with mullama.Model.load(default_model_path) as m:
+            for i, q in enumerate(questions):
+                messages.append({"role": "user", "content": q})
+                reply = await model.chat(messages, cfg)
+                with m.create_context(2048) as ctx:
+                    assert reply.text == ctx.chat(messages, cfg).text
+                if i:  # the last turn's prompt is reused (its reply, decoded token by token, is not: see match())
+                    assert reply.timings.cached_tokens >= last_prompt - 2
+                last_prompt = reply.timings.prompt_tokens
+                messages.append({"role": "assistant", "content": reply.text})
+
+
+def test_host_prompt_cache_budget_lru_and_prefixes():
+    cache = HostPromptCache(100)
+    assert cache.put([1, 2, 3], b"a" * 40)
+    assert cache.put([7, 8], b"b" * 40)
+    assert cache.best([1, 2, 3, 4]) == (0, 3) and cache.best([9]) == (None, 0)
+    cache.get(0)  # [1, 2, 3] is now the most recently used
+    assert cache.put([5], b"c" * 40)  # over budget: [7, 8] (least recently used) goes
+    assert cache.bytes == 80 and cache.evictions == 1 and cache.best([7, 8])[1] == 0
+    assert cache.put([1, 2, 3, 4], b"d" * 30)  # replaces its prefix [1, 2, 3]
+    assert len(cache) == 2 and cache.bytes == 70 and cache.holds([1, 2]) and not cache.holds([1, 3])
+    assert not cache.put([6], b"e" * 101)  # alone over the budget: not kept
+    assert 0 < default_prompt_cache_bytes() <= 2 << 30
