@@ -31,7 +31,7 @@ from ._config import StreamConfig, check_int, token_list
 from ._context import ThreadStats, log_thread_changes
 from ._errors import ClosedError, ContextOverflowError, InvalidTokenError, MullamaError, OverloadedError
 from ._generation import FINISH_REASONS, Generation, TokenData, new_sampler
-from ._prompt_cache import HostPromptCache
+from ._prompt_cache import HostPromptCache, PromptCacheStats
 
 __all__ = ["Engine", "EngineRequest", "MAX_SEQUENCES"]
 
@@ -169,6 +169,14 @@ class Engine:
     def tokens_in_flight(self) -> int:
         """Tokens generated so far by the requests holding a slot (their progress)."""
         return sum(len(req.tokens) for req in list(self._active.values()))
+
+    def prompt_cache_stats(self) -> PromptCacheStats:
+        """The prompt cache's counters and the memory it holds (see :class:`PromptCacheStats`)."""
+        host = self.host_cache if self.host_cache is not None else HostPromptCache(0)  # none: zeros
+        return PromptCacheStats(
+            cached_prompt_tokens=self.cached_prompt_tokens, evaluated_prompt_tokens=self.evaluated_prompt_tokens,
+            slot_cells=self.cached_cells, host_bytes=host.bytes, host_budget=host.budget, host_entries=len(host),
+            host_saves=host.saves, host_restores=host.restores, host_evictions=host.evictions)
 
     def thread_stats(self) -> ThreadStats:
         """The compute threads of the engine's context (see :class:`ThreadStats`)."""

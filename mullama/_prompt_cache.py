@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from . import _core
 
-__all__ = ["HostPromptCache", "default_prompt_cache_bytes"]
+__all__ = ["HostPromptCache", "PromptCacheStats", "default_prompt_cache_bytes"]
 
 #: the default budget: this fraction of the machine's memory, at most DEFAULT_CAP bytes
 DEFAULT_FRACTION = 0.1
@@ -106,3 +107,37 @@ class HostPromptCache:
     def clear(self) -> None:
         self._entries.clear()
         self.bytes = 0
+
+
+@dataclass(frozen=True)
+class PromptCacheStats:
+    """The batching engine's prompt cache, now.
+
+    Attributes:
+        cached_prompt_tokens: prompt tokens of started requests reused from a
+            cache (a slot's cells, a running request's, or host memory).
+        evaluated_prompt_tokens: prompt tokens of started requests evaluated.
+        slot_cells: KV cells the free slots keep for later prompts (inside the
+            KV cache allocated at load: they cost no extra memory).
+        host_bytes: bytes the host-memory cache holds (at most ``host_budget``).
+        host_budget: its budget (``AsyncConfig.prompt_cache_bytes``; 0: none).
+        host_entries: sequences it holds.
+        host_saves, host_restores, host_evictions: sequences saved, restored
+            and evicted so far.
+    """
+
+    cached_prompt_tokens: int
+    evaluated_prompt_tokens: int
+    slot_cells: int
+    host_bytes: int
+    host_budget: int
+    host_entries: int
+    host_saves: int
+    host_restores: int
+    host_evictions: int
+
+    @property
+    def hit_ratio(self) -> float:
+        """The share of prompt tokens reused rather than evaluated."""
+        total = self.cached_prompt_tokens + self.evaluated_prompt_tokens
+        return self.cached_prompt_tokens / total if total else 0.0

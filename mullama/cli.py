@@ -98,6 +98,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mib(value: Optional[float], flag: str) -> Optional[int]:
+    if value is None:
+        return None
+    if not value >= 0 or value == float("inf"):
+        raise InvalidConfigError(f"{flag} must be a number of MiB, 0 or more; got {value}")
+    return int(value * (1 << 20))
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from ._model import check_model_file
     from .aio import AsyncConfig
@@ -115,7 +123,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = AsyncConfig(
         model_path=path, context_size=args.context_size, threads=args.threads, max_concurrent=args.max_concurrent,
         max_queue=args.max_queue, timeout_ms=int(args.timeout * 1000) if args.timeout else None,
-        gpu_layers=args.gpu_layers, flash_attention=args.flash_attention, adaptive_threads=not args.fixed_threads)
+        gpu_layers=args.gpu_layers, flash_attention=args.flash_attention, adaptive_threads=not args.fixed_threads,
+        prompt_cache_bytes=_mib(args.prompt_cache_mb, "--prompt-cache-mb"))
     app = create_app(config, model_id=args.name, chat_template=template, api_key=args.api_key,
                      io_timeout=args.io_timeout, any_model_name=args.any_model_name,
                      cors_origins=[o.strip() for o in (args.cors_origins or "").split(",") if o.strip()])
@@ -179,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=4, help="requests decoded together (default: 4)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a slot; beyond, 503 at once (default: 64)")
+    p.add_argument("--prompt-cache-mb", type=float, default=None, metavar="MB",
+                   help="host memory for the prompt cache, in MiB (0 = none; default: a tenth of the machine's "
+                        "memory, at most 2048); the slots' own KV cells are reused either way")
     _thread_args(p)
     p.add_argument("--gpu-layers", type=int, default=0)
     p.add_argument("--flash-attention", action="store_true")

@@ -85,3 +85,13 @@ def test_pull_shows_its_own_progress_not_pips(tmp_path, default_model_path):
     assert "pulling" in r.stderr
     for chatter in ("Collecting", "Saved", "Looking in", "Downloading", "Successfully"):
         assert chatter not in r.stderr, r.stderr
+
+
+def test_prompt_cache_mb_flag():
+    from mullama.cli import _mib
+
+    assert _mib(None, "--prompt-cache-mb") is None  # the default budget
+    assert _mib(0, "--prompt-cache-mb") == 0 and _mib(1.5, "--prompt-cache-mb") == 3 << 19
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(mullama.InvalidConfigError, match="--prompt-cache-mb must be"):
+            _mib(bad, "--prompt-cache-mb")

@@ -112,8 +112,12 @@ async def test_host_cache_restores_alternating_prompts_exactly(tiny_model_path):
                                      prompt_cache_bytes=64 << 20) as model:
         got = await in_order(model, prompts)
         assert [c.tokens for c in got] == expected
-        assert model._engine.host_cache.restores >= 2
         assert all(c.timings.cached_tokens > SAVE_MIN_TOKENS for c in got[2:])
+        stats = model.prompt_cache_stats()
+        assert stats.host_budget == 64 << 20 and stats.host_restores >= 2 and stats.host_saves >= 2
+        assert 0 < stats.host_bytes == model._engine.host_cache.bytes and stats.host_entries >= 1
+        assert stats.cached_prompt_tokens == sum(c.timings.cached_tokens for c in got)
+        assert 0.5 < stats.hit_ratio < 1
 
 
 async def test_no_host_cache_when_its_budget_is_zero(tiny_model_path):

@@ -187,6 +187,26 @@ def test_completion_equals_the_library(tiny_server, tiny_model):
     assert len(lp.token_logprobs) == len(expected.tokens) and all(v <= 0 for v in lp.token_logprobs)
 
 
+def test_cached_prompt_tokens_in_usage_and_metrics(tiny_server, tiny_model):
+    """A repeated long prompt is reused from the cache: OpenAI's
+    usage.prompt_tokens_details.cached_tokens says how much, /metrics counts it."""
+    prompt = "A long shared preamble for every request of this test. " * 3
+    n = len(tiny_model.tokenize(prompt))
+    client = tiny_server.client()
+    before = tiny_server.metrics()
+    first = client.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0)
+    again = client.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0,
+                                      stream=True, stream_options={"include_usage": True})
+    usage = list(again)[-1].usage
+    assert first.usage.prompt_tokens == usage.prompt_tokens == n
+    assert usage.prompt_tokens_details.cached_tokens == n - 2  # all but the last two, evaluated together
+    after = tiny_server.metrics()
+    cached = after["mullama_prompt_tokens_cached_total"] - before["mullama_prompt_tokens_cached_total"]
+    evaluated = after["mullama_prompt_tokens_evaluated_total"] - before["mullama_prompt_tokens_evaluated_total"]
+    assert cached >= n - 2 and cached + evaluated == 2 * n
+    assert after["mullama_prompt_cache_budget_bytes"] > 0
+
+
 def test_completion_stream(tiny_server, tiny_model):
     expected = expected_completion(tiny_model, "hello there", 40)
     stream = tiny_server.client().completions.create(model="tiny", prompt="hello there", max_tokens=40,

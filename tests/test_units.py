@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import mullama
 from mullama import RequestTimeoutError, StreamConfig
 from mullama._generation import _TextAssembler
+from mullama._prompt_cache import PromptCacheStats
 from mullama.aio._stream import Handoff, deadline
 from mullama.server._metrics import ServerMetrics
 from mullama.server._openai import COMPLETIONS_DEFAULT_MAX_TOKENS, ApiError, parse_request
@@ -491,8 +492,12 @@ HISTOGRAMS = {"mullama_request_queue_seconds": "queue", "mullama_time_to_first_t
 
 def fake_model(n: int) -> SimpleNamespace:
     stats = SimpleNamespace(threads=1, max_threads=2, steps=n * 10, changes=n, watchdog_aborts=0, last_step_ms=1.5)
+    cache = PromptCacheStats(cached_prompt_tokens=n * 50, evaluated_prompt_tokens=n * 70, slot_cells=n * 9,
+                             host_bytes=n << 20, host_budget=1 << 30, host_entries=n, host_saves=n + 1,
+                             host_restores=n, host_evictions=1)
     return SimpleNamespace(config=SimpleNamespace(max_concurrent=4, max_queue=64), active_workers=n, waiting=0,
-                           kv_used=lambda: n * 100, tokens_in_flight=n * 3, thread_stats=lambda: stats)
+                           kv_used=lambda: n * 100, tokens_in_flight=n * 3, thread_stats=lambda: stats,
+                           prompt_cache_stats=lambda: cache)
 
 
 def fake_runtime() -> SimpleNamespace:
@@ -534,6 +539,10 @@ def test_metrics_text_parses_as_prometheus_and_says_what_was_counted(
     assert ("mullama_runtime_uptime_seconds" in families) == live
     if live:
         assert families["mullama_kv_cells_used"].samples[0].value == 300
+        assert families["mullama_prompt_tokens_cached"].samples[0].value == 150
+        assert families["mullama_prompt_tokens_evaluated"].samples[0].value == 210
+        assert families["mullama_prompt_cache_bytes"].samples[0].value == 3 << 20
+        assert families["mullama_prompt_cache_entries"].samples[0].value == 3
         assert families["mullama_engine_decode_steps"].type == "counter"
         assert families["mullama_runtime_uptime_seconds"].samples[0].value == 3.25
 

@@ -17,6 +17,7 @@ context's abort flag.
 from .._config import StreamConfig
 from .._generation import Completion, RequestMetrics, TokenData
 from .._model import ModelInfo
+from .._prompt_cache import PromptCacheStats
 from ._model import AsyncConfig, AsyncContext, AsyncModel
 from ._pool import ModelPool, PooledModel, PoolStats
 from ._runtime import Runtime, RuntimeMetrics, TaskHandle
@@ -31,6 +32,7 @@ __all__ = [
     "ModelPool",
     "PooledModel",
     "PoolStats",
+    "PromptCacheStats",
     "Runtime",
     "RuntimeMetrics",
     "TaskHandle",

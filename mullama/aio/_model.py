@@ -22,7 +22,7 @@ from .._generation import Completion
 from .._tools import ChatCompletion, ChatDelta, ChatPlan, ReplyParser, plain_completion, plan_chat
 from .._errors import InvalidConfigError
 from .._engine import MAX_SEQUENCES, Engine
-from .._prompt_cache import default_prompt_cache_bytes
+from .._prompt_cache import PromptCacheStats, default_prompt_cache_bytes
 from .._model import Model, ModelInfo
 from .._owner import Owner, Uncopyable
 
@@ -332,6 +332,11 @@ class AsyncModel(_Results, Owner):
     def tokens_in_flight(self) -> int:
         """Tokens generated so far by the requests holding an engine slot: their progress."""
         return self._engine.tokens_in_flight
+
+    def prompt_cache_stats(self) -> PromptCacheStats:
+        """The batching engine's prompt cache: tokens reused and evaluated, and
+        the memory it holds (see the README's "Prompt cache")."""
+        return self._engine.prompt_cache_stats()
 
     def thread_stats(self) -> ThreadStats:
         """The batching engine's compute threads (fewer than ``threads`` while the machine is busy)."""

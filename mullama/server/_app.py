@@ -492,7 +492,7 @@ class OpenAIApp:
         else:
             await ex.event(oa.completion_chunk(ids, "", finish=reason, with_usage=usage))
         if usage:
-            await ex.event(oa.usage_chunk(ids, req.chat, n_prompt, n))
+            await ex.event(oa.usage_chunk(ids, req.chat, n_prompt, n, done.timings.cached_tokens))
         await ex.end_events()
 
 

@@ -144,6 +144,23 @@ class ServerMetrics:
                    [((), cfg.max_queue)])
             metric("mullama_kv_cells_used", "gauge", "KV cache cells held by running requests.",
                    [((), model.kv_used())])
+            pc = model.prompt_cache_stats()
+            metric("mullama_prompt_tokens_cached_total", "counter",
+                   "Prompt tokens reused from the prompt cache rather than evaluated.", [((), pc.cached_prompt_tokens)])
+            metric("mullama_prompt_tokens_evaluated_total", "counter", "Prompt tokens evaluated.",
+                   [((), pc.evaluated_prompt_tokens)])
+            metric("mullama_prompt_cache_slot_cells", "gauge",
+                   "KV cells free slots keep for later prompts (inside the KV cache allocated at load).",
+                   [((), pc.slot_cells)])
+            metric("mullama_prompt_cache_bytes", "gauge", "Bytes the host-memory prompt cache holds.",
+                   [((), pc.host_bytes)])
+            metric("mullama_prompt_cache_budget_bytes", "gauge", "The host-memory prompt cache's budget.",
+                   [((), pc.host_budget)])
+            metric("mullama_prompt_cache_entries", "gauge", "Sequences the host-memory prompt cache holds.",
+                   [((), pc.host_entries)])
+            metric("mullama_prompt_cache_evictions_total", "counter",
+                   "Sequences evicted from the host-memory prompt cache to stay within its budget.",
+                   [((), pc.host_evictions)])
             metric("mullama_engine_tokens_in_flight", "gauge",
                    "Tokens generated so far by the requests holding a slot (their progress).",
                    [((), model.tokens_in_flight)])

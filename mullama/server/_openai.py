@@ -307,9 +307,12 @@ class ResponseIds:
         self.model = model
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> Dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Dict[str, Any]:
+    """OpenAI's ``usage``; ``prompt_tokens_details.cached_tokens``: prompt tokens
+    reused from the prompt cache rather than evaluated."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 Piece = Callable[[int], bytes]
@@ -355,7 +358,7 @@ def chat_response(ids: ResponseIds, done: Completion, prompt_tokens: int,
         "system_fingerprint": _FINGERPRINT,
         "choices": [{"index": 0, "message": message, "logprobs": logprobs,
                      "finish_reason": finish_reason(done.finish_reason)}],
-        "usage": usage(prompt_tokens, len(done.tokens)),
+        "usage": usage(prompt_tokens, len(done.tokens), done.timings.cached_tokens),
     }
 
 
@@ -386,7 +389,7 @@ def completion_response(ids: ResponseIds, text: str, done: Completion, prompt_to
         "system_fingerprint": _FINGERPRINT,
         "choices": [{"index": 0, "text": text, "logprobs": logprobs,
                      "finish_reason": finish_reason(done.finish_reason)}],
-        "usage": usage(prompt_tokens, len(done.tokens)),
+        "usage": usage(prompt_tokens, len(done.tokens), done.timings.cached_tokens),
     }
 
 
@@ -410,9 +413,10 @@ def _chunk(ids: ResponseIds, obj: str, with_usage: bool, choice: Dict[str, Any])
     return chunk
 
 
-def usage_chunk(ids: ResponseIds, chat: bool, prompt_tokens: int, completion_tokens: int) -> Dict[str, Any]:
+def usage_chunk(ids: ResponseIds, chat: bool, prompt_tokens: int, completion_tokens: int,
+                cached_tokens: int) -> Dict[str, Any]:
     return {"id": ids.id, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": ids.created, "model": ids.model, "system_fingerprint": _FINGERPRINT, "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
