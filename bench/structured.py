@@ -75,10 +75,11 @@ def _free_port() -> int:
 
 
 class LlamaServer:
-    def __init__(self, binary: Path, model: Path, n_ctx: int) -> None:
+    def __init__(self, binary: Path, model: Path, n_ctx: int, slots: int = 1) -> None:
         self.port = _free_port()
         self.proc = subprocess.Popen(
-            [str(binary), "-m", str(model), "-c", str(n_ctx), "-t", str(THREADS), "-tb", str(THREADS), "-np", "1",
+            [str(binary), "-m", str(model), "-c", str(n_ctx), "-t", str(THREADS), "-tb", str(THREADS),
+             "-np", str(slots),
              "--flash-attn", "off", "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{self.port}"

@@ -135,6 +135,7 @@ cdef struct Slot:
     int n_prompt_done    # prompt tokens already in the KV cache
     int pos              # tokens of this sequence in the KV cache
     int n_exact          # the first n_exact of them were computed in batches of 2 or more tokens (reusable)
+    bint refreshing      # free, re-evaluating its tail (prompts[slot]) in idle steps to make it reusable
     llama_token pending  # sampled, not yet decoded (-1: none)
     int n_step           # tokens this slot put into the current batch
     int i_batch          # batch index whose logits this slot samples (-1: none)
@@ -254,6 +255,8 @@ cdef class BatchEngine(_Decoder):
     cdef list samplers       # the SamplerChain of each slot (keeps its pointer alive)
     cdef vector[Sampling *] smpls  # their sampling, for the nogil step
     cdef int _wake           # the driver has work: return from run() early
+    cdef int _idle_step      # the running step holds only refresh tokens: wake() aborts it
+    cdef readonly long refreshed  # tokens re-evaluated by refresh steps
 
     cdef _free(self)
     cdef inline bint _runnable(self, Slot * s) noexcept nogil

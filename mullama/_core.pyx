@@ -46,9 +46,14 @@ cdef extern from *:
     """
     static inline int mullama_load_flag(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline void mullama_store_flag(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    /* sequentially consistent: a store then a load on each side of a handshake (one sees the other's store) */
+    static inline int mullama_load_flag_sc(const int *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+    static inline void mullama_store_flag_sc(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
     """
     int mullama_load_flag(const int *p) nogil
     void mullama_store_flag(int *p, int v) nogil
+    int mullama_load_flag_sc(const int *p) nogil
+    void mullama_store_flag_sc(int *p, int v) nogil
 
 
 cdef extern from "_threads.h" namespace "mullama" nogil:
@@ -1469,6 +1474,8 @@ cdef class BatchEngine(_Decoder):
     def __cinit__(self):
         self._what = "engine"
         self._wake = 0
+        self._idle_step = 0
+        self.refreshed = 0
 
     def __init__(self, LlamaModel model not None, int n_seq, int n_ctx_seq, int n_batch=512, int n_threads=1,
                  bint flash_attention=False, int prefill_chunk=256, bint adaptive_threads=True):
@@ -1490,6 +1497,7 @@ cdef class BatchEngine(_Decoder):
         empty.n_prompt_done = 0
         empty.pos = 0
         empty.n_exact = 0
+        empty.refreshing = False
         empty.pending = -1
         empty.n_step = 0
         empty.i_batch = -1
@@ -1556,6 +1564,7 @@ cdef class BatchEngine(_Decoder):
             self.hist[slot].resize(reuse)
             s = &self.slots[slot]
             s.active = True
+            s.refreshing = False
             s.paused = False
             mullama_store_flag(&s.cancel, 0)
             s.finish = ST_OK
@@ -1618,10 +1627,7 @@ cdef class BatchEngine(_Decoder):
         try:
             if s.active:
                 raise _errors.MullamaError(f"slot {slot} is in use")
-            if s.n_exact < <int>self.hist[slot].size():
-                if not llama_memory_seq_rm(llama_get_memory(self.ptr), slot, s.n_exact, -1):
-                    return b""
-                self.hist[slot].resize(s.n_exact)
+            s.refreshing = False
             if self.hist[slot].empty():
                 return b""
             size = llama_state_seq_get_size(self.ptr, slot)
@@ -1663,8 +1669,19 @@ cdef class BatchEngine(_Decoder):
             mullama_store_flag(&self._wake, 1)
 
     def wake(self):
-        """Make a running :meth:`run` return at its next step (thread-safe)."""
-        mullama_store_flag(&self._wake, 1)
+        """Make a running :meth:`run` return at its next step, or now if the
+        step only refreshes free slots (thread-safe)."""
+        mullama_store_flag_sc(&self._wake, 1)
+        if mullama_load_flag_sc(&self._idle_step):
+            mullama_store_flag(&self.ab.flags[1], 1)
+
+    def idle_work(self):
+        """Some free slot has a tail to refresh (see :meth:`release`)."""
+        cdef int i
+        for i in range(self.n_seq):
+            if self.slots[i].refreshing and not self.slots[i].active:
+                return True
+        return False
 
     def set_paused(self, int slot, bint paused):
         self.slots[slot].paused = paused
@@ -1672,22 +1689,44 @@ cdef class BatchEngine(_Decoder):
     def release(self, int slot, bint keep=True):
         """Free *slot*. Its KV cells stay as a cache of its tokens
         (:meth:`cached`) for a later request with the same prefix, unless
-        *keep* is false."""
+        *keep* is false.
+
+        Cells that cannot be reused as they are (the generated tokens of a
+        request decoded alone, see :meth:`match`) are dropped, and their
+        tokens evaluated again as a prompt in steps that have nothing else to
+        do (a step of only these ends as soon as :meth:`wake` is called), so
+        that a follow-up request (the next turn of a chat) finds them cached.
+        """
         if self._closed or slot < 0 or slot >= self.n_seq:
             return
         self._enter()
+        cdef Slot * s = &self.slots[slot]
+        cdef llama_memory_t mem = llama_get_memory(self.ptr)
+        cdef int tail
         try:
-            if not keep:
-                llama_memory_seq_rm(llama_get_memory(self.ptr), slot, -1, -1)
-                self.hist[slot].clear()
-                self.slots[slot].n_exact = 0
-            self.slots[slot].active = False
             self.prompts[slot].clear()
-            s = self.samplers[slot]
+            s.refreshing = False
+            if not keep:
+                llama_memory_seq_rm(mem, slot, -1, -1)
+                self.hist[slot].clear()
+                s.n_exact = 0
+            elif s.n_exact < <int>self.hist[slot].size():
+                tail = <int>self.hist[slot].size() - s.n_exact
+                if not llama_memory_seq_rm(mem, slot, s.n_exact, -1):
+                    llama_memory_seq_rm(mem, slot, -1, -1)
+                    s.n_exact = 0
+                elif tail >= 2:  # (one token alone would be decoded as a one-token batch again)
+                    self.prompts[slot].assign(self.hist[slot].begin() + s.n_exact, self.hist[slot].end())
+                    s.n_prompt_done = 0
+                    s.refreshing = True
+                self.hist[slot].resize(s.n_exact)
+                s.pos = s.n_exact
+            s.active = False
+            sampler = self.samplers[slot]
             self.samplers[slot] = None
             self.smpls[slot] = NULL
-            if s is not None:
-                (<SamplerChain>s).close()
+            if sampler is not None:
+                (<SamplerChain>sampler).close()
         finally:
             self._leave()
 
@@ -1762,10 +1801,27 @@ cdef class BatchEngine(_Decoder):
             if done + take == size:
                 s.i_batch = n + take - 1
             n += take
-        if n == 0:
-            return ST_OK
+        if n == 0:  # nothing else to do: refresh free slots' tails (release()), unless the driver has work
+            mullama_store_flag_sc(&self._idle_step, 1)  # (before reading _wake: wake() sets it, then reads this)
+            for i in range(self.n_seq):
+                s = &self.slots[i]
+                if s.active or not s.refreshing or n >= self.n_batch or mullama_load_flag_sc(&self._wake):
+                    continue
+                size = <int>self.prompts[i].size()
+                done = s.n_prompt_done
+                take = min(size - done, self.prefill_chunk, self.n_batch - n)
+                if size - done - take == 1 and take > 1:
+                    take -= 1
+                for k in range(take):
+                    self._add(n + k, self.prompts[i][done + k], s.pos + k, i, False)
+                s.n_step = take
+                n += take
+            if n == 0:
+                mullama_store_flag(&self._idle_step, 0)
+                return ST_OK
         self.batch.n_tokens = n
         rc = _governed_decode(self.ptr, self.batch, self.gov, &self.ab)
+        mullama_store_flag(&self._idle_step, 0)
         if rc != ST_OK:
             for i in range(self.n_seq):  # undo what the failed decode may have kept
                 s = &self.slots[i]
@@ -1789,6 +1845,11 @@ cdef class BatchEngine(_Decoder):
                                     self.prompts[i].begin() + s.n_prompt_done + s.n_step)
                 s.n_prompt_done += s.n_step
             s.pos += s.n_step
+            if s.refreshing:
+                self.refreshed += s.n_step
+                if s.n_prompt_done == <int>self.prompts[i].size():
+                    s.refreshing = False
+                    self.prompts[i].clear()
             s.n_step = 0
             if s.i_batch < 0:
                 continue

@@ -176,7 +176,8 @@ class Engine:
         return PromptCacheStats(
             cached_prompt_tokens=self.cached_prompt_tokens, evaluated_prompt_tokens=self.evaluated_prompt_tokens,
             slot_cells=self.cached_cells, host_bytes=host.bytes, host_budget=host.budget, host_entries=len(host),
-            host_saves=host.saves, host_restores=host.restores, host_evictions=host.evictions)
+            host_saves=host.saves, host_restores=host.restores, host_evictions=host.evictions,
+            refreshed_tokens=self._core.refreshed)
 
     def thread_stats(self) -> ThreadStats:
         """The compute threads of the engine's context (see :class:`ThreadStats`)."""
@@ -274,7 +275,7 @@ class Engine:
             with self._cv:
                 while True:
                     wait = self._expire()
-                    if self._closing or (self._queue and self._free) or self._runnable():
+                    if self._closing or (self._queue and self._free) or self._runnable() or core.idle_work():
                         break
                     self._cv.wait(wait)
                 if self._closing and not self._active:

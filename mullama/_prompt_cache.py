@@ -124,6 +124,9 @@ class PromptCacheStats:
         host_entries: sequences it holds.
         host_saves, host_restores, host_evictions: sequences saved, restored
             and evicted so far.
+        refreshed_tokens: generated tokens evaluated again as a prompt while
+            the engine had nothing else to do, so that a follow-up request
+            reuses them exactly (see the README's "Prompt cache").
     """
 
     cached_prompt_tokens: int
@@ -135,6 +138,7 @@ class PromptCacheStats:
     host_saves: int
     host_restores: int
     host_evictions: int
+    refreshed_tokens: int = 0
 
     @property
     def hit_ratio(self) -> float:

@@ -144,9 +144,20 @@ async def test_a_cancelled_request_leaves_no_poisoned_cache(default_model_path):
         assert model.kv_used() == 0
 
 
-async def test_a_chat_hits_the_cache_on_every_turn(default_model_path):
+async def idle(model) -> None:
+    """Wait until the engine has refreshed its free slots (a bound, not a timing assertion)."""
+    with anyio.fail_after(120):
+        while model._engine._core.idle_work():
+            await anyio.sleep(0.01)
+
+
+@pytest.mark.parametrize("pause", [False, True])
+async def test_a_chat_hits_the_cache_on_every_turn(default_model_path, pause):
     """A growing conversation through AsyncModel.chat: each turn reuses the last
-    one's cells, and every reply equals the reply computed from scratch."""
+    one's cells, and every reply equals the reply computed from scratch. With
+    a pause between turns (a user reading), the reply's own tokens, evaluated
+    again while the engine is idle, are reused too; without one, that work
+    may be cut short by the next turn, which evaluates the rest itself."""
     last_prompt = 0
     questions = ["Name a planet.", "How far is it from the sun?", "And its largest moon?", "Thanks!"]
     cfg = StreamConfig.greedy(24)
@@ -158,10 +169,34 @@ async def test_a_chat_hits_the_cache_on_every_turn(default_model_path):
                 reply = await model.chat(messages, cfg)
                 with m.create_context(2048) as ctx:
                     assert reply.text == ctx.chat(messages, cfg).text
-                if i:  # the last turn's prompt is reused (its reply, decoded token by token, is not: see match())
+                if i and pause:  # the last turn's prompt and (some of) its reply
+                    assert reply.timings.cached_tokens > last_prompt
+                elif i:  # the last turn's prompt
                     assert reply.timings.cached_tokens >= last_prompt - 2
                 last_prompt = reply.timings.prompt_tokens
                 messages.append({"role": "assistant", "content": reply.text})
+                if pause:
+                    await idle(model)
+        assert model.prompt_cache_stats().refreshed_tokens > 0
+
+
+async def test_refreshed_tails_are_exact_and_give_way_to_requests(tiny_model_path):
+    """A lone request's generated tokens are evaluated again once it ends, and
+    a follow-up reuses them; requests arriving right after one another stop
+    that work. Every output equals the uncached one."""
+    long = StreamConfig.greedy(60)
+    async with await AsyncModel.load(tiny_model_path, max_concurrent=1, context_size=1024, threads=1) as model:
+        start = await model.tokenize(SYSTEM + "a")
+        first = await model.generate(start, config=long)
+        await idle(model)
+        decoded = len(first.tokens) - 1  # its last token was sampled, never decoded
+        assert model.prompt_cache_stats().refreshed_tokens == decoded
+        follow = start + first.tokens + await model.tokenize(" and then", add_bos=False)
+        got = [await model.generate(follow, config=long)]
+        assert got[0].timings.cached_tokens == len(start) + decoded
+        got += await in_order(model, [SYSTEM + "b", SYSTEM + "a", follow], long)
+    expected = cold(tiny_model_path, [follow, SYSTEM + "b", SYSTEM + "a", follow], long)
+    assert [c.tokens for c in got] == expected
 
 
 def test_host_prompt_cache_budget_lru_and_prefixes():

@@ -149,6 +149,9 @@ class ServerMetrics:
                    "Prompt tokens reused from the prompt cache rather than evaluated.", [((), pc.cached_prompt_tokens)])
             metric("mullama_prompt_tokens_evaluated_total", "counter", "Prompt tokens evaluated.",
                    [((), pc.evaluated_prompt_tokens)])
+            metric("mullama_prompt_tokens_refreshed_total", "counter",
+                   "Generated tokens evaluated again in idle steps so that follow-up requests reuse them.",
+                   [((), pc.refreshed_tokens)])
             metric("mullama_prompt_cache_slot_cells", "gauge",
                    "KV cells free slots keep for later prompts (inside the KV cache allocated at load).",
                    [((), pc.slot_cells)])

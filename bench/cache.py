@@ -1,0 +1,297 @@
+#!/usr/bin/env python3
+"""The prompt cache: what reusing a prompt's KV cells saves, in mullama and in
+llama-server (built from the same pinned llama.cpp source, ``cache_prompt`` on),
+same model, same prompts (as token ids), same run. One JSON line per figure.
+
+* ``cache_chat_ttft``: a 10-turn chat on the default model, the whole history
+  resent on every turn (2,000+ tokens by the last), through ``mullama serve``
+  and llama-server with one slot each, streaming ``max_tokens`` tokens per
+  turn. Time to first token of the last turn, client side: cached (the
+  conversation so far was sent turn by turn) and cold (the same prompt after a
+  different first line, so that nothing matches). Targets: mullama's cached ÷
+  cold ≤ 0.1; mullama's cached TTFT ÷ llama-server's ≤ 1.
+* ``cache_shared_prefix``: 8 concurrent requests sharing a 1,000-token system
+  prompt (4 slots each), against 8 requests whose system prompts differ in
+  their first line; aggregate prompt throughput = prompt tokens ÷ time until
+  the last request's first token. Target: mullama's shared ÷ distinct ≥ 5.
+* ``cache_soak``: ``--soak`` requests with random prefixes (one of 60 prompts
+  of 100-600 tokens, a random suffix) through ``AsyncModel`` with a small
+  host-memory budget (``--soak-budget-mb``): the host cache's bytes never above
+  the budget (checked after every request), and the process's RSS growth.
+
+Rounds alternate the two servers; each round starts a new conversation (its
+own first line), so no round is served from an earlier one's cache. Medians
+over ``--rounds``. ``--busy N`` runs N CPU-bound processes during the whole
+measurement (a busy machine).
+
+Usage: python bench/cache.py [--rounds 3] [--turns 10] [--soak 1000] [--busy 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import anyio
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+import mullama  # noqa: E402
+from mullama import StreamConfig  # noqa: E402
+from mullama._chat import chat_tokens  # noqa: E402
+from mullama.aio import AsyncModel  # noqa: E402
+
+from _probes import rss  # noqa: E402
+from structured import LlamaServer, _free_port, llama_server_binary  # noqa: E402
+
+THREADS = 2
+N_CTX = 4096
+TOPICS = ["the tides", "bread", "volcanoes", "chess openings", "bees", "glaciers", "the printing press",
+          "comets", "coral reefs", "windmills", "the violin", "deserts"]
+
+
+def _log(msg: str) -> None:
+    print(f"[cache] {msg}", file=sys.stderr, flush=True)
+
+
+def user_message(turn: int) -> str:
+    topic = TOPICS[turn % len(TOPICS)]
+    return (f"Turn {turn}. Tell me about {topic}. I would like to know how it works, where it can be seen, "
+            f"what people have believed about it over the centuries, and one surprising fact. "
+            f"Please keep the tone friendly and the answer short, because I will ask about other things too. "
+            f"Also remind me what we talked about before, in one sentence, if you can.") * 2
+
+
+def assistant_message(turn: int) -> str:
+    topic = TOPICS[turn % len(TOPICS)]
+    return (f"Here is a short answer about {topic}. It works through simple physical processes that have been "
+            f"studied for a long time, it can be seen in many places around the world, and people once told "
+            f"many stories about it. A surprising fact: it still holds open questions for researchers today. ") * 2
+
+
+def conversation(model: mullama.Model, first_line: str, turns: int) -> List[List[int]]:
+    """The prompt (token ids) of each turn: the history so far plus the turn's question."""
+    messages = [{"role": "system", "content": f"{first_line}\nYou are a friendly assistant who answers briefly."}]
+    prompts = []
+    for t in range(turns):
+        messages.append({"role": "user", "content": user_message(t)})
+        prompts.append(chat_tokens(model, messages))
+        messages.append({"role": "assistant", "content": assistant_message(t)})
+    return prompts
+
+
+# -- the two servers -------------------------------------------------------------------
+
+class MullamaServer:
+    def __init__(self, model: Path, slots: int) -> None:
+        self.port = _free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mullama", "serve", "--model", str(model), "--port", str(self.port),
+             "--context-size", str(N_CTX), "--max-concurrent", str(slots), "--threads", str(THREADS),
+             "--fixed-threads", "--no-access-log", "--name", "bench"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{self.port}"
+        _wait_healthy(self.proc, self.url, "mullama serve")
+
+    def close(self) -> None:
+        _stop(self.proc)
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str, what: str) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    _stop(proc)
+    raise SystemExit(f"{what} did not start")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _client() -> httpx.AsyncClient:
+    """A new connection per request (llama-server closes a connection after a stream, which a reused one
+    would run into); the same for both servers."""
+    return httpx.AsyncClient(limits=httpx.Limits(max_connections=64, max_keepalive_connections=0))
+
+
+async def ttft(client: httpx.AsyncClient, side: str, url: str, prompt: Sequence[int], max_tokens: int) -> float:
+    """Seconds from sending a streaming request to its first generated text; the stream is read to its end."""
+    if side == "mullama":
+        path, body = "/v1/completions", {"model": "bench", "prompt": list(prompt), "max_tokens": max_tokens,
+                                         "temperature": 0, "stream": True}
+    else:
+        path, body = "/completion", {"prompt": list(prompt), "n_predict": max_tokens, "temperature": 0,
+                                     "stream": True, "cache_prompt": True}
+    t0 = time.perf_counter()
+    first: Optional[float] = None
+    async with client.stream("POST", url + path, json=body, timeout=600) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if first is None and line.startswith("data: ") and line != "data: [DONE]":
+                first = time.perf_counter() - t0
+    if first is None:
+        raise RuntimeError(f"{side} streamed no token")
+    return first
+
+
+# -- figures -----------------------------------------------------------------------------
+
+async def chat_round(model: mullama.Model, servers: Dict[str, str], rnd: int, turns: int,
+                     max_tokens: int) -> Dict[str, Dict[str, float]]:
+    out: Dict[str, Dict[str, float]] = {}
+    order = list(servers) if rnd % 2 == 0 else list(reversed(servers))
+    async with _client() as client:
+        for side in order:
+            url = servers[side]
+            prompts = conversation(model, f"Conversation {rnd}-{side}-{random.random()}", turns)
+            times = [await ttft(client, side, url, p, max_tokens) for p in prompts]
+            cold_prompt = conversation(model, f"Cold {rnd}-{side}-{random.random()}", turns)[-1]
+            cold = await ttft(client, side, url, cold_prompt, max_tokens)
+            out[side] = {"cached": times[-1], "cold": cold, "tokens": len(prompts[-1]), "first": times[0]}
+    return out
+
+
+async def shared_round(model: mullama.Model, servers: Dict[str, str], rnd: int, n: int,
+                       max_tokens: int) -> Dict[str, Dict[str, float]]:
+    system = " ".join(f"Rule {i}: answer politely, cite sources when you can, and never guess." for i in range(70))
+    out: Dict[str, Dict[str, float]] = {}
+    order = list(servers) if rnd % 2 == 0 else list(reversed(servers))
+    async with _client() as client:
+        for side in order:
+            for mode in ("shared", "distinct"):
+                tag = random.random()
+                prompts = []
+                for i in range(n):
+                    first = f"Deployment {rnd}-{side}-{tag}" if mode == "shared" else f"Session {i}-{tag}"
+                    messages = [{"role": "system", "content": f"{first}\n{system}"},
+                                {"role": "user", "content": f"Question {i}: what is rule {i * 7 % 70} about?"}]
+                    prompts.append(chat_tokens(model, messages))
+                t0 = time.perf_counter()
+                async with anyio.create_task_group() as tg:
+                    for p in prompts:
+                        tg.start_soon(ttft, client, side, servers[side], p, max_tokens)
+                wall = time.perf_counter() - t0
+                out.setdefault(side, {})[mode] = sum(len(p) for p in prompts) / wall
+                out[side]["tokens"] = len(prompts[0])
+    return out
+
+
+async def soak(path: Path, requests: int, budget: int) -> Dict[str, object]:
+    rng = random.Random(7)
+    async with await AsyncModel.load(path, max_concurrent=2, context_size=1024, threads=THREADS,
+                                     prompt_cache_bytes=budget) as model:
+        words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
+        prefixes = [" ".join(rng.choice(words) for _ in range(rng.randint(60, 400))) for _ in range(60)]
+        cfg = StreamConfig.greedy(2)
+        await model.generate(prefixes[0], config=cfg)
+        rss0 = peak = rss()
+        over = 0
+        for i in range(requests):
+            prompt = rng.choice(prefixes) + " " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 30)))
+            await model.generate(prompt, config=cfg)
+            stats = model.prompt_cache_stats()
+            over += stats.host_bytes > budget
+            if i % 50 == 0:
+                peak = max(peak, rss())
+                _log(f"soak {i}/{requests}: cache {stats.host_bytes >> 20} MiB in {stats.host_entries} entries, "
+                     f"rss {rss() >> 20} MiB")
+        peak = max(peak, rss())
+        stats = model.prompt_cache_stats()
+    return {"figure": "cache_soak", "requests": requests, "budget_mb": round(budget / 2**20, 1),
+            "host_cache_mb": round(stats.host_bytes / 2**20, 1), "host_entries": stats.host_entries,
+            "times_over_budget": over, "evictions": stats.host_evictions, "restores": stats.host_restores,
+            "hit_ratio": round(stats.hit_ratio, 3), "rss_growth_mb": round((peak - rss0) / 2**20, 1),
+            "rss_growth_within_budget": peak - rss0 <= budget}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--turns", type=int, default=10)
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--shared", type=int, default=8, help="requests sharing a system prompt")
+    ap.add_argument("--soak", type=int, default=1000, help="requests of the soak (0: none)")
+    ap.add_argument("--soak-budget-mb", type=float, default=64)
+    ap.add_argument("--busy", type=int, default=0, help="CPU-bound processes running meanwhile")
+    a = ap.parse_args()
+    path = Path(mullama.default_model_path())
+    binary = llama_server_binary()
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.busy)]
+    try:
+        with mullama.Model.load(path, vocab_only=True) as model:
+            for figure in ("chat", "shared"):
+                slots = 1 if figure == "chat" else 4
+                ours = MullamaServer(path, slots)
+                theirs = LlamaServer(binary, path, N_CTX * slots, slots=slots)
+                servers = {"mullama": ours.url, "llama_server": theirs.url}
+                rounds: List[Dict[str, Dict[str, float]]] = []
+                try:
+                    for r in range(a.rounds + 1):  # round 0 warms up
+                        if figure == "chat":
+                            got = anyio.run(chat_round, model, servers, r, a.turns, a.max_tokens)
+                        else:
+                            got = anyio.run(shared_round, model, servers, r, a.shared, a.max_tokens)
+                        _log(f"{figure} round {r}: {got}")
+                        if r:
+                            rounds.append(got)
+                finally:
+                    ours.close()
+                    theirs.close()
+
+                def med(side: str, key: str) -> float:
+                    return statistics.median(g[side][key] for g in rounds)
+
+                if figure == "chat":
+                    m_c, m_0, s_c, s_0 = (med("mullama", "cached"), med("mullama", "cold"),
+                                          med("llama_server", "cached"), med("llama_server", "cold"))
+                    print(json.dumps({
+                        "figure": "cache_chat_ttft", "turns": a.turns, "busy": a.busy, "rounds": a.rounds,
+                        "last_turn_prompt_tokens": int(med("mullama", "tokens")),
+                        "mullama_cached_ms": round(m_c * 1e3, 1), "mullama_cold_ms": round(m_0 * 1e3, 1),
+                        "llama_server_cached_ms": round(s_c * 1e3, 1), "llama_server_cold_ms": round(s_0 * 1e3, 1),
+                        "mullama_cached_vs_cold": round(m_c / m_0, 3),
+                        "llama_server_cached_vs_cold": round(s_c / s_0, 3),
+                        "cached_vs_llama_server": round(m_c / s_c, 3)}), flush=True)
+                else:
+                    m_s, m_d, s_s, s_d = (med("mullama", "shared"), med("mullama", "distinct"),
+                                          med("llama_server", "shared"), med("llama_server", "distinct"))
+                    print(json.dumps({
+                        "figure": "cache_shared_prefix", "requests": a.shared, "slots": 4, "busy": a.busy,
+                        "rounds": a.rounds, "prompt_tokens_each": int(med("mullama", "tokens")),
+                        "mullama_shared_tok_s": round(m_s), "mullama_distinct_tok_s": round(m_d),
+                        "llama_server_shared_tok_s": round(s_s), "llama_server_distinct_tok_s": round(s_d),
+                        "mullama_shared_vs_distinct": round(m_s / m_d, 2),
+                        "llama_server_shared_vs_distinct": round(s_s / s_d, 2),
+                        "shared_vs_llama_server": round(m_s / s_s, 3)}), flush=True)
+        if a.soak:
+            print(json.dumps(anyio.run(soak, path, a.soak, int(a.soak_budget_mb * 2**20))), flush=True)
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+
+
+if __name__ == "__main__":
+    main()
