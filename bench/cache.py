@@ -5,17 +5,22 @@ same model, same prompts (as token ids), same run. One JSON line per figure.
 
 * ``cache_chat_ttft``: a 10-turn chat on the default model, the whole history
   resent on every turn (2,000+ tokens by the last), through ``mullama serve``
-  and llama-server with one slot each, streaming ``max_tokens`` tokens per
-  turn. Time to first token of the last turn, client side: cached (the
-  conversation so far was sent turn by turn) and cold (the same prompt after a
-  different first line, so that nothing matches). Targets: mullama's cached ÷
-  cold ≤ 0.1; mullama's cached TTFT ÷ llama-server's ≤ 1.
+  and llama-server with one slot each. Each turn streams a greedy reply of up
+  to ``--reply-tokens`` tokens, which becomes the assistant message of the
+  history, then waits ``think`` seconds (a user reading and typing; the figure
+  is given for ``--think`` and for 0, an agent calling back at once). Time to
+  first token of the last turn, client side: cached (the conversation so far
+  was sent turn by turn) and cold (the same prompt after a different first
+  line, so that nothing matches). Targets: mullama's cached ÷ cold ≤ 0.1;
+  mullama's cached TTFT ÷ llama-server's ≤ 1.
 * ``cache_shared_prefix``: 8 concurrent requests sharing a 1,000-token system
   prompt (4 slots each), against 8 requests whose system prompts differ in
   their first line; aggregate prompt throughput = prompt tokens ÷ time until
   the last request's first token. Target: mullama's shared ÷ distinct ≥ 5.
+  A third line gives mullama's ``--inexact-prompt-cache`` (generated cells
+  reused as llama-server does) at think time 0.
 * ``cache_soak``: ``--soak`` requests with random prefixes (one of 60 prompts
-  of 100-600 tokens, a random suffix) through ``AsyncModel`` with a small
+  of 30-150 words, a random suffix), two at a time, through ``AsyncModel`` with a small
   host-memory budget (``--soak-budget-mb``): the host cache's bytes never above
   the budget (checked after every request), and the process's RSS growth.
 
@@ -67,37 +72,22 @@ def user_message(turn: int) -> str:
     topic = TOPICS[turn % len(TOPICS)]
     return (f"Turn {turn}. Tell me about {topic}. I would like to know how it works, where it can be seen, "
             f"what people have believed about it over the centuries, and one surprising fact. "
-            f"Please keep the tone friendly and the answer short, because I will ask about other things too. "
-            f"Also remind me what we talked about before, in one sentence, if you can.") * 2
+            f"Please keep the tone friendly, because I will ask about other things too.")
 
 
-def assistant_message(turn: int) -> str:
-    topic = TOPICS[turn % len(TOPICS)]
-    return (f"Here is a short answer about {topic}. It works through simple physical processes that have been "
-            f"studied for a long time, it can be seen in many places around the world, and people once told "
-            f"many stories about it. A surprising fact: it still holds open questions for researchers today. ") * 2
-
-
-def conversation(model: mullama.Model, first_line: str, turns: int) -> List[List[int]]:
-    """The prompt (token ids) of each turn: the history so far plus the turn's question."""
-    messages = [{"role": "system", "content": f"{first_line}\nYou are a friendly assistant who answers briefly."}]
-    prompts = []
-    for t in range(turns):
-        messages.append({"role": "user", "content": user_message(t)})
-        prompts.append(chat_tokens(model, messages))
-        messages.append({"role": "assistant", "content": assistant_message(t)})
-    return prompts
+def system_message(first_line: str) -> Dict[str, str]:
+    return {"role": "system", "content": f"{first_line}\nYou are a friendly assistant who gives detailed answers."}
 
 
 # -- the two servers -------------------------------------------------------------------
 
 class MullamaServer:
-    def __init__(self, model: Path, slots: int) -> None:
+    def __init__(self, model: Path, slots: int, extra: Sequence[str] = ()) -> None:
         self.port = _free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mullama", "serve", "--model", str(model), "--port", str(self.port),
              "--context-size", str(N_CTX), "--max-concurrent", str(slots), "--threads", str(THREADS),
-             "--fixed-threads", "--no-access-log", "--name", "bench"],
+             "--fixed-threads", "--no-access-log", "--name", "bench", *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{self.port}"
         _wait_healthy(self.proc, self.url, "mullama serve")
@@ -136,8 +126,10 @@ def _client() -> httpx.AsyncClient:
     return httpx.AsyncClient(limits=httpx.Limits(max_connections=64, max_keepalive_connections=0))
 
 
-async def ttft(client: httpx.AsyncClient, side: str, url: str, prompt: Sequence[int], max_tokens: int) -> float:
-    """Seconds from sending a streaming request to its first generated text; the stream is read to its end."""
+async def ttft(client: httpx.AsyncClient, side: str, url: str, prompt: Sequence[int],
+               max_tokens: int) -> "tuple[float, str]":
+    """Seconds from sending a streaming request to its first generated text, and
+    the text; the stream is read to its end."""
     if side == "mullama":
         path, body = "/v1/completions", {"model": "bench", "prompt": list(prompt), "max_tokens": max_tokens,
                                          "temperature": 0, "stream": True}
@@ -146,37 +138,50 @@ async def ttft(client: httpx.AsyncClient, side: str, url: str, prompt: Sequence[
                                      "stream": True, "cache_prompt": True}
     t0 = time.perf_counter()
     first: Optional[float] = None
+    text = []
     async with client.stream("POST", url + path, json=body, timeout=600) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
-            if first is None and line.startswith("data: ") and line != "data: [DONE]":
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            if first is None:
                 first = time.perf_counter() - t0
+            data = json.loads(line[6:])
+            text.append(data["choices"][0]["text"] if side == "mullama" else data.get("content", ""))
     if first is None:
         raise RuntimeError(f"{side} streamed no token")
-    return first
+    return first, "".join(text)
 
 
 # -- figures -----------------------------------------------------------------------------
 
-async def chat_round(model: mullama.Model, servers: Dict[str, str], rnd: int, turns: int,
-                     max_tokens: int) -> Dict[str, Dict[str, float]]:
-    out: Dict[str, Dict[str, float]] = {}
+async def chat_round(model: mullama.Model, servers: Dict[str, str], rnd: int, turns: int, reply_tokens: int,
+                     think: float) -> Dict[str, Dict[str, object]]:
+    out: Dict[str, Dict[str, object]] = {}
     order = list(servers) if rnd % 2 == 0 else list(reversed(servers))
     async with _client() as client:
         for side in order:
             url = servers[side]
-            prompts = conversation(model, f"Conversation {rnd}-{side}-{random.random()}", turns)
-            times = [await ttft(client, side, url, p, max_tokens) for p in prompts]
-            cold_prompt = conversation(model, f"Cold {rnd}-{side}-{random.random()}", turns)[-1]
-            cold = await ttft(client, side, url, cold_prompt, max_tokens)
-            out[side] = {"cached": times[-1], "cold": cold, "tokens": len(prompts[-1]), "first": times[0]}
+            tag = random.random()
+            messages = [system_message(f"Conversation {rnd}-{tag}")]
+            replies = []
+            for t in range(turns):
+                messages.append({"role": "user", "content": user_message(t)})
+                prompt = chat_tokens(model, messages)
+                first, reply = await ttft(client, side, url, prompt, reply_tokens)
+                replies.append(reply)
+                messages.append({"role": "assistant", "content": reply})
+                await anyio.sleep(think)
+            cold_prompt = chat_tokens(model, [system_message(f"Cold {rnd}-{tag}")] + messages[1:-1])
+            cold, _ = await ttft(client, side, url, cold_prompt, reply_tokens)
+            out[side] = {"cached": first, "cold": cold, "tokens": len(prompt), "replies": replies}
     return out
 
 
 async def shared_round(model: mullama.Model, servers: Dict[str, str], rnd: int, n: int,
-                       max_tokens: int) -> Dict[str, Dict[str, float]]:
+                       max_tokens: int) -> Dict[str, Dict[str, object]]:
     system = " ".join(f"Rule {i}: answer politely, cite sources when you can, and never guess." for i in range(70))
-    out: Dict[str, Dict[str, float]] = {}
+    out: Dict[str, Dict[str, object]] = {}
     order = list(servers) if rnd % 2 == 0 else list(reversed(servers))
     async with _client() as client:
         for side in order:
@@ -191,7 +196,7 @@ async def shared_round(model: mullama.Model, servers: Dict[str, str], rnd: int, 
                 t0 = time.perf_counter()
                 async with anyio.create_task_group() as tg:
                     for p in prompts:
-                        tg.start_soon(ttft, client, side, servers[side], p, max_tokens)
+                        tg.start_soon(ttft, client, side, servers[side], p, max_tokens)  # (its result unused)
                 wall = time.perf_counter() - t0
                 out.setdefault(side, {})[mode] = sum(len(p) for p in prompts) / wall
                 out[side]["tokens"] = len(prompts[0])
@@ -203,20 +208,29 @@ async def soak(path: Path, requests: int, budget: int) -> Dict[str, object]:
     async with await AsyncModel.load(path, max_concurrent=2, context_size=1024, threads=THREADS,
                                      prompt_cache_bytes=budget) as model:
         words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
-        prefixes = [" ".join(rng.choice(words) for _ in range(rng.randint(60, 400))) for _ in range(60)]
+        prefixes = [" ".join(rng.choice(words) for _ in range(rng.randint(30, 150))) for _ in range(60)]
         cfg = StreamConfig.greedy(2)
         await model.generate(prefixes[0], config=cfg)
         rss0 = peak = rss()
         over = 0
-        for i in range(requests):
-            prompt = rng.choice(prefixes) + " " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 30)))
-            await model.generate(prompt, config=cfg)
-            stats = model.prompt_cache_stats()
-            over += stats.host_bytes > budget
-            if i % 50 == 0:
-                peak = max(peak, rss())
-                _log(f"soak {i}/{requests}: cache {stats.host_bytes >> 20} MiB in {stats.host_entries} entries, "
-                     f"rss {rss() >> 20} MiB")
+        done = 0
+
+        async def client() -> None:  # two at a time: both slots busy, the host cache in use
+            nonlocal done, over, peak
+            while done < requests:
+                done += 1
+                suffix = " ".join(rng.choice(words) for _ in range(rng.randint(1, 30)))
+                await model.generate(rng.choice(prefixes) + " " + suffix, config=cfg)
+                stats = model.prompt_cache_stats()
+                over += stats.host_bytes > budget
+                if done % 50 == 0:
+                    peak = max(peak, rss())
+                    _log(f"soak {done}/{requests}: cache {stats.host_bytes >> 20} MiB in {stats.host_entries} "
+                         f"entries, rss {rss() >> 20} MiB")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client)
+            tg.start_soon(client)
         peak = max(peak, rss())
         stats = model.prompt_cache_stats()
     return {"figure": "cache_soak", "requests": requests, "budget_mb": round(budget / 2**20, 1),
@@ -226,14 +240,40 @@ async def soak(path: Path, requests: int, budget: int) -> Dict[str, object]:
             "rss_growth_within_budget": peak - rss0 <= budget}
 
 
+def rounds_of(path: Path, binary: Path, slots: int, n: int, one_round,
+              extra: Sequence[str] = ()) -> List[Dict[str, Dict[str, object]]]:
+    """*n* measured rounds (after a warm-up) of ``one_round(servers, r)`` against both servers."""
+    ours = MullamaServer(path, slots, extra)
+    theirs = LlamaServer(binary, path, N_CTX * slots, slots=slots)
+    servers = {"mullama": ours.url, "llama_server": theirs.url}
+    rounds = []
+    try:
+        for r in range(n + 1):  # round 0 warms up
+            got = anyio.run(one_round, servers, r)
+            _log(f"round {r}: " + json.dumps({k: {m: v for m, v in d.items() if m != "replies"}
+                                              for k, d in got.items()}))
+            if r:
+                rounds.append(got)
+    finally:
+        ours.close()
+        theirs.close()
+    return rounds
+
+
+def median(rounds: List[Dict[str, Dict[str, object]]], side: str, key: str) -> float:
+    return statistics.median(float(g[side][key]) for g in rounds)  # type: ignore[arg-type]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--turns", type=int, default=10)
-    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--reply-tokens", type=int, default=160, help="most tokens of each chat reply")
+    ap.add_argument("--think", type=float, default=2.0, help="seconds between a chat reply and the next turn")
     ap.add_argument("--shared", type=int, default=8, help="requests sharing a system prompt")
+    ap.add_argument("--max-tokens", type=int, default=8, help="tokens of each shared-prompt request")
     ap.add_argument("--soak", type=int, default=1000, help="requests of the soak (0: none)")
-    ap.add_argument("--soak-budget-mb", type=float, default=64)
+    ap.add_argument("--soak-budget-mb", type=float, default=16)
     ap.add_argument("--busy", type=int, default=0, help="CPU-bound processes running meanwhile")
     a = ap.parse_args()
     path = Path(mullama.default_model_path())
@@ -241,50 +281,33 @@ def main() -> None:
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.busy)]
     try:
         with mullama.Model.load(path, vocab_only=True) as model:
-            for figure in ("chat", "shared"):
-                slots = 1 if figure == "chat" else 4
-                ours = MullamaServer(path, slots)
-                theirs = LlamaServer(binary, path, N_CTX * slots, slots=slots)
-                servers = {"mullama": ours.url, "llama_server": theirs.url}
-                rounds: List[Dict[str, Dict[str, float]]] = []
-                try:
-                    for r in range(a.rounds + 1):  # round 0 warms up
-                        if figure == "chat":
-                            got = anyio.run(chat_round, model, servers, r, a.turns, a.max_tokens)
-                        else:
-                            got = anyio.run(shared_round, model, servers, r, a.shared, a.max_tokens)
-                        _log(f"{figure} round {r}: {got}")
-                        if r:
-                            rounds.append(got)
-                finally:
-                    ours.close()
-                    theirs.close()
-
-                def med(side: str, key: str) -> float:
-                    return statistics.median(g[side][key] for g in rounds)
-
-                if figure == "chat":
-                    m_c, m_0, s_c, s_0 = (med("mullama", "cached"), med("mullama", "cold"),
-                                          med("llama_server", "cached"), med("llama_server", "cold"))
-                    print(json.dumps({
-                        "figure": "cache_chat_ttft", "turns": a.turns, "busy": a.busy, "rounds": a.rounds,
-                        "last_turn_prompt_tokens": int(med("mullama", "tokens")),
-                        "mullama_cached_ms": round(m_c * 1e3, 1), "mullama_cold_ms": round(m_0 * 1e3, 1),
-                        "llama_server_cached_ms": round(s_c * 1e3, 1), "llama_server_cold_ms": round(s_0 * 1e3, 1),
-                        "mullama_cached_vs_cold": round(m_c / m_0, 3),
-                        "llama_server_cached_vs_cold": round(s_c / s_0, 3),
-                        "cached_vs_llama_server": round(m_c / s_c, 3)}), flush=True)
-                else:
-                    m_s, m_d, s_s, s_d = (med("mullama", "shared"), med("mullama", "distinct"),
-                                          med("llama_server", "shared"), med("llama_server", "distinct"))
-                    print(json.dumps({
-                        "figure": "cache_shared_prefix", "requests": a.shared, "slots": 4, "busy": a.busy,
-                        "rounds": a.rounds, "prompt_tokens_each": int(med("mullama", "tokens")),
-                        "mullama_shared_tok_s": round(m_s), "mullama_distinct_tok_s": round(m_d),
-                        "llama_server_shared_tok_s": round(s_s), "llama_server_distinct_tok_s": round(s_d),
-                        "mullama_shared_vs_distinct": round(m_s / m_d, 2),
-                        "llama_server_shared_vs_distinct": round(s_s / s_d, 2),
-                        "shared_vs_llama_server": round(m_s / s_s, 3)}), flush=True)
+            for think, exact in ((a.think, True), (0.0, True), (0.0, False)):
+                rounds = rounds_of(path, binary, 1, a.rounds,
+                                   lambda servers, r: chat_round(model, servers, r, a.turns, a.reply_tokens, think),
+                                   () if exact else ("--inexact-prompt-cache",))
+                m_c, m_0 = median(rounds, "mullama", "cached"), median(rounds, "mullama", "cold")
+                s_c, s_0 = median(rounds, "llama_server", "cached"), median(rounds, "llama_server", "cold")
+                print(json.dumps({
+                    "figure": "cache_chat_ttft", "turns": a.turns, "think_s": think, "exact": exact, "busy": a.busy,
+                    "rounds": a.rounds, "last_turn_prompt_tokens": int(median(rounds, "mullama", "tokens")),
+                    "mullama_cached_ms": round(m_c * 1e3, 1), "mullama_cold_ms": round(m_0 * 1e3, 1),
+                    "llama_server_cached_ms": round(s_c * 1e3, 1), "llama_server_cold_ms": round(s_0 * 1e3, 1),
+                    "mullama_cached_vs_cold": round(m_c / m_0, 3), "llama_server_cached_vs_cold": round(s_c / s_0, 3),
+                    "cached_vs_llama_server": round(m_c / s_c, 3),
+                    "same_replies": all(g["mullama"]["replies"] == g["llama_server"]["replies"] for g in rounds)}),
+                    flush=True)
+            rounds = rounds_of(path, binary, 4, a.rounds,
+                               lambda servers, r: shared_round(model, servers, r, a.shared, a.max_tokens))
+            m_s, m_d = median(rounds, "mullama", "shared"), median(rounds, "mullama", "distinct")
+            s_s, s_d = median(rounds, "llama_server", "shared"), median(rounds, "llama_server", "distinct")
+            print(json.dumps({
+                "figure": "cache_shared_prefix", "requests": a.shared, "slots": 4, "busy": a.busy,
+                "rounds": a.rounds, "prompt_tokens_each": int(median(rounds, "mullama", "tokens")),
+                "mullama_shared_tok_s": round(m_s), "mullama_distinct_tok_s": round(m_d),
+                "llama_server_shared_tok_s": round(s_s), "llama_server_distinct_tok_s": round(s_d),
+                "mullama_shared_vs_distinct": round(m_s / m_d, 2),
+                "llama_server_shared_vs_distinct": round(s_s / s_d, 2),
+                "shared_vs_llama_server": round(m_s / s_s, 3)}), flush=True)
         if a.soak:
             print(json.dumps(anyio.run(soak, path, a.soak, int(a.soak_budget_mb * 2**20))), flush=True)
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -365,6 +366,15 @@ def _check_bounds(schema: Any, path: str) -> None:
     elif isinstance(schema, list):
         for i, value in enumerate(schema):
             _check_bounds(value, f"{path}/{i}")
+
+
+def choice_configs(config: StreamConfig, n: int) -> List[StreamConfig]:
+    """The configurations of *n* choices of one request: choice i samples with
+    seed ``config.seed + i`` (wrapping), from a random base seed when
+    ``config.seed`` is None, so that choices differ and each can be reproduced
+    alone with its seed."""
+    base = config.seed if config.seed is not None else random.randrange(_U32_MAX)
+    return [config.replace(seed=(base + i) % _U32_MAX) for i in range(n)]
 
 
 def check_constraint(name: str, value: Any) -> None:

@@ -248,6 +248,7 @@ cdef class BatchEngine(_Decoder):
     cdef readonly int n_seq
     cdef readonly int n_ctx_seq
     cdef int prefill_chunk
+    cdef readonly bint exact  # reuse only cells computed in batches of 2+ tokens (see match())
     cdef vector[Slot] slots
     cdef vector[vector[llama_token]] prompts
     cdef vector[vector[llama_token]] hist   # each sequence's tokens in the KV cache (its size is the slot's pos)

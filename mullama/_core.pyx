@@ -1478,7 +1478,7 @@ cdef class BatchEngine(_Decoder):
         self.refreshed = 0
 
     def __init__(self, LlamaModel model not None, int n_seq, int n_ctx_seq, int n_batch=512, int n_threads=1,
-                 bint flash_attention=False, int prefill_chunk=256, bint adaptive_threads=True):
+                 bint flash_attention=False, int prefill_chunk=256, bint adaptive_threads=True, bint exact=True):
         if n_seq < 1 or n_seq > 256:
             raise _errors.InvalidConfigError(f"n_seq must be between 1 and 256, got {n_seq}")
         self.samplers = [None] * n_seq
@@ -1487,6 +1487,7 @@ cdef class BatchEngine(_Decoder):
         self._open(model, <uint32_t>(n_seq * n_ctx_seq), n_batch, n_seq, n_threads, n_threads, flash_attention,
                    adaptive_threads, f"a batching context ({n_seq} sequences x {n_ctx_seq} tokens)", "")
         self.n_seq = n_seq
+        self.exact = exact
         self.n_ctx_seq = llama_n_ctx_seq(self.ptr)
         self.prefill_chunk = max(1, min(prefill_chunk, self.n_batch))
         cdef Slot empty
@@ -1591,13 +1592,14 @@ cdef class BatchEngine(_Decoder):
         requests still evaluating their prompt) will hold once its prompt is
         done: two lists, one count per slot.
 
-        Only cells computed in batches of two or more tokens count: llama.cpp's
-        CPU kernels compute a one-token batch (a lone request's decode step)
-        along another path (``llamafile_sgemm`` declines n < 2), so those
-        cells differ in the last bits from what a prompt evaluation of the
-        same tokens gives. Reusing only the others keeps outputs identical to
-        an uncached run; for the same reason the last two prompt tokens are
-        always evaluated, together.
+        With ``exact`` (the default), only cells computed in batches of two or
+        more tokens count: llama.cpp's CPU kernels compute a one-token batch (a
+        lone request's decode step) along another path (``llamafile_sgemm``
+        declines n < 2), so those cells differ in the last bits from what a
+        prompt evaluation of the same tokens gives. Reusing only the others
+        keeps outputs identical to an uncached run; for the same reason the
+        last two prompt tokens are always evaluated, together. Without
+        ``exact`` every cell counts, as in llama-server.
         """
         cdef vector[llama_token] toks = tokens
         cdef int i
@@ -1835,7 +1837,7 @@ cdef class BatchEngine(_Decoder):
             s = &self.slots[i]
             if s.n_step == 0:
                 continue
-            if n >= 2 and s.n_exact == <int>self.hist[i].size():
+            if (n >= 2 or not self.exact) and s.n_exact == <int>self.hist[i].size():
                 s.n_exact += s.n_step
             if s.pending >= 0:
                 self.hist[i].push_back(s.pending)

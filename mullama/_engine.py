@@ -104,6 +104,9 @@ class Engine:
             :class:`OverloadedError` at once.
         prompt_cache_bytes: the host-memory prompt cache's budget (0: none;
             the slots' own cells are reused either way).
+        exact_prompt_cache: reuse only KV cells that an uncached run computes
+            bit for bit (see ``BatchEngine.match``); False also reuses the cells
+            of tokens decoded one at a time, as llama-server does.
 
     Raises:
         InvalidConfigError: *n_seq* out of range.
@@ -113,14 +116,14 @@ class Engine:
 
     def __init__(self, model, n_seq: int, ctx_per_seq: int, threads: int, flash_attention: bool = False,
                  max_queue: int = 64, batch_size: int = 512, adaptive_threads: bool = True,
-                 prompt_cache_bytes: int = 0) -> None:
+                 prompt_cache_bytes: int = 0, exact_prompt_cache: bool = True) -> None:
         check_int("max_concurrent (the engine's sequences)", n_seq, minimum=1, maximum=MAX_SEQUENCES)
         check_int("context_size", ctx_per_seq, minimum=1, maximum=MAX_CONTEXT_TOKENS // max(n_seq, 1))
         model._check_memory(ctx_per_seq, n_seq, batch_size, bool(flash_attention),
                             what=f"max_concurrent={n_seq} requests of context_size={ctx_per_seq} tokens")
         self._model = model
         self._core = _core.BatchEngine(model._core, n_seq, ctx_per_seq, batch_size, threads, flash_attention,
-                                       adaptive_threads=adaptive_threads)
+                                       adaptive_threads=adaptive_threads, exact=exact_prompt_cache)
         self._thread_changes = 0
         self.n_seq = n_seq
         self.max_queue = max_queue

@@ -124,7 +124,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         model_path=path, context_size=args.context_size, threads=args.threads, max_concurrent=args.max_concurrent,
         max_queue=args.max_queue, timeout_ms=int(args.timeout * 1000) if args.timeout else None,
         gpu_layers=args.gpu_layers, flash_attention=args.flash_attention, adaptive_threads=not args.fixed_threads,
-        prompt_cache_bytes=_mib(args.prompt_cache_mb, "--prompt-cache-mb"))
+        prompt_cache_bytes=_mib(args.prompt_cache_mb, "--prompt-cache-mb"),
+        prompt_cache_exact=not args.inexact_prompt_cache)
     app = create_app(config, model_id=args.name, chat_template=template, api_key=args.api_key,
                      io_timeout=args.io_timeout, any_model_name=args.any_model_name,
                      cors_origins=[o.strip() for o in (args.cors_origins or "").split(",") if o.strip()])
@@ -191,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-cache-mb", type=float, default=None, metavar="MB",
                    help="host memory for the prompt cache, in MiB (0 = none; default: a tenth of the machine's "
                         "memory, at most 2048); the slots' own KV cells are reused either way")
+    p.add_argument("--inexact-prompt-cache", action="store_true",
+                   help="also reuse the KV cells of tokens decoded one at a time, as llama-server does: follow-ups "
+                        "sent the moment a reply ends start sooner, but outputs may differ from an uncached run")
     _thread_args(p)
     p.add_argument("--gpu-layers", type=int, default=0)
     p.add_argument("--flash-attention", action="store_true")

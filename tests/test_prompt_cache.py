@@ -211,3 +211,34 @@ def test_host_prompt_cache_budget_lru_and_prefixes():
     assert len(cache) == 2 and cache.bytes == 70 and cache.holds([1, 2]) and not cache.holds([1, 3])
     assert not cache.put([6], b"e" * 101)  # alone over the budget: not kept
     assert 0 < default_prompt_cache_bytes() <= 2 << 30
+
+
+async def test_n_choices_equal_their_seeds_run_alone_and_share_the_prompt(tiny_model_path):
+    cfg = StreamConfig(max_tokens=16, temperature=1.0, seed=11)
+    prompt = SYSTEM + "Pick a word."
+    async with await AsyncModel.load(tiny_model_path, max_concurrent=4, context_size=1024, threads=1) as model:
+        choices = await model.generate_many(prompt, 4, cfg)
+        n = len(await model.tokenize(prompt))
+        stats = model.prompt_cache_stats()
+        # evaluated once; each other choice evaluates only its last two tokens (copied cells before them)
+        assert stats.evaluated_prompt_tokens == n + 3 * 2 and stats.cached_prompt_tokens == 3 * (n - 2)
+        alone = [await model.generate(prompt, config=cfg.replace(seed=11 + i)) for i in range(4)]
+        assert [c.tokens for c in choices] == [c.tokens for c in alone]
+        assert len({tuple(c.tokens) for c in choices}) > 1  # different seeds, different samples
+        with pytest.raises(mullama.InvalidConfigError, match="n must be"):
+            await model.generate_many(prompt, 5, cfg)
+        assert len(await model.generate_many(prompt, 2, cfg.replace(seed=None))) == 2
+
+
+async def test_an_inexact_cache_reuses_generated_cells_at_once(tiny_model_path):
+    long = StreamConfig.greedy(40)
+    async with await AsyncModel.load(tiny_model_path, max_concurrent=1, context_size=1024, threads=1,
+                                     prompt_cache_exact=False) as model:
+        start = await model.tokenize(SYSTEM + "a")
+        first = await model.generate(start, config=long)
+        follow = start + first.tokens + await model.tokenize(" and then", add_bos=False)
+        again = await model.generate(follow, config=long)
+        assert again.timings.cached_tokens == len(start) + len(first.tokens) - 1  # no wait, no re-evaluation
+        assert model.prompt_cache_stats().refreshed_tokens == 0
+    with pytest.raises(mullama.InvalidConfigError, match="prompt_cache_exact must be a bool"):
+        await AsyncModel.load(tiny_model_path, prompt_cache_exact="no")

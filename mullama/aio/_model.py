@@ -16,7 +16,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from .._chat import Message, chat_tokens, check_messages
-from .._config import StreamConfig, check_int, resolve_threads, token_list
+from .._config import StreamConfig, check_int, choice_configs, resolve_threads, token_list
 from .._context import Context, Prompt, ThreadStats
 from .._generation import Completion
 from .._tools import ChatCompletion, ChatDelta, ChatPlan, ReplyParser, plain_completion, plan_chat
@@ -60,6 +60,12 @@ class AsyncConfig:
             recently used evicted first). Default (None): a tenth of the
             machine's memory, at most 2 GiB; 0: none. The slots' own cells
             are reused either way (see the README's "Prompt cache").
+        prompt_cache_exact: reuse only the KV cells an uncached run computes
+            bit for bit, so that outputs never depend on the cache (default).
+            False also reuses the cells of tokens a request decoded alone, one
+            at a time, as llama-server does: a follow-up sent the moment a
+            reply ends (an agent's next call) starts sooner, but its output
+            may differ from an uncached run's where two tokens are nearly tied.
     """
 
     model_path: PathLike
@@ -72,6 +78,7 @@ class AsyncConfig:
     max_queue: int = 64
     adaptive_threads: bool = True
     prompt_cache_bytes: Optional[int] = None
+    prompt_cache_exact: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_path, (str, os.PathLike)):
@@ -90,6 +97,9 @@ class AsyncConfig:
         if self.prompt_cache_bytes is None:
             object.__setattr__(self, "prompt_cache_bytes", default_prompt_cache_bytes())
         check_int("prompt_cache_bytes", self.prompt_cache_bytes, minimum=0)
+        if not isinstance(self.prompt_cache_exact, bool):
+            raise InvalidConfigError(
+                f"prompt_cache_exact must be a bool, got {type(self.prompt_cache_exact).__name__}")
 
 
 class _Results:
@@ -274,7 +284,8 @@ class AsyncModel(_Results, Owner):
                 assert config.threads is not None and config.prompt_cache_bytes is not None  # resolved by AsyncConfig
                 engine = Engine(model, config.max_concurrent, config.context_size, config.threads,
                                 config.flash_attention, config.max_queue, adaptive_threads=config.adaptive_threads,
-                                prompt_cache_bytes=config.prompt_cache_bytes)
+                                prompt_cache_bytes=config.prompt_cache_bytes,
+                                exact_prompt_cache=config.prompt_cache_exact)
                 if thread_name is not None:
                     engine.thread_name = thread_name
             except BaseException:
@@ -404,6 +415,32 @@ class AsyncModel(_Results, Owner):
         if isinstance(prompt, str):
             return self._open_stream(functools.partial(self._model.tokenize, prompt), config)
         return self._open_stream(token_list(prompt), config)
+
+    async def generate_many(self, prompt: Prompt, n: int, config: Optional[StreamConfig] = None, *,
+                            max_tokens: Optional[int] = None) -> List[Completion]:
+        """*n* completions of one prompt, decoded together.
+
+        Choice ``i`` samples with seed ``config.seed + i`` (from a random base
+        seed when ``config.seed`` is None): it equals :meth:`generate` with that
+        seed. The prompt is evaluated once; the other choices copy its KV cells
+        from the first one's sequence (see the README's "Prompt cache").
+
+        Raises:
+            InvalidConfigError: *n* is not between 1 and ``max_concurrent`` (the
+                choices run together, one slot each).
+        """
+        check_int("n", n, minimum=1, maximum=self._config.max_concurrent)
+        tokens = await self.tokenize(prompt) if isinstance(prompt, str) else token_list(prompt)
+        configs = choice_configs(_with_max_tokens(config, max_tokens), n)
+        results: List[Optional[Completion]] = [None] * n
+
+        async def one(i: int) -> None:
+            results[i] = await drain(self.generate_stream(tokens, configs[i]))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(n):
+                tg.start_soon(one, i)
+        return [c for c in results if c is not None]
 
     def _open_chat(self, messages: Sequence[Message], config: StreamConfig, template: Optional[str],
                    args: ToolArgs) -> "AsyncContextManager[tuple[TokenStream, Optional[ReplyParser]]]":
