@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Literal
+from typing import Dict, Iterator, List, Literal, Optional
 
 import anyio
 import httpx
@@ -149,9 +149,10 @@ def slow_clients_server(request, tiny_model_path) -> Iterator[Server]:
     assert server.stop() == 0
 
 
-def expected_completion(model: mullama.Model, prompt: str, max_tokens: int) -> mullama.Completion:
+def expected_completion(model: mullama.Model, prompt: str, max_tokens: int,
+                        config: Optional[StreamConfig] = None) -> mullama.Completion:
     with model.create_context(256, threads=1) as ctx:
-        return ctx.generate(prompt, StreamConfig.greedy(max_tokens))
+        return ctx.generate(prompt, config or StreamConfig.greedy(max_tokens))
 
 
 # -- the tiny model: the API's shapes and behaviour ------------------------------------------
@@ -205,6 +206,33 @@ def test_cached_prompt_tokens_in_usage_and_metrics(tiny_server, tiny_model):
     evaluated = after["mullama_prompt_tokens_evaluated_total"] - before["mullama_prompt_tokens_evaluated_total"]
     assert cached >= n - 2 and cached + evaluated == 2 * n
     assert after["mullama_prompt_cache_budget_bytes"] > 0
+
+
+def test_n_choices_and_a_list_of_prompts(tiny_server, tiny_model):
+    """n choices of each prompt, indexed prompt by prompt as OpenAI does; choice
+    j samples with seed + j, so each equals the library run alone with its seed."""
+    client = tiny_server.client()
+    prompts = ["once upon", "hello there"]
+    got = client.completions.create(model="tiny", prompt=prompts, n=2, max_tokens=12, temperature=1.0, seed=42)
+    assert [c.index for c in got.choices] == [0, 1, 2, 3]
+    for c in got.choices:
+        cfg = StreamConfig(max_tokens=12, temperature=1.0, top_p=1.0, seed=42 + c.index % 2)
+        expected = expected_completion(tiny_model, prompts[c.index // 2], 12, cfg)
+        assert c.text == expected.text
+    assert got.usage.prompt_tokens == sum(len(tiny_model.tokenize(p)) for p in prompts)
+    # streamed: every event names its choice; each choice ends once, then the usage
+    chunks = list(client.completions.create(model="tiny", prompt=prompts, n=2, max_tokens=12, temperature=1.0,
+                                            seed=42, stream=True, stream_options={"include_usage": True}))
+    texts = {i: "" for i in range(4)}
+    for ch in chunks[:-1]:
+        texts[ch.choices[0].index] += ch.choices[0].text
+    assert texts == {c.index: c.text for c in got.choices}
+    assert sorted(ch.choices[0].index for ch in chunks[:-1] if ch.choices[0].finish_reason) == [0, 1, 2, 3]
+    assert chunks[-1].usage.completion_tokens == got.usage.completion_tokens
+    chat = client.chat.completions.create(model="tiny", messages=CHAT, n=2, max_tokens=8, temperature=1.0, seed=5)
+    assert [c.index for c in chat.choices] == [0, 1]
+    alone = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=8, temperature=1.0, seed=6)
+    assert chat.choices[1].message.content == alone.choices[0].message.content
 
 
 def test_completion_stream(tiny_server, tiny_model):
@@ -279,7 +307,7 @@ async def test_concurrent_streams_async_client(tiny_server, tiny_model):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(messages=[]), "messages must not be empty"),
     (dict(messages=CHAT, temperature=5), "temperature"),
-    (dict(messages=CHAT, n=2), "'n'=2 is not supported"),
+    (dict(messages=CHAT, n=3), "'n'=3 is more than the 2 requests this server decodes together"),
     (dict(messages=CHAT, max_tokens=0), "max_tokens"),
     (dict(messages=CHAT, max_tokens=10_000), "maximum context length is 256 tokens"),
     (dict(messages=CHAT, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
@@ -308,8 +336,8 @@ def test_bad_requests_answer_4xx(tiny_server, tiny_model):
     client = tiny_server.client()
     with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
         client.completions.create(model="tiny", prompt=[1, 2, tiny_model.n_vocab + 5])
-    with pytest.raises(openai.BadRequestError, match="several prompts"):
-        client.completions.create(model="tiny", prompt=["a", "b"])
+    with pytest.raises(openai.BadRequestError, match="11 prompts x n=1 are more requests than this server runs"):
+        client.completions.create(model="tiny", prompt=["a"] * 11)
     with pytest.raises(openai.BadRequestError, match="'echo' with 'logprobs'"):
         client.completions.create(model="tiny", prompt="a", echo=True, logprobs=0)
     with pytest.raises(openai.BadRequestError, match="context_length_exceeded|maximum context length"):

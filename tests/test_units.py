@@ -323,12 +323,15 @@ CHAT = [{"role": "user", "content": "hi"}]
 
 def test_parse_minimal_requests_takes_openais_defaults():
     req = parse_request({"messages": CHAT}, chat=True)
-    assert (req.chat, req.model, req.messages, req.prompt) == (True, None, CHAT, None)
+    assert (req.chat, req.model, req.messages, req.prompts, req.n) == (True, None, CHAT, [], 1)
     assert req.max_tokens is None  # as many as fit
     assert (req.stream, req.include_usage, req.logprobs, req.echo) == (False, False, False, False)
     assert req.sampling == {"temperature": 1.0, "top_p": 1.0}
     req = parse_request({"prompt": "hi", "model": "m"}, chat=False)
-    assert (req.chat, req.model, req.prompt, req.max_tokens) == (False, "m", "hi", COMPLETIONS_DEFAULT_MAX_TOKENS)
+    assert (req.chat, req.model, req.prompts, req.max_tokens) == (False, "m", ["hi"], COMPLETIONS_DEFAULT_MAX_TOKENS)
+    req = parse_request({"prompt": ["a", [5, 6], "b"], "n": 3}, chat=False)
+    assert (req.prompts, req.n) == (["a", [5, 6], "b"], 3)
+    assert parse_request({"prompt": [[7]]}, chat=False).prompts == [[7]]
 
 
 @pytest.mark.parametrize("body, chat, expected", [
@@ -341,9 +344,9 @@ def test_parse_minimal_requests_takes_openais_defaults():
     ({"messages": CHAT, "stream": True, "stream_options": {"include_usage": True}}, True,
      {"stream": True, "include_usage": True}),
     ({"messages": CHAT, "user": "u", "metadata": {"a": "b"}, "store": False, "n": 1, "logit_bias": {}}, True, {}),
-    ({"prompt": ["x"]}, False, {"prompt": "x"}),
-    ({"prompt": [[1, 2, 3]]}, False, {"prompt": [1, 2, 3]}),
-    ({"prompt": [5, 6], "logprobs": 0}, False, {"prompt": [5, 6], "logprobs": True}),
+    ({"prompt": ["x"]}, False, {"prompts": ["x"]}),
+    ({"prompt": [[1, 2, 3]]}, False, {"prompts": [[1, 2, 3]]}),
+    ({"prompt": [5, 6], "logprobs": 0}, False, {"prompts": [[5, 6]], "logprobs": True}),
     ({"prompt": "x", "echo": True, "suffix": "", "best_of": 1}, False, {"echo": True}),
 ])
 def test_parse_valid_requests(body, chat, expected):
@@ -380,7 +383,10 @@ HUGE = 10**400  # valid JSON (an integer), beyond any float
     ({"messages": [{"role": "", "content": "x"}]}, True, "messages", r"\['role'\] must be a non-empty string"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, True, "messages", "only text content"),
     ({"prompt": ""}, False, "prompt", "must not be empty"),
-    ({"prompt": ["a", "b"]}, False, "prompt", "several prompts"),
+    ({"prompt": ["a", ""]}, False, "prompt", r"'prompt'\[1\] must not be empty"),
+    ({"prompt": ["a", [1, "x"]]}, False, "prompt", r"'prompt'\[1\] must be a non-empty string or"),
+    ({"prompt": ["a"] * 200, "n": 2}, False, "prompt", "200 prompts x n=2 make more than 256 choices"),
+    ({"prompt": "x", "n": 0}, False, "n", "'n' must be between 1 and 256"),
     ({"prompt": [1, True]}, False, "prompt", "list of token ids"),
     ({"prompt": "x", "max_tokens": 0}, False, "max_tokens", "at least 1"),
     ({"messages": CHAT, "max_completion_tokens": 0}, True, "max_completion_tokens", "at least 1"),
@@ -395,7 +401,6 @@ HUGE = 10**400  # valid JSON (an integer), beyond any float
     ({"prompt": "x", "seed": "7"}, False, "seed", "must be an integer"),
     ({"prompt": "x", "stream": 1}, False, "stream", "must be a boolean"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, False, "stream_options", "only allowed with"),
-    ({"prompt": "x", "n": 3}, False, "n", "'n'=3 is not supported"),
     ({"prompt": "x", "logit_bias": {"5": 1000}}, False, "logit_bias", r"logit_bias\[5\] must be"),
     ({"prompt": "x", "logit_bias": {"five": 1}}, False, "logit_bias", "keys must be token ids"),
     ({"prompt": "x", "logit_bias": [1]}, False, "logit_bias", "must be an object"),

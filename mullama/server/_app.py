@@ -25,6 +25,7 @@ import hmac
 import logging
 import os
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -33,11 +34,12 @@ import anyio
 from .._chat import check_template
 from .._tools import ChatDelta, ChatPlan, ReplyParser
 from .._config import SERVER_IO_TIMEOUT_S as IO_TIMEOUT_S
+from .._config import StreamConfig, choice_configs
 from .._errors import (ChatTemplateError, ClosedError, ContextOverflowError, GrammarError, InvalidConfigError,
                        InvalidTokenError, MullamaError, OverloadedError, RequestTimeoutError)
-from ..aio import AsyncConfig, AsyncModel, Runtime, TokenData
+from ..aio import AsyncConfig, AsyncModel, Runtime, TokenData, TokenStream
 from . import _openai as oa
-from ._asgi import Disconnected, EventTemplate, Exchange, Receive, Scope, Send, cancel_on_disconnect
+from ._asgi import Disconnected, EventTemplate, Exchange, Receive, Scope, Send, cancel_on_disconnect, sse
 from ._metrics import CONTENT_TYPE, ServerMetrics
 
 __all__ = ["create_app", "OpenAIApp"]
@@ -318,14 +320,23 @@ class OpenAIApp:
         req = oa.parse_request(await ex.json(), chat=chat)
         self._check_model_name(req.model)
         model = self._ready()
+        cfg = model.config
+        if req.n > cfg.max_concurrent:
+            raise oa.ApiError(400, f"'n'={req.n} is more than the {cfg.max_concurrent} requests this server "
+                                   "decodes together (--max-concurrent)", param="n")
+        if len(req.prompts) * req.n > cfg.max_concurrent + cfg.max_queue:
+            raise oa.ApiError(400, f"{len(req.prompts)} prompts x n={req.n} are more requests than this server "
+                                   f"runs and queues at once ({cfg.max_concurrent} + {cfg.max_queue}); send "
+                                   "fewer at a time", param="prompt")
         async with cancel_on_disconnect(ex) as watch:
             plan = await self._plan(model, req) if req.chat else None
-            tokens = plan.tokens if plan is not None else await self._prompt_tokens(model, req)
+            prompts = [plan.tokens] if plan is not None else await self._prompt_tokens(model, req)
             if req.sampling.get("frequency_penalty") or req.sampling.get("presence_penalty"):
                 # OpenAI's penalties count every token so far, not only the last 64
                 req.sampling.setdefault("repeat_last_n", min(model.request_context_size, 1 << 16))
             try:
-                config = await model.make_config(**req.config_fields(self._max_tokens(model, req, len(tokens))))
+                config = await model.make_config(
+                    **req.config_fields(self._max_tokens(model, req, max(len(p) for p in prompts))))
             except (GrammarError, InvalidConfigError) as exc:
                 raise oa.ApiError(400, str(exc), param=req.constraint) from None
             if plan is not None:
@@ -333,16 +344,20 @@ class OpenAIApp:
                     config = plan.config(config)  # the tool-call grammar and the template's stop strings
                 except InvalidConfigError as exc:
                     raise oa.ApiError(400, str(exc), param="tools") from None
+            configs = choice_configs(config, req.n) if req.n > 1 else [config]
+            choices = [_Choice(i * req.n + j, i, tokens, configs[j]) for i, tokens in enumerate(prompts)
+                       for j in range(req.n)]
             ids = oa.ResponseIds(chat, self.model_id)
             t0 = time.perf_counter()
-            stream = None
-            parser = plan.reply_parser() if plan is not None else None
             try:
-                async with model.generate_stream(tokens, config) as stream:
+                async with AsyncExitStack() as stack:
+                    for c in choices:
+                        c.parser = plan.reply_parser() if plan is not None else None
+                        c.stream = await stack.enter_async_context(model.generate_stream(c.tokens, c.config))
                     if req.stream:
-                        await self._stream_events(ex, model, req, stream, ids, len(tokens), parser)
+                        await self._stream_events(ex, model, req, choices, ids)
                     else:
-                        await self._respond_whole(ex, model, req, stream, ids, len(tokens), parser)
+                        await self._respond_whole(ex, model, req, choices, ids)
             except Disconnected:  # (a write failed, or made no progress for io_timeout)
                 watch.disconnected = True
                 raise
@@ -371,11 +386,12 @@ class OpenAIApp:
                 else:
                     raise
             finally:
-                if parser is not None:
-                    parser.close()
-                if stream is not None:
-                    self.metrics.generation(stream.metrics(), time.perf_counter() - t0,
-                                            "disconnected" if watch.disconnected else None)
+                for c in choices:
+                    if c.parser is not None:
+                        c.parser.close()
+                    if c.stream is not None:
+                        self.metrics.generation(c.stream.metrics(), time.perf_counter() - t0,
+                                                "disconnected" if watch.disconnected else None)
         if watch.disconnected:
             raise Disconnected()
 
@@ -394,14 +410,13 @@ class OpenAIApp:
                          "messages" if text.startswith("messages") else "tools")
             raise oa.ApiError(400, text, param=param) from None
 
-    async def _prompt_tokens(self, model: AsyncModel, req: oa.GenerationRequest) -> List[int]:
+    async def _prompt_tokens(self, model: AsyncModel, req: oa.GenerationRequest) -> List[List[int]]:
+        """The prompt of a chat, or each prompt of a completions request, as token ids."""
         try:
             if req.chat:
-                return await model.tokenize_chat(req.messages, template=self.chat_template,  # type: ignore[arg-type]
-                                                 chat_template_kwargs=req.chat_template_kwargs)
-            if isinstance(req.prompt, str):
-                return await model.tokenize(req.prompt)
-            return list(req.prompt)  # type: ignore[arg-type]
+                return [await model.tokenize_chat(req.messages, template=self.chat_template,  # type: ignore[arg-type]
+                                                  chat_template_kwargs=req.chat_template_kwargs)]
+            return [await model.tokenize(p) if isinstance(p, str) else list(p) for p in req.prompts]
         except ChatTemplateError as exc:
             raise oa.ApiError(400, str(exc), param="messages", code="chat_template") from None
 
@@ -417,10 +432,11 @@ class OpenAIApp:
                               param="messages" if req.chat else "prompt", code="context_length_exceeded")
         return wanted if wanted is not None else room
 
-    async def _prompt_text(self, model: AsyncModel, req: oa.GenerationRequest) -> str:
-        if isinstance(req.prompt, str):
-            return req.prompt
-        return await model.detokenize(req.prompt or [])
+    async def _echoes(self, model: AsyncModel, req: oa.GenerationRequest) -> List[str]:
+        """What each completions prompt echoes before its text ("" without ``echo``)."""
+        if not req.echo:
+            return [""] * max(len(req.prompts), 1)
+        return [p if isinstance(p, str) else await model.detokenize(p) for p in req.prompts]
 
     def _logprobs(self, model: AsyncModel, req: oa.GenerationRequest, toks: List[TokenData],
                   offset: int) -> Optional[Dict[str, Any]]:
@@ -431,69 +447,154 @@ class OpenAIApp:
             return oa.chat_logprobs(toks, piece)
         return oa.completion_logprobs(toks, piece, offset)
 
-    async def _respond_whole(self, ex: Exchange, model: AsyncModel, req: oa.GenerationRequest, stream: Any,
-                             ids: oa.ResponseIds, n_prompt: int, parser: Optional[ReplyParser]) -> None:
-        toks: List[TokenData] = []
-        async for batch in stream.batches():
-            toks.extend(batch)
-        done = stream.completion()
+    @staticmethod
+    def _finish(choice: "_Choice") -> Any:
+        """The choice's completion, parsed for a chat with tools."""
+        assert choice.stream is not None
+        done = choice.stream.completion()
         if done.finish_reason == "cancelled":  # not by us: the model was closed under it
             raise ClosedError("the server is shutting down")
-        if parser is not None:
-            parser.feed(done.text, final=True, cut=done.finish_reason != "stop")
-            done = parser.completion(done)
-        if req.chat:
-            body = oa.chat_response(ids, done, n_prompt, self._logprobs(model, req, toks, 0))
-        else:
-            prefix = await self._prompt_text(model, req) if req.echo else ""
-            body = oa.completion_response(ids, prefix + done.text, done, n_prompt,
-                                          self._logprobs(model, req, toks, len(prefix)))
-        await ex.respond_json(200, body)
+        if choice.parser is not None:
+            choice.parser.feed(done.text, final=True, cut=done.finish_reason != "stop")
+            done = choice.parser.completion(done)
+        return done
 
-    async def _stream_events(self, ex: Exchange, model: AsyncModel, req: oa.GenerationRequest, stream: Any,
-                             ids: oa.ResponseIds, n_prompt: int, parser: Optional[ReplyParser]) -> None:
-        prefix = await self._prompt_text(model, req) if req.echo else ""
+    @staticmethod
+    def _usage(prompts: List[List[int]], choices: List["_Choice"], completion_tokens: int) -> Dict[str, Any]:
+        """OpenAI's usage: each prompt counted once, with its tokens reused from the cache (its choices' least)."""
+        cached = [min((c.cached for c in choices if c.prompt == i), default=0) for i in range(len(prompts))]
+        return oa.usage(sum(len(p) for p in prompts), completion_tokens, sum(cached))
+
+    async def _respond_whole(self, ex: Exchange, model: AsyncModel, req: oa.GenerationRequest,
+                             choices: List["_Choice"], ids: oa.ResponseIds) -> None:
+        echoes = await self._echoes(model, req)
+        bodies: Dict[int, Dict[str, Any]] = {}
+
+        async def one(c: _Choice) -> None:
+            assert c.stream is not None
+            toks: List[TokenData] = []
+            async for batch in c.stream.batches():
+                toks.extend(batch)
+            done = self._finish(c)
+            c.cached, c.generated = done.timings.cached_tokens, len(done.tokens)
+            if req.chat:
+                bodies[c.index] = oa.chat_choice(c.index, done, self._logprobs(model, req, toks, 0))
+            else:
+                echo = echoes[c.prompt]
+                bodies[c.index] = oa.completion_choice(c.index, echo + done.text, done,
+                                                       self._logprobs(model, req, toks, len(echo)))
+
+        await _each(choices, one)
+        use = self._usage([c.tokens for c in choices if c.index % req.n == 0], choices,
+                          sum(c.generated for c in choices))
+        await ex.respond_json(200, oa.response(ids, req.chat, [bodies[i] for i in sorted(bodies)], use))
+
+    async def _stream_events(self, ex: Exchange, model: AsyncModel, req: oa.GenerationRequest,
+                             choices: List["_Choice"], ids: oa.ResponseIds) -> None:
+        echoes = await self._echoes(model, req)
         await ex.start(200, [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache"),
                              ("x-accel-buffering", "no")])
         usage = req.include_usage
-        if req.chat:
-            await ex.event(oa.chat_chunk(ids, {"role": "assistant", "content": ""}, with_usage=usage))
-        elif prefix:
-            await ex.event(oa.completion_chunk(ids, prefix, with_usage=usage))
-        offset = len(prefix)
-        n = 0
-        mark = EventTemplate.MARK
-        template = EventTemplate(oa.chat_chunk(ids, {"content": mark}, with_usage=usage) if req.chat
-                                  else oa.completion_chunk(ids, mark, with_usage=usage))
-        async for batch in stream.batches():
-            n += len(batch)
-            text = "".join(t.text for t in batch)
-            lp = self._logprobs(model, req, batch, offset)
-            offset += len(text)
-            if parser is not None:  # content, reasoning and tool-call pieces, as OpenAI streams them
-                for d in parser.feed(text) or [ChatDelta()] * (lp is not None):
-                    await ex.event(oa.chat_chunk(ids, oa.chat_delta(d), logprobs=lp, with_usage=usage))
-                    lp = None
-            elif lp is not None:
-                await ex.event(oa.chat_chunk(ids, {"content": text}, logprobs=lp, with_usage=usage) if req.chat
-                               else oa.completion_chunk(ids, text, logprobs=lp, with_usage=usage))
-            elif text:  # (no text: bytes held back, part of a character or of a stop string)
-                await ex.send_event(template.render(text))
-        done = stream.completion()
-        if done.finish_reason == "cancelled":  # not by us: the model was closed under it
-            raise ClosedError("the server is shutting down")
-        if parser is not None:
-            for d in parser.feed("", final=True, cut=done.finish_reason != "stop"):
-                await ex.event(oa.chat_chunk(ids, oa.chat_delta(d), with_usage=usage))
-            done = parser.completion(done)
-        reason = oa.finish_reason(done.finish_reason)
-        if req.chat:
-            await ex.event(oa.chat_chunk(ids, {}, finish=reason, with_usage=usage))
-        else:
-            await ex.event(oa.completion_chunk(ids, "", finish=reason, with_usage=usage))
+        if len(choices) == 1:
+            send: Callable[[bytes], Awaitable[None]] = ex.send_event
+        else:  # several choices write events at once: one whole event at a time
+            lock = anyio.Lock()
+
+            async def send(data: bytes) -> None:
+                async with lock:
+                    await ex.send_event(data)
+
+        def event(obj: Any) -> Awaitable[None]:
+            return send(sse(obj))
+
+        def chunk(c: _Choice, text: str, **kw: Any) -> Any:
+            return (oa.chat_chunk(ids, {"content": text}, with_usage=usage, index=c.index, **kw) if req.chat
+                    else oa.completion_chunk(ids, text, with_usage=usage, index=c.index, **kw))
+
+        for c in choices:
+            if req.chat:
+                await event(oa.chat_chunk(ids, {"role": "assistant", "content": ""}, with_usage=usage,
+                                          index=c.index))
+            elif echoes[c.prompt]:
+                await event(chunk(c, echoes[c.prompt]))
+
+        async def one(c: _Choice) -> None:
+            assert c.stream is not None
+            offset = len(echoes[c.prompt])
+            template = EventTemplate(chunk(c, EventTemplate.MARK))
+            async for batch in c.stream.batches():
+                text = "".join(t.text for t in batch)
+                lp = self._logprobs(model, req, batch, offset)
+                offset += len(text)
+                if c.parser is not None:  # content, reasoning and tool-call pieces, as OpenAI streams them
+                    for d in c.parser.feed(text) or [ChatDelta()] * (lp is not None):
+                        await event(oa.chat_chunk(ids, oa.chat_delta(d), logprobs=lp, with_usage=usage,
+                                                  index=c.index))
+                        lp = None
+                elif lp is not None:
+                    await event(chunk(c, text, logprobs=lp))
+                elif text:  # (no text: bytes held back, part of a character or of a stop string)
+                    await send(template.render(text))
+            done = c.stream.completion()
+            if done.finish_reason == "cancelled":  # not by us: the model was closed under it
+                raise ClosedError("the server is shutting down")
+            if c.parser is not None:
+                for d in c.parser.feed("", final=True, cut=done.finish_reason != "stop"):
+                    await event(oa.chat_chunk(ids, oa.chat_delta(d), with_usage=usage, index=c.index))
+                done = c.parser.completion(done)
+            c.cached, c.generated = done.timings.cached_tokens, len(done.tokens)
+            reason = oa.finish_reason(done.finish_reason)
+            await event(oa.chat_chunk(ids, {}, finish=reason, with_usage=usage, index=c.index) if req.chat
+                        else oa.completion_chunk(ids, "", finish=reason, with_usage=usage, index=c.index))
+
+        await _each(choices, one)
         if usage:
-            await ex.event(oa.usage_chunk(ids, req.chat, n_prompt, n, done.timings.cached_tokens))
+            use = self._usage([c.tokens for c in choices if c.index % req.n == 0], choices,
+                              sum(c.generated for c in choices))
+            await event(oa.usage_chunk(ids, req.chat, use))
         await ex.end_events()
+
+
+class _Choice:
+    """One choice of a request: prompt *prompt* (its index in the request) with
+    its own sampling (its seed), stream and reply parser."""
+
+    __slots__ = ("index", "prompt", "tokens", "config", "parser", "stream", "cached", "generated")
+
+    def __init__(self, index: int, prompt: int, tokens: List[int], config: StreamConfig) -> None:
+        self.index = index
+        self.prompt = prompt
+        self.tokens = tokens
+        self.config = config
+        self.parser: Optional[ReplyParser] = None
+        self.stream: Optional[TokenStream] = None
+        self.cached = 0
+        self.generated = 0
+
+
+async def _each(choices: List[_Choice], run: Callable[[_Choice], Awaitable[None]]) -> None:
+    """``run(choice)`` for every choice at once; the first error cancels the others and is raised alone."""
+    if len(choices) == 1:
+        await run(choices[0])
+        return
+    failed: List[BaseException] = []
+    async with anyio.create_task_group() as tg:
+        async def guarded(c: _Choice) -> None:
+            try:
+                await run(c)
+            except Exception as exc:
+                failed.append(exc)
+                tg.cancel_scope.cancel()
+
+        for c in choices:
+            tg.start_soon(guarded, c)
+    if failed:
+        exc = failed[0]
+        failed.clear()  # (nothing of this frame keeps it: no reference cycle through the traceback)
+        try:
+            raise exc
+        finally:
+            del exc
 
 
 async def _end_stream_with(ex: Exchange, exc: Exception, param: str) -> None:

@@ -119,13 +119,18 @@ class Exchange:
 
     async def event(self, obj: Any) -> None:
         """One server-sent event."""
-        await self.send_event(b"data: " + _dumps(obj) + b"\n\n")
+        await self.send_event(sse(obj))
 
     async def send_event(self, data: bytes) -> None:
         await self.send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def end_events(self) -> None:
         await self.send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+
+def sse(obj: Any) -> bytes:
+    """The bytes of a server-sent event of *obj* as JSON."""
+    return b"data: " + _dumps(obj) + b"\n\n"
 
 
 def _check_text(obj: Any) -> None:

@@ -50,9 +50,11 @@ class GenerationRequest:
 
     chat: bool
     model: Optional[str]
-    #: chat: the messages; completions: the prompt (text or token ids)
+    #: chat: the messages; completions: the prompts (each text or token ids)
     messages: Optional[List[Dict[str, Any]]] = None
-    prompt: Union[str, List[int], None] = None
+    prompts: List[Union[str, List[int]]] = field(default_factory=list)
+    #: choices per prompt
+    n: int = 1
     #: None: as many as fit in the context (chat's default)
     max_tokens: Optional[int] = None
     sampling: Dict[str, Any] = field(default_factory=dict)
@@ -183,7 +185,7 @@ def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
     else:
         if "prompt" not in body:
             raise ApiError(400, "'prompt' is required", param="prompt")
-        req.prompt = _parse_prompt(body["prompt"])
+        req.prompts = _parse_prompts(body["prompt"])
         max_tokens = _get(body, "max_tokens", (int,), "an integer")
         if max_tokens is None:
             max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
@@ -205,8 +207,12 @@ def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
     req.max_tokens = max_tokens
 
     n = _get(body, "n", (int,), "an integer")
-    if n is not None and n != 1:
-        raise ApiError(400, f"'n'={n} is not supported: one choice per request (send several requests)", param="n")
+    if n is not None and not 1 <= n <= MAX_CHOICES:
+        raise ApiError(400, f"'n' must be between 1 and {MAX_CHOICES}, got {n}", param="n")
+    req.n = n or 1
+    if len(req.prompts) * req.n > MAX_CHOICES:
+        raise ApiError(400, f"{len(req.prompts)} prompts x n={req.n} make more than {MAX_CHOICES} choices",
+                       param="prompt")
     req.stream = bool(_get(body, "stream", (bool,), "a boolean"))
     options = _get(body, "stream_options", (dict,), "an object")
     if options is not None:
@@ -272,19 +278,23 @@ def _param_of(exc: MullamaError, fields: Sequence[str]) -> Optional[str]:
     return next((name for name in fields if text.startswith(name)), None)
 
 
-def _parse_prompt(prompt: Any) -> Union[str, List[int]]:
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        if not prompt:
-            raise ApiError(400, "'prompt' must not be empty", param="prompt")
-        return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return prompt
-    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
-        raise ApiError(400, "a batch of several prompts is not supported: send one request per prompt",
-                       param="prompt")
-    raise ApiError(400, "'prompt' must be a non-empty string or a non-empty list of token ids", param="prompt")
+def _parse_prompts(prompt: Any) -> List[Union[str, List[int]]]:
+    """OpenAI's ``prompt``: a string, token ids, or a list of either (a batch)."""
+    batch = prompt if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt) \
+        else [prompt]
+    out: List[Union[str, List[int]]] = []
+    for i, p in enumerate(batch):
+        where = f"'prompt'[{i}]" if len(batch) > 1 else "'prompt'"
+        if isinstance(p, str):
+            if not p:
+                raise ApiError(400, f"{where} must not be empty", param="prompt")
+            out.append(p)
+        elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            out.append(p)
+        else:
+            raise ApiError(400, f"{where} must be a non-empty string or a non-empty list of token ids",
+                           param="prompt")
+    return out
 
 
 def finish_reason(reason: str) -> str:
@@ -305,6 +315,10 @@ class ResponseIds:
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
         self.model = model
+
+
+#: most choices of one request (prompts x n)
+MAX_CHOICES = 256
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Dict[str, Any]:
@@ -344,8 +358,7 @@ def completion_logprobs(tokens: Sequence[TokenData], piece: Piece, offset: int) 
             "text_offset": offsets}
 
 
-def chat_response(ids: ResponseIds, done: Completion, prompt_tokens: int,
-                  logprobs: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+def chat_choice(index: int, done: Completion, logprobs: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     message: Dict[str, Any] = {"role": "assistant", "content": done.text, "refusal": None}
     if isinstance(done, ChatCompletion):
         message["content"] = done.content
@@ -353,13 +366,18 @@ def chat_response(ids: ResponseIds, done: Completion, prompt_tokens: int,
             message["reasoning_content"] = done.reasoning_content
         if done.tool_calls:
             message["tool_calls"] = [c.to_openai() for c in done.tool_calls]
-    return {
-        "id": ids.id, "object": "chat.completion", "created": ids.created, "model": ids.model,
-        "system_fingerprint": _FINGERPRINT,
-        "choices": [{"index": 0, "message": message, "logprobs": logprobs,
-                     "finish_reason": finish_reason(done.finish_reason)}],
-        "usage": usage(prompt_tokens, len(done.tokens), done.timings.cached_tokens),
-    }
+    return {"index": index, "message": message, "logprobs": logprobs,
+            "finish_reason": finish_reason(done.finish_reason)}
+
+
+def completion_choice(index: int, text: str, done: Completion, logprobs: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(done.finish_reason)}
+
+
+def response(ids: ResponseIds, chat: bool, choices: List[Dict[str, Any]], use: Dict[str, Any]) -> Dict[str, Any]:
+    """A whole chat or completions response of *choices* (chat_choice / completion_choice)."""
+    return {"id": ids.id, "object": "chat.completion" if chat else "text_completion", "created": ids.created,
+            "model": ids.model, "system_fingerprint": _FINGERPRINT, "choices": choices, "usage": use}
 
 
 def chat_delta(d: ChatDelta) -> Dict[str, Any]:
@@ -382,27 +400,17 @@ def chat_delta(d: ChatDelta) -> Dict[str, Any]:
     return delta
 
 
-def completion_response(ids: ResponseIds, text: str, done: Completion, prompt_tokens: int,
-                        logprobs: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    return {
-        "id": ids.id, "object": "text_completion", "created": ids.created, "model": ids.model,
-        "system_fingerprint": _FINGERPRINT,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs,
-                     "finish_reason": finish_reason(done.finish_reason)}],
-        "usage": usage(prompt_tokens, len(done.tokens), done.timings.cached_tokens),
-    }
-
-
 def chat_chunk(ids: ResponseIds, delta: Dict[str, Any], finish: Optional[str] = None,
-               logprobs: Optional[Dict[str, Any]] = None, with_usage: bool = False) -> Dict[str, Any]:
+               logprobs: Optional[Dict[str, Any]] = None, with_usage: bool = False, index: int = 0) -> Dict[str, Any]:
     return _chunk(ids, "chat.completion.chunk", with_usage,
-                  {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+                  {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
 
 
 def completion_chunk(ids: ResponseIds, text: str, finish: Optional[str] = None,
-                     logprobs: Optional[Dict[str, Any]] = None, with_usage: bool = False) -> Dict[str, Any]:
+                     logprobs: Optional[Dict[str, Any]] = None, with_usage: bool = False,
+                     index: int = 0) -> Dict[str, Any]:
     return _chunk(ids, "text_completion", with_usage,
-                  {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish})
+                  {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
 
 
 def _chunk(ids: ResponseIds, obj: str, with_usage: bool, choice: Dict[str, Any]) -> Dict[str, Any]:
@@ -413,10 +421,9 @@ def _chunk(ids: ResponseIds, obj: str, with_usage: bool, choice: Dict[str, Any])
     return chunk
 
 
-def usage_chunk(ids: ResponseIds, chat: bool, prompt_tokens: int, completion_tokens: int,
-                cached_tokens: int) -> Dict[str, Any]:
+def usage_chunk(ids: ResponseIds, chat: bool, use: Dict[str, Any]) -> Dict[str, Any]:
     return {"id": ids.id, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": ids.created, "model": ids.model, "system_fingerprint": _FINGERPRINT, "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
+            "usage": use}
 
 
