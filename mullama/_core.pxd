@@ -208,7 +208,8 @@ cdef class _Decoder(_InC):
     cdef AbortState ab       # flags: [0] cancel()/close(), [1] the engine: a slot was cancelled
 
     cdef _open(self, LlamaModel model, uint32_t n_ctx, uint32_t n_batch, int n_seq, int n_threads,
-               int n_threads_batch, bint flash_attention, bint adaptive_threads, str what, str hint)
+               int n_threads_batch, bint flash_attention, bint adaptive_threads, str what, str hint,
+               int pooling=*)
     cdef _free(self)
     cdef inline int _enter(self) except -1
     cdef inline void _leave(self)
@@ -264,3 +265,11 @@ cdef class BatchEngine(_Decoder):
     cdef inline void _add(self, int n, llama_token tok, llama_pos pos, int seq, bint logits) noexcept nogil
     cdef int _step(self, int * n_decoded) noexcept nogil
     cdef bint _needs_driver(self) noexcept nogil
+
+
+cdef class EmbeddingContext(_Decoder):
+    cdef readonly int n_ctx
+    cdef readonly int n_seq
+    cdef readonly int n_embd
+    cdef readonly int pooling     # a llama_pooling_type (the model's, or the one asked for)
+    cdef bint encoder             # an encoder-only model: llama_encode

@@ -118,6 +118,18 @@ class LlamaContext(_Decoder):
                  top_logprobs: int = 0) -> Tuple[int, List[int], List[bytes], Optional[List[float]], _TopLogprobs]: ...
 
 @disjoint_base
+class EmbeddingContext(_Decoder):
+    n_ctx: int
+    n_seq: int
+    n_embd: int
+    pooling: int
+    def __init__(self, model: LlamaModel, n_ctx: int, n_seq: int, n_threads: int, pooling: int = -1,
+                 adaptive_threads: bool = True) -> None: ...
+    def cancel(self) -> None: ...
+    def clear_cancel(self) -> None: ...
+    def embed(self, seqs: List[List[int]], out: Any) -> int: ...
+
+@disjoint_base
 class BatchEngine(_Decoder):
     n_seq: int
     n_ctx_seq: int

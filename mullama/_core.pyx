@@ -27,7 +27,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.ref cimport PyObject
 from libc.math cimport expf, logf
 from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
-from libc.string cimport memchr
+from libc.string cimport memchr, memcpy
 from libc.stdlib cimport free, malloc, realloc
 from libcpp cimport bool as cbool
 from libcpp.string cimport string
@@ -985,10 +985,13 @@ cdef class _Decoder(_InC):
         abort_state_init(&self.ab, &_g_shutdown)
 
     cdef _open(self, LlamaModel model, uint32_t n_ctx, uint32_t n_batch, int n_seq, int n_threads,
-               int n_threads_batch, bint flash_attention, bint adaptive_threads, str what, str hint):
+               int n_threads_batch, bint flash_attention, bint adaptive_threads, str what, str hint,
+               int pooling=-2):
         """Create the llama.cpp context (*n_seq* sequences sharing *n_ctx*
         tokens) with this object's abort callback, its thread governor and a
-        batch of n_batch tokens. ContextCreationError names *what* and adds *hint*."""
+        batch of n_batch tokens. ContextCreationError names *what* and adds *hint*.
+        *pooling* >= -1 (a llama_pooling_type): an embedding context, its
+        sequences in one unified KV buffer."""
         model._check()
         cdef llama_context_params p = llama_context_default_params()
         p.n_ctx = n_ctx
@@ -1001,6 +1004,10 @@ cdef class _Decoder(_InC):
         p.abort_callback = abort_callback
         p.abort_callback_data = <void *>&self.ab
         p.no_perf = True
+        if pooling >= -1:
+            p.embeddings = True
+            p.pooling_type = <llama_pooling_type>pooling
+            p.kv_unified = True
         take_errors()
         model._enter()
         try:
@@ -1439,6 +1446,97 @@ cdef class LlamaContext(_Decoder):
             if status < 0:
                 _check_status(status, None)
             return (status,) + _take_output(&out, logprobs, top_logprobs)
+        finally:
+            self._leave()
+
+
+# ---------------------------------------------------------------------------
+# embeddings
+
+@cython.no_gc_clear
+cdef class EmbeddingContext(_Decoder):
+    """A context of its own that computes embeddings (never a generation's).
+
+    One :meth:`embed` call evaluates a batch of sequences (at most ``n_seq``,
+    ``n_ctx`` tokens together) from an empty cache, as llama.cpp's
+    ``llama-embedding`` does, and copies out each sequence's pooled embedding
+    (or each token's, with pooling NONE).
+    """
+
+    def __cinit__(self):
+        self._what = "embedding context"
+
+    def __init__(self, LlamaModel model not None, uint32_t n_ctx, int n_seq, int n_threads, int pooling=-1,
+                 bint adaptive_threads=True):
+        if n_seq < 1 or n_seq > 256 or n_seq > n_ctx:
+            raise _errors.InvalidConfigError(f"n_seq must be between 1 and min(256, n_ctx), got {n_seq}")
+        if pooling < -1 or pooling > 4:
+            raise _errors.InvalidConfigError(f"pooling must be a llama_pooling_type, got {pooling}")
+        self._open(model, n_ctx, n_ctx, n_seq, n_threads, n_threads, False, adaptive_threads,
+                   f"an embedding context (n_ctx={n_ctx})", "; try a smaller context_size", pooling)
+        self.n_ctx = llama_n_ctx(self.ptr)
+        self.n_seq = n_seq
+        self.n_embd = llama_model_n_embd_out(model.ptr)
+        self.pooling = <int>llama_get_pooling_type(self.ptr)
+        self.encoder = llama_model_has_encoder(model.ptr) and not llama_model_has_decoder(model.ptr)
+
+    def cancel(self):
+        """Stop the running :meth:`embed` (thread-safe, returns at once)."""
+        mullama_store_flag(&self.ab.flags[0], 1)
+
+    def clear_cancel(self):
+        mullama_store_flag(&self.ab.flags[0], 0)
+
+    def embed(self, list seqs, float[:, ::1] out):
+        """Evaluate the token lists *seqs* together and write their embeddings
+        into *out*: one row per sequence, or (pooling NONE) one per token, in
+        order. Returns ``STATUS_OK`` or ``STATUS_ABORTED`` (:meth:`cancel`)."""
+        self._enter()
+        cdef int n = 0, s, j, rows, rc
+        cdef const float * e
+        cdef vector[llama_token] toks
+        cdef llama_memory_t mem
+        try:
+            if not 0 < len(seqs) <= self.n_seq:
+                raise _errors.InvalidConfigError(f"between 1 and {self.n_seq} sequences per batch, got {len(seqs)}")
+            for s in range(len(seqs)):
+                toks = seqs[s]
+                self.model._check_tokens(toks)
+                if toks.empty() or n + <int>toks.size() > self.n_batch:
+                    raise _errors.ContextOverflowError(
+                        f"a batch of {n + toks.size()} tokens does not fit in the embedding context "
+                        f"({self.n_batch})" if not toks.empty() else "an empty sequence has no embedding")
+                for j in range(<int>toks.size()):
+                    self.batch.token[n] = toks[j]
+                    self.batch.pos[n] = j
+                    self.batch.n_seq_id[n] = 1
+                    self.batch.seq_id[n][0] = s
+                    self.batch.logits[n] = 1
+                    n += 1
+            rows = n if self.pooling == LLAMA_POOLING_TYPE_NONE else len(seqs)
+            if out.shape[0] != rows or out.shape[1] != self.n_embd:
+                raise _errors.InvalidConfigError(f"out must have shape ({rows}, {self.n_embd})")
+            self.batch.n_tokens = n
+            with nogil:
+                mem = llama_get_memory(self.ptr)
+                if mem != NULL:
+                    llama_memory_clear(mem, True)
+                if self.encoder:
+                    rc = _decode_status(llama_encode(self.ptr, self.batch))
+                else:
+                    rc = _governed_decode(self.ptr, self.batch, self.gov, &self.ab)
+            if rc == ST_ABORTED:
+                return ST_ABORTED
+            _check_status(rc, f"no KV cells for {n} tokens")
+            for s in range(rows):
+                if self.pooling == LLAMA_POOLING_TYPE_NONE:
+                    e = llama_get_embeddings_ith(self.ptr, s)
+                else:
+                    e = llama_get_embeddings_seq(self.ptr, s)
+                if e == NULL:
+                    raise _errors.DecodeError("llama.cpp returned no embedding")
+                memcpy(&out[s, 0], e, self.n_embd * sizeof(float))
+            return ST_OK
         finally:
             self._leave()
 

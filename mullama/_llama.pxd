@@ -70,6 +70,14 @@ cdef extern from "llama.h" nogil:
         LLAMA_VOCAB_TYPE_RWKV
         LLAMA_VOCAB_TYPE_PLAMO2
 
+    cdef enum llama_pooling_type:
+        LLAMA_POOLING_TYPE_UNSPECIFIED
+        LLAMA_POOLING_TYPE_NONE
+        LLAMA_POOLING_TYPE_MEAN
+        LLAMA_POOLING_TYPE_CLS
+        LLAMA_POOLING_TYPE_LAST
+        LLAMA_POOLING_TYPE_RANK
+
     cdef enum llama_flash_attn_type:
         LLAMA_FLASH_ATTN_TYPE_AUTO
         LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -108,10 +116,12 @@ cdef extern from "llama.h" nogil:
         uint32_t n_seq_max        # max number of sequences
         int32_t n_threads         # threads for generation
         int32_t n_threads_batch   # threads for batch processing
+        llama_pooling_type pooling_type
         llama_flash_attn_type flash_attn_type
         ggml_abort_callback abort_callback
         void * abort_callback_data
         bint no_perf
+        bint embeddings           # extract embeddings
         bint kv_unified           # one KV buffer shared by all sequences
         # ...
 
@@ -170,6 +180,12 @@ cdef extern from "llama.h" nogil:
     const char * llama_model_chat_template(const llama_model * model, const char * name)
     uint64_t llama_model_n_params(const llama_model * model)
     bint llama_model_has_decoder(const llama_model * model)
+    bint llama_model_has_encoder(const llama_model * model)
+    int32_t llama_model_n_embd_out(const llama_model * model)
+    llama_pooling_type llama_get_pooling_type "llama_pooling_type"(const llama_context * ctx)
+    float * llama_get_embeddings_ith(llama_context * ctx, int32_t i)
+    float * llama_get_embeddings_seq(llama_context * ctx, llama_seq_id seq_id)
+    int32_t llama_encode(llama_context * ctx, llama_batch batch)
 
     # Memory
     void llama_memory_clear(llama_memory_t mem, bint data)

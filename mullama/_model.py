@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Mapping, Option
 from . import _core
 from ._config import StreamConfig, check_int, resolve_threads, token_list
 from ._context import Context
+from ._embed import POOLINGS, EmbedCall, Embedder
 from ._errors import (ChatTemplateError, ClosedError, InvalidConfigError, InvalidModelError, ModelNotFoundError,
                       MullamaError)
 from ._generation import Completion, TokenData
@@ -110,6 +111,7 @@ class Model(Owner):
         self._templates: "dict[str, _core.ChatTemplates]" = {}
         self._templates_lock = threading.Lock()
         self._thinking: "dict[str, bool]" = {}  # _template_thinks, by template
+        self._embedders: "dict[tuple[Optional[str], int, int], Embedder]" = {}  # by (pooling, size, threads)
 
     @classmethod
     def load(
@@ -156,6 +158,9 @@ class Model(Owner):
             for t in self._templates.values():
                 t.close()
             self._templates.clear()
+            for e in self._embedders.values():
+                e.close()
+            self._embedders.clear()
         self._core.close()
 
     def _template_thinks(self, template: Optional[str]) -> bool:
@@ -271,6 +276,50 @@ class Model(Owner):
     @property
     def vocab_only(self) -> bool:
         return self._vocab_only
+
+    # -- embeddings -------------------------------------------------------------------
+
+    def embed(self, texts: Union[str, Sequence[str], Sequence[Sequence[int]]], normalize: bool = True,
+              pooling: Optional[str] = None, *, context_size: int = 2048, threads: Optional[int] = None,
+              progress: Optional[Callable[[int, int], None]] = None,
+              _call: Optional[EmbedCall] = None) -> Any:
+        """Embeddings of *texts* (a string, a list of strings, or lists of token ids).
+
+        Returns a float32 array of shape ``(len(texts), n_embd)`` (one row for a
+        single string), L2-normalised unless *normalize* is false, as
+        llama.cpp's ``llama-embedding`` computes them. *pooling*: ``"mean"``,
+        ``"cls"``, ``"last"`` or ``"none"`` (then a list with one
+        ``(n_tokens, n_embd)`` array per text); default: the model's own
+        (``<arch>.pooling_type``), mean for a model that names none (a
+        generative model). Texts are evaluated in batches on an embedding
+        context of this model's own (*context_size* tokens, the longest text
+        allowed), created at the first call: generation is never disturbed.
+        *progress(done, total)* is called after each batch.
+
+        Raises:
+            ContextOverflowError: a text longer than *context_size* tokens.
+            InvalidConfigError: an empty text or an unknown pooling.
+            UnsupportedModelError: a reranker (rank pooling) without *pooling*.
+        """
+        if self._core.closed:
+            raise ClosedError("the model is closed")
+        if self._vocab_only:
+            raise InvalidModelError("this model was loaded with vocab_only=True: it cannot compute embeddings")
+        if not isinstance(normalize, bool):
+            raise InvalidConfigError(f"normalize must be a bool, got {type(normalize).__name__}")
+        if pooling is not None and pooling not in POOLINGS:
+            raise InvalidConfigError(f"pooling must be one of {', '.join(POOLINGS)} (or None: the model's), "
+                                     f"got {pooling!r}")
+        check_int("context_size", context_size, minimum=1, maximum=1 << 20)
+        threads = resolve_threads("threads", threads)
+        items = [texts] if isinstance(texts, str) else list(texts)
+        seqs = [self.tokenize(t) if isinstance(t, str) else token_list(t) for t in items]  # type: ignore[arg-type]
+        key = (pooling, context_size, threads)
+        with self._templates_lock:
+            embedder = self._embedders.get(key)
+            if embedder is None:
+                embedder = self._embedders[key] = Embedder(self, pooling, context_size, threads)
+        return embedder.embed(seqs, normalize, _call, progress)
 
     # -- tokens -------------------------------------------------------------------
 

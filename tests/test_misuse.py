@@ -443,7 +443,7 @@ m = mullama.Model.load(path, vocab_only=True)
 calls = {"tokenize": ("hello",), "detokenize": ([1, 2],), "token_to_piece": (1,), "is_end_of_generation": (1,),
          "chat": ([{"role": "user", "content": "hi"}],), "apply_chat_template": ([{"role": "user", "content": "hi"}],),
          "chat_deltas": ([{"role": "user", "content": "hi"}],),
-         "create_context": ()}
+         "create_context": (), "embed": ("hello",)}
 for name in sorted(dir(mullama.Model)):
     if name.startswith("_") or name in ("close", "load", "chat_stream"):
         continue

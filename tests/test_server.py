@@ -22,6 +22,7 @@ from typing import Dict, Iterator, List, Literal, Optional
 import anyio
 import httpx
 import jsonschema
+import numpy as np
 import openai
 import pydantic
 import pytest
@@ -233,6 +234,28 @@ def test_n_choices_and_a_list_of_prompts(tiny_server, tiny_model):
     assert [c.index for c in chat.choices] == [0, 1]
     alone = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=8, temperature=1.0, seed=6)
     assert chat.choices[1].message.content == alone.choices[0].message.content
+
+
+def test_embeddings_equal_the_library(tiny_server, tiny_model_path):
+    client = tiny_server.client()
+    texts = ["once upon a time", "hello there"]
+    with mullama.Model.load(tiny_model_path) as m:
+        expected = m.embed(texts)
+        ids = m.tokenize("hello there")
+        n_embd = m.info.n_embd
+    got = client.embeddings.create(model="tiny", input=texts)  # (the client asks for base64 and decodes it)
+    assert [d.index for d in got.data] == [0, 1] and got.model == "tiny"
+    np.testing.assert_allclose(np.array([d.embedding for d in got.data]), expected, rtol=1e-4, atol=1e-5)
+    assert got.usage.prompt_tokens == got.usage.total_tokens > 0
+    floats = httpx.post(tiny_server.base + "/embeddings", json={"input": ids, "encoding_format": "float"},
+                        timeout=30).json()
+    np.testing.assert_allclose(floats["data"][0]["embedding"], expected[1], rtol=1e-4, atol=1e-5)
+    for body, match in (({"input": ""}, "'input' must not be empty"), ({"input": ["a", 5]}, "'input' must be"),
+                        ({"input": "a", "dimensions": 3}, f"this model's embeddings have {n_embd} dimensions"),
+                        ({"input": "a", "encoding_format": "int8"}, "'encoding_format' must be"),
+                        ({}, "'input' is required"), ({"input": "a", "pooling": "max"}, "unsupported parameter")):
+        r = httpx.post(tiny_server.base + "/v1/embeddings", json=body, timeout=30)
+        assert r.status_code == 400 and re.search(match, r.json()["error"]["message"]), (body, r.text)
 
 
 def test_completion_stream(tiny_server, tiny_model):

@@ -18,6 +18,7 @@ import anyio.to_thread
 from .._chat import Message, chat_tokens, check_messages
 from .._config import StreamConfig, check_int, choice_configs, resolve_threads, token_list
 from .._context import Context, Prompt, ThreadStats
+from .._embed import EmbedCall
 from .._generation import Completion
 from .._tools import ChatCompletion, ChatDelta, ChatPlan, ReplyParser, plain_completion, plan_chat
 from .._errors import InvalidConfigError
@@ -246,6 +247,8 @@ class AsyncModel(_Results, Owner):
         self._closed = False
         self._conv_generations = 0
         self._conv_generation_ms = 0.0
+        self._embedding = Workers()  # embed() calls on worker threads
+        self._embed_calls: "set[EmbedCall]" = set()
 
     # -- loading ----------------------------------------------------------------
 
@@ -322,7 +325,8 @@ class AsyncModel(_Results, Owner):
     @property
     def active_workers(self) -> int:
         """Requests being generated now (engine slots in use and conversation workers)."""
-        return self._engine.active + sum(c._workers.active for c in self._conversations)
+        return (self._engine.active + self._embedding.active
+                + sum(c._workers.active for c in self._conversations))
 
     @property
     def waiting(self) -> int:
@@ -388,6 +392,9 @@ class AsyncModel(_Results, Owner):
             conv._loop.check()
         self._closed = True
         with anyio.CancelScope(shield=True):
+            for call in list(self._embed_calls):
+                call.cancel()
+            await self._embedding.wait_idle()
             for conv in list(self._conversations):
                 await conv.aclose()
             # (the engine's close cancels its requests and joins its thread)
@@ -482,6 +489,24 @@ class AsyncModel(_Results, Owner):
             finally:
                 if parser is not None:
                     parser.close()
+
+    async def embed(self, texts: "Union[str, Sequence[str], Sequence[Sequence[int]]]", normalize: bool = True,
+                    pooling: Optional[str] = None, *, context_size: int = 2048) -> Any:
+        """:meth:`mullama.Model.embed` on a worker thread (the model's embedding
+        context of its own; the batching engine is not involved). Cancelling
+        the caller stops the evaluation inside llama.cpp within one batch step.
+        Concurrent calls take turns."""
+        check_open(self._closed, "AsyncModel")
+        call = EmbedCall()
+        self._embed_calls.add(call)
+        try:
+            async with deadline(self._config.timeout_ms):
+                return await run_cancellable(
+                    call, self._embedding, self._threads(),  # type: ignore[arg-type]
+                    functools.partial(self._model.embed, texts, normalize, pooling, context_size=context_size,
+                                      threads=self._config.threads, _call=call))
+        finally:
+            self._embed_calls.discard(call)
 
     async def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> List[int]:
         """Token ids of *text* (on a worker thread)."""

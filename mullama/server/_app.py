@@ -114,6 +114,7 @@ class OpenAIApp:
             "/models": ("models", {"GET": self._list_models}),
             "/completions": ("completions", {"POST": self._completions}),
             "/chat/completions": ("chat_completions", {"POST": self._chat_completions}),
+            "/embeddings": ("embeddings", {"POST": self._embeddings}),
         }
         self._routes: Dict[str, Tuple[str, Dict[str, Callable[[Exchange], Awaitable[None]]]]] = {
                         **{"/v1" + path: route for path, route in api.items()}, **api,
@@ -251,6 +252,36 @@ class OpenAIApp:
     async def _get_model(self, ex: Exchange) -> None:
         self._check_model_name(ex.scope["path"].split("/models/", 1)[1])
         await ex.respond_json(200, self._model_card())
+
+    async def _embeddings(self, ex: Exchange) -> None:
+        """OpenAI's embeddings: ``input`` a string, token ids, or a list of either;
+        ``encoding_format`` float or base64 (little-endian float32)."""
+        body = oa.body_object(await ex.json())
+        self._check_model_name(oa.body_field(body, "model", (str,), "a string"))
+        inputs = oa.embedding_inputs(body)
+        fmt = oa.body_field(body, "encoding_format", (str,), "a string") or "float"
+        if fmt not in ("float", "base64"):
+            raise oa.ApiError(400, f"'encoding_format' must be 'float' or 'base64', got {fmt!r}",
+                              param="encoding_format")
+        model = self._ready()
+        dims = oa.body_field(body, "dimensions", (int,), "an integer")
+        n_embd = model.model.info.n_embd
+        if dims is not None and dims != n_embd:
+            raise oa.ApiError(400, f"'dimensions'={dims} is not supported: this model's embeddings have {n_embd} "
+                                   "dimensions and are not shortened", param="dimensions")
+        async with cancel_on_disconnect(ex) as watch:
+            seqs = [await model.tokenize(t) if isinstance(t, str) else t for t in inputs]
+            try:
+                rows = await model.embed(seqs)
+            except MullamaError as exc:
+                raise _api_error(exc, "input") from None
+            n = sum(len(t) for t in seqs)
+            await ex.respond_json(200, {
+                "object": "list", "model": self.model_id, "usage": {"prompt_tokens": n, "total_tokens": n},
+                "data": [{"object": "embedding", "index": i,
+                          "embedding": oa.encode_embedding(row, fmt)} for i, row in enumerate(rows)]})
+        if watch.disconnected:
+            raise Disconnected()
 
     # llama-server's own endpoints, with its shapes
 

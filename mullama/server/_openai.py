@@ -7,6 +7,7 @@ ignored) and lenient about what does not matter (``user``, unknown fields).
 
 from __future__ import annotations
 
+import base64
 import math
 import secrets
 import time
@@ -297,6 +298,37 @@ def _parse_prompts(prompt: Any) -> List[Union[str, List[int]]]:
     return out
 
 
+def embedding_inputs(body: Dict[str, Any]) -> List[Union[str, List[int]]]:
+    """``input`` of an embeddings request: texts or token id lists (at most MAX_EMBEDDING_INPUTS)."""
+    if body.get("input") is None:
+        raise ApiError(400, "'input' is required", param="input")
+    unknown = sorted(set(body) - {"input", "model", "encoding_format", "dimensions", "user"})
+    if unknown:
+        raise ApiError(400, f"unsupported parameter '{unknown[0]}'", param=unknown[0])
+    value = body["input"]
+    items = value if isinstance(value, list) and value and all(isinstance(v, (str, list)) for v in value) \
+        else [value]
+    if len(items) > MAX_EMBEDDING_INPUTS:
+        raise ApiError(400, f"at most {MAX_EMBEDDING_INPUTS} inputs per request, got {len(items)}", param="input")
+    for i, item in enumerate(items):
+        where = f"'input'[{i}]" if len(items) > 1 else "'input'"
+        if isinstance(item, str):
+            if not item:
+                raise ApiError(400, f"{where} must not be empty", param="input")
+        elif not (isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool)
+                                                             for t in item)):
+            raise ApiError(400, f"{where} must be a non-empty string or a non-empty list of token ids",
+                           param="input")
+    return items
+
+
+def encode_embedding(row: Any, fmt: str) -> Union[List[float], str]:
+    """One embedding as OpenAI sends it: a list of floats, or base64 of its little-endian float32 bytes."""
+    if fmt == "base64":
+        return base64.b64encode(row.astype("<f4").tobytes()).decode("ascii")
+    return row.tolist()
+
+
 def finish_reason(reason: str) -> str:
     """OpenAI's name for a mullama finish reason (a grammar's dead end, a full
     context and a cancellation cut the reply short: ``"length"``)."""
@@ -319,6 +351,8 @@ class ResponseIds:
 
 #: most choices of one request (prompts x n)
 MAX_CHOICES = 256
+#: most inputs of one embeddings request (OpenAI's limit)
+MAX_EMBEDDING_INPUTS = 2048
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Dict[str, Any]:
