@@ -19,6 +19,12 @@ same model, same prompts (as token ids), same run. One JSON line per figure.
   the last request's first token. Target: mullama's shared ÷ distinct ≥ 5.
   A third line gives mullama's ``--inexact-prompt-cache`` (generated cells
   reused as llama-server does) at think time 0.
+* ``cache_n_choices``: ``n=4`` completions of one prompt (``AsyncModel.generate_many``,
+  ``--choice-tokens`` sampled tokens each) against 4 requests of 4 different prompts of the same
+  length, on the default model with 4 slots, in process: prompt tokens evaluated (counted by the engine),
+  wall time, and aggregate decode tok/s (tokens after each choice's first, over the span from the first
+  first token to the last token). Targets: the prompt evaluated once (plus the two tokens each copy
+  evaluates); decode ≥ the 4-request figure.
 * ``cache_soak``: ``--soak`` requests with random prefixes (one of 60 prompts
   of 30-150 words, a random suffix), two at a time, through ``AsyncModel`` with a small
   host-memory budget (``--soak-budget-mb``): the host cache's bytes never above
@@ -203,6 +209,52 @@ async def shared_round(model: mullama.Model, servers: Dict[str, str], rnd: int, 
     return out
 
 
+async def n_choices(path: Path, rounds: int, tokens: int) -> Dict[str, object]:
+    words = "river stone cloud lantern meadow signal harbor copper violet orbit".split()
+    rng = random.Random(3)
+    cfg = StreamConfig(max_tokens=tokens, temperature=0.8, seed=1)
+    sides: Dict[str, List[float]] = {k: [] for k in ("n4_wall", "sep_wall", "n4_decode", "sep_decode")}
+    evaluated: Dict[str, int] = {}
+    async with await AsyncModel.load(path, max_concurrent=4, context_size=1024, threads=THREADS,
+                                     adaptive_threads=False) as model:
+        def decode_rate(done: List[mullama.Completion]) -> float:
+            firsts = [c.timings.time_to_first_token_ms for c in done]
+            ends = [c.timings.time_to_first_token_ms + c.timings.generation_ms for c in done]
+            return sum(len(c.tokens) - 1 for c in done) / ((max(ends) - min(firsts)) / 1e3)
+
+        for r in range(rounds + 1):
+            prompts = [" ".join(rng.choice(words) for _ in range(300)) for _ in range(5)]  # [4]: the n=4 one
+            for mode in (("n4", "sep") if r % 2 == 0 else ("sep", "n4")):
+                before = model.prompt_cache_stats().evaluated_prompt_tokens
+                t0 = time.perf_counter()
+                if mode == "n4":
+                    done = await model.generate_many(prompts[4], 4, cfg)
+                else:
+                    done = [None] * 4
+
+                    async def one(i: int) -> None:
+                        done[i] = await model.generate(prompts[i], config=cfg)
+
+                    async with anyio.create_task_group() as tg:
+                        for i in range(4):
+                            tg.start_soon(one, i)
+                wall = time.perf_counter() - t0
+                evaluated[mode] = model.prompt_cache_stats().evaluated_prompt_tokens - before
+                if r:
+                    sides[f"{mode}_wall"].append(wall)
+                    sides[f"{mode}_decode"].append(decode_rate(done))  # type: ignore[arg-type]
+            _log(f"n choices round {r}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in sides.items() if v))
+        prompt_tokens = len(await model.tokenize(prompts[4]))
+    med = {k: statistics.median(v) for k, v in sides.items()}
+    return {"figure": "cache_n_choices", "n": 4, "rounds": rounds, "tokens_each": tokens,
+            "prompt_tokens": prompt_tokens, "n4_prompt_tokens_evaluated": evaluated["n4"],
+            "separate_prompt_tokens_evaluated": evaluated["sep"],
+            "n4_wall_s": round(med["n4_wall"], 2), "separate_wall_s": round(med["sep_wall"], 2),
+            "n4_decode_tok_s": round(med["n4_decode"], 1), "separate_decode_tok_s": round(med["sep_decode"], 1),
+            "decode_vs_separate": round(med["n4_decode"] / med["sep_decode"], 3),
+            "wall_vs_separate": round(med["n4_wall"] / med["sep_wall"], 3)}
+
+
 async def soak(path: Path, requests: int, budget: int) -> Dict[str, object]:
     rng = random.Random(7)
     async with await AsyncModel.load(path, max_concurrent=2, context_size=1024, threads=THREADS,
@@ -272,6 +324,9 @@ def main() -> None:
     ap.add_argument("--think", type=float, default=2.0, help="seconds between a chat reply and the next turn")
     ap.add_argument("--shared", type=int, default=8, help="requests sharing a system prompt")
     ap.add_argument("--max-tokens", type=int, default=8, help="tokens of each shared-prompt request")
+    ap.add_argument("--choice-tokens", type=int, default=64, help="tokens of each of the n=4 choices")
+    ap.add_argument("--only", nargs="+", choices=["chat", "shared", "n", "soak"],
+                    default=["chat", "shared", "n", "soak"], help="the figures to measure")
     ap.add_argument("--soak", type=int, default=1000, help="requests of the soak (0: none)")
     ap.add_argument("--soak-budget-mb", type=float, default=16)
     ap.add_argument("--busy", type=int, default=0, help="CPU-bound processes running meanwhile")
@@ -281,7 +336,7 @@ def main() -> None:
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.busy)]
     try:
         with mullama.Model.load(path, vocab_only=True) as model:
-            for think, exact in ((a.think, True), (0.0, True), (0.0, False)):
+            for think, exact in ((a.think, True), (0.0, True), (0.0, False)) if "chat" in a.only else ():
                 rounds = rounds_of(path, binary, 1, a.rounds,
                                    lambda servers, r: chat_round(model, servers, r, a.turns, a.reply_tokens, think),
                                    () if exact else ("--inexact-prompt-cache",))
@@ -296,19 +351,22 @@ def main() -> None:
                     "cached_vs_llama_server": round(m_c / s_c, 3),
                     "same_replies": all(g["mullama"]["replies"] == g["llama_server"]["replies"] for g in rounds)}),
                     flush=True)
-            rounds = rounds_of(path, binary, 4, a.rounds,
-                               lambda servers, r: shared_round(model, servers, r, a.shared, a.max_tokens))
-            m_s, m_d = median(rounds, "mullama", "shared"), median(rounds, "mullama", "distinct")
-            s_s, s_d = median(rounds, "llama_server", "shared"), median(rounds, "llama_server", "distinct")
-            print(json.dumps({
-                "figure": "cache_shared_prefix", "requests": a.shared, "slots": 4, "busy": a.busy,
-                "rounds": a.rounds, "prompt_tokens_each": int(median(rounds, "mullama", "tokens")),
-                "mullama_shared_tok_s": round(m_s), "mullama_distinct_tok_s": round(m_d),
-                "llama_server_shared_tok_s": round(s_s), "llama_server_distinct_tok_s": round(s_d),
-                "mullama_shared_vs_distinct": round(m_s / m_d, 2),
-                "llama_server_shared_vs_distinct": round(s_s / s_d, 2),
-                "shared_vs_llama_server": round(m_s / s_s, 3)}), flush=True)
-        if a.soak:
+            if "shared" in a.only:
+                rounds = rounds_of(path, binary, 4, a.rounds,
+                                   lambda servers, r: shared_round(model, servers, r, a.shared, a.max_tokens))
+                m_s, m_d = median(rounds, "mullama", "shared"), median(rounds, "mullama", "distinct")
+                s_s, s_d = median(rounds, "llama_server", "shared"), median(rounds, "llama_server", "distinct")
+                print(json.dumps({
+                    "figure": "cache_shared_prefix", "requests": a.shared, "slots": 4, "busy": a.busy,
+                    "rounds": a.rounds, "prompt_tokens_each": int(median(rounds, "mullama", "tokens")),
+                    "mullama_shared_tok_s": round(m_s), "mullama_distinct_tok_s": round(m_d),
+                    "llama_server_shared_tok_s": round(s_s), "llama_server_distinct_tok_s": round(s_d),
+                    "mullama_shared_vs_distinct": round(m_s / m_d, 2),
+                    "llama_server_shared_vs_distinct": round(s_s / s_d, 2),
+                    "shared_vs_llama_server": round(m_s / s_s, 3)}), flush=True)
+        if "n" in a.only:
+            print(json.dumps(anyio.run(n_choices, path, a.rounds, a.choice_tokens)), flush=True)
+        if a.soak and "soak" in a.only:
             print(json.dumps(anyio.run(soak, path, a.soak, int(a.soak_budget_mb * 2**20))), flush=True)
     finally:
         for p in busy:

@@ -20,7 +20,10 @@ each bench script of this folder and keeps what it prints:
   processes, another llama-bench), mullama's defaults against fixed thread
   counts, llama-bench and llama-batched-bench;
 * ``structured.py``: the cost per token of a JSON schema's grammar, mullama
-  against llama-server.
+  against llama-server;
+* ``cache.py``: the prompt cache (a 10-turn chat's time to first token, a
+  shared system prompt, n=4 choices, a memory soak), mullama against
+  llama-server with ``cache_prompt``.
 
 Output goes to ``bench/results/<UTC time>/``: ``figures.jsonl`` (every line,
 tagged with its script), ``summary.md`` (one table per figure name, the
@@ -64,6 +67,8 @@ SCRIPTS: Dict[str, tuple] = {
     "serve": ([], ["--rounds", "1"]),
     "contention": ([], ["--rounds", "1", "--tokens", "24", "--cap", "5", "--steps", "12"]),
     "structured": ([], ["--rounds", "1", "--max-tokens", "32"]),
+    "cache": ([], ["--rounds", "1", "--turns", "4", "--reply-tokens", "32", "--think", "0.5", "--shared", "4",
+                   "--soak", "100"]),
 }
 
 

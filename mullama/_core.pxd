@@ -136,6 +136,7 @@ cdef struct Slot:
     int pos              # tokens of this sequence in the KV cache
     int n_exact          # the first n_exact of them were computed in batches of 2 or more tokens (reusable)
     bint refreshing      # free, re-evaluating its tail (prompts[slot]) in idle steps to make it reusable
+    bint copy_pending    # its cells were copied from another sequence; the data arrives with the next decode
     llama_token pending  # sampled, not yet decoded (-1: none)
     int n_step           # tokens this slot put into the current batch
     int i_batch          # batch index whose logits this slot samples (-1: none)
@@ -258,11 +259,17 @@ cdef class BatchEngine(_Decoder):
     cdef vector[Sampling *] smpls  # their sampling, for the nogil step
     cdef int _wake           # the driver has work: return from run() early
     cdef int _idle_step      # the running step holds only refresh tokens: wake() aborts it
+    cdef int _next_prefill   # the slot whose prompt chunk comes next (prefilling slots take turns)
     cdef readonly long refreshed  # tokens re-evaluated by refresh steps
 
     cdef _free(self)
     cdef inline bint _runnable(self, Slot * s) noexcept nogil
     cdef inline void _add(self, int n, llama_token tok, llama_pos pos, int seq, bint logits) noexcept nogil
+    cdef bint _holds_from_start(self, int slot, int n) noexcept nogil
+    cdef int _check_slot(self, int slot) except -1
+    cdef bint _copying(self) noexcept nogil
+    cdef int _chunk(self, int i, bint sample) noexcept nogil
+    cdef int _decode_batch(self, int n, bint chunk) noexcept nogil
     cdef int _step(self, int * n_decoded) noexcept nogil
     cdef bint _needs_driver(self) noexcept nogil
 

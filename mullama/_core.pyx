@@ -1573,6 +1573,7 @@ cdef class BatchEngine(_Decoder):
         self._what = "engine"
         self._wake = 0
         self._idle_step = 0
+        self._next_prefill = 0
         self.refreshed = 0
 
     def __init__(self, LlamaModel model not None, int n_seq, int n_ctx_seq, int n_batch=512, int n_threads=1,
@@ -1597,6 +1598,7 @@ cdef class BatchEngine(_Decoder):
         empty.pos = 0
         empty.n_exact = 0
         empty.refreshing = False
+        empty.copy_pending = False
         empty.pending = -1
         empty.n_step = 0
         empty.i_batch = -1
@@ -1653,15 +1655,17 @@ cdef class BatchEngine(_Decoder):
                     or reuse > min(_common_prefix(self.hist[src], toks), self.slots[src].n_exact)):
                 raise _errors.MullamaError(f"sequence {src} does not hold the prompt's first {reuse} tokens")
             mem = llama_get_memory(self.ptr)
+            s = &self.slots[slot]
             if src != slot and reuse > 0:
                 llama_memory_seq_cp(mem, src, slot, -1, -1)  # a full copy of its KV, done by the next decode
                 self.hist[slot] = self.hist[src]
-                self.slots[slot].n_exact = reuse
-            if reuse == 0 or not llama_memory_seq_rm(mem, slot, reuse, -1):
-                llama_memory_seq_rm(mem, slot, -1, -1)
+                s.copy_pending = True
+            if reuse > 0 and not (llama_memory_seq_rm(mem, slot, reuse, -1)
+                                  and self._holds_from_start(slot, reuse)):
                 reuse = 0
+            if reuse == 0:
+                llama_memory_seq_rm(mem, slot, -1, -1)
             self.hist[slot].resize(reuse)
-            s = &self.slots[slot]
             s.active = True
             s.refreshing = False
             s.paused = False
@@ -1684,6 +1688,13 @@ cdef class BatchEngine(_Decoder):
             return reuse
         finally:
             self._leave()
+
+    cdef bint _holds_from_start(self, int slot, int n) noexcept nogil:
+        """The sequence's cells cover what its first *n* tokens' attention needs:
+        all of them, or with a sliding window the last n_swa (llama.cpp drops
+        the older ones, and a saved state leaves them out), as llama-server checks."""
+        cdef llama_pos pmin = llama_memory_seq_pos_min(llama_get_memory(self.ptr), slot)
+        return 0 <= pmin <= max(0, n - llama_model_n_swa(self.model.ptr))
 
     def match(self, tokens):
         """How many of *tokens* each sequence's cache holds, and (for the
@@ -1709,28 +1720,50 @@ cdef class BatchEngine(_Decoder):
                 coming[i] = _common_prefix(self.prompts[i], toks)
         return held, coming
 
+    cdef int _check_slot(self, int slot) except -1:
+        if slot < 0 or slot >= self.n_seq:
+            raise _errors.MullamaError(f"no slot {slot}")
+        return 0
+
     def cached(self, int slot):
         """The tokens whose reusable KV cells sequence *slot* holds (see :meth:`match`)."""
         cdef int i
+        self._check_slot(slot)
         return [self.hist[slot][i] for i in range(self.slots[slot].n_exact)]
 
-    def save_sequence(self, int slot):
+    cdef bint _copying(self) noexcept nogil:
+        cdef int i
+        for i in range(self.n_seq):
+            if self.slots[i].copy_pending:
+                return True
+        return False
+
+    def copying(self):
+        """A copy between sequences waits for the next decode (no state can be saved or restored until then)."""
+        return self._copying()
+
+    def save_sequence(self, int slot, size_t max_bytes=<size_t>-1):
         """A free slot's cached sequence as bytes (llama.cpp's sequence state),
         for :meth:`restore_sequence`; b"" if it holds nothing. Its cells that
         cannot be reused (see :meth:`match`) are dropped first: the state holds
-        the tokens :meth:`cached` gives."""
+        the tokens :meth:`cached` gives. b"" too if the state is over
+        *max_bytes*, or a copy between sequences has not been made yet."""
         self._enter()
         cdef size_t size, got
         cdef bytes data
         cdef uint8_t * buf
-        cdef Slot * s = &self.slots[slot]
+        cdef Slot * s
         try:
+            self._check_slot(slot)
+            s = &self.slots[slot]
             if s.active:
                 raise _errors.MullamaError(f"slot {slot} is in use")
             s.refreshing = False
-            if self.hist[slot].empty():
-                return b""
+            if self.hist[slot].empty() or self._copying():
+                return b""  # (a state read before a pending copy has run would be stale)
             size = llama_state_seq_get_size(self.ptr, slot)
+            if size > max_bytes:
+                return b""
             data = PyBytes_FromStringAndSize(NULL, size)
             buf = <uint8_t *>PyBytes_AS_STRING(data)
             with nogil:
@@ -1748,8 +1781,9 @@ cdef class BatchEngine(_Decoder):
         cdef vector[llama_token] toks = tokens
         cdef size_t got
         try:
-            if self.slots[slot].active:
-                raise _errors.MullamaError(f"slot {slot} is in use")
+            self._check_slot(slot)
+            if self.slots[slot].active or self._copying():
+                raise _errors.StateError(f"slot {slot} is in use, or a copy into it is pending")
             with nogil:
                 got = llama_state_seq_set_data(self.ptr, &data[0], data.shape[0], slot)
             if got == 0 or llama_memory_seq_pos_max(llama_get_memory(self.ptr), slot) + 1 != <llama_pos>toks.size():
@@ -1806,7 +1840,10 @@ cdef class BatchEngine(_Decoder):
         try:
             self.prompts[slot].clear()
             s.refreshing = False
-            if not keep:
+            s.pending = -1
+            s.n_step = 0
+            s.i_batch = -1
+            if not keep or s.copy_pending:  # (copied cells whose data has not arrived yet: dropped)
                 llama_memory_seq_rm(mem, slot, -1, -1)
                 self.hist[slot].clear()
                 s.n_exact = 0
@@ -1820,7 +1857,7 @@ cdef class BatchEngine(_Decoder):
                     s.n_prompt_done = 0
                     s.refreshing = True
                 self.hist[slot].resize(s.n_exact)
-                s.pos = s.n_exact
+            s.pos = <int>self.hist[slot].size()
             s.active = False
             sampler = self.samplers[slot]
             self.samplers[slot] = None
@@ -1861,67 +1898,32 @@ cdef class BatchEngine(_Decoder):
         self.batch.seq_id[n][0] = seq
         self.batch.logits[n] = logits
 
-    cdef int _step(self, int * n_decoded) noexcept nogil:
-        """One llama_decode over every runnable slot. Returns a Status (ST_OK
-        or ST_ABORTED, with nothing of the step kept) or a llama.cpp error;
-        *n_decoded* is the number of tokens decoded (0: nothing to do)."""
-        cdef int i, k, n = 0, take, done, size, rc, st
+    cdef int _chunk(self, int i, bint sample) noexcept nogil:
+        """Put slot *i*'s next prompt chunk (its prompt, or the tail it
+        refreshes) into the batch, alone; the number of tokens."""
+        cdef Slot * s = &self.slots[i]
+        cdef int k, size = <int>self.prompts[i].size(), done = s.n_prompt_done
+        cdef int take = min(size - done, self.prefill_chunk)
+        if size - done - take == 1 and take > 1:
+            take -= 1  # never leave a prompt's last token alone in a batch (see match())
+        for k in range(take):
+            self._add(k, self.prompts[i][done + k], s.pos + k, i, sample and done + k == size - 1)
+        s.n_step = take
+        if sample and done + take == size:
+            s.i_batch = take - 1
+        return take
+
+    cdef int _decode_batch(self, int n, bint chunk) noexcept nogil:
+        """Decode the *n* tokens the slots with ``n_step`` put into the batch;
+        then record them (a chunk's are reusable, see match()) and sample the
+        slots with ``i_batch``. On failure nothing of it is kept."""
+        cdef int i, rc, st
         cdef Slot * s
         cdef llama_token tok
-        n_decoded[0] = 0
-        # decoding sequences first: one token each
-        for i in range(self.n_seq):
-            s = &self.slots[i]
-            s.n_step = 0
-            s.i_batch = -1
-            if not self._runnable(s) or s.pending < 0:
-                continue
-            if s.pos >= self.n_ctx_seq:
-                s.finish = ST_CTX_FULL
-                continue
-            self._add(n, s.pending, s.pos, i, True)
-            s.n_step = 1
-            s.i_batch = n
-            n += 1
-        # then prompt chunks, in the room left
-        for i in range(self.n_seq):
-            s = &self.slots[i]
-            if not self._runnable(s) or s.pending >= 0 or n >= self.n_batch:
-                continue
-            size = <int>self.prompts[i].size()
-            done = s.n_prompt_done
-            take = min(size - done, self.prefill_chunk, self.n_batch - n)
-            if take <= 0:
-                continue
-            if size - done - take == 1 and take > 1:
-                take -= 1  # never leave the last token alone in a batch (see match())
-            for k in range(take):
-                self._add(n + k, self.prompts[i][done + k], s.pos + k, i, done + k == size - 1)
-            s.n_step = take
-            if done + take == size:
-                s.i_batch = n + take - 1
-            n += take
-        if n == 0:  # nothing else to do: refresh free slots' tails (release()), unless the driver has work
-            mullama_store_flag_sc(&self._idle_step, 1)  # (before reading _wake: wake() sets it, then reads this)
-            for i in range(self.n_seq):
-                s = &self.slots[i]
-                if s.active or not s.refreshing or n >= self.n_batch or mullama_load_flag_sc(&self._wake):
-                    continue
-                size = <int>self.prompts[i].size()
-                done = s.n_prompt_done
-                take = min(size - done, self.prefill_chunk, self.n_batch - n)
-                if size - done - take == 1 and take > 1:
-                    take -= 1
-                for k in range(take):
-                    self._add(n + k, self.prompts[i][done + k], s.pos + k, i, False)
-                s.n_step = take
-                n += take
-            if n == 0:
-                mullama_store_flag(&self._idle_step, 0)
-                return ST_OK
         self.batch.n_tokens = n
         rc = _governed_decode(self.ptr, self.batch, self.gov, &self.ab)
-        mullama_store_flag(&self._idle_step, 0)
+        for i in range(self.n_seq):
+            self.slots[i].copy_pending = False  # (llama_decode made the copies first)
         if rc != ST_OK:
             for i in range(self.n_seq):  # undo what the failed decode may have kept
                 s = &self.slots[i]
@@ -1930,12 +1932,11 @@ cdef class BatchEngine(_Decoder):
                     s.n_step = 0
                     s.i_batch = -1
             return rc
-        n_decoded[0] = n
         for i in range(self.n_seq):
             s = &self.slots[i]
             if s.n_step == 0:
                 continue
-            if (n >= 2 or not self.exact) and s.n_exact == <int>self.hist[i].size():
+            if (not self.exact or (chunk and s.n_step >= 2)) and s.n_exact == <int>self.hist[i].size():
                 s.n_exact += s.n_step
             if s.pending >= 0:
                 self.hist[i].push_back(s.pending)
@@ -1955,6 +1956,7 @@ cdef class BatchEngine(_Decoder):
                 continue
             st = _sample_into(self.ptr, s.i_batch, self.smpls[i], self.model.vocab, self.model.n_vocab, s.want_lp,
                               s.n_top, &self.outs[i], &tok)
+            s.i_batch = -1
             if st == ST_DEAD_END:
                 s.finish = st
                 continue
@@ -1965,6 +1967,71 @@ cdef class BatchEngine(_Decoder):
                 s.finish = ST_LENGTH
             else:
                 s.pending = tok
+        return ST_OK
+
+    cdef int _step(self, int * n_decoded) noexcept nogil:
+        """One step: a llama_decode of every decoding slot's next token, then
+        one of a prompt chunk (the prefilling slots take turns), or, with
+        nothing else to do, one refreshing a free slot's tail. Returns a Status
+        (ST_OK, or ST_ABORTED with nothing of the failed decode kept) or a
+        llama.cpp error; *n_decoded*: the tokens decoded (0: nothing to do).
+
+        A chunk is decoded alone: llama.cpp splits a batch of several
+        sequences into pieces of equal tokens per sequence (split_equal), and
+        a token computed in a piece of one token per sequence is computed
+        along another path than a prompt's (see match()); alone, every chunk
+        token is computed as a prompt evaluation computes it."""
+        cdef int i, j, n = 0, rc
+        cdef Slot * s
+        n_decoded[0] = 0
+        for i in range(self.n_seq):
+            s = &self.slots[i]
+            s.n_step = 0
+            s.i_batch = -1
+            if not self._runnable(s) or s.pending < 0:
+                continue
+            if s.pos >= self.n_ctx_seq:
+                s.finish = ST_CTX_FULL
+                continue
+            self._add(n, s.pending, s.pos, i, True)
+            s.n_step = 1
+            s.i_batch = n
+            n += 1
+        if n:
+            rc = self._decode_batch(n, False)
+            if rc != ST_OK:
+                return rc
+            n_decoded[0] = n
+        for j in range(self.n_seq):  # a prompt chunk, of the next prefilling slot in turn
+            i = (self._next_prefill + j) % self.n_seq
+            s = &self.slots[i]
+            if self._runnable(s) and s.pending < 0 and s.n_prompt_done < <int>self.prompts[i].size():
+                self._next_prefill = i + 1
+                n = self._chunk(i, True)
+                rc = self._decode_batch(n, True)
+                if rc != ST_OK:
+                    return rc
+                n_decoded[0] += n
+                return ST_OK
+        if n_decoded[0]:
+            return ST_OK
+        # nothing else to do: refresh a free slot's tail (release()), unless the driver has work
+        mullama_store_flag_sc(&self._idle_step, 1)  # (before reading _wake: wake() sets it, then reads this)
+        for i in range(self.n_seq):
+            s = &self.slots[i]
+            if s.active or not s.refreshing or mullama_load_flag_sc(&self._wake):
+                continue
+            n = self._chunk(i, False)
+            rc = self._decode_batch(n, True)
+            mullama_store_flag(&self._idle_step, 0)
+            if rc != ST_OK and rc != ST_ABORTED:  # (a refresh is only an optimisation: drop it)
+                s.refreshing = False
+                self.prompts[i].clear()
+                return ST_OK
+            if rc == ST_OK:
+                n_decoded[0] = n
+            return rc
+        mullama_store_flag(&self._idle_step, 0)
         return ST_OK
 
     cdef bint _needs_driver(self) noexcept nogil:

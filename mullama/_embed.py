@@ -74,15 +74,17 @@ class Embedder:
         self.pooling = _NAMES[core.pooling]
         self.n_embd = core.n_embd
         self.context_size = core.n_batch  # the most tokens one batch (so one text) holds
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()   # one call at a time
+        self._state = threading.Lock()  # which call runs, and cancelling it
         self._running: Optional[EmbedCall] = None
 
     def close(self) -> None:
         self._core.close()
 
     def _cancel(self, call: EmbedCall) -> None:
-        if self._running is call:
-            self._core.cancel()
+        with self._state:  # (never the next call's: it starts under this lock)
+            if self._running is call:
+                self._core.cancel()
 
     def embed(self, seqs: Sequence[List[int]], normalize: bool, call: Optional[EmbedCall] = None,
               progress: Optional[Progress] = None) -> Union[np.ndarray, List[np.ndarray]]:
@@ -105,9 +107,10 @@ class Embedder:
         out: List[np.ndarray] = []
         call = call or EmbedCall()
         with self._lock:
-            self._core.clear_cancel()
-            self._running = call
-            call._embedder = self
+            with self._state:
+                self._core.clear_cancel()
+                self._running = call
+                call._embedder = self
             try:
                 done = 0
                 for batch in batches:
@@ -121,8 +124,9 @@ class Embedder:
                     if progress is not None:
                         progress(done, len(seqs))
             finally:
-                self._running = None
-                call._embedder = None
+                with self._state:
+                    self._running = None
+                    call._embedder = None
         if pooled:
             return np.concatenate(out) if out else np.empty((0, self.n_embd), np.float32)
         per_token: List[np.ndarray] = []

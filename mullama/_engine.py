@@ -334,13 +334,15 @@ class Engine:
 
     def _admit(self) -> None:
         waiting: List[EngineRequest] = []
-        while self._free and self._queue:
-            req = self._queue.popleft()
-            if req.cancelled:
-                self._finish(req, "cancelled")
-            elif not self._place(req):
-                waiting.append(req)
-        self._queue.extendleft(reversed(waiting))
+        try:
+            while self._free and self._queue:
+                req = self._queue.popleft()
+                if req.cancelled:
+                    self._finish(req, "cancelled")
+                elif not self._place(req):
+                    waiting.append(req)
+        finally:  # (an unexpected error stops the driver, which then fails every queued request)
+            self._queue.extendleft(reversed(waiting))
 
     def _place(self, req: EngineRequest) -> bool:
         """Start *req* in a free slot, reusing the longest cached prefix of its
@@ -353,12 +355,12 @@ class Engine:
         # in place: the free slot whose cells hold the most, the least recently used of equals
         slot = max(self._free, key=lambda i: (min(held[i], limit), -self._used_at[i]))
         reuse, source, entry = min(held[slot], limit), -1, None
-        for i in self._active:
-            if min(held[i], limit) > reuse:
+        for i in self._active:  # a copy of another stream's cells: worth it for a real gain only
+            if min(held[i], limit) >= reuse + SHARE_MIN_TOKENS:
                 reuse, source = min(held[i], limit), i
-        if self.host_cache is not None:
+        if self.host_cache is not None and not core.copying():
             key, n = self.host_cache.best(tokens)
-            if min(n, limit) > reuse:
+            if min(n, limit) >= reuse + SHARE_MIN_TOKENS:
                 reuse, source, entry = min(n, limit), -1, key
         if any(min(coming[i], limit) >= reuse + SHARE_MIN_TOKENS for i in self._active):
             return False
@@ -369,7 +371,7 @@ class Engine:
         if restore is not None:
             try:
                 core.restore_sequence(slot, restore[1], restore[0])
-            except MullamaError as exc:
+            except Exception as exc:
                 log.warning("could not restore a cached prompt of %d tokens: %s", len(restore[0]), exc)
                 reuse = 0
         cfg = req.config
@@ -403,8 +405,8 @@ class Engine:
         if len(tokens) - keep < SAVE_MIN_TOKENS or cache.holds(tokens):
             return
         try:
-            cache.put(tokens, self._core.save_sequence(slot))
-        except MullamaError as exc:  # not cached: the request goes on, slower next time
+            cache.put(tokens, self._core.save_sequence(slot, cache.budget))
+        except Exception as exc:  # (MemoryError too) not cached: the request goes on, slower next time
             log.warning("could not save a cached prompt of %d tokens: %s", len(tokens), exc)
 
     def _touch(self, slot: int) -> None:

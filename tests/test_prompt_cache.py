@@ -242,3 +242,30 @@ async def test_an_inexact_cache_reuses_generated_cells_at_once(tiny_model_path):
         assert model.prompt_cache_stats().refreshed_tokens == 0
     with pytest.raises(mullama.InvalidConfigError, match="prompt_cache_exact must be a bool"):
         await AsyncModel.load(tiny_model_path, prompt_cache_exact="no")
+
+
+async def test_tails_of_stopped_and_concurrent_requests_refresh_exactly(tiny_model_path):
+    """Requests ended by a stop string (their last sampled token never decoded)
+    or decoded together (one token per sequence per step: never reusable as
+    they are) leave tails that are refreshed, then reused exactly."""
+    async with await AsyncModel.load(tiny_model_path, max_concurrent=2, context_size=1024, threads=1) as model:
+        starts = [await model.tokenize(SYSTEM + w) for w in ("a", "b")]
+        free = StreamConfig.greedy(48)
+        probe = await model.generate(starts[0], config=free)
+        stop = model.model.detokenize(probe.tokens[20:22])  # a stop string the reply reaches
+        configs = [free.replace(stop=(stop,)), free]
+        firsts = [None, None]
+
+        async def first(i):
+            firsts[i] = await model.generate(starts[i], config=configs[i])
+
+        async with anyio.create_task_group() as tg:
+            for i in range(2):
+                tg.start_soon(first, i)
+        await idle(model)
+        follows = [starts[i] + firsts[i].tokens + await model.tokenize(" next", add_bos=False) for i in range(2)]
+        got = [await model.generate(f, config=free) for f in follows]
+        for c, s, f in zip(got, starts, firsts):
+            assert c.timings.cached_tokens >= len(s) + len(f.tokens) - 2  # the tail came back, refreshed
+    assert firsts[0].finish_reason == "stop"
+    assert [c.tokens for c in got] == cold(tiny_model_path, follows, free)

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .._tools import ToolChoice
 from ._loop import LoopBinding, LoopLimiters
 from ._stream import (TokenStream, Workers, check_open, deadline, open_engine_stream, open_token_stream,
-                      run_cancellable, run_in_thread)
+                      run_cancellable, run_in_thread, unwrap_single)
 
 __all__ = ["AsyncConfig", "AsyncModel", "AsyncContext"]
 
@@ -444,9 +444,10 @@ class AsyncModel(_Results, Owner):
         async def one(i: int) -> None:
             results[i] = await drain(self.generate_stream(tokens, configs[i]))
 
-        async with anyio.create_task_group() as tg:
-            for i in range(n):
-                tg.start_soon(one, i)
+        with unwrap_single():  # (an error of one choice, OverloadedError say, comes out as itself)
+            async with anyio.create_task_group() as tg:
+                for i in range(n):
+                    tg.start_soon(one, i)
         return [c for c in results if c is not None]
 
     def _open_chat(self, messages: Sequence[Message], config: StreamConfig, template: Optional[str],

@@ -265,16 +265,15 @@ class OpenAIApp:
                               param="encoding_format")
         model = self._ready()
         dims = oa.body_field(body, "dimensions", (int,), "an integer")
-        n_embd = model.model.info.n_embd
-        if dims is not None and dims != n_embd:
-            raise oa.ApiError(400, f"'dimensions'={dims} is not supported: this model's embeddings have {n_embd} "
-                                   "dimensions and are not shortened", param="dimensions")
         async with cancel_on_disconnect(ex) as watch:
             seqs = [await model.tokenize(t) if isinstance(t, str) else t for t in inputs]
             try:
                 rows = await model.embed(seqs)
             except MullamaError as exc:
                 raise _api_error(exc, "input") from None
+            if dims is not None and dims != rows.shape[1]:
+                raise oa.ApiError(400, f"'dimensions'={dims} is not supported: this model's embeddings have "
+                                       f"{rows.shape[1]} dimensions and are not shortened", param="dimensions")
             n = sum(len(t) for t in seqs)
             await ex.respond_json(200, {
                 "object": "list", "model": self.model_id, "usage": {"prompt_tokens": n, "total_tokens": n},
