@@ -1701,14 +1701,14 @@ cdef class BatchEngine(_Decoder):
         requests still evaluating their prompt) will hold once its prompt is
         done: two lists, one count per slot.
 
-        With ``exact`` (the default), only cells computed in batches of two or
-        more tokens count: llama.cpp's CPU kernels compute a one-token batch (a
-        lone request's decode step) along another path (``llamafile_sgemm``
-        declines n < 2), so those cells differ in the last bits from what a
-        prompt evaluation of the same tokens gives. Reusing only the others
-        keeps outputs identical to an uncached run; for the same reason the
-        last two prompt tokens are always evaluated, together. Without
-        ``exact`` every cell counts, as in llama-server.
+        With ``exact`` (the default), only cells of prompt chunks count (each
+        decoded alone, two tokens or more, see _step): llama.cpp's CPU kernels
+        compute one token per sequence (a decode step) along another path
+        (``llamafile_sgemm`` declines n < 2), so those cells differ in the last
+        bits from what a prompt evaluation of the same tokens gives. Reusing
+        only the others keeps outputs identical to an uncached run; for the
+        same reason the last two prompt tokens are always evaluated, together.
+        Without ``exact`` every cell counts, as in llama-server.
         """
         cdef vector[llama_token] toks = tokens
         cdef int i

@@ -44,7 +44,9 @@ MAX_SEQUENCES = 256
 #: most tokens of one llama.cpp context (its n_ctx is a uint32)
 MAX_CONTEXT_TOKENS = 0xFFFFFFFF
 #: a request waits for a running request still evaluating a prompt that shares
-#: at least this many more of its tokens, then copies them rather than evaluate them again
+#: at least this many more of its tokens, then copies them rather than evaluate them again;
+#: cells are copied from another sequence or restored from host memory only for such a gain
+#: (a copy moves a whole sequence's buffer)
 SHARE_MIN_TOKENS = 32
 #: a free slot's cached sequence is saved to the host-memory cache before its cells
 #: are given to another prompt if that would lose at least this many tokens
