@@ -248,6 +248,7 @@ class AsyncModel(_Results, Owner):
         self._conv_generations = 0
         self._conv_generation_ms = 0.0
         self._embedding = Workers()  # embed() calls on worker threads
+        self._embed_limiters = LoopLimiters(1)  # one at a time, waiting on the loop (never in a thread)
         self._embed_calls: "set[EmbedCall]" = set()
 
     # -- loading ----------------------------------------------------------------
@@ -496,14 +497,15 @@ class AsyncModel(_Results, Owner):
         """:meth:`mullama.Model.embed` on a worker thread (the model's embedding
         context of its own; the batching engine is not involved). Cancelling
         the caller stops the evaluation inside llama.cpp within one batch step.
-        Concurrent calls take turns."""
+        Concurrent calls take turns, waiting on the event loop: they never hold
+        the threads that tokenize generation requests."""
         check_open(self._closed, "AsyncModel")
         call = EmbedCall()
         self._embed_calls.add(call)
         try:
             async with deadline(self._config.timeout_ms):
                 return await run_cancellable(
-                    call, self._embedding, self._threads(),  # type: ignore[arg-type]
+                    call, self._embedding, self._embed_limiters.current(),  # type: ignore[arg-type]
                     functools.partial(self._model.embed, texts, normalize, pooling, context_size=context_size,
                                       threads=self._config.threads, _call=call))
         finally:

@@ -490,10 +490,11 @@ class OpenAIApp:
         return done
 
     @staticmethod
-    def _usage(prompts: List[List[int]], choices: List["_Choice"], completion_tokens: int) -> Dict[str, Any]:
+    def _usage(choices: List["_Choice"]) -> Dict[str, Any]:
         """OpenAI's usage: each prompt counted once, with its tokens reused from the cache (its choices' least)."""
-        cached = [min((c.cached for c in choices if c.prompt == i), default=0) for i in range(len(prompts))]
-        return oa.usage(sum(len(p) for p in prompts), completion_tokens, sum(cached))
+        prompts = {c.prompt: len(c.tokens) for c in choices}
+        cached = sum(min(c.cached for c in choices if c.prompt == p) for p in prompts)
+        return oa.usage(sum(prompts.values()), sum(c.generated for c in choices), cached)
 
     async def _respond_whole(self, ex: Exchange, model: AsyncModel, req: oa.GenerationRequest,
                              choices: List["_Choice"], ids: oa.ResponseIds) -> None:
@@ -515,9 +516,8 @@ class OpenAIApp:
                                                        self._logprobs(model, req, toks, len(echo)))
 
         await _each(choices, one)
-        use = self._usage([c.tokens for c in choices if c.index % req.n == 0], choices,
-                          sum(c.generated for c in choices))
-        await ex.respond_json(200, oa.response(ids, req.chat, [bodies[i] for i in sorted(bodies)], use))
+        await ex.respond_json(200, oa.response(ids, req.chat, [bodies[i] for i in sorted(bodies)],
+                                               self._usage(choices)))
 
     async def _stream_events(self, ex: Exchange, model: AsyncModel, req: oa.GenerationRequest,
                              choices: List["_Choice"], ids: oa.ResponseIds) -> None:
@@ -579,9 +579,7 @@ class OpenAIApp:
 
         await _each(choices, one)
         if usage:
-            use = self._usage([c.tokens for c in choices if c.index % req.n == 0], choices,
-                              sum(c.generated for c in choices))
-            await event(oa.usage_chunk(ids, req.chat, use))
+            await event(oa.usage_chunk(ids, req.chat, self._usage(choices)))
         await ex.end_events()
 
 
