@@ -1738,6 +1738,20 @@ cdef class BatchEngine(_Decoder):
                 return True
         return False
 
+    def sequence_size(self, int slot):
+        """Bytes :meth:`save_sequence` would give for *slot* now (its reusable cells)."""
+        self._check_slot(slot)
+        if self.hist[slot].empty():
+            return 0
+        self._enter()
+        try:
+            if self.slots[slot].n_exact < <int>self.hist[slot].size():
+                llama_memory_seq_rm(llama_get_memory(self.ptr), slot, self.slots[slot].n_exact, -1)
+                self.hist[slot].resize(self.slots[slot].n_exact)
+            return llama_state_seq_get_size(self.ptr, slot)
+        finally:
+            self._leave()
+
     def copying(self):
         """A copy between sequences waits for the next decode (no state can be saved or restored until then)."""
         return self._copying()

@@ -407,7 +407,8 @@ class Engine:
         if len(tokens) - keep < SAVE_MIN_TOKENS or cache.holds(tokens):
             return
         try:
-            cache.put(tokens, self._core.save_sequence(slot, cache.budget))
+            if cache.make_room(self._core.sequence_size(slot)):  # (evicted before the state is read)
+                cache.put(tokens, self._core.save_sequence(slot, cache.budget))
         except Exception as exc:  # (MemoryError too) not cached: the request goes on, slower next time
             log.warning("could not save a cached prompt of %d tokens: %s", len(tokens), exc)
 

@@ -79,6 +79,17 @@ class HostPromptCache:
         self.restores += 1
         return entry.tokens, entry.data
 
+    def make_room(self, size: int) -> bool:
+        """Evict least recently used entries until *size* more bytes fit (before
+        they are allocated: memory never holds more than the budget); False if
+        *size* alone is over the budget."""
+        if size > self.budget:
+            return False
+        while self.bytes + size > self.budget:
+            self._drop(next(iter(self._entries)))
+            self.evictions += 1
+        return True
+
     def put(self, tokens: List[int], data: bytes) -> bool:
         """Keep *data* (the state of a sequence holding *tokens*); entries whose
         tokens are a prefix of *tokens* go (restoring this one gives theirs),
@@ -91,9 +102,7 @@ class HostPromptCache:
         for k, entry in list(self._entries.items()):
             if len(entry.tokens) <= n and _core.common_prefix(entry.tokens, tokens) == len(entry.tokens):
                 self._drop(k)
-        while self.bytes + size > self.budget:
-            self._drop(next(iter(self._entries)))
-            self.evictions += 1
+        self.make_room(size)
         self._entries[self._next] = _Entry(list(tokens), data)
         self._next += 1
         self.bytes += size

@@ -210,6 +210,7 @@ def test_host_prompt_cache_budget_lru_and_prefixes():
     assert cache.put([1, 2, 3, 4], b"d" * 30)  # replaces its prefix [1, 2, 3]
     assert len(cache) == 2 and cache.bytes == 70 and cache.holds([1, 2]) and not cache.holds([1, 3])
     assert not cache.put([6], b"e" * 101)  # alone over the budget: not kept
+    assert cache.make_room(60) and cache.bytes <= 40 and not cache.make_room(101)  # room before allocating
     assert 0 < default_prompt_cache_bytes() <= 2 << 30
 
 
