@@ -1745,9 +1745,6 @@ cdef class BatchEngine(_Decoder):
             return 0
         self._enter()
         try:
-            if self.slots[slot].n_exact < <int>self.hist[slot].size():
-                llama_memory_seq_rm(llama_get_memory(self.ptr), slot, self.slots[slot].n_exact, -1)
-                self.hist[slot].resize(self.slots[slot].n_exact)
             return llama_state_seq_get_size(self.ptr, slot)
         finally:
             self._leave()
@@ -1758,8 +1755,8 @@ cdef class BatchEngine(_Decoder):
 
     def save_sequence(self, int slot, size_t max_bytes=<size_t>-1):
         """A free slot's cached sequence as bytes (llama.cpp's sequence state),
-        for :meth:`restore_sequence`; b"" if it holds nothing. Its cells that
-        cannot be reused (see :meth:`match`) are dropped first: the state holds
+        for :meth:`restore_sequence`; b"" if it holds nothing. A free slot holds
+        only reusable cells (:meth:`release` drops the others): the state holds
         the tokens :meth:`cached` gives. b"" too if the state is over
         *max_bytes*, or a copy between sequences has not been made yet."""
         self._enter()
