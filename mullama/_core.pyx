@@ -36,6 +36,7 @@ from libcpp.vector cimport vector
 from mullama._llama cimport *
 
 import logging
+import mmap
 import re
 import threading
 import weakref
@@ -1754,15 +1755,15 @@ cdef class BatchEngine(_Decoder):
         return self._copying()
 
     def save_sequence(self, int slot, size_t max_bytes=<size_t>-1):
-        """A free slot's cached sequence as bytes (llama.cpp's sequence state),
-        for :meth:`restore_sequence`; b"" if it holds nothing. A free slot holds
-        only reusable cells (:meth:`release` drops the others): the state holds
-        the tokens :meth:`cached` gives. b"" too if the state is over
-        *max_bytes*, or a copy between sequences has not been made yet."""
+        """A free slot's cached sequence (llama.cpp's sequence state) in an
+        anonymous mapping, for :meth:`restore_sequence`; b"" if it holds
+        nothing. A free slot holds only reusable cells (:meth:`release` drops
+        the others): the state holds the tokens :meth:`cached` gives. b"" too
+        if the state is over *max_bytes*, or a copy between sequences has not
+        been made yet."""
         self._enter()
         cdef size_t size, got
-        cdef bytes data
-        cdef uint8_t * buf
+        cdef uint8_t[::1] buf
         cdef Slot * s
         try:
             self._check_slot(slot)
@@ -1775,11 +1776,15 @@ cdef class BatchEngine(_Decoder):
             size = llama_state_seq_get_size(self.ptr, slot)
             if size > max_bytes:
                 return b""
-            data = PyBytes_FromStringAndSize(NULL, size)
-            buf = <uint8_t *>PyBytes_AS_STRING(data)
+            # pages of their own, returned to the system when the cache drops
+            # them (freed heap blocks of this size glibc would keep: RSS above
+            # the cache's budget)
+            data = mmap.mmap(-1, size)
+            buf = data
             with nogil:
-                got = llama_state_seq_get_data(self.ptr, buf, size, slot)
+                got = llama_state_seq_get_data(self.ptr, &buf[0], size, slot)
             if got != size:
+                data.close()
                 raise _errors.StateError(f"llama.cpp wrote {got} of {size} bytes of sequence {slot}'s state")
             return data
         finally:

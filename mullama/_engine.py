@@ -184,6 +184,15 @@ class Engine:
             host_saves=host.saves, host_restores=host.restores, host_evictions=host.evictions,
             refreshed_tokens=self._core.refreshed)
 
+    def clear_prompt_cache(self) -> int:
+        """Drop the host-memory cache's entries; the bytes given back."""
+        if self.host_cache is None:
+            return 0
+        with self._cv:  # (the driver uses the cache under this lock)
+            freed = self.host_cache.bytes
+            self.host_cache.clear()
+        return freed
+
     def thread_stats(self) -> ThreadStats:
         """The compute threads of the engine's context (see :class:`ThreadStats`)."""
         return ThreadStats._from_core(self._core.thread_stats())

@@ -10,14 +10,19 @@ from anywhere).
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 from . import _core
 
 __all__ = ["HostPromptCache", "PromptCacheStats", "default_prompt_cache_bytes"]
+
+#: a saved sequence: the engine gives anonymous mappings (pages of their own,
+#: returned to the system when an entry goes)
+State = Union[bytes, mmap.mmap]
 
 #: the default budget: this fraction of the machine's memory, at most DEFAULT_CAP bytes
 DEFAULT_FRACTION = 0.1
@@ -36,7 +41,7 @@ def default_prompt_cache_bytes() -> int:
 class _Entry:
     __slots__ = ("tokens", "data")
 
-    def __init__(self, tokens: List[int], data: bytes) -> None:
+    def __init__(self, tokens: List[int], data: State) -> None:
         self.tokens = tokens
         self.data = data
 
@@ -73,7 +78,7 @@ class HostPromptCache:
         return any(len(e.tokens) >= n and _core.common_prefix(e.tokens, tokens) == n
                    for e in self._entries.values())
 
-    def get(self, key: int) -> Tuple[List[int], bytes]:
+    def get(self, key: int) -> Tuple[List[int], State]:
         entry = self._entries[key]
         self._entries.move_to_end(key)
         self.restores += 1
@@ -90,7 +95,7 @@ class HostPromptCache:
             self.evictions += 1
         return True
 
-    def put(self, tokens: List[int], data: bytes) -> bool:
+    def put(self, tokens: List[int], data: State) -> bool:
         """Keep *data* (the state of a sequence holding *tokens*); entries whose
         tokens are a prefix of *tokens* go (restoring this one gives theirs),
         then the least recently used ones until the budget holds. False if

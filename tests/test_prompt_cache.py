@@ -3,6 +3,8 @@ uncached run gives (asyncio and trio)."""
 
 from __future__ import annotations
 
+import mmap
+
 import anyio
 import pytest
 
@@ -118,6 +120,14 @@ async def test_host_cache_restores_alternating_prompts_exactly(tiny_model_path):
         assert 0 < stats.host_bytes == model._engine.host_cache.bytes and stats.host_entries >= 1
         assert stats.cached_prompt_tokens == sum(c.timings.cached_tokens for c in got)
         assert 0.5 < stats.hit_ratio < 1
+        # saved states are mappings of their own (freed pages go back to the system, never kept by malloc)
+        assert all(isinstance(e.data, mmap.mmap) for e in model._engine.host_cache._entries.values())
+
+        assert model.clear_prompt_cache() == stats.host_bytes
+        after = model.prompt_cache_stats()
+        assert after.host_bytes == 0 and after.host_entries == 0 and after.host_restores == stats.host_restores
+        assert (await model.generate(b + " again", config=GREEDY)).tokens == cold(tiny_model_path, [b + " again"])[0]
+        assert model.prompt_cache_stats().host_restores == stats.host_restores  # nothing left to restore
 
 
 async def test_no_host_cache_when_its_budget_is_zero(tiny_model_path):

@@ -354,6 +354,14 @@ class AsyncModel(_Results, Owner):
         the memory it holds (see the README's "Prompt cache")."""
         return self._engine.prompt_cache_stats()
 
+    def clear_prompt_cache(self) -> int:
+        """Drop every sequence the host-memory prompt cache holds, giving its
+        memory back to the system; returns the bytes it held. (The KV cells
+        free slots keep cost nothing more: the context's KV cache is allocated
+        once, and they are reused or overwritten as requests need.)"""
+        check_open(self._closed, "AsyncModel")
+        return self._engine.clear_prompt_cache()
+
     def thread_stats(self) -> ThreadStats:
         """The batching engine's compute threads (fewer than ``threads`` while the machine is busy)."""
         check_open(self._closed, "AsyncModel")
