@@ -268,7 +268,10 @@ cdef class BatchEngine(_Decoder):
     cdef bint _holds_from_start(self, int slot, int n) noexcept nogil
     cdef int _check_slot(self, int slot) except -1
     cdef bint _copying(self) noexcept nogil
-    cdef int _chunk(self, int i, bint sample) noexcept nogil
+    cdef int _chunk_size(self, int i) noexcept nogil
+    cdef int _chunk(self, int i, bint sample, int off, int take) noexcept nogil
+    cdef bint _prefilling(self, int i) noexcept nogil
+    cdef int _prompt_chunks(self) noexcept nogil
     cdef int _decode_batch(self, int n, bint chunk) noexcept nogil
     cdef int _step(self, int * n_decoded) noexcept nogil
     cdef bint _needs_driver(self) noexcept nogil

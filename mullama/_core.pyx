@@ -1914,20 +1914,61 @@ cdef class BatchEngine(_Decoder):
         self.batch.seq_id[n][0] = seq
         self.batch.logits[n] = logits
 
-    cdef int _chunk(self, int i, bint sample) noexcept nogil:
-        """Put slot *i*'s next prompt chunk (its prompt, or the tail it
-        refreshes) into the batch, alone; the number of tokens."""
+    cdef int _chunk_size(self, int i) noexcept nogil:
+        """The tokens of slot *i*'s next prompt chunk, decoded alone."""
+        cdef int left = <int>self.prompts[i].size() - self.slots[i].n_prompt_done
+        cdef int take = min(left, self.prefill_chunk)
+        if left - take == 1 and take > 1:
+            take -= 1  # never leave a prompt's last token alone in a batch (see match())
+        return take
+
+    cdef int _chunk(self, int i, bint sample, int off, int take) noexcept nogil:
+        """Put *take* tokens of slot *i*'s prompt (or the tail it refreshes)
+        into the batch from index *off*; the index after them."""
         cdef Slot * s = &self.slots[i]
         cdef int k, size = <int>self.prompts[i].size(), done = s.n_prompt_done
-        cdef int take = min(size - done, self.prefill_chunk)
-        if size - done - take == 1 and take > 1:
-            take -= 1  # never leave a prompt's last token alone in a batch (see match())
         for k in range(take):
-            self._add(k, self.prompts[i][done + k], s.pos + k, i, sample and done + k == size - 1)
+            self._add(off + k, self.prompts[i][done + k], s.pos + k, i, sample and done + k == size - 1)
         s.n_step = take
         if sample and done + take == size:
-            s.i_batch = take - 1
-        return take
+            s.i_batch = off + take - 1
+        return off + take
+
+    cdef bint _prefilling(self, int i) noexcept nogil:
+        cdef Slot * s = &self.slots[i]
+        return self._runnable(s) and s.pending < 0 and s.n_prompt_done < <int>self.prompts[i].size()
+
+    cdef int _prompt_chunks(self) noexcept nogil:
+        """Put the next prompt chunks into the batch, the prefilling slots in
+        turn: as many as fit in ``prefill_chunk`` tokens, all of the same
+        length, each leaving none or two or more of its prompt's tokens; the
+        tokens put (0: no slot is prefilling).
+
+        With equal lengths llama.cpp's split_equal keeps the batch whole (one
+        piece of that many tokens per sequence), so each token is computed as
+        a prompt evaluated alone computes it (see match())."""
+        cdef int i, j, left, n = 0, size = 0, first = -1, shortest = -1
+        for j in range(self.n_seq):  # the length: the shortest next chunk
+            i = (self._next_prefill + j) % self.n_seq
+            if self._prefilling(i):
+                if first < 0:
+                    first = i
+                if shortest < 0 or self._chunk_size(i) < size:
+                    shortest, size = i, self._chunk_size(i)
+        if first < 0:
+            return 0
+        if size < 2:  # a one-token prompt: alone (never a piece of one token per sequence with others)
+            self._next_prefill = shortest + 1
+            return self._chunk(shortest, True, 0, size)
+        for j in range(self.n_seq):
+            i = (first + j) % self.n_seq
+            if not self._prefilling(i) or n + size > self.prefill_chunk:
+                continue
+            left = <int>self.prompts[i].size() - self.slots[i].n_prompt_done
+            if left == size or left >= size + 2:
+                n = self._chunk(i, True, n, size)
+                self._next_prefill = i + 1
+        return n
 
     cdef int _decode_batch(self, int n, bint chunk) noexcept nogil:
         """Decode the *n* tokens the slots with ``n_step`` put into the batch;
@@ -1987,16 +2028,17 @@ cdef class BatchEngine(_Decoder):
 
     cdef int _step(self, int * n_decoded) noexcept nogil:
         """One step: a llama_decode of every decoding slot's next token, then
-        one of a prompt chunk (the prefilling slots take turns), or, with
+        one of prompt chunks (the prefilling slots take turns), or, with
         nothing else to do, one refreshing a free slot's tail. Returns a Status
         (ST_OK, or ST_ABORTED with nothing of the failed decode kept) or a
         llama.cpp error; *n_decoded*: the tokens decoded (0: nothing to do).
 
-        A chunk is decoded alone: llama.cpp splits a batch of several
-        sequences into pieces of equal tokens per sequence (split_equal), and
-        a token computed in a piece of one token per sequence is computed
-        along another path than a prompt's (see match()); alone, every chunk
-        token is computed as a prompt evaluation computes it."""
+        Chunks are never decoded with the decoding slots' tokens: llama.cpp
+        splits a batch of several sequences into pieces of equal tokens per
+        sequence (split_equal), and a token computed in a piece of one token
+        per sequence is computed along another path than a prompt's (see
+        match()); with chunks of one length only, every chunk token is
+        computed as a prompt evaluation computes it."""
         cdef int i, j, n = 0, rc
         cdef Slot * s
         n_decoded[0] = 0
@@ -2018,17 +2060,13 @@ cdef class BatchEngine(_Decoder):
             if rc != ST_OK:
                 return rc
             n_decoded[0] = n
-        for j in range(self.n_seq):  # a prompt chunk, of the next prefilling slot in turn
-            i = (self._next_prefill + j) % self.n_seq
-            s = &self.slots[i]
-            if self._runnable(s) and s.pending < 0 and s.n_prompt_done < <int>self.prompts[i].size():
-                self._next_prefill = i + 1
-                n = self._chunk(i, True)
-                rc = self._decode_batch(n, True)
-                if rc != ST_OK:
-                    return rc
-                n_decoded[0] += n
-                return ST_OK
+        n = self._prompt_chunks()
+        if n:
+            rc = self._decode_batch(n, True)
+            if rc != ST_OK:
+                return rc
+            n_decoded[0] += n
+            return ST_OK
         if n_decoded[0]:
             return ST_OK
         # nothing else to do: refresh a free slot's tail (release()), unless the driver has work
@@ -2037,7 +2075,7 @@ cdef class BatchEngine(_Decoder):
             s = &self.slots[i]
             if s.active or not s.refreshing or mullama_load_flag_sc(&self._wake):
                 continue
-            n = self._chunk(i, False)
+            n = self._chunk(i, False, 0, self._chunk_size(i))
             rc = self._decode_batch(n, True)
             mullama_store_flag(&self._idle_step, 0)
             if rc != ST_OK and rc != ST_ABORTED:  # (a refresh is only an optimisation: drop it)

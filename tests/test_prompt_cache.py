@@ -79,6 +79,37 @@ async def test_requests_sharing_a_prompt_evaluate_it_once(tiny_model_path):
         assert model._engine.evaluated_prompt_tokens == sum(len(t) for t in toks) - sum(cached)
 
 
+def test_prompts_evaluated_together_are_computed_as_alone(tiny_model_path):
+    """Several prompts' chunks share a decode (equal lengths, so llama.cpp
+    never computes a token in a piece of one token per sequence): each
+    prompt's logits are bit for bit those of the prompt evaluated alone.
+    Prompts one token apart would leave a last token alone in a batch of
+    unequal chunks."""
+    from mullama._generation import new_sampler
+
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    cfg = StreamConfig.greedy(1, include_probabilities=True)
+    with mullama.Model.load(tiny_model_path) as m:
+        prompts = [m.tokenize(" ".join(words[(i * 3 + k) % 10] for k in range(n)))
+                   for i, n in enumerate((23, 24, 37, 11))]
+        assert len(prompts[1]) == len(prompts[0]) + 1
+        alone = []
+        for p in prompts:
+            with m.create_context(256, threads=1) as ctx:
+                c = ctx.generate(p, cfg)
+                alone.append((c.tokens, c.logprobs))
+        engine = _core.BatchEngine(m._core, 4, 128, 512, 1)
+        try:
+            for i, p in enumerate(prompts):
+                engine.start(i, p, new_sampler(m._core, cfg), 1, True)
+            while engine.run(5.0):
+                pass
+            together = [engine.drain(i) for i in range(4)]
+        finally:
+            engine.close()
+        assert [(t[0], t[2]) for t in together] == alone
+
+
 async def test_host_cache_under_a_tiny_budget_keeps_outputs_exact(tiny_model_path):
     """One slot, three conversations in turn: the host cache saves and restores
     them, evicting under its budget, and every reply equals the cold one."""
