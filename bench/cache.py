@@ -28,9 +28,10 @@ same model, same prompts (as token ids), same run. One JSON line per figure.
 * ``cache_soak``: ``--soak`` requests with random prefixes (one of 60 prompts
   of 30-150 words, a random suffix), two at a time, through ``AsyncModel`` with a small
   host-memory budget (``--soak-budget-mb``): the host cache's bytes never above
-  the budget (checked after every request), the process's RSS growth, and the
-  resident memory emptying the cache (``clear_prompt_cache``) gives back: what
-  the cache held (target: within the budget).
+  the budget (checked after every request), and the process's RSS growth against
+  the same soak without the cache, each run in a process of its own (target: the
+  difference within the budget); also the resident memory emptying the cache
+  (``clear_prompt_cache``) gives back.
 
 Rounds alternate the two servers; each round starts a new conversation (its
 own first line), so no round is served from an earlier one's cache. Medians
@@ -289,14 +290,29 @@ async def soak(path: Path, requests: int, budget: int) -> Dict[str, object]:
         stats = model.prompt_cache_stats()
         before = rss()
         model.clear_prompt_cache()
-        held = before - rss()  # the resident memory the cache gave back: what it held
-    return {"figure": "cache_soak", "requests": requests, "budget_mb": round(budget / 2**20, 1),
-            "host_cache_mb": round(stats.host_bytes / 2**20, 1), "host_entries": stats.host_entries,
+        given_back = before - rss()
+    return {"host_cache_mib": round(stats.host_bytes / 2**20, 1), "host_entries": stats.host_entries,
             "times_over_budget": over, "evictions": stats.host_evictions, "restores": stats.host_restores,
-            "hit_ratio": round(stats.hit_ratio, 3), "rss_growth_mb": round((peak - rss0) / 2**20, 1),
-            "rss_held_by_cache_mb": round(held / 2**20, 1),
-            "rss_growth_besides_cache_mb": round((peak - rss0 - held) / 2**20, 1),
-            "rss_held_within_budget": held <= budget}
+            "hit_ratio": round(stats.hit_ratio, 3), "rss_growth": peak - rss0, "given_back": given_back}
+
+
+def soak_pair(requests: int, budget: int) -> Dict[str, object]:
+    """The soak with the cache and without it (the same requests), each in a
+    process of its own: the cache's share of RSS is the difference."""
+    runs = {}
+    for name, b in (("cache", budget), ("none", 0)):
+        out = subprocess.run([sys.executable, __file__, "--soak-one", str(requests), str(b)],
+                             check=True, stdout=subprocess.PIPE, text=True).stdout
+        runs[name] = json.loads(out.strip().splitlines()[-1])
+    got, none = runs["cache"], runs["none"]
+    over_baseline = got["rss_growth"] - none["rss_growth"]
+    return {"figure": "cache_soak", "requests": requests, "budget_mib": round(budget / 2**20, 1),
+            **{k: v for k, v in got.items() if k not in ("rss_growth", "given_back")},
+            "rss_growth_mib": round(got["rss_growth"] / 2**20, 1),
+            "rss_growth_without_cache_mib": round(none["rss_growth"] / 2**20, 1),
+            "rss_growth_over_baseline_mib": round(over_baseline / 2**20, 1),
+            "rss_given_back_on_clear_mib": round(got["given_back"] / 2**20, 1),
+            "within_budget": over_baseline <= budget}
 
 
 def rounds_of(path: Path, binary: Path, slots: int, n: int, one_round,
@@ -337,7 +353,11 @@ def main() -> None:
     ap.add_argument("--soak", type=int, default=1000, help="requests of the soak (0: none)")
     ap.add_argument("--soak-budget-mb", type=float, default=16)
     ap.add_argument("--busy", type=int, default=0, help="CPU-bound processes running meanwhile")
+    ap.add_argument("--soak-one", nargs=2, type=int, metavar=("REQUESTS", "BUDGET"), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.soak_one:  # (one soak run, for soak_pair)
+        print(json.dumps(anyio.run(soak, Path(mullama.default_model_path()), *a.soak_one)), flush=True)
+        return
     path = Path(mullama.default_model_path())
     binary = llama_server_binary()
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.busy)]
@@ -374,7 +394,7 @@ def main() -> None:
         if "n" in a.only:
             print(json.dumps(anyio.run(n_choices, path, a.rounds, a.choice_tokens)), flush=True)
         if a.soak and "soak" in a.only:
-            print(json.dumps(anyio.run(soak, path, a.soak, int(a.soak_budget_mb * 2**20))), flush=True)
+            print(json.dumps(soak_pair(a.soak, int(a.soak_budget_mb * 2**20))), flush=True)
     finally:
         for p in busy:
             p.kill()

@@ -112,6 +112,7 @@ cdef enum Status:
 
 cdef enum:
     PIECE_BUF = 256    # bytes of one token's text (longer pieces do not exist in real vocabularies)
+    REFRESH_CHUNK = 64 # tokens of one idle refresh step: a request arriving aborts it, losing at most these
 
 
 cdef struct Output:
@@ -250,6 +251,7 @@ cdef class BatchEngine(_Decoder):
     cdef readonly int n_seq
     cdef readonly int n_ctx_seq
     cdef int prefill_chunk
+    cdef bint one_chunk      # one prompt chunk per step (flash attention: see _prompt_chunks)
     cdef readonly bint exact  # reuse only cells computed in batches of 2+ tokens (see match())
     cdef vector[Slot] slots
     cdef vector[vector[llama_token]] prompts
@@ -268,7 +270,7 @@ cdef class BatchEngine(_Decoder):
     cdef bint _holds_from_start(self, int slot, int n) noexcept nogil
     cdef int _check_slot(self, int slot) except -1
     cdef bint _copying(self) noexcept nogil
-    cdef int _chunk_size(self, int i) noexcept nogil
+    cdef int _chunk_size(self, int i, int most) noexcept nogil
     cdef int _chunk(self, int i, bint sample, int off, int take) noexcept nogil
     cdef bint _prefilling(self, int i) noexcept nogil
     cdef int _prompt_chunks(self) noexcept nogil

@@ -1564,8 +1564,8 @@ cdef class BatchEngine(_Decoder):
 
     Each slot is a sequence (its id is the slot index) with its own share of
     the context (``n_ctx_seq`` tokens), its own sampler chain and its own
-    output buffer. One ``llama_decode`` per step covers every active slot: one
-    token per decoding sequence plus prompt chunks of the others. All methods
+    output buffer. A step makes up to two ``llama_decode`` calls: one token of
+    every decoding sequence, then prompt chunks of others (see _step). All methods
     but :meth:`cancel_slot` and :meth:`wake` must be called from one thread
     (the engine's driver); those two are thread-safe.
     """
@@ -1589,7 +1589,8 @@ cdef class BatchEngine(_Decoder):
         self.n_seq = n_seq
         self.exact = exact
         self.n_ctx_seq = llama_n_ctx_seq(self.ptr)
-        self.prefill_chunk = max(1, min(prefill_chunk, self.n_batch))
+        self.prefill_chunk = max(min(4, self.n_batch), min(prefill_chunk, self.n_batch))  # (see _chunk_size)
+        self.one_chunk = flash_attention
         cdef Slot empty
         empty.active = False
         empty.paused = False
@@ -1702,8 +1703,8 @@ cdef class BatchEngine(_Decoder):
         requests still evaluating their prompt) will hold once its prompt is
         done: two lists, one count per slot.
 
-        With ``exact`` (the default), only cells of prompt chunks count (each
-        decoded alone, two tokens or more, see _step): llama.cpp's CPU kernels
+        With ``exact`` (the default), only cells of prompt chunks count (two
+        tokens or more per sequence, never with decode tokens, see _step): llama.cpp's CPU kernels
         compute one token per sequence (a decode step) along another path
         (``llamafile_sgemm`` declines n < 2), so those cells differ in the last
         bits from what a prompt evaluation of the same tokens gives. Reusing
@@ -1776,15 +1777,14 @@ cdef class BatchEngine(_Decoder):
             size = llama_state_seq_get_size(self.ptr, slot)
             if size > max_bytes:
                 return b""
-            # pages of their own, returned to the system when the cache drops
-            # them (freed heap blocks of this size glibc would keep: RSS above
-            # the cache's budget)
-            data = mmap.mmap(-1, size)
+            # private anonymous pages of their own, returned to the system when
+            # the cache drops them (freed heap blocks of this size glibc would
+            # keep: RSS above the cache's budget)
+            data = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
             buf = data
             with nogil:
                 got = llama_state_seq_get_data(self.ptr, &buf[0], size, slot)
             if got != size:
-                data.close()
                 raise _errors.StateError(f"llama.cpp wrote {got} of {size} bytes of sequence {slot}'s state")
             return data
         finally:
@@ -1914,10 +1914,11 @@ cdef class BatchEngine(_Decoder):
         self.batch.seq_id[n][0] = seq
         self.batch.logits[n] = logits
 
-    cdef int _chunk_size(self, int i) noexcept nogil:
-        """The tokens of slot *i*'s next prompt chunk, decoded alone."""
+    cdef int _chunk_size(self, int i, int most) noexcept nogil:
+        """The tokens of slot *i*'s next prompt chunk, at most *most* (at least
+        4, so that only a prompt of one token makes a chunk of one)."""
         cdef int left = <int>self.prompts[i].size() - self.slots[i].n_prompt_done
-        cdef int take = min(left, self.prefill_chunk)
+        cdef int take = min(left, most)
         if left - take == 1 and take > 1:
             take -= 1  # never leave a prompt's last token alone in a batch (see match())
         return take
@@ -1944,30 +1945,45 @@ cdef class BatchEngine(_Decoder):
         length, each leaving none or two or more of its prompt's tokens; the
         tokens put (0: no slot is prefilling).
 
-        With equal lengths llama.cpp's split_equal keeps the batch whole (one
-        piece of that many tokens per sequence), so each token is computed as
-        a prompt evaluated alone computes it (see match())."""
-        cdef int i, j, left, n = 0, size = 0, first = -1, shortest = -1
+        With equal lengths llama.cpp's split_equal (sequential, the KV cache
+        not being unified) cuts the batch only between runs of consecutive
+        sequence ids, each a piece of that many tokens per sequence; so each
+        token is computed as a prompt evaluated alone computes it (see
+        match()). The chunks go into the batch in slot order, which keeps
+        consecutive slots in one piece. With flash attention a sequence's
+        attention depends on the others' in its piece (llama.cpp sizes the
+        piece's KV view by the longest), so each chunk goes alone."""
+        cdef int i, j, left, n = 0, size = 0, first = -1, shortest = -1, count = 0, last = -1
+        cdef vector[cbool] chosen
         for j in range(self.n_seq):  # the length: the shortest next chunk
             i = (self._next_prefill + j) % self.n_seq
             if self._prefilling(i):
                 if first < 0:
                     first = i
-                if shortest < 0 or self._chunk_size(i) < size:
-                    shortest, size = i, self._chunk_size(i)
+                if shortest < 0 or self._chunk_size(i, self.prefill_chunk) < size:
+                    shortest, size = i, self._chunk_size(i, self.prefill_chunk)
         if first < 0:
             return 0
+        if self.one_chunk:
+            self._next_prefill = first + 1
+            return self._chunk(first, True, 0, self._chunk_size(first, self.prefill_chunk))
         if size < 2:  # a one-token prompt: alone (never a piece of one token per sequence with others)
             self._next_prefill = shortest + 1
             return self._chunk(shortest, True, 0, size)
+        chosen.resize(self.n_seq, False)
         for j in range(self.n_seq):
             i = (first + j) % self.n_seq
-            if not self._prefilling(i) or n + size > self.prefill_chunk:
+            if not self._prefilling(i) or (count + 1) * size > self.prefill_chunk:
                 continue
             left = <int>self.prompts[i].size() - self.slots[i].n_prompt_done
             if left == size or left >= size + 2:
+                chosen[i] = True
+                count += 1
+                last = i
+        self._next_prefill = last + 1
+        for i in range(self.n_seq):
+            if chosen[i]:
                 n = self._chunk(i, True, n, size)
-                self._next_prefill = i + 1
         return n
 
     cdef int _decode_batch(self, int n, bint chunk) noexcept nogil:
@@ -2075,7 +2091,7 @@ cdef class BatchEngine(_Decoder):
             s = &self.slots[i]
             if s.active or not s.refreshing or mullama_load_flag_sc(&self._wake):
                 continue
-            n = self._chunk(i, False, 0, self._chunk_size(i))
+            n = self._chunk(i, False, 0, self._chunk_size(i, min(self.prefill_chunk, REFRESH_CHUNK)))
             rc = self._decode_batch(n, True)
             mullama_store_flag(&self._idle_step, 0)
             if rc != ST_OK and rc != ST_ABORTED:  # (a refresh is only an optimisation: drop it)

@@ -79,35 +79,54 @@ async def test_requests_sharing_a_prompt_evaluate_it_once(tiny_model_path):
         assert model._engine.evaluated_prompt_tokens == sum(len(t) for t in toks) - sum(cached)
 
 
-def test_prompts_evaluated_together_are_computed_as_alone(tiny_model_path):
+@pytest.mark.parametrize("flash_attention", [False, True])
+@pytest.mark.parametrize("prefill_chunk", [256, 8])
+def test_prompts_evaluated_together_are_computed_as_alone(tiny_model_path, prefill_chunk, flash_attention):
     """Several prompts' chunks share a decode (equal lengths, so llama.cpp
     never computes a token in a piece of one token per sequence): each
-    prompt's logits are bit for bit those of the prompt evaluated alone.
-    Prompts one token apart would leave a last token alone in a batch of
-    unequal chunks."""
+    prompt's logits are bit for bit those of the prompt evaluated alone in
+    its slot, and its cells count as reusable. Prompts one token apart would leave a last
+    token alone in a batch of unequal chunks; a one-token prompt goes alone;
+    a sequence continuing 300 cached cells shares the decode (a longer KV view).
+    With flash attention chunks go one by one."""
     from mullama._generation import new_sampler
 
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
     cfg = StreamConfig.greedy(1, include_probabilities=True)
     with mullama.Model.load(tiny_model_path) as m:
         prompts = [m.tokenize(" ".join(words[(i * 3 + k) % 10] for k in range(n)))
-                   for i, n in enumerate((23, 24, 37, 11))]
-        assert len(prompts[1]) == len(prompts[0]) + 1
-        alone = []
-        for p in prompts:
-            with m.create_context(256, threads=1) as ctx:
-                c = ctx.generate(p, cfg)
-                alone.append((c.tokens, c.logprobs))
-        engine = _core.BatchEngine(m._core, 4, 128, 512, 1)
-        try:
-            for i, p in enumerate(prompts):
-                engine.start(i, p, new_sampler(m._core, cfg), 1, True)
-            while engine.run(5.0):
-                pass
-            together = [engine.drain(i) for i in range(4)]
-        finally:
-            engine.close()
-        assert [(t[0], t[2]) for t in together] == alone
+                   for i, n in enumerate((23, 24, 37, 11))] + [m.tokenize("")]
+        assert len(prompts[1]) == len(prompts[0]) + 1 and len(prompts[4]) == 1
+
+        long = m.tokenize(" ".join(words[k % 7] for k in range(400)))[:300]
+
+        def run(slots):
+            engine = _core.BatchEngine(m._core, 5, 512, 512, 1, flash_attention, prefill_chunk)
+            try:
+                # slot 2 holds 300 cells (its KV view is longer than the others'), its prompt continues them
+                engine.start(2, long, new_sampler(m._core, cfg), 1, True)
+                while engine.run(5.0):
+                    pass
+                engine.release(2)
+                for i in slots:
+                    if i == 2:
+                        engine.start(2, long + prompts[2], new_sampler(m._core, cfg), 1, True, reuse=len(long))
+                    else:
+                        engine.start(i, prompts[i], new_sampler(m._core, cfg), 1, True)
+                decoded = []
+                while n := engine.run(5.0):  # (returns when a request finishes)
+                    decoded.append(n)
+                return [engine.drain(i)[::2] for i in slots], [engine.cached(i) for i in slots], decoded
+            finally:
+                engine.close()
+
+        alone = [run([i])[0][0] for i in range(5)]
+        together, cached, decoded = run(range(5))
+        assert together == alone
+        assert cached[:4] == prompts[:2] + [long + prompts[2]] + prompts[3:4]
+        if prefill_chunk == 256 and not flash_attention:
+            # the one-token prompt alone, then the four together (the shortest ends them)
+            assert decoded[:2] == [1, 4 * len(prompts[3])]
 
 
 async def test_host_cache_under_a_tiny_budget_keeps_outputs_exact(tiny_model_path):

@@ -358,7 +358,8 @@ class AsyncModel(_Results, Owner):
         """Drop every sequence the host-memory prompt cache holds, giving its
         memory back to the system; returns the bytes it held. (The KV cells
         free slots keep cost nothing more: the context's KV cache is allocated
-        once, and they are reused or overwritten as requests need.)"""
+        once, and they are reused or overwritten as requests need.) It waits
+        for the engine's driver to finish admitting requests, as submitting one does."""
         check_open(self._closed, "AsyncModel")
         return self._engine.clear_prompt_cache()
 
