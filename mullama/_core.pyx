@@ -1704,8 +1704,8 @@ cdef class BatchEngine(_Decoder):
         done: two lists, one count per slot.
 
         With ``exact`` (the default), only cells of prompt chunks count (two
-        tokens or more per sequence, never with decode tokens, see _step): llama.cpp's CPU kernels
-        compute one token per sequence (a decode step) along another path
+        tokens or more per sequence, never with decode tokens, see _step):
+        llama.cpp's CPU kernels compute one token per sequence (a decode step) along another path
         (``llamafile_sgemm`` declines n < 2), so those cells differ in the last
         bits from what a prompt evaluation of the same tokens gives. Reusing
         only the others keeps outputs identical to an uncached run; for the
@@ -1915,8 +1915,8 @@ cdef class BatchEngine(_Decoder):
         self.batch.logits[n] = logits
 
     cdef int _chunk_size(self, int i, int most) noexcept nogil:
-        """The tokens of slot *i*'s next prompt chunk, at most *most* (at least
-        4, so that only a prompt of one token makes a chunk of one)."""
+        """The tokens of slot *i*'s next prompt chunk, at most *most* (4 or
+        more: only a prompt of one token makes a chunk of one)."""
         cdef int left = <int>self.prompts[i].size() - self.slots[i].n_prompt_done
         cdef int take = min(left, most)
         if left - take == 1 and take > 1:
@@ -1950,9 +1950,9 @@ cdef class BatchEngine(_Decoder):
         sequence ids, each a piece of that many tokens per sequence; so each
         token is computed as a prompt evaluated alone computes it (see
         match()). The chunks go into the batch in slot order, which keeps
-        consecutive slots in one piece. With flash attention a sequence's
-        attention depends on the others' in its piece (llama.cpp sizes the
-        piece's KV view by the longest), so each chunk goes alone."""
+        consecutive slots in one piece. With flash attention a chunk decoded
+        next to other sequences' chunks is not bit for bit the chunk alone (a
+        test shows it), so each chunk goes alone."""
         cdef int i, j, left, n = 0, size = 0, first = -1, shortest = -1, count = 0, last = -1
         cdef vector[cbool] chosen
         for j in range(self.n_seq):  # the length: the shortest next chunk
