@@ -1953,15 +1953,16 @@ cdef class BatchEngine(_Decoder):
         consecutive slots in one piece. With flash attention a chunk decoded
         next to other sequences' chunks is not bit for bit the chunk alone (a
         test shows it), so each chunk goes alone."""
-        cdef int i, j, left, n = 0, size = 0, first = -1, shortest = -1, count = 0, last = -1
+        cdef int i, j, left, take, n = 0, size = 0, first = -1, shortest = -1, count = 0, last = -1
         cdef vector[cbool] chosen
         for j in range(self.n_seq):  # the length: the shortest next chunk
             i = (self._next_prefill + j) % self.n_seq
             if self._prefilling(i):
                 if first < 0:
                     first = i
-                if shortest < 0 or self._chunk_size(i, self.prefill_chunk) < size:
-                    shortest, size = i, self._chunk_size(i, self.prefill_chunk)
+                take = self._chunk_size(i, self.prefill_chunk)
+                if shortest < 0 or take < size:
+                    shortest, size = i, take
         if first < 0:
             return 0
         if self.one_chunk:
