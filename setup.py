@@ -46,7 +46,7 @@ class BuildExt(build_ext):
 core = Extension(
     "mullama._core",
     ["mullama/_core.pyx"],
-    depends=["mullama/_threads.h", "mullama/_sampling.h", "mullama/_common.h"],
+    depends=["mullama/_threads.h", "mullama/_sampling.h", "mullama/_speculative.h", "mullama/_common.h"],
     include_dirs=["mullama"],
     language="c++",
     extra_compile_args=["-std=c++17", "-O2"],

@@ -69,6 +69,7 @@ SCRIPTS: Dict[str, tuple] = {
     "structured": ([], ["--rounds", "1", "--max-tokens", "32"]),
     "cache": ([], ["--rounds", "1", "--turns", "4", "--reply-tokens", "32", "--think", "0.5", "--shared", "4",
                    "--soak", "100"]),
+    "speculative": (["--engine"], ["--rounds", "1", "--lines", "40", "--only", "edit", "free"]),
 }
 
 

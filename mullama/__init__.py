@@ -12,7 +12,7 @@ import logging as _logging
 
 from ._errors import *  # noqa: F401,F403
 from ._errors import __all__ as _errors_all
-from ._config import Grammar, StreamConfig, default_threads
+from ._config import Grammar, SpeculativeConfig, StreamConfig, default_threads
 from ._model import Model, ModelInfo
 from ._context import Context, ThreadStats
 from ._generation import Completion, RequestMetrics, Timings, TokenData
@@ -30,6 +30,7 @@ __all__ = [
     "Model",
     "ModelInfo",
     "Context",
+    "SpeculativeConfig",
     "StreamConfig",
     "Grammar",
     "TokenData",

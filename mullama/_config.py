@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ._errors import GrammarError, InvalidConfigError, InvalidTokenError
 
-__all__ = ["StreamConfig", "Grammar", "default_threads", "resolve_threads"]
+__all__ = ["StreamConfig", "SpeculativeConfig", "Grammar", "default_threads", "resolve_threads"]
 
 _U32_MAX = 0xFFFFFFFF
 _I32_MAX = 0x7FFFFFFF
@@ -155,6 +155,58 @@ class Grammar:
         return bool(self.triggers or self.trigger_tokens)
 
 
+#: how speculative decoding drafts (SpeculativeConfig.method)
+SPECULATIVE_METHODS = ("auto", "prompt_lookup", "draft_model")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding of a request: draft several tokens, verify them in
+    one batched decode, keep those the model would have produced.
+
+    The drafts come from *prompt lookup*: the tokens that followed the latest
+    earlier occurrence (in the prompt or the output so far) of the last
+    ``ngram_max`` tokens, or of fewer down to ``ngram_min``. That pays off on
+    input-grounded work (editing a file, extracting from a document, answers
+    quoting their sources), where the output copies long runs of the input.
+
+    The output is what decoding without speculation gives: greedy decoding
+    gives the same tokens (bit for bit, as the verification computes every
+    token as a prompt chunk does), and sampled decoding the same distribution
+    (with a seed, the same tokens) since every token is sampled by the
+    request's own sampler after the tokens before it were accepted. A draft
+    grows while it is accepted and shrinks when it is not; after drafts that
+    are rejected outright, drafting pauses, so text that does not repeat its
+    input costs almost nothing.
+
+    With a draft model (``Model.create_context(draft_model=...)``,
+    ``AsyncConfig(draft_model=...)``, ``mullama serve --draft-model``), a
+    smaller model of the same family drafts instead, greedily: that helps on
+    any text the small model predicts well, at the cost of running it.
+
+    Attributes:
+        max_draft: most tokens drafted per step (1-256).
+        ngram_min: the shortest n-gram looked up (1-64).
+        ngram_max: the longest n-gram looked up, tried first (``ngram_min``-64).
+        method: ``"auto"`` (the draft model when there is one, else prompt
+            lookup), ``"prompt_lookup"`` or ``"draft_model"`` (an error where
+            there is no draft model).
+    """
+
+    max_draft: int = 16
+    ngram_min: int = 3
+    ngram_max: int = 5
+    method: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_int("speculative.max_draft", self.max_draft, minimum=1, maximum=256)
+        check_int("speculative.ngram_min", self.ngram_min, minimum=1, maximum=64)
+        check_int("speculative.ngram_max", self.ngram_max, minimum=self.ngram_min, maximum=64)
+        if self.method not in SPECULATIVE_METHODS:
+            raise InvalidConfigError(f"speculative.method must be one of {', '.join(SPECULATIVE_METHODS)}, "
+                                     f"got {_shown(self.method)}")
+
+
 def _str_tuple(what: str, items: Union[str, Sequence[str]]) -> Tuple[str, ...]:
     if isinstance(items, str):
         items = (items,)
@@ -209,6 +261,9 @@ class StreamConfig:
             ``{"type": "json_object"}`` (any JSON value; llama.cpp's
             ``"schema"`` key is honoured too) or ``{"type": "json_schema",
             "json_schema": {"name": ..., "schema": {...}, "strict": true}}``.
+        speculative: speculative decoding (a :class:`SpeculativeConfig`, or
+            ``True`` for its defaults); ``None`` (or ``False``) decodes one
+            token per step. The output is the same either way.
 
     At most one of ``grammar``, ``json_schema`` and ``response_format`` may be
     given; :attr:`constraint` is the grammar the output follows.
@@ -232,6 +287,7 @@ class StreamConfig:
     # (dicts: left out of the hash; equal configs still compare equal)
     json_schema: Optional[Any] = field(default=None, hash=False)
     response_format: Optional[Mapping[str, Any]] = field(default=None, hash=False)
+    speculative: Optional[SpeculativeConfig] = None
 
     def __post_init__(self) -> None:
         check_int("max_tokens", self.max_tokens, minimum=1, maximum=_I32_MAX)
@@ -250,6 +306,13 @@ class StreamConfig:
             raise InvalidConfigError(
                 f"include_probabilities must be a bool, got {type(self.include_probabilities).__name__}")
         object.__setattr__(self, "logit_bias", _check_logit_bias(self.logit_bias))
+        if self.speculative is True:
+            object.__setattr__(self, "speculative", SpeculativeConfig())
+        elif self.speculative is False:
+            object.__setattr__(self, "speculative", None)
+        elif self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
+            raise InvalidConfigError("speculative must be a SpeculativeConfig, True or None, got "
+                                     f"{type(self.speculative).__name__} {_shown(self.speculative)}")
         check_int("top_logprobs", self.top_logprobs, minimum=0, maximum=MAX_TOP_LOGPROBS)
         if self.top_logprobs:
             object.__setattr__(self, "include_probabilities", True)

@@ -13,7 +13,7 @@ import numpy as np
 from . import _core
 from ._config import StreamConfig, token_list
 from ._errors import AbortedError, InvalidConfigError, MullamaError, StateError
-from ._generation import FINISH_REASONS, Completion, Generation, TokenData, new_sampler
+from ._generation import FINISH_REASONS, Completion, Generation, TokenData, new_sampler, new_speculator
 from ._owner import Owner
 
 if TYPE_CHECKING:
@@ -89,18 +89,26 @@ class Context(Owner):
     _copy_hint = ("create a context in the other process (save_state() and load_state() move a "
                   "conversation); a copy would share the KV cache")
 
-    def __init__(self, model: "Model", core: "_core.LlamaContext", threads: int) -> None:
+    def __init__(self, model: "Model", core: "_core.LlamaContext", threads: int,
+                 draft: "Optional[tuple[_core.DraftModel, Optional[Model]]]" = None) -> None:
         self._model = model
         self._core = core
         #: the most compute threads this context uses (see :meth:`thread_stats`)
         self.threads = threads
         self._thread_changes = 0
+        #: the draft model's context, and the draft model if this context loaded it (closed with it)
+        self._draft = draft
 
     # -- lifetime -------------------------------------------------------------
 
     def close(self) -> None:
         """Free the KV cache (idempotent). A running generation is cancelled first."""
         self._core.close()
+        if self._draft is not None:
+            drafter, owned = self._draft
+            drafter.close()
+            if owned is not None:
+                owned.close()
 
     @property
     def closed(self) -> bool:
@@ -452,12 +460,15 @@ class _Run(Generation):
 
     def _loop(self, core: "_core.LlamaContext", sampler: "_core.SamplerChain", limit: int) -> Iterator[List[TokenData]]:
         want_lp, n_top = self.config.include_probabilities, self.config.top_logprobs
+        speculator = new_speculator(self.config, self._ctx._draft is not None)
         chunk = 1  # the first chunk is one token, so that the first token arrives at once
         while True:
             n = len(self.tokens)
             status, toks, pieces, lps, top = core.generate(sampler, min(chunk, limit - n), self._interval, want_lp,
-                                                           n_top)
+                                                           n_top, speculator)
             chunk = limit
+            if speculator is not None:
+                self.drafted_tokens, self.accepted_tokens = speculator.drafted, speculator.accepted
             if core.thread_changes != self._ctx._thread_changes:
                 self._ctx._thread_changes = log_thread_changes(core, self._ctx._thread_changes, "a context")
             at_limit = n + len(toks) == limit

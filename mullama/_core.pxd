@@ -46,12 +46,33 @@ cdef extern from "_sampling.h" namespace "mullama" nogil:
         bint thinking
     const llama_token DEAD_END
     llama_token sample(Sampling * s, const float * logits, int n_vocab, float * best) noexcept
+    llama_token argmax(const float * logits, int n_vocab, float * best) noexcept
     bint special_text(const Sampling * s, llama_token tok) noexcept
     bint grammar_prefill(Sampling * s, const llama_token * tokens, int n) noexcept
     string grammar_error(const llama_vocab * vocab, const string & src, long * offset) except +
     const int MAX_TOP_LOGPROBS
     void top_logprobs(const float * logits, int n_vocab, int k, float lse, vector[llama_token] & toks,
                       vector[float] & lps) noexcept
+
+
+cdef extern from "_speculative.h" namespace "mullama" nogil:
+    # a request's speculative decoding: settings, adaptation, counters (see _speculative.h)
+    cdef cppclass Speculation:
+        bint use_model
+        int ngram_min
+        int ngram_max
+        int max_draft
+        int cap
+        long drafts
+        long drafted
+        long accepted
+        vector[llama_token] draft
+        vector[llama_token] hist
+        void reset()
+        void record(int n, int n_acc)
+        bint ready()
+    int lookup_draft(Speculation * s, const vector[llama_token] & hist, llama_token last, int most) noexcept
+    bint history_before_last(Speculation * s, const vector[llama_token] & tokens) noexcept
 
 
 cdef extern from "_common.h" nogil:
@@ -140,6 +161,7 @@ cdef struct Slot:
     bint copy_pending    # its cells were copied from another sequence; the data arrives with the next decode
     llama_token pending  # sampled, not yet decoded (-1: none)
     int n_step           # tokens this slot put into the current batch
+    int n_draft          # of them, drafted tokens to verify (after the pending one)
     int i_batch          # batch index whose logits this slot samples (-1: none)
     int n_gen            # tokens generated
     int max_gen
@@ -186,6 +208,10 @@ cdef class SamplerChain:
                       bint reasoning_open)
 
 
+cdef class Speculator:
+    cdef Speculation * s
+
+
 cdef class ChatTemplates:
     cdef common_chat_templates * ptr
     cdef readonly LlamaModel model
@@ -230,6 +256,16 @@ cdef class _LogitsView:
     cdef Py_ssize_t strides[1]
 
 
+cdef class DraftModel(_Decoder):
+    cdef readonly int n_seq
+    cdef readonly int n_ctx_seq
+    cdef int n_target_vocab
+    cdef vector[vector[llama_token]] seen   # each sequence's tokens in the draft's KV cache
+
+    cdef int draft(self, int seq, const vector[llama_token] & hist, llama_token last, int most,
+                   vector[llama_token] & out, AbortState * outer) noexcept nogil
+
+
 cdef class LlamaContext(_Decoder):
     cdef readonly int n_ctx
     cdef vector[llama_token] _tokens
@@ -237,14 +273,17 @@ cdef class LlamaContext(_Decoder):
     cdef bint _logits_ok     # the last decode produced logits for tokens[-1]
     cdef int _exports        # live buffer exports of the logits
     cdef object _owner       # threading.Lock: one user at a time (claim/release)
+    cdef DraftModel drafter  # drafts for speculative decoding with a draft model (None: none)
 
     cdef _free(self)
     cdef void _clear(self) noexcept
     cdef int _decode_pending(self) noexcept nogil
     cdef inline void _refresh_last(self) noexcept nogil
     cdef int _check(self, int status, int n_new) except -1
-    cdef int _generate(self, Sampling * smpl, int n_max, double deadline, bint want_lp, int n_top,
-                       Output * out) noexcept nogil
+    cdef int _generate(self, Sampling * smpl, Speculation * spec, int n_max, double deadline, bint want_lp,
+                       int n_top, Output * out) noexcept nogil
+    cdef int _speculate(self, Sampling * smpl, Speculation * spec, int * n_done, int n_max, double deadline,
+                        bint want_lp, int n_top, Output * out) noexcept nogil
 
 
 cdef class BatchEngine(_Decoder):
@@ -259,10 +298,13 @@ cdef class BatchEngine(_Decoder):
     cdef vector[Output] outs
     cdef list samplers       # the SamplerChain of each slot (keeps its pointer alive)
     cdef vector[Sampling *] smpls  # their sampling, for the nogil step
+    cdef list speculators    # the Speculator of each slot (None: no speculative decoding)
+    cdef vector[Speculation *] specs  # theirs, for the nogil step (NULL: none)
     cdef int _wake           # the driver has work: return from run() early
     cdef int _idle_step      # the running step holds only refresh tokens: wake() aborts it
     cdef int _next_prefill   # the slot whose prompt chunk comes next (prefilling slots take turns)
     cdef readonly long refreshed  # tokens re-evaluated by refresh steps
+    cdef DraftModel drafter  # drafts for speculative decoding with a draft model (None: none)
 
     cdef _free(self)
     cdef inline bint _runnable(self, Slot * s) noexcept nogil
@@ -275,6 +317,8 @@ cdef class BatchEngine(_Decoder):
     cdef bint _prefilling(self, int i) noexcept nogil
     cdef int _prompt_chunks(self) noexcept nogil
     cdef int _decode_batch(self, int n, bint chunk) noexcept nogil
+    cdef int _decode_tokens(self) noexcept nogil
+    cdef void _sample_slot(self, int i) noexcept nogil
     cdef int _step(self, int * n_decoded) noexcept nogil
     cdef bint _needs_driver(self) noexcept nogil
 

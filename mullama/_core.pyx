@@ -27,7 +27,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.ref cimport PyObject
 from libc.math cimport expf, logf
 from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
-from libc.string cimport memchr, memcpy
+from libc.string cimport memchr, memcpy, strcmp
 from libc.stdlib cimport free, malloc, realloc
 from libcpp cimport bool as cbool
 from libcpp.string cimport string
@@ -677,6 +677,48 @@ cdef class SamplerChain:
             self.s = NULL
 
 
+@cython.no_gc_clear
+cdef class Speculator:
+    """A request's speculative decoding (see _speculative.h): prompt lookup of
+    n-grams from *ngram_max* down to *ngram_min* tokens (or, with
+    *draft_model*, the decoder's :class:`DraftModel`), drafts of at most
+    *max_draft* tokens, the draft length adapting to what is accepted, and the
+    counters of one generation."""
+
+    def __cinit__(self):
+        self.s = new Speculation()
+
+    def __init__(self, int max_draft=16, int ngram_min=3, int ngram_max=5, bint draft_model=False):
+        if not 1 <= max_draft <= 256:
+            raise _errors.InvalidConfigError(f"max_draft must be between 1 and 256, got {max_draft}")
+        if not 1 <= ngram_min <= ngram_max <= 64:
+            raise _errors.InvalidConfigError(
+                f"the n-gram sizes must satisfy 1 <= ngram_min <= ngram_max <= 64, got {ngram_min} and {ngram_max}")
+        self.s.max_draft = max_draft
+        self.s.ngram_min = ngram_min
+        self.s.ngram_max = ngram_max
+        self.s.use_model = draft_model
+        self.s.reset()
+
+    @property
+    def drafts(self):
+        """Verifications (decodes of a draft)."""
+        return self.s.drafts
+
+    @property
+    def drafted(self):
+        """Tokens drafted."""
+        return self.s.drafted
+
+    @property
+    def accepted(self):
+        """Drafted tokens the model accepted."""
+        return self.s.accepted
+
+    def __dealloc__(self):
+        del self.s
+
+
 def json_schema_to_grammar(str schema_json):
     """The GBNF grammar of a JSON schema (JSON text), by llama.cpp's own
     converter (common/json-schema-to-grammar.cpp, as llama-server uses it).
@@ -958,6 +1000,16 @@ cdef tuple _take_output(Output * out, bint want_lp, int n_top):
 
 
 
+cdef int _make_draft(Speculation * spec, DraftModel drafter, int seq, const vector[llama_token] & hist,
+                     llama_token last, int most, AbortState * ab) noexcept nogil:
+    """A draft for *hist* then *last* (the pending token) into ``spec.draft``,
+    at most *most* tokens and the adaptive cap: by prompt lookup, or from the
+    draft model (``use_model``, sequence *seq*). Returns its length."""
+    if spec.use_model:
+        return drafter.draft(seq, hist, last, min(most, spec.cap), spec.draft, ab)
+    return lookup_draft(spec, hist, last, most)
+
+
 cdef void _free_decoder(_Decoder d):
     """Free a decoder's C objects (not virtual: also what __dealloc__ runs)."""
     if d.has_batch:
@@ -1147,6 +1199,136 @@ cdef class _LogitsView:
             self.ctx._free()
 
 
+def vocab_mismatch(LlamaModel draft not None, LlamaModel target not None):
+    """Why *draft* cannot draft for *target* (its tokens are not the same
+    tokens), or None. The checks of llama.cpp's speculative decoding
+    (common/speculative.cpp): the vocabulary type, BOS and EOS, sizes within
+    128 tokens of each other, and the same text for every token from id 5 on."""
+    draft._check()
+    target._check()
+    cdef const llama_vocab * d = draft.vocab
+    cdef const llama_vocab * t = target.vocab
+    cdef int i, n = min(llama_vocab_n_tokens(d), llama_vocab_n_tokens(t))
+    if llama_vocab_type_of(d) != llama_vocab_type_of(t):
+        return f"its tokenizer type ({llama_vocab_type_of(d)}) is not the model's ({llama_vocab_type_of(t)})"
+    if (llama_vocab_get_add_bos(d) != llama_vocab_get_add_bos(t)
+            or (llama_vocab_get_add_bos(t) and llama_vocab_bos(d) != llama_vocab_bos(t))):
+        return f"its BOS token ({llama_vocab_bos(d)}) is not the model's ({llama_vocab_bos(t)})"
+    if (llama_vocab_get_add_eos(d) != llama_vocab_get_add_eos(t)
+            or (llama_vocab_get_add_eos(t) and llama_vocab_eos(d) != llama_vocab_eos(t))):
+        return f"its EOS token ({llama_vocab_eos(d)}) is not the model's ({llama_vocab_eos(t)})"
+    if abs(llama_vocab_n_tokens(d) - llama_vocab_n_tokens(t)) > 128:
+        return f"it has {llama_vocab_n_tokens(d)} tokens and the model {llama_vocab_n_tokens(t)}"
+    for i in range(5, n):
+        if strcmp(llama_vocab_get_text(d, i), llama_vocab_get_text(t, i)) != 0:
+            return (f"token {i} is {llama_vocab_get_text(d, i).decode('utf-8', 'replace')!r} in it and "
+                    f"{llama_vocab_get_text(t, i).decode('utf-8', 'replace')!r} in the model")
+    return None
+
+
+@cython.no_gc_clear
+cdef class DraftModel(_Decoder):
+    """A smaller model with the target model's tokens that drafts for
+    speculative decoding: a llama.cpp context of its own, one sequence per
+    target sequence. Each sequence follows its target's tokens (the common
+    start stays in its KV cache, the rest is evaluated) and drafts greedily.
+    Used from the thread that runs its target."""
+
+    def __cinit__(self):
+        self._what = "draft context"
+
+    def __init__(self, LlamaModel model not None, LlamaModel target not None, int n_seq, int n_ctx_seq,
+                 int n_threads=1):
+        why = vocab_mismatch(model, target)
+        if why is not None:
+            raise _errors.IncompatibleDraftModelError(
+                f"the draft model {model.path} cannot draft for {target.path}: {why} (speculative decoding "
+                "needs a draft model with the same tokens, usually a smaller model of the same family)")
+        self._open(model, <uint32_t>(n_seq * n_ctx_seq), 512, n_seq, n_threads, n_threads, False, True,
+                   f"a draft context ({n_seq} sequences x {n_ctx_seq} tokens)", "")
+        self.n_seq = n_seq
+        self.n_ctx_seq = llama_n_ctx_seq(self.ptr)
+        self.n_target_vocab = target.n_vocab
+        self.seen.resize(n_seq)
+
+    cdef int draft(self, int seq, const vector[llama_token] & hist, llama_token last, int most,
+                   vector[llama_token] & out, AbortState * outer) noexcept nogil:
+        """The draft model's greedy continuation of *hist* then *last*: at most
+        *most* tokens, in *out*, ending before an end-of-generation token or
+        one outside the target's vocabulary. Returns its length; 0 also when
+        something fails or *outer* (the target's abort state) is cancelled: a
+        draft is only an optimisation."""
+        cdef vector[llama_token] * seen = &self.seen[seq]
+        cdef int n = <int>hist.size() + 1, keep = 0, pos, m, j, rc
+        cdef llama_token tok
+        cdef float best
+        cdef llama_memory_t mem = llama_get_memory(self.ptr)
+        out.clear()
+        if most < 1 or self.ptr == NULL or n + most > self.n_ctx_seq:
+            return 0
+        while keep < <int>seen.size() and keep < n - 1 and seen[0][keep] == hist[keep]:
+            keep += 1
+        if keep < <int>seen.size():
+            llama_memory_seq_rm(mem, seq, keep, -1)
+            seen.resize(keep)
+        pos = keep
+        while pos < n:  # what the draft's sequence lacks, logits for the last token
+            if abort_state_cancelled(outer):
+                return 0
+            m = min(self.n_batch, n - pos)
+            for j in range(m):
+                tok = hist[pos + j] if pos + j < n - 1 else last
+                self.batch.token[j] = tok
+                self.batch.pos[j] = pos + j
+                self.batch.n_seq_id[j] = 1
+                self.batch.seq_id[j][0] = seq
+                self.batch.logits[j] = pos + j == n - 1
+            self.batch.n_tokens = m
+            rc = _governed_decode(self.ptr, self.batch, self.gov, &self.ab)
+            if rc != ST_OK:
+                llama_memory_seq_rm(mem, seq, pos, -1)
+                return 0
+            for j in range(m):
+                seen.push_back(self.batch.token[j])
+            pos += m
+        while True:
+            tok = argmax(llama_get_logits_ith(self.ptr, -1), self.model.n_vocab, &best)
+            if tok >= self.n_target_vocab or llama_vocab_is_eog(self.model.vocab, tok):
+                break
+            out.push_back(tok)
+            if <int>out.size() == most or abort_state_cancelled(outer):
+                break
+            self.batch.token[0] = tok
+            self.batch.pos[0] = pos
+            self.batch.n_seq_id[0] = 1
+            self.batch.seq_id[0][0] = seq
+            self.batch.logits[0] = 1
+            self.batch.n_tokens = 1
+            if _governed_decode(self.ptr, self.batch, self.gov, &self.ab) != ST_OK:
+                llama_memory_seq_rm(mem, seq, pos, -1)
+                break
+            seen.push_back(tok)
+            pos += 1
+        return <int>out.size()
+
+    def draft_tokens(self, int seq, tokens, int most):
+        """The draft for *tokens* (the last one pending) on sequence *seq* (for tests)."""
+        self._enter()
+        cdef vector[llama_token] hist = tokens[:-1]
+        cdef llama_token last = tokens[-1]
+        cdef vector[llama_token] out
+        cdef AbortState never
+        abort_state_init(&never, &_g_shutdown)
+        try:
+            if not 0 <= seq < self.n_seq:
+                raise _errors.MullamaError(f"no sequence {seq}")
+            with nogil:
+                self.draft(seq, hist, last, most, out, &never)
+            return [t for t in out]
+        finally:
+            self._leave()
+
+
 @cython.no_gc_clear
 cdef class LlamaContext(_Decoder):
     """Owns a ``llama_context`` with one sequence and its token history.
@@ -1173,6 +1355,12 @@ cdef class LlamaContext(_Decoder):
     cdef _free(self):
         if self._exports == 0:
             _Decoder._free(self)   # else the last logits view frees it
+
+    def set_drafter(self, DraftModel drafter):
+        """The draft model of speculative decoding with ``draft_model`` (None: none)."""
+        if drafter is not None and drafter.n_seq < 1:
+            raise _errors.MullamaError("the draft context has no sequence")
+        self.drafter = drafter
 
     def claim(self, bint blocking=False):
         """Take exclusive use of the context; BusyError if another holder has it."""
@@ -1391,32 +1579,85 @@ cdef class LlamaContext(_Decoder):
         finally:
             self._leave()
 
-    cdef int _generate(self, Sampling * smpl, int n_max, double deadline, bint want_lp, int n_top,
-                       Output * out) noexcept nogil:
-        """The generation loop: decode what is pending, sample, stop at an end."""
-        cdef int i, rc, st
+    cdef int _generate(self, Sampling * smpl, Speculation * spec, int n_max, double deadline, bint want_lp,
+                       int n_top, Output * out) noexcept nogil:
+        """The generation loop: decode what is pending, sample, stop at an end.
+        With *spec*, a step that finds a draft verifies it (_speculate)."""
+        cdef int i = 0, rc, st, k
         cdef llama_token tok
-        for i in range(n_max):
+        while i < n_max:
             if abort_state_cancelled(&self.ab):
                 return ST_ABORTED
             self._refresh_last()
-            if self._n_kv < <int>self._tokens.size():
-                rc = self._decode_pending()
-                if rc != ST_OK:
-                    return rc
-            st = _sample_into(self.ptr, -1, smpl, self.model.vocab, self.model.n_vocab, want_lp, n_top, out, &tok)
-            if st == ST_DEAD_END:
-                return st
-            self._tokens.push_back(tok)   # pending until the next step decodes it
-            self._logits_ok = False
-            if st == ST_EOG:
-                return ST_EOG
+            k = 0
+            if (spec != NULL and n_max - i > 1 and self._n_kv == <int>self._tokens.size() - 1
+                    and spec.ready() and history_before_last(spec, self._tokens)):
+                k = _make_draft(spec, self.drafter, 0, spec.hist, self._tokens.back(),
+                                min(n_max - i - 1, self.n_ctx - <int>self._tokens.size(), self.n_batch - 1), &self.ab)
+            if k > 0:
+                st = self._speculate(smpl, spec, &i, n_max, deadline, want_lp, n_top, out)
+                if st != ST_OK:
+                    return st
+            else:
+                if self._n_kv < <int>self._tokens.size():
+                    rc = self._decode_pending()
+                    if rc != ST_OK:
+                        return rc
+                st = _sample_into(self.ptr, -1, smpl, self.model.vocab, self.model.n_vocab, want_lp, n_top, out,
+                                  &tok)
+                if st == ST_DEAD_END:
+                    return st
+                i += 1
+                self._tokens.push_back(tok)   # pending until the next step decodes it
+                self._logits_ok = False
+                if st == ST_EOG:
+                    return ST_EOG
             if deadline > 0.0 and mullama_now() >= deadline:
                 break
         return ST_OK
 
+    cdef int _speculate(self, Sampling * smpl, Speculation * spec, int * n_done, int n_max, double deadline,
+                        bint want_lp, int n_top, Output * out) noexcept nogil:
+        """Verify ``spec.draft`` (see _speculative.h): one decode of the pending
+        token and the draft, then sample row after row while the sampled
+        token is the drafted one; the cells after the last accepted token are
+        dropped and the last sampled token is pending, as after a plain step.
+        Counts the sampled tokens into *n_done*. Returns ST_OK, ST_EOG,
+        ST_DEAD_END or a failed decode's status (nothing of it kept)."""
+        cdef int k = <int>spec.draft.size(), start = self._n_kv, j, rc, st = ST_OK, n_acc = 0
+        cdef llama_token tok
+        for j in range(k + 1):
+            self.batch.token[j] = self._tokens[start] if j == 0 else spec.draft[j - 1]
+            self.batch.pos[j] = start + j
+            self.batch.n_seq_id[j] = 1
+            self.batch.seq_id[j][0] = 0
+            self.batch.logits[j] = 1
+        self.batch.n_tokens = k + 1
+        rc = _governed_decode(self.ptr, self.batch, self.gov, &self.ab)
+        if rc != ST_OK:
+            llama_memory_seq_rm(llama_get_memory(self.ptr), 0, start, -1)
+            self._logits_ok = False
+            return rc
+        self._n_kv = start + 1
+        while True:
+            st = _sample_into(self.ptr, n_acc, smpl, self.model.vocab, self.model.n_vocab, want_lp, n_top, out,
+                              &tok)
+            if st == ST_DEAD_END:
+                break
+            n_done[0] += 1
+            self._tokens.push_back(tok)
+            if (st != ST_OK or n_acc == k or tok != spec.draft[n_acc] or n_done[0] >= n_max
+                    or (deadline > 0.0 and mullama_now() >= deadline)):
+                break
+            n_acc += 1      # the drafted token is the sampled one: its cell (row n_acc) stays
+            self._n_kv += 1
+        spec.record(k, n_acc)
+        llama_memory_seq_rm(llama_get_memory(self.ptr), 0, self._n_kv, -1)
+        self._logits_ok = False
+        return st
+
     def generate(self, SamplerChain sampler not None, int n_max, double budget_s=0.0, bint logprobs=False,
-                 int top_logprobs=0):
+                 int top_logprobs=0, Speculator speculator=None):
         """Sample up to *n_max* tokens without the GIL.
 
         Stops early after *budget_s* seconds (if > 0, at least one token), at
@@ -1425,6 +1666,8 @@ cdef class LlamaContext(_Decoder):
         (*top_logprobs* > 0, with *logprobs*: each token's most likely
         ``(token, logprob)``, see _take_output): ``pieces[i]``
         is the bytes of ``tokens[i]`` (b"" for an end-of-generation token).
+        With *speculator*, steps verify drafts (see _speculative.h); its
+        counters add up what was drafted and accepted.
         """
         if n_max <= 0:
             raise _errors.InvalidConfigError(f"n_max must be positive, got {n_max}")
@@ -1433,9 +1676,19 @@ cdef class LlamaContext(_Decoder):
         self._enter()
         cdef Output out
         cdef Sampling * smpl = sampler.s
+        cdef Speculation * spec = NULL
+        cdef DraftModel drafter = None
         cdef double deadline = 0.0
         cdef int status
         try:
+            if speculator is not None:
+                spec = speculator.s
+                if spec.use_model:
+                    if self.drafter is None:
+                        raise _errors.InvalidConfigError(
+                            "speculative decoding with a draft model, and the context has none")
+                    self.drafter._enter()  # (its model's close() waits for it to leave)
+                    drafter = self.drafter
             if smpl == NULL:
                 raise _errors.ClosedError("the sampler is closed")
             if self._tokens.empty():
@@ -1443,11 +1696,13 @@ cdef class LlamaContext(_Decoder):
             if budget_s > 0.0:
                 deadline = mullama_now() + budget_s
             with nogil:
-                status = self._generate(smpl, n_max, deadline, logprobs, top_logprobs, &out)
+                status = self._generate(smpl, spec, n_max, deadline, logprobs, top_logprobs, &out)
             if status < 0:
                 _check_status(status, None)
             return (status,) + _take_output(&out, logprobs, top_logprobs)
         finally:
+            if drafter is not None:
+                drafter._leave()
             self._leave()
 
 
@@ -1583,6 +1838,8 @@ cdef class BatchEngine(_Decoder):
             raise _errors.InvalidConfigError(f"n_seq must be between 1 and 256, got {n_seq}")
         self.samplers = [None] * n_seq
         self.smpls.assign(n_seq, NULL)
+        self.speculators = [None] * n_seq
+        self.specs.assign(n_seq, NULL)
         # kv_unified stays off (llama.cpp's default): each sequence has its own share of the cache
         self._open(model, <uint32_t>(n_seq * n_ctx_seq), n_batch, n_seq, n_threads, n_threads, flash_attention,
                    adaptive_threads, f"a batching context ({n_seq} sequences x {n_ctx_seq} tokens)", "")
@@ -1603,6 +1860,7 @@ cdef class BatchEngine(_Decoder):
         empty.copy_pending = False
         empty.pending = -1
         empty.n_step = 0
+        empty.n_draft = 0
         empty.i_batch = -1
         empty.n_gen = 0
         empty.max_gen = 0
@@ -1624,8 +1882,9 @@ cdef class BatchEngine(_Decoder):
     # -- slots --------------------------------------------------------------------
 
     def start(self, int slot, tokens, SamplerChain sampler not None, int max_gen, bint logprobs=False,
-              int top_logprobs=0, int reuse=0, int source=-1):
-        """Give *slot* a new request: its prompt tokens and sampling.
+              int top_logprobs=0, int reuse=0, int source=-1, Speculator speculator=None):
+        """Give *slot* a new request: its prompt tokens and sampling (and,
+        with *speculator*, speculative decoding: see _decode_tokens).
 
         The first *reuse* prompt tokens are taken from the KV cache instead of
         evaluated: from the slot's own cached sequence, or (*source* >= 0)
@@ -1647,6 +1906,8 @@ cdef class BatchEngine(_Decoder):
                 raise _errors.MullamaError("the prompt is empty")
             if sampler.s == NULL:
                 raise _errors.ClosedError("the sampler is closed")
+            if speculator is not None and speculator.s.use_model and self.drafter is None:
+                raise _errors.InvalidConfigError("speculative decoding with a draft model, and the engine has none")
             if <int>toks.size() + max_gen > self.n_ctx_seq:
                 raise _errors.ContextOverflowError(
                     f"the prompt ({toks.size()} tokens) plus max_tokens ({max_gen}) do not fit in a request's "
@@ -1687,6 +1948,10 @@ cdef class BatchEngine(_Decoder):
             _clear_output(&self.outs[slot])
             self.samplers[slot] = sampler
             self.smpls[slot] = sampler.s
+            self.speculators[slot] = speculator
+            self.specs[slot] = NULL
+            if speculator is not None:
+                self.specs[slot] = speculator.s
             return reuse
         finally:
             self._leave()
@@ -1705,8 +1970,8 @@ cdef class BatchEngine(_Decoder):
 
         With ``exact`` (the default), only cells of prompt chunks count (two
         tokens or more per sequence, never with decode tokens, see _step):
-        llama.cpp's CPU kernels compute one token per sequence (a decode step) along another path
-        (``llamafile_sgemm`` declines n < 2), so those cells differ in the last
+        some of llama.cpp's CPU kernels compute one token per sequence (a decode step) along another
+        path (the repacked Q4_K kernels; llamafile's sgemm, left out of mullama's build), so those cells differ in the last
         bits from what a prompt evaluation of the same tokens gives. Reusing
         only the others keeps outputs identical to an uncached run; for the
         same reason the last two prompt tokens are always evaluated, together.
@@ -1810,6 +2075,13 @@ cdef class BatchEngine(_Decoder):
             self.slots[slot].n_exact = <int>toks.size()
         finally:
             self._leave()
+
+    def set_drafter(self, DraftModel drafter):
+        """The draft model of speculative decoding with ``draft_model``: one
+        sequence per slot (None: none)."""
+        if drafter is not None and drafter.n_seq < self.n_seq:
+            raise _errors.MullamaError(f"the draft context has {drafter.n_seq} sequences, the engine {self.n_seq}")
+        self.drafter = drafter
 
     def cancel_slot(self, int slot):
         """Leave *slot* out of every further step (thread-safe)."""
@@ -2004,12 +2276,15 @@ cdef class BatchEngine(_Decoder):
                 if s.n_step:
                     llama_memory_seq_rm(llama_get_memory(self.ptr), i, s.pos, -1)
                     s.n_step = 0
+                    s.n_draft = 0
                     s.i_batch = -1
             return rc
         for i in range(self.n_seq):
             s = &self.slots[i]
             if s.n_step == 0:
                 continue
+            if s.pending >= 0:
+                s.n_step = 1  # (the drafted tokens' cells are kept or dropped by _sample_slot)
             if (not self.exact or (chunk and s.n_step >= 2)) and s.n_exact == <int>self.hist[i].size():
                 s.n_exact += s.n_step
             if s.pending >= 0:
@@ -2026,22 +2301,45 @@ cdef class BatchEngine(_Decoder):
                     s.refreshing = False
                     self.prompts[i].clear()
             s.n_step = 0
-            if s.i_batch < 0:
-                continue
-            st = _sample_into(self.ptr, s.i_batch, self.smpls[i], self.model.vocab, self.model.n_vocab, s.want_lp,
-                              s.n_top, &self.outs[i], &tok)
-            s.i_batch = -1
+            if s.i_batch >= 0:
+                self._sample_slot(i)
+        return ST_OK
+
+    cdef void _sample_slot(self, int i) noexcept nogil:
+        """Sample slot *i*'s next token from batch row ``i_batch``; with a
+        draft (``n_draft`` tokens in the rows after it, their cells after the
+        pending token's), go on row after row while the sampled token is the
+        drafted one, keep those drafted tokens' cells and drop the others
+        (see _speculative.h)."""
+        cdef Slot * s = &self.slots[i]
+        cdef int st, n_acc = 0, k = s.n_draft
+        cdef llama_token tok
+        while True:
+            st = _sample_into(self.ptr, s.i_batch + n_acc, self.smpls[i], self.model.vocab, self.model.n_vocab,
+                              s.want_lp, s.n_top, &self.outs[i], &tok)
             if st == ST_DEAD_END:
                 s.finish = st
-                continue
+                break
             s.n_gen += 1
             if st == ST_EOG:
                 s.finish = ST_EOG
-            elif s.n_gen >= s.max_gen:
+                break
+            if s.n_gen >= s.max_gen:
                 s.finish = ST_LENGTH
-            else:
+                break
+            if n_acc == k or tok != self.specs[i].draft[n_acc]:
                 s.pending = tok
-        return ST_OK
+                break
+            n_acc += 1  # the drafted token is the sampled one: its cell stays
+            self.hist[i].push_back(tok)
+            s.pos += 1
+            if not self.exact and s.n_exact == <int>self.hist[i].size() - 1:
+                s.n_exact += 1
+        s.i_batch = -1
+        if k:
+            self.specs[i].record(k, n_acc)
+            llama_memory_seq_rm(llama_get_memory(self.ptr), i, s.pos, -1)
+            s.n_draft = 0
 
     cdef int _step(self, int * n_decoded) noexcept nogil:
         """One step: a llama_decode of every decoding slot's next token, then
@@ -2056,22 +2354,10 @@ cdef class BatchEngine(_Decoder):
         per sequence is computed along another path than a prompt's (see
         match()); with chunks of one length only, every chunk token is
         computed as a prompt evaluation computes it."""
-        cdef int i, j, n = 0, rc
+        cdef int i, n, rc
         cdef Slot * s
         n_decoded[0] = 0
-        for i in range(self.n_seq):
-            s = &self.slots[i]
-            s.n_step = 0
-            s.i_batch = -1
-            if not self._runnable(s) or s.pending < 0:
-                continue
-            if s.pos >= self.n_ctx_seq:
-                s.finish = ST_CTX_FULL
-                continue
-            self._add(n, s.pending, s.pos, i, True)
-            s.n_step = 1
-            s.i_batch = n
-            n += 1
+        n = self._decode_tokens()
         if n:
             rc = self._decode_batch(n, False)
             if rc != ST_OK:
@@ -2105,6 +2391,48 @@ cdef class BatchEngine(_Decoder):
         mullama_store_flag(&self._idle_step, 0)
         return ST_OK
 
+    cdef int _decode_tokens(self) noexcept nogil:
+        """Put every decoding slot's pending token into the batch, each
+        followed by its draft when every one of them has a draft (speculative
+        decoding, see _speculative.h): the drafts cut to the shortest, so that
+        llama.cpp's split_equal computes the batch in one piece of that many
+        tokens per sequence (a slot without a draft would cut it into two).
+        Returns the tokens put."""
+        cdef int i, j, k, n = 0, n_dec = 0, shortest = -1
+        cdef Slot * s
+        for i in range(self.n_seq):
+            s = &self.slots[i]
+            s.n_step = 0
+            s.n_draft = 0
+            s.i_batch = -1
+            if not self._runnable(s) or s.pending < 0:
+                continue
+            if s.pos >= self.n_ctx_seq:
+                s.finish = ST_CTX_FULL
+                continue
+            n_dec += 1
+            k = 0
+            if self.specs[i] != NULL and shortest != 0 and self.specs[i].ready():
+                k = _make_draft(self.specs[i], self.drafter, i, self.hist[i], s.pending,
+                                min(s.max_gen - s.n_gen - 1, self.n_ctx_seq - s.pos - 1), &self.ab)
+            shortest = k if shortest < 0 else min(shortest, k)
+            s.n_draft = 1  # (decoding)
+        if n_dec == 0:
+            return 0
+        k = max(0, min(shortest, self.n_batch // n_dec - 1))
+        for i in range(self.n_seq):
+            s = &self.slots[i]
+            if not s.n_draft:
+                continue
+            self._add(n, s.pending, s.pos, i, True)
+            for j in range(k):
+                self._add(n + 1 + j, self.specs[i].draft[j], s.pos + 1 + j, i, True)
+            s.n_draft = k
+            s.n_step = 1 + k
+            s.i_batch = n
+            n += 1 + k
+        return n
+
     cdef bint _needs_driver(self) noexcept nogil:
         cdef int i
         cdef Slot * s
@@ -2127,7 +2455,14 @@ cdef class BatchEngine(_Decoder):
         cdef int rc = ST_OK, n = 0
         cdef long total = 0
         cdef double deadline = mullama_now() + budget_s
+        cdef DraftModel drafter = None
         try:
+            if self.drafter is not None:
+                try:
+                    self.drafter._enter()  # (its model's close() waits for it to leave)
+                    drafter = self.drafter
+                except _errors.ClosedError:
+                    pass  # closed: it drafts nothing (draft() sees no context)
             with nogil:
                 while not mullama_load_flag(&self.ab.flags[0]) and not mullama_load_flag(&_g_shutdown):
                     mullama_store_flag(&self.ab.flags[1], 0)
@@ -2147,4 +2482,6 @@ cdef class BatchEngine(_Decoder):
                                   f"({self.n_seq} sequences x {self.n_ctx_seq} tokens)")
             return total
         finally:
+            if drafter is not None:
+                drafter._leave()
             self._leave()

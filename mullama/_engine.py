@@ -24,13 +24,13 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Callable, Deque, Dict, List, Optional, Protocol
+from typing import Callable, Deque, Dict, List, Optional, Protocol, Tuple
 
 from . import _core
 from ._config import StreamConfig, check_int, token_list
 from ._context import ThreadStats, log_thread_changes
 from ._errors import ClosedError, ContextOverflowError, InvalidTokenError, MullamaError, OverloadedError
-from ._generation import FINISH_REASONS, Generation, TokenData, new_sampler
+from ._generation import FINISH_REASONS, Generation, SpeculativeStats, TokenData, new_sampler, new_speculator
 from ._prompt_cache import HostPromptCache, PromptCacheStats
 
 __all__ = ["Engine", "EngineRequest", "MAX_SEQUENCES"]
@@ -84,6 +84,7 @@ class EngineRequest(Generation):
         self.prompt_end = len(tokens)
         self.slot: Optional[int] = None
         self.sampler: Optional["_core.SamplerChain"] = None
+        self.speculator: Optional["_core.Speculator"] = None
         self.cancelled = False
         self._engine: Optional["Engine"] = None
 
@@ -109,6 +110,9 @@ class Engine:
         exact_prompt_cache: reuse only KV cells that an uncached run computes
             bit for bit (see ``BatchEngine.match``); False also reuses the cells
             of tokens decoded one at a time, as llama-server does.
+        draft_model: a smaller model with the model's tokens (a path, loaded
+            and closed with the engine, or a loaded model) that drafts for
+            speculative decoding, one sequence per slot.
 
     Raises:
         InvalidConfigError: *n_seq* out of range.
@@ -118,7 +122,7 @@ class Engine:
 
     def __init__(self, model, n_seq: int, ctx_per_seq: int, threads: int, flash_attention: bool = False,
                  max_queue: int = 64, batch_size: int = 512, adaptive_threads: bool = True,
-                 prompt_cache_bytes: int = 0, exact_prompt_cache: bool = True) -> None:
+                 prompt_cache_bytes: int = 0, exact_prompt_cache: bool = True, draft_model=None) -> None:
         check_int("max_concurrent (the engine's sequences)", n_seq, minimum=1, maximum=MAX_SEQUENCES)
         check_int("context_size", ctx_per_seq, minimum=1, maximum=MAX_CONTEXT_TOKENS // max(n_seq, 1))
         model._check_memory(ctx_per_seq, n_seq, batch_size, bool(flash_attention),
@@ -126,6 +130,16 @@ class Engine:
         self._model = model
         self._core = _core.BatchEngine(model._core, n_seq, ctx_per_seq, batch_size, threads, flash_attention,
                                        adaptive_threads=adaptive_threads, exact=exact_prompt_cache)
+        #: the draft model, the draft context, and whether the engine loaded the model (closes it)
+        self._draft: Optional[Tuple[object, "_core.DraftModel", bool]] = None
+        if draft_model is not None:
+            try:
+                draft, drafter = model._drafter(draft_model, n_seq, ctx_per_seq, threads)
+            except BaseException:
+                self._core.close()
+                raise
+            self._draft = (draft, drafter, draft is not draft_model)
+            self._core.set_drafter(drafter)
         self._thread_changes = 0
         self.n_seq = n_seq
         self.max_queue = max_queue
@@ -152,6 +166,10 @@ class Engine:
         #: prompt tokens of started requests that were reused from a cache, and that were evaluated
         self.cached_prompt_tokens = 0
         self.evaluated_prompt_tokens = 0
+        #: speculative decoding of ended requests: verifications, tokens drafted, drafted tokens accepted
+        self.draft_steps = 0
+        self.drafted_tokens = 0
+        self.accepted_tokens = 0
         #: the exception that stopped the driver thread, if one did
         self.broken: Optional[BaseException] = None
         self.on_done: Optional[Callable[[EngineRequest], None]] = None
@@ -184,6 +202,10 @@ class Engine:
             host_saves=host.saves, host_restores=host.restores, host_evictions=host.evictions,
             refreshed_tokens=self._core.refreshed)
 
+    def speculative_stats(self) -> SpeculativeStats:
+        """Speculative decoding of the requests that ended (see :class:`SpeculativeStats`)."""
+        return SpeculativeStats(self.draft_steps, self.drafted_tokens, self.accepted_tokens)
+
     def clear_prompt_cache(self) -> int:
         """Drop the host-memory cache's entries; the bytes given back."""
         if self.host_cache is None:
@@ -215,6 +237,7 @@ class Engine:
             raise InvalidTokenError(f"token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})")
         cfg = request.config
         # built here, on the caller's side: the driver runs no code that bad input can break
+        request.speculator = new_speculator(cfg, self._draft is not None)
         request.sampler = new_sampler(self._model._core, cfg)
         with self._cv:
             if self._closing:
@@ -264,6 +287,11 @@ class Engine:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()  # (the driver itself can get here: a garbage collection run in it)
         self._core.close()
+        if self._draft is not None:
+            draft, drafter, owned = self._draft
+            drafter.close()
+            if owned:
+                draft.close()  # type: ignore[attr-defined]
         if self.host_cache is not None:
             self.host_cache.clear()
 
@@ -390,7 +418,7 @@ class Engine:
         assert sampler is not None  # made by submit()
         try:
             reuse = core.start(slot, tokens, sampler, cfg.max_tokens, cfg.include_probabilities, cfg.top_logprobs,
-                               reuse=reuse, source=source)
+                               reuse=reuse, source=source, speculator=req.speculator)
         except Exception as exc:
             sampler.close()
             req.error = exc
@@ -430,6 +458,8 @@ class Engine:
         for slot, req in list(self._active.items()):
             toks, pieces, lps, top = core.drain(slot)
             _, finish, cancelled, _, _, _ = core.slot_state(slot)
+            if req.speculator is not None:
+                req.drafted_tokens, req.accepted_tokens = req.speculator.drafted, req.speculator.accepted
             if toks:
                 batch, stopped = req.add(toks, pieces, lps, len(req.tokens_in) + len(req.tokens),
                                          ends=finish != _core.STATUS_OK, top=top)
@@ -462,6 +492,10 @@ class Engine:
         req.end(reason)
         self.completed += 1
         self.generated_tokens += len(req.tokens)
+        if req.speculator is not None:
+            self.draft_steps += req.speculator.drafts
+            self.drafted_tokens += req.drafted_tokens
+            self.accepted_tokens += req.accepted_tokens
         if req.t_start is not None and req.t_end is not None:
             self.generations += 1
             self.generation_ms += (req.t_end - req.t_start) * 1e3

@@ -14,6 +14,7 @@ __all__ = [
     "InsufficientMemoryError",
     "ContextOverflowError",
     "InvalidConfigError",
+    "IncompatibleDraftModelError",
     "InvalidTokenError",
     "ClosedError",
     "BusyError",
@@ -66,6 +67,10 @@ class ContextOverflowError(MullamaError):
 
 class InvalidConfigError(MullamaError, ValueError):
     """A configuration or sampling value is out of range or of the wrong type."""
+
+
+class IncompatibleDraftModelError(InvalidConfigError):
+    """A draft model for speculative decoding does not have the model's tokens."""
 
 
 class InvalidTokenError(MullamaError, ValueError):

@@ -18,9 +18,10 @@ from typing import List, Optional, Sequence, Tuple
 
 from . import _core
 from ._config import StreamConfig
-from ._errors import MullamaError, RequestTimeoutError
+from ._errors import InvalidConfigError, MullamaError, RequestTimeoutError
 
-__all__ = ["TokenData", "Timings", "RequestMetrics", "Completion", "Generation", "new_sampler", "timeout_error"]
+__all__ = ["TokenData", "Timings", "RequestMetrics", "SpeculativeStats", "Completion", "Generation", "new_sampler",
+           "new_speculator", "timeout_error"]
 
 #: the finish reason of each way a C loop ends a generation
 FINISH_REASONS = {
@@ -69,7 +70,9 @@ class Timings:
     ``time_to_first_token_ms``: from the request to its first token, queue
     included. ``cached_tokens``: how many of the ``prompt_tokens`` were
     reused from the engine's prompt cache rather than evaluated
-    (:attr:`evaluated_prompt_tokens` were).
+    (:attr:`evaluated_prompt_tokens` were). ``drafted_tokens`` and
+    ``accepted_tokens``: with speculative decoding, the tokens drafted and
+    those of them the model accepted (:attr:`acceptance_rate`).
     """
 
     prompt_tokens: int
@@ -79,10 +82,17 @@ class Timings:
     time_to_first_token_ms: float
     queue_ms: float = 0.0
     cached_tokens: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
     @property
     def evaluated_prompt_tokens(self) -> int:
         return self.prompt_tokens - self.cached_tokens
+
+    @property
+    def acceptance_rate(self) -> float:
+        """The share of drafted tokens the model accepted (0.0 without drafts)."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
     @property
     def prompt_tokens_per_s(self) -> float:
@@ -99,7 +109,8 @@ class RequestMetrics:
 
     ``generation_tokens_per_s`` counts the tokens after the first (the first
     one's time is in the time to first token); ``prompt_tokens_per_s``
-    counts the evaluated prompt tokens (``prompt_tokens - cached_tokens``).
+    counts the evaluated prompt tokens (``prompt_tokens - cached_tokens``);
+    ``drafted_tokens`` and ``accepted_tokens`` count speculative decoding's drafts.
     """
 
     queue_ms: float
@@ -110,6 +121,29 @@ class RequestMetrics:
     generation_tokens_per_s: float
     finish_reason: str
     cached_tokens: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class SpeculativeStats:
+    """Speculative decoding of the requests that ended so far (see
+    :class:`~mullama.SpeculativeConfig`).
+
+    Attributes:
+        drafts: drafts verified (one batched decode each).
+        drafted_tokens: tokens drafted.
+        accepted_tokens: drafted tokens the model accepted: each saved a decode step.
+    """
+
+    drafts: int
+    drafted_tokens: int
+    accepted_tokens: int
+
+    @property
+    def acceptance_rate(self) -> float:
+        """The share of drafted tokens accepted (0.0 without drafts)."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
 
 @dataclass(frozen=True)
@@ -155,6 +189,21 @@ def new_sampler(model: "_core.LlamaModel", cfg: StreamConfig) -> "_core.SamplerC
             sampler.close()
             raise
     return sampler
+
+
+def new_speculator(cfg: StreamConfig, has_draft_model: bool) -> "Optional[_core.Speculator]":
+    """The C state of *cfg*'s speculative decoding (None: off) on a decoder
+    that has (or not) a draft model; InvalidConfigError if it asks for a
+    draft model that is not there."""
+    spec = cfg.speculative
+    if spec is None:
+        return None
+    if spec.method == "draft_model" and not has_draft_model:
+        raise InvalidConfigError("speculative.method='draft_model' needs a draft model: load one with "
+                                 "create_context(draft_model=...), AsyncConfig(draft_model=...) or "
+                                 "mullama serve --draft-model")
+    use_model = spec.method == "draft_model" or (spec.method == "auto" and has_draft_model)
+    return _core.Speculator(spec.max_draft, spec.ngram_min, spec.ngram_max, use_model)
 
 
 class _TextAssembler:
@@ -231,6 +280,8 @@ class Generation:
         self.top_logprobs: List[Tuple[Tuple[int, float], ...]] = []
         self.prompt_tokens = 0
         self.cached_tokens = 0
+        self.drafted_tokens = 0
+        self.accepted_tokens = 0
         self.finish_reason: Optional[str] = None
         self.t_submit = time.perf_counter()
         self.t_start: Optional[float] = None
@@ -297,6 +348,8 @@ class Generation:
             time_to_first_token_ms=(first - self.t_submit) * 1e3,
             queue_ms=(start - self.t_submit) * 1e3,
             cached_tokens=self.cached_tokens,
+            drafted_tokens=self.drafted_tokens,
+            accepted_tokens=self.accepted_tokens,
         )
 
     def metrics(self) -> RequestMetrics:
@@ -313,6 +366,8 @@ class Generation:
             generation_tokens_per_s=(n - 1) / gen_s if n > 1 else 0.0,
             finish_reason=self.finish_reason or "",
             cached_tokens=self.cached_tokens,
+            drafted_tokens=self.drafted_tokens,
+            accepted_tokens=self.accepted_tokens,
         )
 
     def completion(self) -> Completion:

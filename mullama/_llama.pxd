@@ -222,6 +222,9 @@ cdef extern from "llama.h" nogil:
     llama_token llama_vocab_bos(const llama_vocab * vocab)
     llama_token llama_vocab_eos(const llama_vocab * vocab)
     bint llama_vocab_get_add_bos(const llama_vocab * vocab)
+    bint llama_vocab_get_add_eos(const llama_vocab * vocab)
+    int llama_vocab_type_of "llama_vocab_type"(const llama_vocab * vocab)
+    const char * llama_vocab_get_text(const llama_vocab * vocab, llama_token token)
 
     # Tokenization (thread-safe)
     int32_t llama_tokenize(const llama_vocab * vocab, const char * text, int32_t text_len,

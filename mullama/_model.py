@@ -459,6 +459,7 @@ class Model(Owner):
         flash_attention: bool = False,
         threads_batch: Optional[int] = None,
         adaptive_threads: bool = True,
+        draft_model: Union[PathLike, "Model", None] = None,
     ) -> "Context":
         """A new inference context with its own KV cache (a conversation).
 
@@ -474,8 +475,12 @@ class Model(Owner):
                 down under CPU contention make it try fewer threads, and it
                 climbs back when the machine is quiet. Outputs are the same
                 either way. ``False`` always uses ``threads``.
+            draft_model: a smaller model with this model's tokens (a path, loaded
+                and closed with the context, or a loaded :class:`Model`) that
+                drafts for speculative decoding (``StreamConfig(speculative=True)``).
 
         Raises:
+            IncompatibleDraftModelError: *draft_model* does not have this model's tokens.
             InsufficientMemoryError: the context's KV cache and attention
                 buffers, estimated from the model's metadata, need more memory
                 than is available (checked before anything is allocated).
@@ -498,7 +503,35 @@ class Model(Owner):
         self._check_memory(context_size, 1, batch_size, bool(flash_attention), what=what)
         core = _core.LlamaContext(self._core, context_size, batch_size, threads, threads_batch, bool(flash_attention),
                                   bool(adaptive_threads))
-        return Context(self, core, threads=threads)
+        if draft_model is None:
+            return Context(self, core, threads=threads)
+        try:
+            draft, drafter = self._drafter(draft_model, 1, context_size, threads)
+        except BaseException:
+            core.close()
+            raise
+        core.set_drafter(drafter)
+        return Context(self, core, threads=threads, draft=(drafter, draft if draft is not draft_model else None))
+
+    def _drafter(self, draft_model: Union[PathLike, "Model"], n_seq: int, n_ctx_seq: int,
+                 threads: int) -> "tuple[Model, _core.DraftModel]":
+        """The draft model (loaded if a path) and a context of it with *n_seq*
+        sequences, checked against this model's tokens."""
+        if isinstance(draft_model, Model):
+            if draft_model.closed:
+                raise ClosedError("the draft model is closed")
+            draft = draft_model
+        else:
+            draft = Model.load(draft_model)
+        try:
+            if draft._vocab_only:
+                raise InvalidModelError("the draft model was loaded with vocab_only=True: it cannot generate")
+            draft._check_memory(n_ctx_seq, n_seq, 512, False, what=f"a draft context of {n_seq} x {n_ctx_seq} tokens")
+            return draft, _core.DraftModel(draft._core, self._core, n_seq, n_ctx_seq, threads)
+        except BaseException:
+            if draft is not draft_model:
+                draft.close()
+            raise
 
     # -- memory -----------------------------------------------------------------------
 

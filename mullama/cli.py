@@ -107,6 +107,7 @@ def _mib(value: Optional[float], flag: str) -> Optional[int]:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from ._config import SpeculativeConfig
     from ._model import check_model_file
     from .aio import AsyncConfig
     from .server import BACKENDS, create_app, serve
@@ -125,10 +126,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue, timeout_ms=int(args.timeout * 1000) if args.timeout else None,
         gpu_layers=args.gpu_layers, flash_attention=args.flash_attention, adaptive_threads=not args.fixed_threads,
         prompt_cache_bytes=_mib(args.prompt_cache_mb, "--prompt-cache-mb"),
-        prompt_cache_exact=not args.inexact_prompt_cache)
+        prompt_cache_exact=not args.inexact_prompt_cache, draft_model=args.draft_model)
+    if args.draft_model:
+        check_model_file(args.draft_model)
+    # (a draft model is loaded to be used: it turns speculation on by default, as in llama-server)
+    speculative = SpeculativeConfig(max_draft=args.draft_max) if args.speculative or args.draft_model else None
     app = create_app(config, model_id=args.name, chat_template=template, api_key=args.api_key,
                      io_timeout=args.io_timeout, any_model_name=args.any_model_name,
-                     cors_origins=[o.strip() for o in (args.cors_origins or "").split(",") if o.strip()])
+                     cors_origins=[o.strip() for o in (args.cors_origins or "").split(",") if o.strip()],
+                     speculative=speculative)
 
     def ready(url: str) -> None:
         print(f"mullama: serving {app.model_id!r} at {url}/v1 ({args.backend}, {BACKENDS[args.backend]})",
@@ -196,6 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also reuse the KV cells of tokens decoded one at a time, as llama-server does: follow-ups "
                         "sent the moment a reply ends start sooner, but outputs may differ from an uncached run")
     _thread_args(p)
+    p.add_argument("--speculative", action="store_true",
+                   help="speculative decoding (prompt lookup) for every request that does not turn it off; "
+                        "the output is the same, faster when it repeats the input")
+    p.add_argument("--draft-max", type=int, default=16, metavar="N",
+                   help="with --speculative: most tokens drafted per step (default: 16)")
+    p.add_argument("--draft-model", "--model-draft", metavar="PATH",
+                   help="a smaller .gguf with the model's tokens that drafts for speculative decoding "
+                        "(instead of prompt lookup); implies --speculative")
     p.add_argument("--gpu-layers", type=int, default=0)
     p.add_argument("--flash-attention", action="store_true")
     p.add_argument("--timeout", type=float, default=600.0,

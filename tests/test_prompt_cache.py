@@ -193,7 +193,7 @@ async def test_a_cancelled_request_leaves_no_poisoned_cache(default_model_path):
     leaves cells that are exactly what they claim: the next one is exact."""
     prompt = (SYSTEM + "Tell me about the sea. ") * 12
     expected = cold(default_model_path, [prompt])[0]
-    async with await AsyncModel.load(default_model_path, max_concurrent=1, context_size=1024) as model:
+    async with await AsyncModel.load(default_model_path, max_concurrent=1, context_size=1024, timeout_ms=None) as model:
         for wait in (0.05, 0.3, 1.0):
             with anyio.move_on_after(wait):
                 async with model.generate_stream(prompt, GREEDY) as stream:
@@ -222,7 +222,7 @@ async def test_a_chat_hits_the_cache_on_every_turn(default_model_path, pause):
     questions = ["Name a planet.", "How far is it from the sun?", "And its largest moon?", "Thanks!"]
     cfg = StreamConfig.greedy(24)
     messages = [{"role": "system", "content": "You answer briefly."}]
-    async with await AsyncModel.load(default_model_path, max_concurrent=2, context_size=2048) as model:
+    async with await AsyncModel.load(default_model_path, max_concurrent=2, context_size=2048, timeout_ms=None) as model:
         with mullama.Model.load(default_model_path) as m:
             for i, q in enumerate(questions):
                 messages.append({"role": "user", "content": q})

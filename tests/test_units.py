@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import mullama
 from mullama import RequestTimeoutError, StreamConfig
-from mullama._generation import _TextAssembler
+from mullama._generation import SpeculativeStats, _TextAssembler
 from mullama._prompt_cache import PromptCacheStats
 from mullama.aio._stream import Handoff, deadline
 from mullama.server._metrics import ServerMetrics
@@ -502,7 +502,9 @@ def fake_model(n: int) -> SimpleNamespace:
                              host_restores=n, host_evictions=1)
     return SimpleNamespace(config=SimpleNamespace(max_concurrent=4, max_queue=64), active_workers=n, waiting=0,
                            kv_used=lambda: n * 100, tokens_in_flight=n * 3, thread_stats=lambda: stats,
-                           prompt_cache_stats=lambda: cache)
+                           prompt_cache_stats=lambda: cache,
+                           speculative_stats=lambda: SpeculativeStats(drafts=n, drafted_tokens=n * 8,
+                                                                      accepted_tokens=n * 6))
 
 
 def fake_runtime() -> SimpleNamespace:
@@ -549,6 +551,10 @@ def test_metrics_text_parses_as_prometheus_and_says_what_was_counted(
         assert families["mullama_prompt_cache_bytes"].samples[0].value == 3 << 20
         assert families["mullama_prompt_cache_entries"].samples[0].value == 3
         assert families["mullama_engine_decode_steps"].type == "counter"
+        assert families["mullama_speculative_drafts"].samples[0].value == 3
+        assert families["mullama_speculative_drafted_tokens"].samples[0].value == 24
+        assert families["mullama_speculative_accepted_tokens"].samples[0].value == 18
+        assert families["mullama_speculative_acceptance_rate"].samples[0].value == 0.75
         assert families["mullama_runtime_uptime_seconds"].samples[0].value == 3.25
 
 

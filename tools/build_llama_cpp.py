@@ -123,6 +123,15 @@ def cmake_options() -> list[str]:
             opts.append(f"-D{name}={'ON' if ok else 'OFF'}")
     if os.environ.get("MULLAMA_CUDA") == "1":
         opts.append("-DGGML_CUDA=ON")
+    # llamafile's sgemm computes a matrix product of two or more rows along
+    # another path than one row (it declines n < 2), so a token's logits
+    # depended on how many tokens shared its decode: up to 0.43 apart on the
+    # default model at 200 tokens of context. Without it ggml computes each
+    # row alike whatever the batch (measured bit for bit): speculative
+    # decoding's verification, the prompt cache and the batching engine give
+    # the outputs of a plain run. Measured cost on the default model (Q4_1,
+    # which llamafile does not cover): none (docs/performance.md).
+    opts.append("-DGGML_LLAMAFILE=OFF")
     opts += shlex.split(os.environ.get("CMAKE_ARGS", ""))
     return opts
 

@@ -14,8 +14,8 @@ through the sync API, and cancellation reaches llama.cpp through the
 context's abort flag.
 """
 
-from .._config import StreamConfig
-from .._generation import Completion, RequestMetrics, TokenData
+from .._config import SpeculativeConfig, StreamConfig
+from .._generation import Completion, RequestMetrics, SpeculativeStats, TokenData
 from .._model import ModelInfo
 from .._prompt_cache import PromptCacheStats
 from ._model import AsyncConfig, AsyncContext, AsyncModel
@@ -40,6 +40,8 @@ __all__ = [
     "WorkerStatus",
     "GenerationResult",
     "RequestMetrics",
+    "SpeculativeConfig",
+    "SpeculativeStats",
     "StreamConfig",
     "TokenData",
     "Completion",

@@ -19,7 +19,7 @@ from .._chat import Message, chat_tokens, check_messages
 from .._config import StreamConfig, check_int, choice_configs, resolve_threads, token_list
 from .._context import Context, Prompt, ThreadStats
 from .._embed import EmbedCall
-from .._generation import Completion
+from .._generation import Completion, SpeculativeStats
 from .._tools import ChatCompletion, ChatDelta, ChatPlan, ReplyParser, plain_completion, plan_chat
 from .._errors import InvalidConfigError
 from .._engine import MAX_SEQUENCES, Engine
@@ -67,6 +67,10 @@ class AsyncConfig:
             at a time, as llama-server does: a follow-up sent the moment a
             reply ends (an agent's next call) starts sooner, but its output
             may differ from an uncached run's where two tokens are nearly tied.
+        draft_model: a smaller model with this model's tokens (a ``.gguf``
+            path) that drafts for the engine's requests that ask for
+            speculative decoding (``StreamConfig(speculative=True)``);
+            without one they draft by prompt lookup.
     """
 
     model_path: PathLike
@@ -80,6 +84,7 @@ class AsyncConfig:
     adaptive_threads: bool = True
     prompt_cache_bytes: Optional[int] = None
     prompt_cache_exact: bool = True
+    draft_model: Optional[PathLike] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_path, (str, os.PathLike)):
@@ -101,6 +106,9 @@ class AsyncConfig:
         if not isinstance(self.prompt_cache_exact, bool):
             raise InvalidConfigError(
                 f"prompt_cache_exact must be a bool, got {type(self.prompt_cache_exact).__name__}")
+        if self.draft_model is not None and not isinstance(self.draft_model, (str, os.PathLike)):
+            raise InvalidConfigError(
+                f"draft_model must be a str or os.PathLike, got {type(self.draft_model).__name__}")
 
 
 class _Results:
@@ -289,7 +297,7 @@ class AsyncModel(_Results, Owner):
                 engine = Engine(model, config.max_concurrent, config.context_size, config.threads,
                                 config.flash_attention, config.max_queue, adaptive_threads=config.adaptive_threads,
                                 prompt_cache_bytes=config.prompt_cache_bytes,
-                                exact_prompt_cache=config.prompt_cache_exact)
+                                exact_prompt_cache=config.prompt_cache_exact, draft_model=config.draft_model)
                 if thread_name is not None:
                     engine.thread_name = thread_name
             except BaseException:
@@ -353,6 +361,11 @@ class AsyncModel(_Results, Owner):
         """The batching engine's prompt cache: tokens reused and evaluated, and
         the memory it holds (see the README's "Prompt cache")."""
         return self._engine.prompt_cache_stats()
+
+    def speculative_stats(self) -> SpeculativeStats:
+        """Speculative decoding (``StreamConfig.speculative``) of the engine's
+        requests that ended so far: drafts, tokens drafted and accepted."""
+        return self._engine.speculative_stats()
 
     def clear_prompt_cache(self) -> int:
         """Drop every sequence the host-memory prompt cache holds, giving its

@@ -34,7 +34,7 @@ import anyio
 from .._chat import check_template
 from .._tools import ChatDelta, ChatPlan, ReplyParser
 from .._config import SERVER_IO_TIMEOUT_S as IO_TIMEOUT_S
-from .._config import StreamConfig, choice_configs
+from .._config import SpeculativeConfig, StreamConfig, choice_configs
 from .._errors import (ChatTemplateError, ClosedError, ContextOverflowError, GrammarError, InvalidConfigError,
                        InvalidTokenError, MullamaError, OverloadedError, RequestTimeoutError)
 from ..aio import AsyncConfig, AsyncModel, Runtime, TokenData, TokenStream
@@ -76,12 +76,17 @@ class OpenAIApp:
         io_timeout: seconds a client may go without sending anything of its
             request body (then ``408``) or receiving anything of the response
             (then it counts as disconnected: its generation is cancelled).
+        speculative: speculative decoding for the requests that do not ask
+            for it or against it (their ``"speculative"``: true, false or an
+            object of :class:`~mullama.SpeculativeConfig`'s fields, or
+            llama.cpp's ``"speculative.n_max"``). None: off unless asked.
     """
 
     def __init__(self, model: Union[str, "os.PathLike[str]", AsyncConfig, AsyncModel], *,
                  model_id: Optional[str] = None, chat_template: Optional[str] = None,
                  api_key: Optional[str] = None, io_timeout: float = IO_TIMEOUT_S,
-                 any_model_name: bool = False, cors_origins: Sequence[str] = ()) -> None:
+                 any_model_name: bool = False, cors_origins: Sequence[str] = (),
+                 speculative: Optional[SpeculativeConfig] = None) -> None:
         if not (isinstance(io_timeout, (int, float)) and io_timeout > 0):
             raise InvalidConfigError(f"io_timeout must be a positive number of seconds, got {io_timeout!r}")
         self._given: Optional[AsyncModel] = None
@@ -102,6 +107,9 @@ class OpenAIApp:
             raise InvalidConfigError(f"cors_origins must be a list of origins, got {cors_origins!r}")
         self.cors_origins = frozenset(o.rstrip("/") for o in cors_origins)
         self.io_timeout = float(io_timeout)
+        if speculative is not None and not isinstance(speculative, SpeculativeConfig):
+            raise InvalidConfigError(f"speculative must be a SpeculativeConfig or None, got {speculative!r}")
+        self.speculative = speculative
         self.model: Optional[AsyncModel] = self._given
         self.runtime: Optional[Runtime] = None
         self.metrics = ServerMetrics()
@@ -364,9 +372,10 @@ class OpenAIApp:
             if req.sampling.get("frequency_penalty") or req.sampling.get("presence_penalty"):
                 # OpenAI's penalties count every token so far, not only the last 64
                 req.sampling.setdefault("repeat_last_n", min(model.request_context_size, 1 << 16))
+            fields = req.config_fields(self._max_tokens(model, req, max(len(p) for p in prompts)))
+            fields.setdefault("speculative", self.speculative)
             try:
-                config = await model.make_config(
-                    **req.config_fields(self._max_tokens(model, req, max(len(p) for p in prompts))))
+                config = await model.make_config(**fields)
             except (GrammarError, InvalidConfigError) as exc:
                 raise oa.ApiError(400, str(exc), param=req.constraint) from None
             if plan is not None:

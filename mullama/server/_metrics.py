@@ -164,6 +164,18 @@ class ServerMetrics:
             metric("mullama_prompt_cache_evictions_total", "counter",
                    "Sequences evicted from the host-memory prompt cache to stay within its budget.",
                    [((), pc.host_evictions)])
+            sp = model.speculative_stats()
+            metric("mullama_speculative_drafts_total", "counter",
+                   "Drafts verified by speculative decoding (one batched decode each), of ended requests.",
+                   [((), sp.drafts)])
+            metric("mullama_speculative_drafted_tokens_total", "counter",
+                   "Tokens drafted by speculative decoding, of ended requests.", [((), sp.drafted_tokens)])
+            metric("mullama_speculative_accepted_tokens_total", "counter",
+                   "Drafted tokens the model accepted (each saved a decode step), of ended requests.",
+                   [((), sp.accepted_tokens)])
+            metric("mullama_speculative_acceptance_rate", "gauge",
+                   "Accepted drafted tokens over drafted tokens, of ended requests (0 without drafts).",
+                   [((), sp.acceptance_rate)])
             metric("mullama_engine_tokens_in_flight", "gauge",
                    "Tokens generated so far by the requests holding a slot (their progress).",
                    [((), model.tokens_in_flight)])

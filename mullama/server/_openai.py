@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from .. import __version__
 from .._chat import check_messages
-from .._config import MAX_TOP_LOGPROBS, StreamConfig, check_constraint
+from .._config import MAX_TOP_LOGPROBS, SpeculativeConfig, StreamConfig, check_constraint
 from .._generation import Completion, TokenData
 from .._tools import ChatCompletion, ChatDelta, check_tools
 from .._errors import GrammarError, InvalidConfigError, MullamaError
@@ -124,6 +124,8 @@ _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream
            "frequency_penalty", "presence_penalty", "logprobs", "logit_bias",
            "response_format",
            "top_k", "min_p", "repeat_penalty", "repeat_last_n", "grammar", "json_schema",  # llama.cpp's extensions
+           "speculative.n_max",
+           "speculative",  # mullama's: true, false or {"max_draft", "ngram_min", "ngram_max"}
            # no effect on the answer
            "user", "metadata", "store", "service_tier"}
 _KNOWN = {
@@ -249,6 +251,9 @@ def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
             raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
         sampling["stop"] = tuple(stop)
+    spec = _speculative(body)
+    if spec is not None:
+        sampling["speculative"] = spec
     # structured output: OpenAI's response_format, llama.cpp's json_schema and grammar (GBNF)
     constraints = [name for name in ("response_format", "json_schema", "grammar") if body.get(name) is not None]
     for name in constraints:
@@ -270,6 +275,34 @@ def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
     except InvalidConfigError as exc:
         raise ApiError(400, str(exc), param=_param_of(exc, [*sampling, "max_tokens"])) from None
     return req
+
+
+def _speculative(body: Dict[str, Any]) -> Optional[Union[bool, SpeculativeConfig]]:
+    """The request's speculative decoding: mullama's ``speculative`` (true,
+    false or an object of :class:`SpeculativeConfig`'s fields) and llama.cpp's
+    ``speculative.n_max`` (the most tokens drafted); None: the server's default."""
+    spec = body.get("speculative")
+    n_max = _get(body, "speculative.n_max", (int,), "an integer")
+    if spec is not None and not isinstance(spec, (bool, dict)):
+        raise ApiError(400, f"'speculative' must be a boolean or an object, got {type(spec).__name__} {spec!r}",
+                       param="speculative")
+    if spec is False:
+        if n_max is not None:
+            raise ApiError(400, "'speculative.n_max' with 'speculative': false", param="speculative.n_max")
+        return False
+    if spec is None and n_max is None:
+        return None
+    fields = dict(spec) if isinstance(spec, dict) else {}
+    if n_max is not None:
+        fields["max_draft"] = n_max
+    unknown = sorted(set(fields) - {"max_draft", "ngram_min", "ngram_max"})
+    if unknown:
+        raise ApiError(400, f"'speculative' has no field {unknown[0]!r} (it takes max_draft, ngram_min and "
+                            "ngram_max)", param="speculative")
+    try:
+        return SpeculativeConfig(**fields)
+    except InvalidConfigError as exc:
+        raise ApiError(400, str(exc), param="speculative.n_max" if n_max is not None else "speculative") from None
 
 
 def _param_of(exc: MullamaError, fields: Sequence[str]) -> Optional[str]:
