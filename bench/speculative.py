@@ -5,22 +5,23 @@ speed in the same run.
 
 Tasks (greedy, the model's chat template):
 
-* ``edit``: "rewrite this file with one change": the first ``--lines`` lines
-  of a Python file of this repository (mullama/_engine.py), one function
-  renamed; the reply repeats the file;
-* ``quote``: answer questions about a document by quoting it (the README's
-  first section);
+* ``edit``: "rewrite this file with one change", a chat request: the first
+  ``--lines`` lines of a Python file of this repository
+  (mullama/_engine.py), one method renamed, the whole file asked back;
+* ``copy``: the same file, then its new version continued from its first
+  line (plain completion, as an editor applying an edit prompts);
 * ``free``: free-form text that does not repeat its prompt.
 
 Each round runs every task without and with speculation, one after the other
 (``Context.generate``; ``--engine`` also the batching engine of
-``AsyncModel``), and llama-bench's tg (``-p 0 -n 128``, the native loop's
-decode speed) on the same model and threads. Figures (one JSON line each):
+``AsyncModel``), and llama-bench's tg (``-p 0 -n 64 -d DEPTH``, the native loop's
+decode speed at the task's context) on the same model and threads. Figures (one JSON line each):
 
 * ``speculative_tok_s``: per task, generated tokens per second of the
   generation phase, median over rounds: plain, speculative, their ratio
-  (``speedup``, with its range), speculative over llama-bench's tg
-  (``vs_llama_bench``), the acceptance rate, and ``identical``: the
+  (``speedup``, with its range), speculative over llama-bench's tg at the
+  task's context depth (``-d``: the prompt and half the reply;
+  ``vs_llama_bench``), the acceptance rate, and ``identical``: the
   speculative output equalled the plain one in every round (greedy);
 * with ``--plot FILE``: speed-up against acceptance rate, every (task,
   round, max_draft) point, for docs/performance.md.
@@ -33,6 +34,7 @@ Usage: python bench/speculative.py [--rounds 3] [--lines 300] [--threads 2] [--e
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import statistics
 import subprocess
@@ -50,25 +52,41 @@ import mullama  # noqa: E402
 from mullama import Message, SpeculativeConfig, StreamConfig  # noqa: E402
 from mullama._chat import chat_tokens  # noqa: E402
 from _probes import emit  # noqa: E402
-from decode import llama_tool, native_rate  # noqa: E402
+from decode import llama_tool  # noqa: E402
 
 
-def tasks(lines: int) -> Dict[str, Tuple[List[Message], int]]:
-    """Each task's chat and its max_tokens."""
+def msg(role: str, content: str) -> Message:
+    return {"role": role, "content": content}
+
+
+def tasks(model: "mullama.Model", lines: int) -> Dict[str, Tuple[List[int], int]]:
+    """Each task's prompt tokens and max_tokens."""
     source = "\n".join((ROOT / "mullama" / "_engine.py").read_text().splitlines()[:lines])
     names = re.findall(r"^    def (\w+)\(", source, flags=re.M)
     old = max(names, key=source.count) if names else "submit"
-    readme = (ROOT / "README.md").read_text()
-    doc = readme[:readme.find("\n## ", 200)][:4000]
+    file_tokens = len(model.tokenize(source, add_bos=False))
+    first = source.splitlines()[0]
     return {
-        "edit": ([Message("system", "You are a careful code editor. You output the whole file and nothing else."),
-                  Message("user", f"Rename the method `{old}` to `{old}_now` everywhere in this file. Output "
-                                  f"the whole file.\n\n```python\n{source}\n```")], 6000),
-        "quote": ([Message("user", f"{doc}\n\nQuote, word for word, the three sentences of this text that say "
-                                   "what mullama is and what it runs, then say which one matters most.")], 400),
-        "free": ([Message("user", "Write a short story about a lighthouse keeper who finds a message in a "
-                                  "bottle. Make it vivid and original.")], 400),
+        # the issue's example, as a chat request (the reply is the file: max_tokens lets it end, not loop on)
+        "edit": (chat_tokens(model, [
+            msg("system", "You are a careful code editor. You output the whole file and nothing else."),
+            msg("user", f"Rename the method `{old}` to `{old}_now` everywhere in this file. Output the whole "
+                        f"file.\n\n```python\n{source}\n```")]), file_tokens + 32),
+        # an editor's "apply": the file, then its new version continued from its first line
+        "copy": (model.tokenize(f"# file: engine.py (original)\n{source}\n\n# file: engine_v2.py (the same "
+                                f"file, with `{old}` renamed to `{old}_now`)\n{first}\n"), file_tokens + 16),
+        "free": (chat_tokens(model, [msg("user", "Write a short story about a lighthouse keeper who finds a "
+                                                 "message in a bottle. Make it vivid and original.")]), 400),
     }
+
+
+def native_tg(exe: Path, model: Path, threads: int, depth: int) -> float:
+    """llama-bench's tg (-n 64, median of 2) after *depth* tokens of context (-d)."""
+    cmd = [str(exe), "-m", str(model), "-p", "0", "-n", "64", "-d", str(depth), "-t", str(threads), "-r", "2",
+           "-fa", "0", "-o", "jsonl"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return statistics.median(rows[-1].get("samples_ts") or [rows[-1]["avg_ts"]])
 
 
 def run(ctx: "mullama.Context", prompt: List[int], max_tokens: int,
@@ -82,7 +100,7 @@ async def run_engine(model_path: Path, prompt: List[int], max_tokens: int, threa
     from mullama.aio import AsyncModel
 
     async with await AsyncModel.load(model_path, context_size=n_ctx, max_concurrent=1, threads=threads,
-                                     prompt_cache_bytes=0) as model:
+                                     prompt_cache_bytes=0, timeout_ms=None) as model:
         return await model.generate(prompt, config=StreamConfig.greedy(max_tokens, speculative=spec))
 
 
@@ -98,7 +116,7 @@ def main() -> int:
     ap.add_argument("--max-draft", type=int, nargs="+", default=[16],
                     help="max_draft settings measured (the first one is the figures'; all go into the plot)")
     ap.add_argument("--engine", action="store_true", help="also measure the batching engine (AsyncModel)")
-    ap.add_argument("--only", nargs="+", choices=["edit", "quote", "free"], default=None)
+    ap.add_argument("--only", nargs="+", choices=["edit", "copy", "free"], default=None)
     ap.add_argument("--busy", type=int, default=0, help="CPU-bound processes running meanwhile")
     ap.add_argument("--plot", type=Path, default=None, help="write the speed-up against acceptance plot here")
     a = ap.parse_args()
@@ -109,17 +127,18 @@ def main() -> int:
     points: List[Tuple[str, int, float, float]] = []  # (task, max_draft, acceptance, speed-up)
     try:
         with mullama.Model.load(path) as model:
-            chats = {k: v for k, v in tasks(a.lines).items() if a.only is None or k in a.only}
-            prompts = {k: (chat_tokens(model, msgs, None, None), n) for k, (msgs, n) in chats.items()}
-            prompts = {k: (p, min(n, model.info.n_ctx_train - len(p))) for k, (p, n) in prompts.items()}
+            prompts = {k: (p, min(n, model.info.n_ctx_train - len(p))) for k, (p, n) in tasks(model, a.lines).items()
+                       if a.only is None or k in a.only}
             n_ctx = max(len(p) + n for p, n in prompts.values())
             rows: Dict[Tuple[str, str], List[float]] = {}
             same: Dict[str, bool] = {}
             with model.create_context(context_size=n_ctx, threads=a.threads) as ctx:
                 for r in range(a.rounds):
-                    native = native_rate(exe, path, "tg", 128, a.threads, 2)
-                    rows.setdefault(("native", ""), []).append(native)
                     for name, (prompt, n) in prompts.items():
+                        # the native loop's decode speed at this task's context: a depth of its prompt and
+                        # half its reply (decoding slows down as the context grows)
+                        native = native_tg(exe, path, a.threads, len(prompt) + n // 2)
+                        rows.setdefault((name, "native"), []).append(native)
                         plain = run(ctx, prompt, n, None)
                         rows.setdefault((name, "plain"), []).append(rate(plain))
                         for i, d in enumerate(a.max_draft):
@@ -157,7 +176,7 @@ def main() -> int:
                      speedup=round(statistics.median(speedups), 3), speedup_min=round(speedups[0], 3),
                      speedup_max=round(speedups[-1], 3),
                      vs_llama_bench=round(statistics.median(rows[(name, "vs_native")]), 3),
-                     llama_bench_tg=round(statistics.median(rows[("native", "")]), 1),
+                     llama_bench_tg=round(statistics.median(rows[(name, "native")]), 1),
                      acceptance=round(med["acceptance"], 3), identical=same[name], rounds=a.rounds, **extra)
     finally:
         for p in busy:
@@ -175,7 +194,7 @@ def plot(points: List[Tuple[str, int, float, float]], out: Path, busy: int) -> N
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for task, marker in (("edit", "o"), ("quote", "s"), ("free", "^")):
+    for task, marker in (("edit", "o"), ("copy", "s"), ("free", "^")):
         pts = [(acc, s) for t, _, acc, s in points if t == task]
         if pts:
             ax.plot(*zip(*pts), marker, linestyle="", label=task)

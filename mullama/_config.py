@@ -171,13 +171,14 @@ class SpeculativeConfig:
     quoting their sources), where the output copies long runs of the input.
 
     The output is what decoding without speculation gives: greedy decoding
-    gives the same tokens (bit for bit, as the verification computes every
-    token as a prompt chunk does), and sampled decoding the same distribution
-    (with a seed, the same tokens) since every token is sampled by the
-    request's own sampler after the tokens before it were accepted. A draft
-    grows while it is accepted and shrinks when it is not; after drafts that
-    are rejected outright, drafting pauses, so text that does not repeat its
-    input costs almost nothing.
+    gives the same tokens, and sampled decoding the same distribution (with a
+    seed, the same tokens), since every token is sampled by the request's own
+    sampler after the tokens before it were accepted. (Bit for bit where
+    llama.cpp computes a token's logits the same in a batch of any size: F32,
+    Q4_0, Q4_1 and Q8_0 weights; not the repacked K-quants, see the README.)
+    Each generation measures what a draft costs and how much of it is
+    accepted, drafts the length that pays best, and drafts nothing (but for a
+    probe now and then) when no draft beats a plain step.
 
     With a draft model (``Model.create_context(draft_model=...)``,
     ``AsyncConfig(draft_model=...)``, ``mullama serve --draft-model``), a
@@ -263,7 +264,7 @@ class StreamConfig:
             "json_schema": {"name": ..., "schema": {...}, "strict": true}}``.
         speculative: speculative decoding (a :class:`SpeculativeConfig`, or
             ``True`` for its defaults); ``None`` (or ``False``) decodes one
-            token per step. The output is the same either way.
+            token per step. The output is the same either way (see there).
 
     At most one of ``grammar``, ``json_schema`` and ``response_format`` may be
     given; :attr:`constraint` is the grammar the output follows.

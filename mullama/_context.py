@@ -442,7 +442,9 @@ class _Run(Generation):
         if not prompt and core.n_past == 0:
             raise MullamaError("the prompt is empty and the context holds nothing to continue from")
         self.prompt_tokens = len(prompt)
-        sampler = new_sampler(model._core, self.config)  # a bad grammar fails before anything is decoded
+        # a bad grammar or speculative setting fails before anything is decoded
+        speculator = new_speculator(self.config, model._core, self._ctx._draft is not None)
+        sampler = new_sampler(model._core, self.config)
         try:
             if core.decode(prompt) == _core.STATUS_ABORTED:
                 self.end("cancelled")
@@ -453,14 +455,14 @@ class _Run(Generation):
             if limit <= 0:
                 self.end("context_full")
                 return
-            yield from self._loop(core, sampler, limit)
+            yield from self._loop(core, sampler, speculator, limit)
         finally:
             sampler.close()
             self.end("cancelled")  # the consumer stopped early: the generation counts as cancelled
 
-    def _loop(self, core: "_core.LlamaContext", sampler: "_core.SamplerChain", limit: int) -> Iterator[List[TokenData]]:
+    def _loop(self, core: "_core.LlamaContext", sampler: "_core.SamplerChain",
+              speculator: "Optional[_core.Speculator]", limit: int) -> Iterator[List[TokenData]]:
         want_lp, n_top = self.config.include_probabilities, self.config.top_logprobs
-        speculator = new_speculator(self.config, self._ctx._draft is not None)
         chunk = 1  # the first chunk is one token, so that the first token arrives at once
         while True:
             n = len(self.tokens)

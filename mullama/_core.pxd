@@ -62,15 +62,15 @@ cdef extern from "_speculative.h" namespace "mullama" nogil:
         int ngram_min
         int ngram_max
         int max_draft
-        int cap
         long drafts
         long drafted
         long accepted
         vector[llama_token] draft
         vector[llama_token] hist
         void reset()
-        void record(int n, int n_acc)
-        bint ready()
+        int length(int most)
+        void plain_step(double seconds)
+        void record(int n, int n_acc, double seconds)
     int lookup_draft(Speculation * s, const vector[llama_token] & hist, llama_token last, int most) noexcept
     bint history_before_last(Speculation * s, const vector[llama_token] & tokens) noexcept
 
@@ -162,6 +162,7 @@ cdef struct Slot:
     llama_token pending  # sampled, not yet decoded (-1: none)
     int n_step           # tokens this slot put into the current batch
     int n_draft          # of them, drafted tokens to verify (after the pending one)
+    double t_draft       # seconds its draft took (speculation's cost model)
     int i_batch          # batch index whose logits this slot samples (-1: none)
     int n_gen            # tokens generated
     int max_gen
@@ -274,6 +275,7 @@ cdef class LlamaContext(_Decoder):
     cdef int _exports        # live buffer exports of the logits
     cdef object _owner       # threading.Lock: one user at a time (claim/release)
     cdef DraftModel drafter  # drafts for speculative decoding with a draft model (None: none)
+    cdef DraftModel _drafting  # the drafter a running call entered (None: no drafting with a model)
 
     cdef _free(self)
     cdef void _clear(self) noexcept
@@ -282,7 +284,7 @@ cdef class LlamaContext(_Decoder):
     cdef int _check(self, int status, int n_new) except -1
     cdef int _generate(self, Sampling * smpl, Speculation * spec, int n_max, double deadline, bint want_lp,
                        int n_top, Output * out) noexcept nogil
-    cdef int _speculate(self, Sampling * smpl, Speculation * spec, int * n_done, int n_max, double deadline,
+    cdef int _speculate(self, Sampling * smpl, Speculation * spec, int * n_done, int n_max, double t_draft,
                         bint want_lp, int n_top, Output * out) noexcept nogil
 
 
@@ -304,7 +306,9 @@ cdef class BatchEngine(_Decoder):
     cdef int _idle_step      # the running step holds only refresh tokens: wake() aborts it
     cdef int _next_prefill   # the slot whose prompt chunk comes next (prefilling slots take turns)
     cdef readonly long refreshed  # tokens re-evaluated by refresh steps
+    cdef double _decode_s    # seconds of the last llama_decode (speculation's cost model)
     cdef DraftModel drafter  # drafts for speculative decoding with a draft model (None: none)
+    cdef DraftModel _drafting  # the drafter a running call entered (None: no drafting with a model)
 
     cdef _free(self)
     cdef inline bint _runnable(self, Slot * s) noexcept nogil
@@ -318,7 +322,7 @@ cdef class BatchEngine(_Decoder):
     cdef int _prompt_chunks(self) noexcept nogil
     cdef int _decode_batch(self, int n, bint chunk) noexcept nogil
     cdef int _decode_tokens(self) noexcept nogil
-    cdef void _sample_slot(self, int i) noexcept nogil
+    cdef void _sample_slot(self, int i, bint chunk) noexcept nogil
     cdef int _step(self, int * n_decoded) noexcept nogil
     cdef bint _needs_driver(self) noexcept nogil
 

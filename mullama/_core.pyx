@@ -468,6 +468,13 @@ cdef class LlamaModel(_InC):
         self._check()
         return llama_vocab_bos(self.vocab), llama_vocab_eos(self.vocab), llama_vocab_get_add_bos(self.vocab)
 
+    @property
+    def can_drop_tail(self):
+        """Its memory can forget a sequence's last tokens (not a recurrent or
+        hybrid model's state), which speculative decoding needs."""
+        self._check()
+        return not (llama_model_is_recurrent(self.ptr) or llama_model_is_hybrid(self.ptr))
+
     def is_eog(self, int token):
         self._check()
         return llama_vocab_is_eog(self.vocab, token)
@@ -1003,10 +1010,14 @@ cdef tuple _take_output(Output * out, bint want_lp, int n_top):
 cdef int _make_draft(Speculation * spec, DraftModel drafter, int seq, const vector[llama_token] & hist,
                      llama_token last, int most, AbortState * ab) noexcept nogil:
     """A draft for *hist* then *last* (the pending token) into ``spec.draft``,
-    at most *most* tokens and the adaptive cap: by prompt lookup, or from the
-    draft model (``use_model``, sequence *seq*). Returns its length."""
+    at most *most* tokens: by prompt lookup, or from the draft model
+    (``use_model``, sequence *seq*; nothing without an entered *drafter*).
+    Returns its length."""
     if spec.use_model:
-        return drafter.draft(seq, hist, last, min(most, spec.cap), spec.draft, ab)
+        if drafter is None:  # (its model was closed: no drafts)
+            spec.draft.clear()
+            return 0
+        return drafter.draft(seq, hist, last, most, spec.draft, ab)
     return lookup_draft(spec, hist, last, most)
 
 
@@ -1211,11 +1222,13 @@ def vocab_mismatch(LlamaModel draft not None, LlamaModel target not None):
     cdef int i, n = min(llama_vocab_n_tokens(d), llama_vocab_n_tokens(t))
     if llama_vocab_type_of(d) != llama_vocab_type_of(t):
         return f"its tokenizer type ({llama_vocab_type_of(d)}) is not the model's ({llama_vocab_type_of(t)})"
-    if (llama_vocab_get_add_bos(d) != llama_vocab_get_add_bos(t)
-            or (llama_vocab_get_add_bos(t) and llama_vocab_bos(d) != llama_vocab_bos(t))):
+    if llama_vocab_get_add_bos(d) != llama_vocab_get_add_bos(t):
+        return "one of them adds a BOS token to a prompt and the other does not"
+    if llama_vocab_get_add_bos(t) and llama_vocab_bos(d) != llama_vocab_bos(t):
         return f"its BOS token ({llama_vocab_bos(d)}) is not the model's ({llama_vocab_bos(t)})"
-    if (llama_vocab_get_add_eos(d) != llama_vocab_get_add_eos(t)
-            or (llama_vocab_get_add_eos(t) and llama_vocab_eos(d) != llama_vocab_eos(t))):
+    if llama_vocab_get_add_eos(d) != llama_vocab_get_add_eos(t):
+        return "one of them adds an EOS token to a prompt and the other does not"
+    if llama_vocab_get_add_eos(t) and llama_vocab_eos(d) != llama_vocab_eos(t):
         return f"its EOS token ({llama_vocab_eos(d)}) is not the model's ({llama_vocab_eos(t)})"
     if abs(llama_vocab_n_tokens(d) - llama_vocab_n_tokens(t)) > 128:
         return f"it has {llama_vocab_n_tokens(d)} tokens and the model {llama_vocab_n_tokens(t)}"
@@ -1259,38 +1272,39 @@ cdef class DraftModel(_Decoder):
         something fails or *outer* (the target's abort state) is cancelled: a
         draft is only an optimisation."""
         cdef vector[llama_token] * seen = &self.seen[seq]
-        cdef int n = <int>hist.size() + 1, keep = 0, pos, m, j, rc
+        cdef int total = <int>hist.size() + 1, keep = 0, pos, m, j, rc
         cdef llama_token tok
         cdef float best
-        cdef llama_memory_t mem = llama_get_memory(self.ptr)
+        cdef llama_memory_t mem
         out.clear()
-        if most < 1 or self.ptr == NULL or n + most > self.n_ctx_seq:
+        if most < 1 or self.ptr == NULL or total + most > self.n_ctx_seq or abort_state_cancelled(outer):
             return 0
-        while keep < <int>seen.size() and keep < n - 1 and seen[0][keep] == hist[keep]:
+        mem = llama_get_memory(self.ptr)
+        while keep < <int>seen.size() and keep < total - 1 and seen[0][keep] == hist[keep]:
             keep += 1
         if keep < <int>seen.size():
             llama_memory_seq_rm(mem, seq, keep, -1)
             seen.resize(keep)
+        # what the draft's sequence lacks, one batch per call (a step stays short: no draft until
+        # it has caught up), logits for the last token
         pos = keep
-        while pos < n:  # what the draft's sequence lacks, logits for the last token
-            if abort_state_cancelled(outer):
-                return 0
-            m = min(self.n_batch, n - pos)
-            for j in range(m):
-                tok = hist[pos + j] if pos + j < n - 1 else last
-                self.batch.token[j] = tok
-                self.batch.pos[j] = pos + j
-                self.batch.n_seq_id[j] = 1
-                self.batch.seq_id[j][0] = seq
-                self.batch.logits[j] = pos + j == n - 1
-            self.batch.n_tokens = m
-            rc = _governed_decode(self.ptr, self.batch, self.gov, &self.ab)
-            if rc != ST_OK:
-                llama_memory_seq_rm(mem, seq, pos, -1)
-                return 0
-            for j in range(m):
-                seen.push_back(self.batch.token[j])
-            pos += m
+        m = min(self.n_batch, total - pos)
+        for j in range(m):
+            self.batch.token[j] = hist[pos + j] if pos + j < total - 1 else last
+            self.batch.pos[j] = pos + j
+            self.batch.n_seq_id[j] = 1
+            self.batch.seq_id[j][0] = seq
+            self.batch.logits[j] = pos + j == total - 1
+        self.batch.n_tokens = m
+        rc = _governed_decode(self.ptr, self.batch, self.gov, &self.ab)
+        if rc != ST_OK:
+            llama_memory_seq_rm(mem, seq, pos, -1)
+            return 0
+        for j in range(m):
+            seen.push_back(self.batch.token[j])
+        pos += m
+        if pos < total:
+            return 0
         while True:
             tok = argmax(llama_get_logits_ith(self.ptr, -1), self.model.n_vocab, &best)
             if tok >= self.n_target_vocab or llama_vocab_is_eog(self.model.vocab, tok):
@@ -1358,8 +1372,6 @@ cdef class LlamaContext(_Decoder):
 
     def set_drafter(self, DraftModel drafter):
         """The draft model of speculative decoding with ``draft_model`` (None: none)."""
-        if drafter is not None and drafter.n_seq < 1:
-            raise _errors.MullamaError("the draft context has no sequence")
         self.drafter = drafter
 
     def claim(self, bint blocking=False):
@@ -1583,26 +1595,33 @@ cdef class LlamaContext(_Decoder):
                        int n_top, Output * out) noexcept nogil:
         """The generation loop: decode what is pending, sample, stop at an end.
         With *spec*, a step that finds a draft verifies it (_speculate)."""
-        cdef int i = 0, rc, st, k
+        cdef int i = 0, rc, st, k, most
         cdef llama_token tok
+        cdef double t0
+        cdef bint plain
         while i < n_max:
             if abort_state_cancelled(&self.ab):
                 return ST_ABORTED
             self._refresh_last()
             k = 0
-            if (spec != NULL and n_max - i > 1 and self._n_kv == <int>self._tokens.size() - 1
-                    and spec.ready() and history_before_last(spec, self._tokens)):
-                k = _make_draft(spec, self.drafter, 0, spec.hist, self._tokens.back(),
-                                min(n_max - i - 1, self.n_ctx - <int>self._tokens.size(), self.n_batch - 1), &self.ab)
+            plain = spec != NULL and self._n_kv == <int>self._tokens.size() - 1  # one pending token
+            if plain and n_max - i > 1:
+                most = spec.length(min(n_max - i - 1, self.n_ctx - <int>self._tokens.size(), self.n_batch - 1))
+                if most > 0 and history_before_last(spec, self._tokens):
+                    t0 = mullama_now()
+                    k = _make_draft(spec, self._drafting, 0, spec.hist, self._tokens.back(), most, &self.ab)
             if k > 0:
-                st = self._speculate(smpl, spec, &i, n_max, deadline, want_lp, n_top, out)
+                st = self._speculate(smpl, spec, &i, n_max, mullama_now() - t0, want_lp, n_top, out)
                 if st != ST_OK:
                     return st
             else:
                 if self._n_kv < <int>self._tokens.size():
+                    t0 = mullama_now()
                     rc = self._decode_pending()
                     if rc != ST_OK:
                         return rc
+                    if plain:
+                        spec.plain_step(mullama_now() - t0)
                 st = _sample_into(self.ptr, -1, smpl, self.model.vocab, self.model.n_vocab, want_lp, n_top, out,
                                   &tok)
                 if st == ST_DEAD_END:
@@ -1616,16 +1635,19 @@ cdef class LlamaContext(_Decoder):
                 break
         return ST_OK
 
-    cdef int _speculate(self, Sampling * smpl, Speculation * spec, int * n_done, int n_max, double deadline,
+    cdef int _speculate(self, Sampling * smpl, Speculation * spec, int * n_done, int n_max, double t_draft,
                         bint want_lp, int n_top, Output * out) noexcept nogil:
         """Verify ``spec.draft`` (see _speculative.h): one decode of the pending
         token and the draft, then sample row after row while the sampled
         token is the drafted one; the cells after the last accepted token are
         dropped and the last sampled token is pending, as after a plain step.
-        Counts the sampled tokens into *n_done*. Returns ST_OK, ST_EOG,
-        ST_DEAD_END or a failed decode's status (nothing of it kept)."""
+        Counts the sampled tokens into *n_done*; *t_draft*: the seconds the
+        draft took (the cost model counts them with the verification).
+        Returns ST_OK, ST_EOG, ST_DEAD_END or a failed decode's status
+        (nothing of it kept)."""
         cdef int k = <int>spec.draft.size(), start = self._n_kv, j, rc, st = ST_OK, n_acc = 0
         cdef llama_token tok
+        cdef double t0 = mullama_now(), seconds
         for j in range(k + 1):
             self.batch.token[j] = self._tokens[start] if j == 0 else spec.draft[j - 1]
             self.batch.pos[j] = start + j
@@ -1634,6 +1656,7 @@ cdef class LlamaContext(_Decoder):
             self.batch.logits[j] = 1
         self.batch.n_tokens = k + 1
         rc = _governed_decode(self.ptr, self.batch, self.gov, &self.ab)
+        seconds = mullama_now() - t0 + t_draft
         if rc != ST_OK:
             llama_memory_seq_rm(llama_get_memory(self.ptr), 0, start, -1)
             self._logits_ok = False
@@ -1646,12 +1669,13 @@ cdef class LlamaContext(_Decoder):
                 break
             n_done[0] += 1
             self._tokens.push_back(tok)
-            if (st != ST_OK or n_acc == k or tok != spec.draft[n_acc] or n_done[0] >= n_max
-                    or (deadline > 0.0 and mullama_now() >= deadline)):
+            # (no deadline here: the verified rows are computed already, sampling them is cheap;
+            # a draft is at most n_max - n_done - 1 tokens, so n_max is never passed)
+            if st != ST_OK or n_acc == k or tok != spec.draft[n_acc]:
                 break
             n_acc += 1      # the drafted token is the sampled one: its cell (row n_acc) stays
             self._n_kv += 1
-        spec.record(k, n_acc)
+        spec.record(k, n_acc, seconds)
         llama_memory_seq_rm(llama_get_memory(self.ptr), 0, self._n_kv, -1)
         self._logits_ok = False
         return st
@@ -1683,12 +1707,13 @@ cdef class LlamaContext(_Decoder):
         try:
             if speculator is not None:
                 spec = speculator.s
-                if spec.use_model:
-                    if self.drafter is None:
-                        raise _errors.InvalidConfigError(
-                            "speculative decoding with a draft model, and the context has none")
-                    self.drafter._enter()  # (its model's close() waits for it to leave)
-                    drafter = self.drafter
+                if spec.use_model and self.drafter is not None:
+                    try:
+                        self.drafter._enter()  # (its model's close() waits for it to leave)
+                        drafter = self.drafter
+                    except _errors.ClosedError:
+                        pass  # its model was closed: no drafts
+            self._drafting = drafter
             if smpl == NULL:
                 raise _errors.ClosedError("the sampler is closed")
             if self._tokens.empty():
@@ -1701,6 +1726,7 @@ cdef class LlamaContext(_Decoder):
                 _check_status(status, None)
             return (status,) + _take_output(&out, logprobs, top_logprobs)
         finally:
+            self._drafting = None
             if drafter is not None:
                 drafter._leave()
             self._leave()
@@ -1831,6 +1857,7 @@ cdef class BatchEngine(_Decoder):
         self._idle_step = 0
         self._next_prefill = 0
         self.refreshed = 0
+        self._decode_s = 0.0
 
     def __init__(self, LlamaModel model not None, int n_seq, int n_ctx_seq, int n_batch=512, int n_threads=1,
                  bint flash_attention=False, int prefill_chunk=256, bint adaptive_threads=True, bint exact=True):
@@ -1861,6 +1888,7 @@ cdef class BatchEngine(_Decoder):
         empty.pending = -1
         empty.n_step = 0
         empty.n_draft = 0
+        empty.t_draft = 0.0
         empty.i_batch = -1
         empty.n_gen = 0
         empty.max_gen = 0
@@ -1906,8 +1934,6 @@ cdef class BatchEngine(_Decoder):
                 raise _errors.MullamaError("the prompt is empty")
             if sampler.s == NULL:
                 raise _errors.ClosedError("the sampler is closed")
-            if speculator is not None and speculator.s.use_model and self.drafter is None:
-                raise _errors.InvalidConfigError("speculative decoding with a draft model, and the engine has none")
             if <int>toks.size() + max_gen > self.n_ctx_seq:
                 raise _errors.ContextOverflowError(
                     f"the prompt ({toks.size()} tokens) plus max_tokens ({max_gen}) do not fit in a request's "
@@ -2150,6 +2176,8 @@ cdef class BatchEngine(_Decoder):
             sampler = self.samplers[slot]
             self.samplers[slot] = None
             self.smpls[slot] = NULL
+            self.speculators[slot] = None
+            self.specs[slot] = NULL
             if sampler is not None:
                 (<SamplerChain>sampler).close()
         finally:
@@ -2263,11 +2291,12 @@ cdef class BatchEngine(_Decoder):
         """Decode the *n* tokens the slots with ``n_step`` put into the batch;
         then record them (a chunk's are reusable, see match()) and sample the
         slots with ``i_batch``. On failure nothing of it is kept."""
-        cdef int i, rc, st
+        cdef int i, rc
         cdef Slot * s
-        cdef llama_token tok
         self.batch.n_tokens = n
+        self._decode_s = mullama_now()
         rc = _governed_decode(self.ptr, self.batch, self.gov, &self.ab)
+        self._decode_s = mullama_now() - self._decode_s
         for i in range(self.n_seq):
             self.slots[i].copy_pending = False  # (llama_decode made the copies first)
         if rc != ST_OK:
@@ -2302,15 +2331,16 @@ cdef class BatchEngine(_Decoder):
                     self.prompts[i].clear()
             s.n_step = 0
             if s.i_batch >= 0:
-                self._sample_slot(i)
+                self._sample_slot(i, chunk)
         return ST_OK
 
-    cdef void _sample_slot(self, int i) noexcept nogil:
+    cdef void _sample_slot(self, int i, bint chunk) noexcept nogil:
         """Sample slot *i*'s next token from batch row ``i_batch``; with a
         draft (``n_draft`` tokens in the rows after it, their cells after the
         pending token's), go on row after row while the sampled token is the
         drafted one, keep those drafted tokens' cells and drop the others
-        (see _speculative.h)."""
+        (see _speculative.h). *chunk*: the batch was a prompt chunk (its time
+        is no decode step's)."""
         cdef Slot * s = &self.slots[i]
         cdef int st, n_acc = 0, k = s.n_draft
         cdef llama_token tok
@@ -2337,9 +2367,11 @@ cdef class BatchEngine(_Decoder):
                 s.n_exact += 1
         s.i_batch = -1
         if k:
-            self.specs[i].record(k, n_acc)
+            self.specs[i].record(k, n_acc, self._decode_s + s.t_draft)
             llama_memory_seq_rm(llama_get_memory(self.ptr), i, s.pos, -1)
             s.n_draft = 0
+        elif self.specs[i] != NULL and not chunk:
+            self.specs[i].plain_step(self._decode_s)
 
     cdef int _step(self, int * n_decoded) noexcept nogil:
         """One step: a llama_decode of every decoding slot's next token, then
@@ -2393,17 +2425,19 @@ cdef class BatchEngine(_Decoder):
 
     cdef int _decode_tokens(self) noexcept nogil:
         """Put every decoding slot's pending token into the batch, each
-        followed by its draft when every one of them has a draft (speculative
-        decoding, see _speculative.h): the drafts cut to the shortest, so that
-        llama.cpp's split_equal computes the batch in one piece of that many
-        tokens per sequence (a slot without a draft would cut it into two).
-        Returns the tokens put."""
-        cdef int i, j, k, n = 0, n_dec = 0, shortest = -1
+        followed by its draft when every one of them drafts (speculative
+        decoding, see _speculative.h): drafts of one length, the least any of
+        them asks, so that llama.cpp's split_equal computes the batch in one
+        piece of that many tokens per sequence (a slot without a draft would
+        cut it into two). Returns the tokens put."""
+        cdef int i, j, k, n = 0, n_dec = 0, most = -1
         cdef Slot * s
+        cdef double t0
         for i in range(self.n_seq):
             s = &self.slots[i]
             s.n_step = 0
             s.n_draft = 0
+            s.t_draft = 0.0
             s.i_batch = -1
             if not self._runnable(s) or s.pending < 0:
                 continue
@@ -2411,18 +2445,25 @@ cdef class BatchEngine(_Decoder):
                 s.finish = ST_CTX_FULL
                 continue
             n_dec += 1
-            k = 0
-            if self.specs[i] != NULL and shortest != 0 and self.specs[i].ready():
-                k = _make_draft(self.specs[i], self.drafter, i, self.hist[i], s.pending,
-                                min(s.max_gen - s.n_gen - 1, self.n_ctx_seq - s.pos - 1), &self.ab)
-            shortest = k if shortest < 0 else min(shortest, k)
-            s.n_draft = 1  # (decoding)
+            s.i_batch = 0  # (decoding: placed below)
+            if most != 0:  # the draft length all decoding slots ask for (0: one does not draft)
+                k = 0 if self.specs[i] == NULL else self.specs[i].length(
+                    min(s.max_gen - s.n_gen - 1, self.n_ctx_seq - s.pos - 1))
+                most = k if most < 0 else min(most, k)
         if n_dec == 0:
             return 0
-        k = max(0, min(shortest, self.n_batch // n_dec - 1))
+        most = max(0, min(most, self.n_batch // n_dec - 1))
+        k = most
+        for i in range(self.n_seq):  # the drafts (all of them, or none)
+            s = &self.slots[i]
+            if s.i_batch < 0 or k == 0:
+                continue
+            t0 = mullama_now()
+            k = min(k, _make_draft(self.specs[i], self._drafting, i, self.hist[i], s.pending, most, &self.ab))
+            s.t_draft = mullama_now() - t0
         for i in range(self.n_seq):
             s = &self.slots[i]
-            if not s.n_draft:
+            if s.i_batch < 0:
                 continue
             self._add(n, s.pending, s.pos, i, True)
             for j in range(k):
@@ -2462,7 +2503,8 @@ cdef class BatchEngine(_Decoder):
                     self.drafter._enter()  # (its model's close() waits for it to leave)
                     drafter = self.drafter
                 except _errors.ClosedError:
-                    pass  # closed: it drafts nothing (draft() sees no context)
+                    pass  # its model was closed: no drafts
+            self._drafting = drafter
             with nogil:
                 while not mullama_load_flag(&self.ab.flags[0]) and not mullama_load_flag(&_g_shutdown):
                     mullama_store_flag(&self.ab.flags[1], 0)
@@ -2482,6 +2524,7 @@ cdef class BatchEngine(_Decoder):
                                   f"({self.n_seq} sequences x {self.n_ctx_seq} tokens)")
             return total
         finally:
+            self._drafting = None
             if drafter is not None:
                 drafter._leave()
             self._leave()

@@ -237,7 +237,7 @@ class Engine:
             raise InvalidTokenError(f"token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})")
         cfg = request.config
         # built here, on the caller's side: the driver runs no code that bad input can break
-        request.speculator = new_speculator(cfg, self._draft is not None)
+        request.speculator = new_speculator(cfg, self._model._core, self._draft is not None)
         request.sampler = new_sampler(self._model._core, cfg)
         with self._cv:
             if self._closing:

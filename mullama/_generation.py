@@ -191,13 +191,18 @@ def new_sampler(model: "_core.LlamaModel", cfg: StreamConfig) -> "_core.SamplerC
     return sampler
 
 
-def new_speculator(cfg: StreamConfig, has_draft_model: bool) -> "Optional[_core.Speculator]":
+def new_speculator(cfg: StreamConfig, model: "_core.LlamaModel",
+                   has_draft_model: bool) -> "Optional[_core.Speculator]":
     """The C state of *cfg*'s speculative decoding (None: off) on a decoder
-    that has (or not) a draft model; InvalidConfigError if it asks for a
-    draft model that is not there."""
+    of *model* that has (or not) a draft model; InvalidConfigError if it asks
+    for a draft model that is not there, or *model* cannot drop a rejected
+    draft (a recurrent or hybrid model's state)."""
     spec = cfg.speculative
     if spec is None:
         return None
+    if not model.can_drop_tail:
+        raise InvalidConfigError("speculative decoding needs a model whose memory can drop rejected drafted "
+                                 "tokens; this one is recurrent (or hybrid): decode without speculative")
     if spec.method == "draft_model" and not has_draft_model:
         raise InvalidConfigError("speculative.method='draft_model' needs a draft model: load one with "
                                  "create_context(draft_model=...), AsyncConfig(draft_model=...) or "

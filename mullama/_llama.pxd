@@ -163,6 +163,8 @@ cdef extern from "llama.h" nogil:
     llama_memory_t llama_get_memory(const llama_context * ctx)
 
     const llama_vocab * llama_model_get_vocab(const llama_model * model)
+    bint llama_model_is_recurrent(const llama_model * model)
+    bint llama_model_is_hybrid(const llama_model * model)
 
     int32_t llama_model_n_ctx_train(const llama_model * model)
     int32_t llama_model_n_embd(const llama_model * model)

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Mapping, Optional, Sequence, Union
@@ -112,6 +113,8 @@ class Model(Owner):
         self._templates_lock = threading.Lock()
         self._thinking: "dict[str, bool]" = {}  # _template_thinks, by template
         self._embedders: "dict[tuple[Optional[str], int, int], Embedder]" = {}  # by (pooling, size, threads)
+        #: contexts that loaded a draft model of their own (closed with this model, the draft model too)
+        self._drafting: "weakref.WeakSet[Context]" = weakref.WeakSet()
 
     @classmethod
     def load(
@@ -161,6 +164,8 @@ class Model(Owner):
             for e in self._embedders.values():
                 e.close()
             self._embedders.clear()
+        for ctx in list(self._drafting):
+            ctx.close()
         self._core.close()
 
     def _template_thinks(self, template: Optional[str]) -> bool:
@@ -511,7 +516,10 @@ class Model(Owner):
             core.close()
             raise
         core.set_drafter(drafter)
-        return Context(self, core, threads=threads, draft=(drafter, draft if draft is not draft_model else None))
+        ctx = Context(self, core, threads=threads, draft=(drafter, draft if draft is not draft_model else None))
+        if draft is not draft_model:
+            self._drafting.add(ctx)
+        return ctx
 
     def _drafter(self, draft_model: Union[PathLike, "Model"], n_seq: int, n_ctx_seq: int,
                  threads: int) -> "tuple[Model, _core.DraftModel]":

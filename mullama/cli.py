@@ -130,7 +130,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.draft_model:
         check_model_file(args.draft_model)
     # (a draft model is loaded to be used: it turns speculation on by default, as in llama-server)
-    speculative = SpeculativeConfig(max_draft=args.draft_max) if args.speculative or args.draft_model else None
+    speculative = None
+    if args.speculative or args.draft_model:
+        if args.draft_max is not None and not 1 <= args.draft_max <= 256:
+            raise InvalidConfigError(f"--draft-max must be between 1 and 256, got {args.draft_max}")
+        speculative = SpeculativeConfig(max_draft=args.draft_max or 16)
+    elif args.draft_max is not None:
+        raise InvalidConfigError("--draft-max needs --speculative or --draft-model")
     app = create_app(config, model_id=args.name, chat_template=template, api_key=args.api_key,
                      io_timeout=args.io_timeout, any_model_name=args.any_model_name,
                      cors_origins=[o.strip() for o in (args.cors_origins or "").split(",") if o.strip()],
@@ -204,9 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     _thread_args(p)
     p.add_argument("--speculative", action="store_true",
                    help="speculative decoding (prompt lookup) for every request that does not turn it off; "
-                        "the output is the same, faster when it repeats the input")
-    p.add_argument("--draft-max", type=int, default=16, metavar="N",
-                   help="with --speculative: most tokens drafted per step (default: 16)")
+                        "faster when the output repeats the input, the same output (see the README)")
+    p.add_argument("--draft-max", type=int, default=None, metavar="N",
+                   help="with --speculative or --draft-model: most tokens drafted per step, 1-256 (default: 16)")
     p.add_argument("--draft-model", "--model-draft", metavar="PATH",
                    help="a smaller .gguf with the model's tokens that drafts for speculative decoding "
                         "(instead of prompt lookup); implies --speculative")

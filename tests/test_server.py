@@ -919,6 +919,8 @@ def test_serve_names_a_missing_model(tmp_path):
     (["--chat-template", "chatlm"], "unknown chat template 'chatlm'"),
     (["--chat-template", "{% for m in messages %}"], "not valid Jinja"),
     (["--port", "70000"], "port must be between 0 and 65535"),
+    (["--speculative", "--draft-max", "0"], "--draft-max must be between 1 and 256"),
+    (["--draft-max", "8"], "--draft-max needs --speculative or --draft-model"),
 ])
 def test_serve_refuses_bad_options(tiny_model_path, args, match):
     r = subprocess.run([sys.executable, "-m", "mullama", "serve", "--model", str(tiny_model_path), *args],

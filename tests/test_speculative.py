@@ -74,6 +74,24 @@ def test_a_speculative_context_continues_exactly(tiny_model):
         assert a.generate(" and", StreamConfig.greedy(40)).tokens == b.generate(" and", StreamConfig.greedy(40)).tokens
 
 
+def test_a_speculative_stream_left_early_keeps_what_was_seen(tiny_model):
+    """Speculation hands over several tokens per step; a consumer that leaves
+    the stream keeps only the tokens it saw, and the context goes on from there."""
+    with tiny_model.create_context(1024, threads=1) as plain_ctx, tiny_model.create_context(1024, threads=1) as ctx:
+        plain = plain_ctx.generate(PROMPTS[0], StreamConfig.greedy(200)).tokens
+        seen = []
+        for tok in ctx.stream(PROMPTS[0], StreamConfig.greedy(200, speculative=True)):
+            seen.append(tok.token_id)
+            if len(seen) == 50:
+                break
+        assert seen == plain[:50]
+        assert ctx.tokens == tiny_model.tokenize(PROMPTS[0]) + seen
+        more = ctx.generate("", StreamConfig.greedy(20, speculative=True)).tokens
+        plain_ctx.reset()
+        plain_ctx.eval(tiny_model.tokenize(PROMPTS[0]) + seen)
+        assert more == plain_ctx.generate("", StreamConfig.greedy(20)).tokens
+
+
 def test_speculative_settings_are_checked():
     assert StreamConfig(speculative=True).speculative == SpeculativeConfig()
     assert StreamConfig(speculative=False).speculative is None
@@ -232,22 +250,68 @@ def test_a_draft_model_needs_the_same_tokens(tiny_model, default_model_path, tin
 
 
 def test_a_loaded_draft_model_is_shared_and_left_open(tiny_model, other_tiny_path):
+    expected = None
+    with tiny_model.create_context(512, threads=1) as ctx:
+        expected = ctx.generate(PROMPTS[0], StreamConfig.greedy(40)).tokens
     with mullama.Model.load(other_tiny_path) as draft:
         with tiny_model.create_context(512, threads=1, draft_model=draft) as ctx:
-            ctx.generate(PROMPTS[0], StreamConfig.greedy(40, speculative=True))
+            assert ctx.generate(PROMPTS[0], StreamConfig.greedy(40, speculative=True)).tokens == expected
         assert not draft.closed  # the context borrowed it
         with tiny_model.create_context(512, threads=1, draft_model=draft) as ctx:
-            draft.close()  # closing the draft model under a context: speculation with it is refused
-            with pytest.raises(mullama.ClosedError):
-                ctx.generate(PROMPTS[0], StreamConfig.greedy(40, speculative=True))
+            draft.close()  # closed under the context: no more drafts, the same output
+            done = ctx.generate(PROMPTS[0], StreamConfig.greedy(40, speculative=True))
+            assert done.tokens == expected and done.timings.drafted_tokens == 0
+
+
+def test_a_draft_model_loaded_by_a_context_closes_with_its_model(tiny_model_path, other_tiny_path):
+    model = mullama.Model.load(tiny_model_path)
+    ctx = model.create_context(512, threads=1, draft_model=other_tiny_path)
+    drafter, draft = ctx._draft
+    model.close()
+    assert ctx.closed and drafter.closed and draft.closed
+
+
+def test_a_bad_speculative_setting_leaves_the_context_untouched(tiny_model):
+    with tiny_model.create_context(512, threads=1) as ctx:
+        with pytest.raises(InvalidConfigError, match="needs a draft model"):
+            ctx.generate(PROMPTS[0], StreamConfig.greedy(4, speculative=SpeculativeConfig(method="draft_model")))
+        assert ctx.n_past == 0
+
+
+@pytest.mark.parametrize("batch_size, max_tokens, context_size", [
+    (4, 150, 1024),   # drafts cut to the batch (3 tokens after the pending one)
+    (512, 1, 1024),   # one token: nothing to verify
+    (512, 2, 1024),
+    (512, 37, 1024),  # the last drafts cut to the tokens left
+    (512, 500, 0),    # into a full context (context_size 0: prompt + a few hundred tokens, below)
+])
+def test_long_drafts_at_the_edges(tiny_model, tiny_model_path, batch_size, max_tokens, context_size):
+    """The model drafting for itself: every draft is accepted, as long as the
+    limits allow (the batch, max_tokens, the context's end)."""
+    n_ctx = context_size or len(tiny_model.tokenize(PROMPTS[1])) + 120
+    config = StreamConfig.greedy(max_tokens)
+    with tiny_model.create_context(n_ctx, threads=1, batch_size=batch_size) as plain_ctx, \
+            tiny_model.create_context(n_ctx, threads=1, batch_size=batch_size, draft_model=tiny_model) as ctx:
+        for prompt in PROMPTS:
+            plain_ctx.reset()
+            ctx.reset()
+            plain = plain_ctx.generate(prompt, config)
+            spec = ctx.generate(prompt, config.replace(speculative=True))
+            assert spec.tokens == plain.tokens and spec.finish_reason == plain.finish_reason
+            assert ctx.tokens == plain_ctx.tokens and ctx.kv_used() == plain_ctx.kv_used()
+            assert spec.timings.accepted_tokens == spec.timings.drafted_tokens
+            if max_tokens > 2:
+                assert spec.timings.drafted_tokens > 0
 
 
 @pytest.mark.anyio
-async def test_engine_with_a_draft_model(tiny_model_path, other_tiny_path):
+@pytest.mark.parametrize("draft", ["same", "other"])
+async def test_engine_with_a_draft_model(tiny_model_path, other_tiny_path, draft):
     greedy = StreamConfig.greedy(150)
     expected = expected_tokens(tiny_model_path, greedy)
     async with await AsyncModel.load(tiny_model_path, max_concurrent=2, context_size=1024, threads=1,
-                                     prompt_cache_bytes=0, draft_model=other_tiny_path) as model:
+                                     prompt_cache_bytes=0,
+                                     draft_model=tiny_model_path if draft == "same" else other_tiny_path) as model:
         results: list = [None, None]
 
         async def one(i):
@@ -258,6 +322,8 @@ async def test_engine_with_a_draft_model(tiny_model_path, other_tiny_path):
                 tg.start_soon(one, i)
         assert [c.tokens for c in results] == expected
         assert model.speculative_stats().drafted_tokens > 0
+        if draft == "same":  # always right: both slots draft, verified side by side
+            assert all(0 < c.timings.accepted_tokens == c.timings.drafted_tokens for c in results)
     async with await AsyncModel.load(tiny_model_path, max_concurrent=1, context_size=512, threads=1) as model:
         with pytest.raises(InvalidConfigError, match="needs a draft model"):
             await model.generate("x", config=StreamConfig.greedy(4, speculative=SpeculativeConfig(method="draft_model")))

@@ -77,9 +77,10 @@ class OpenAIApp:
             request body (then ``408``) or receiving anything of the response
             (then it counts as disconnected: its generation is cancelled).
         speculative: speculative decoding for the requests that do not ask
-            for it or against it (their ``"speculative"``: true, false or an
-            object of :class:`~mullama.SpeculativeConfig`'s fields, or
-            llama.cpp's ``"speculative.n_max"``). None: off unless asked.
+            for it or against it, and its settings for those that send
+            ``"speculative": true`` (requests may also send false, an object
+            of :class:`~mullama.SpeculativeConfig`'s fields, or llama.cpp's
+            ``"speculative.n_max"``). None: off unless asked.
     """
 
     def __init__(self, model: Union[str, "os.PathLike[str]", AsyncConfig, AsyncModel], *,
@@ -373,7 +374,8 @@ class OpenAIApp:
                 # OpenAI's penalties count every token so far, not only the last 64
                 req.sampling.setdefault("repeat_last_n", min(model.request_context_size, 1 << 16))
             fields = req.config_fields(self._max_tokens(model, req, max(len(p) for p in prompts)))
-            fields.setdefault("speculative", self.speculative)
+            if fields.get("speculative", True) is True:  # absent, or true: the server's settings
+                fields["speculative"] = self.speculative or fields.get("speculative")
             try:
                 config = await model.make_config(**fields)
             except (GrammarError, InvalidConfigError) as exc:
