@@ -1007,6 +1007,18 @@ cdef tuple _take_output(Output * out, bint want_lp, int n_top):
 
 
 
+cdef DraftModel _entered(DraftModel drafter):
+    """*drafter* entered (its model's close() then waits for it to leave), or
+    None when there is none or its model was closed: then nothing is drafted."""
+    if drafter is None:
+        return None
+    try:
+        drafter._enter()
+    except _errors.ClosedError:
+        return None
+    return drafter
+
+
 cdef int _make_draft(Speculation * spec, DraftModel drafter, int seq, const vector[llama_token] & hist,
                      llama_token last, int most, AbortState * ab) noexcept nogil:
     """A draft for *hist* then *last* (the pending token) into ``spec.draft``,
@@ -1707,12 +1719,8 @@ cdef class LlamaContext(_Decoder):
         try:
             if speculator is not None:
                 spec = speculator.s
-                if spec.use_model and self.drafter is not None:
-                    try:
-                        self.drafter._enter()  # (its model's close() waits for it to leave)
-                        drafter = self.drafter
-                    except _errors.ClosedError:
-                        pass  # its model was closed: no drafts
+                if spec.use_model:
+                    drafter = _entered(self.drafter)
             self._drafting = drafter
             if smpl == NULL:
                 raise _errors.ClosedError("the sampler is closed")
@@ -2498,12 +2506,7 @@ cdef class BatchEngine(_Decoder):
         cdef double deadline = mullama_now() + budget_s
         cdef DraftModel drafter = None
         try:
-            if self.drafter is not None:
-                try:
-                    self.drafter._enter()  # (its model's close() waits for it to leave)
-                    drafter = self.drafter
-                except _errors.ClosedError:
-                    pass  # its model was closed: no drafts
+            drafter = _entered(self.drafter)
             self._drafting = drafter
             with nogil:
                 while not mullama_load_flag(&self.ab.flags[0]) and not mullama_load_flag(&_g_shutdown):

@@ -492,7 +492,8 @@ class Engine:
         req.end(reason)
         self.completed += 1
         self.generated_tokens += len(req.tokens)
-        if req.speculator is not None:
+        if req.speculator is not None:  # (its last counts: it may end without a last delivery)
+            req.drafted_tokens, req.accepted_tokens = req.speculator.drafted, req.speculator.accepted
             self.draft_steps += req.speculator.drafts
             self.drafted_tokens += req.drafted_tokens
             self.accepted_tokens += req.accepted_tokens

@@ -115,6 +115,19 @@ def expected_tokens(model_path, config):
         return out
 
 
+async def together(model, configs):
+    """PROMPTS[i] with configs[i], all sent at once; their completions."""
+    results: list = [None] * len(configs)
+
+    async def one(i):
+        results[i] = await model.generate(PROMPTS[i], config=configs[i])
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(configs)):
+            tg.start_soon(one, i)
+    return results
+
+
 @pytest.mark.anyio
 async def test_engine_speculation_gives_the_plain_output(tiny_model_path):
     greedy = StreamConfig.greedy(200)
@@ -130,15 +143,8 @@ async def test_engine_speculation_gives_the_plain_output(tiny_model_path):
         assert 0.0 < stats.acceptance_rate < 1.0
 
         # together: both speculative (drafts cut to one length), then one of them plain
-        for configs in ([True, True], [True, None]):
-            results: list = [None, None]
-
-            async def one(i):
-                results[i] = await model.generate(PROMPTS[i], config=greedy.replace(speculative=configs[i]))
-
-            async with anyio.create_task_group() as tg:
-                for i in range(2):
-                    tg.start_soon(one, i)
+        for specs in ([True, True], [True, None]):
+            results = await together(model, [greedy.replace(speculative=spec) for spec in specs])
             assert [c.tokens for c in results] == expected
 
 
@@ -312,14 +318,7 @@ async def test_engine_with_a_draft_model(tiny_model_path, other_tiny_path, draft
     async with await AsyncModel.load(tiny_model_path, max_concurrent=2, context_size=1024, threads=1,
                                      prompt_cache_bytes=0,
                                      draft_model=tiny_model_path if draft == "same" else other_tiny_path) as model:
-        results: list = [None, None]
-
-        async def one(i):
-            results[i] = await model.generate(PROMPTS[i], config=greedy.replace(speculative=True))
-
-        async with anyio.create_task_group() as tg:
-            for i in range(2):
-                tg.start_soon(one, i)
+        results = await together(model, [greedy.replace(speculative=True)] * 2)
         assert [c.tokens for c in results] == expected
         assert model.speculative_stats().drafted_tokens > 0
         if draft == "same":  # always right: both slots draft, verified side by side
