@@ -192,17 +192,23 @@ class SpeculativeConfig:
         method: ``"auto"`` (the draft model when there is one, else prompt
             lookup), ``"prompt_lookup"`` or ``"draft_model"`` (an error where
             there is no draft model).
+        adaptive: choose each draft's length by its measured cost (default);
+            False always drafts up to ``max_draft`` tokens (for measurements
+            and tests whose drafts must not depend on the machine's speed).
     """
 
     max_draft: int = 16
     ngram_min: int = 3
     ngram_max: int = 5
     method: str = "auto"
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         check_int("speculative.max_draft", self.max_draft, minimum=1, maximum=256)
         check_int("speculative.ngram_min", self.ngram_min, minimum=1, maximum=64)
         check_int("speculative.ngram_max", self.ngram_max, minimum=self.ngram_min, maximum=64)
+        if not isinstance(self.adaptive, bool):
+            raise InvalidConfigError(f"speculative.adaptive must be a bool, got {_shown(self.adaptive)}")
         if self.method not in SPECULATIVE_METHODS:
             raise InvalidConfigError(f"speculative.method must be one of {', '.join(SPECULATIVE_METHODS)}, "
                                      f"got {_shown(self.method)}")

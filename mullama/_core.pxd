@@ -62,6 +62,7 @@ cdef extern from "_speculative.h" namespace "mullama" nogil:
         int ngram_min
         int ngram_max
         int max_draft
+        bint adaptive
         long drafts
         long drafted
         long accepted
@@ -242,6 +243,7 @@ cdef class _Decoder(_InC):
     cdef _free(self)
     cdef inline int _enter(self) except -1
     cdef inline void _leave(self)
+    cdef inline void _add(self, int n, llama_token tok, llama_pos pos, int seq, bint logits) noexcept nogil
 
 
 cdef class ThreadGovernor:
@@ -312,7 +314,6 @@ cdef class BatchEngine(_Decoder):
 
     cdef _free(self)
     cdef inline bint _runnable(self, Slot * s) noexcept nogil
-    cdef inline void _add(self, int n, llama_token tok, llama_pos pos, int seq, bint logits) noexcept nogil
     cdef bint _holds_from_start(self, int slot, int n) noexcept nogil
     cdef int _check_slot(self, int slot) except -1
     cdef bint _copying(self) noexcept nogil

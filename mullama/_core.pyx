@@ -695,7 +695,8 @@ cdef class Speculator:
     def __cinit__(self):
         self.s = new Speculation()
 
-    def __init__(self, int max_draft=16, int ngram_min=3, int ngram_max=5, bint draft_model=False):
+    def __init__(self, int max_draft=16, int ngram_min=3, int ngram_max=5, bint draft_model=False,
+                 bint adaptive=True):
         if not 1 <= max_draft <= 256:
             raise _errors.InvalidConfigError(f"max_draft must be between 1 and 256, got {max_draft}")
         if not 1 <= ngram_min <= ngram_max <= 64:
@@ -705,6 +706,7 @@ cdef class Speculator:
         self.s.ngram_min = ngram_min
         self.s.ngram_max = ngram_max
         self.s.use_model = draft_model
+        self.s.adaptive = adaptive
         self.s.reset()
 
     @property
@@ -1138,6 +1140,14 @@ cdef class _Decoder(_InC):
     cdef inline void _leave(self):
         self._leave_c()
 
+    cdef inline void _add(self, int n, llama_token tok, llama_pos pos, int seq, bint logits) noexcept nogil:
+        """Row *n* of the batch: *tok* at *pos* of sequence *seq*, with logits or not."""
+        self.batch.token[n] = tok
+        self.batch.pos[n] = pos
+        self.batch.n_seq_id[n] = 1
+        self.batch.seq_id[n][0] = seq
+        self.batch.logits[n] = logits
+
     def thread_stats(self):
         """The compute threads: in use now, the maximum, and the governor's counts."""
         if self.gov == NULL:
@@ -1302,11 +1312,7 @@ cdef class DraftModel(_Decoder):
         pos = keep
         m = min(self.n_batch, total - pos)
         for j in range(m):
-            self.batch.token[j] = hist[pos + j] if pos + j < total - 1 else last
-            self.batch.pos[j] = pos + j
-            self.batch.n_seq_id[j] = 1
-            self.batch.seq_id[j][0] = seq
-            self.batch.logits[j] = pos + j == total - 1
+            self._add(j, hist[pos + j] if pos + j < total - 1 else last, pos + j, seq, pos + j == total - 1)
         self.batch.n_tokens = m
         rc = _governed_decode(self.ptr, self.batch, self.gov, &self.ab)
         if rc != ST_OK:
@@ -1324,11 +1330,7 @@ cdef class DraftModel(_Decoder):
             out.push_back(tok)
             if <int>out.size() == most or abort_state_cancelled(outer):
                 break
-            self.batch.token[0] = tok
-            self.batch.pos[0] = pos
-            self.batch.n_seq_id[0] = 1
-            self.batch.seq_id[0][0] = seq
-            self.batch.logits[0] = 1
+            self._add(0, tok, pos, seq, True)
             self.batch.n_tokens = 1
             if _governed_decode(self.ptr, self.batch, self.gov, &self.ab) != ST_OK:
                 llama_memory_seq_rm(mem, seq, pos, -1)
@@ -1515,11 +1517,7 @@ cdef class LlamaContext(_Decoder):
                 break
             n = min(self.n_batch, end - self._n_kv)
             for i in range(n):
-                self.batch.token[i] = self._tokens[self._n_kv + i]
-                self.batch.pos[i] = self._n_kv + i
-                self.batch.n_seq_id[i] = 1
-                self.batch.seq_id[i][0] = 0
-                self.batch.logits[i] = 0
+                self._add(i, self._tokens[self._n_kv + i], self._n_kv + i, 0, False)
             self.batch.logits[n - 1] = (self._n_kv + n == end)
             self.batch.n_tokens = n
             rc = _governed_decode(self.ptr, self.batch, self.gov, &self.ab)
@@ -1628,7 +1626,8 @@ cdef class LlamaContext(_Decoder):
                     return st
             else:
                 if self._n_kv < <int>self._tokens.size():
-                    t0 = mullama_now()
+                    if plain:
+                        t0 = mullama_now()
                     rc = self._decode_pending()
                     if rc != ST_OK:
                         return rc
@@ -1661,11 +1660,7 @@ cdef class LlamaContext(_Decoder):
         cdef llama_token tok
         cdef double t0 = mullama_now(), seconds
         for j in range(k + 1):
-            self.batch.token[j] = self._tokens[start] if j == 0 else spec.draft[j - 1]
-            self.batch.pos[j] = start + j
-            self.batch.n_seq_id[j] = 1
-            self.batch.seq_id[j][0] = 0
-            self.batch.logits[j] = 1
+            self._add(j, self._tokens[start] if j == 0 else spec.draft[j - 1], start + j, 0, True)
         self.batch.n_tokens = k + 1
         rc = _governed_decode(self.ptr, self.batch, self.gov, &self.ab)
         seconds = mullama_now() - t0 + t_draft
@@ -1797,11 +1792,7 @@ cdef class EmbeddingContext(_Decoder):
                         f"a batch of {n + toks.size()} tokens does not fit in the embedding context "
                         f"({self.n_batch})" if not toks.empty() else "an empty sequence has no embedding")
                 for j in range(<int>toks.size()):
-                    self.batch.token[n] = toks[j]
-                    self.batch.pos[n] = j
-                    self.batch.n_seq_id[n] = 1
-                    self.batch.seq_id[n][0] = s
-                    self.batch.logits[n] = 1
+                    self._add(n, toks[j], j, s, True)
                     n += 1
             rows = n if self.pooling == LLAMA_POOLING_TYPE_NONE else len(seqs)
             if out.shape[0] != rows or out.shape[1] != self.n_embd:
@@ -2214,13 +2205,6 @@ cdef class BatchEngine(_Decoder):
 
     cdef inline bint _runnable(self, Slot * s) noexcept nogil:
         return s.active and s.finish == ST_OK and not s.paused and not mullama_load_flag(&s.cancel)
-
-    cdef inline void _add(self, int n, llama_token tok, llama_pos pos, int seq, bint logits) noexcept nogil:
-        self.batch.token[n] = tok
-        self.batch.pos[n] = pos
-        self.batch.n_seq_id[n] = 1
-        self.batch.seq_id[n][0] = seq
-        self.batch.logits[n] = logits
 
     cdef int _chunk_size(self, int i, int most) noexcept nogil:
         """The tokens of slot *i*'s next prompt chunk, at most *most* (4 or

@@ -208,7 +208,7 @@ def new_speculator(cfg: StreamConfig, model: "_core.LlamaModel",
                                  "create_context(draft_model=...), AsyncConfig(draft_model=...) or "
                                  "mullama serve --draft-model")
     use_model = spec.method == "draft_model" or (spec.method == "auto" and has_draft_model)
-    return _core.Speculator(spec.max_draft, spec.ngram_min, spec.ngram_max, use_model)
+    return _core.Speculator(spec.max_draft, spec.ngram_min, spec.ngram_max, use_model, spec.adaptive)
 
 
 class _TextAssembler:

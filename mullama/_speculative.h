@@ -45,6 +45,7 @@ struct Speculation {
     int ngram_min = 3;    // the shortest n-gram looked up (longest first)
     int ngram_max = 5;
     int max_draft = 16;   // most tokens in a draft
+    bool adaptive = true; // false: always draft up to max_draft (no cost model)
 
     // the cost model (one generation)
     double t_step = 0.0;  // seconds of a plain step (0: not measured yet)
@@ -74,8 +75,8 @@ struct Speculation {
     // the draft length worth verifying now (at most `most`; 0: draft nothing this step)
     int length(int most) {
         most = std::min(most, max_draft);
-        if (most < 1) {
-            return 0;
+        if (most < 1 || !adaptive) {
+            return most < 1 ? 0 : most;
         }
         if (pause > 0) {
             pause--;

@@ -295,10 +295,10 @@ def _speculative(body: Dict[str, Any]) -> Optional[Union[bool, SpeculativeConfig
     fields = dict(spec) if isinstance(spec, dict) else {}
     if n_max is not None:
         fields["max_draft"] = n_max
-    unknown = sorted(set(fields) - {"max_draft", "ngram_min", "ngram_max"})
+    unknown = sorted(set(fields) - {"max_draft", "ngram_min", "ngram_max", "adaptive"})
     if unknown:
-        raise ApiError(400, f"'speculative' has no field {unknown[0]!r} (it takes max_draft, ngram_min and "
-                            "ngram_max)", param="speculative")
+        raise ApiError(400, f"'speculative' has no field {unknown[0]!r} (it takes max_draft, ngram_min, "
+                            "ngram_max and adaptive)", param="speculative")
     try:
         return SpeculativeConfig(**fields)
     except InvalidConfigError as exc:
