@@ -1,0 +1,121 @@
+"""Server subprocesses for the benches: ``mullama serve`` and llama-server.
+
+llama-server is built once per machine from the same pinned llama.cpp source
+and CPU options as mullama (``tools/build_llama_cpp.py``, the tools build).
+Both are started on a free loopback port, with their output discarded, and
+are ready when ``/health`` answers 200.
+
+Sizes: ``mullama serve --context-size`` is the tokens of one request;
+llama-server's ``-c`` is the whole KV cache, which it splits between its
+``-np`` slots (its KV cache is not unified when ``-np`` is given), so the two
+get the same cells per request with ``-c = slots x context``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def llama_server_binary() -> Path:
+    """llama-server from the cached tools build (built first if missing)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import build_llama_cpp
+
+    bdir = build_llama_cpp.build(("llama-server",), tools=True)
+    found = [p for p in bdir.rglob("llama-server") if p.is_file()]
+    if not found:
+        raise SystemExit(f"llama-server was not built in {bdir}")
+    return found[0]
+
+
+class Server:
+    """A server subprocess listening on 127.0.0.1:*port*; ``url`` has no path."""
+
+    def __init__(self, what: str, cmd: Sequence[str], port: int) -> None:
+        self.what = what
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(list(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"{what} exited with {self.proc.returncode}: {' '.join(cmd)}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.close()
+        raise SystemExit(f"{what} did not start within 120 s: {' '.join(cmd)}")
+
+    def cpu_seconds(self) -> float:
+        """The CPU time the server process has used so far (all its threads)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def quiesce(self, window: float = 0.2, timeout: float = 60.0) -> float:
+        """Wait until the server uses under 5% of a core over *window* seconds (work it does after
+        its responses: mullama re-evaluates the tails of finished requests for its prompt cache);
+        the CPU seconds it used meanwhile."""
+        start = last = self.cpu_seconds()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(window)
+            now = self.cpu_seconds()
+            if now - last < 0.05 * window:
+                break
+            last = now
+        return last - start
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def mullama_serve(model: Path, slots: int, context: int, threads: int, backend: str = "asyncio",
+                  fixed_threads: bool = True, extra: Sequence[str] = ()) -> Server:
+    """``mullama serve`` with *slots* requests of *context* tokens each and *threads* compute threads
+    (fewer when the machine is busy unless *fixed_threads*), served by uvicorn (asyncio) or hypercorn
+    (trio); the model id is ``bench``."""
+    port = free_port()
+    return Server(f"mullama serve ({backend})", [
+        sys.executable, "-m", "mullama", "serve", "--model", str(model), "--port", str(port), "--backend", backend,
+        "--context-size", str(context), "--max-concurrent", str(slots), "--threads", str(threads),
+        *(["--fixed-threads"] if fixed_threads else []), "--no-access-log", "--log-level", "warning",
+        "--name", "bench", *extra], port)
+
+
+def llama_server(binary: Path, model: Path, slots: int, context: int, threads: int,
+                 extra: Sequence[str] = ()) -> Server:
+    """llama-server with *slots* slots of *context* tokens each and *threads* threads (prompt and
+    generation), flash attention off as in mullama's default."""
+    port = free_port()
+    return Server("llama-server", [
+        str(binary), "-m", str(model), "-c", str(slots * context), "-np", str(slots), "-t", str(threads),
+        "-tb", str(threads), "--flash-attn", "off", "--host", "127.0.0.1", "--port", str(port), *extra], port)
