@@ -65,7 +65,7 @@ from mullama._chat import chat_tokens  # noqa: E402
 from mullama.aio import AsyncModel  # noqa: E402
 
 from _probes import rss  # noqa: E402
-from structured import LlamaServer, _free_port, llama_server_binary  # noqa: E402
+from _servers import llama_server, llama_server_binary, mullama_serve  # noqa: E402
 
 THREADS = 2
 N_CTX = 4096
@@ -89,45 +89,6 @@ def system_message(first_line: str) -> Dict[str, str]:
 
 
 # -- the two servers -------------------------------------------------------------------
-
-class MullamaServer:
-    def __init__(self, model: Path, slots: int, extra: Sequence[str] = ()) -> None:
-        self.port = _free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mullama", "serve", "--model", str(model), "--port", str(self.port),
-             "--context-size", str(N_CTX), "--max-concurrent", str(slots), "--threads", str(THREADS),
-             "--fixed-threads", "--no-access-log", "--name", "bench", *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.url = f"http://127.0.0.1:{self.port}"
-        _wait_healthy(self.proc, self.url, "mullama serve")
-
-    def close(self) -> None:
-        _stop(self.proc)
-
-
-def _wait_healthy(proc: subprocess.Popen, url: str, what: str) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{what} exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    _stop(proc)
-    raise SystemExit(f"{what} did not start")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
 
 def _client() -> httpx.AsyncClient:
     """A new connection per request (llama-server closes a connection after a stream, which a reused one
@@ -318,8 +279,8 @@ def soak_pair(requests: int, budget: int) -> Dict[str, object]:
 def rounds_of(path: Path, binary: Path, slots: int, n: int, one_round,
               extra: Sequence[str] = ()) -> List[Dict[str, Dict[str, object]]]:
     """*n* measured rounds (after a warm-up) of ``one_round(servers, r)`` against both servers."""
-    ours = MullamaServer(path, slots, extra)
-    theirs = LlamaServer(binary, path, N_CTX * slots, slots=slots)
+    ours = mullama_serve(path, slots, N_CTX, THREADS, extra=extra)
+    theirs = llama_server(binary, path, slots, N_CTX, THREADS)
     servers = {"mullama": ours.url, "llama_server": theirs.url}
     rounds = []
     try:

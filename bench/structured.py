@@ -30,12 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -46,6 +43,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import mullama  # noqa: E402
 from mullama import StreamConfig  # noqa: E402
+from _servers import llama_server, llama_server_binary  # noqa: E402
 
 SCHEMA = {"type": "object", "required": ["city", "notes"], "additionalProperties": False,
           "properties": {"city": {"type": "string"},
@@ -58,61 +56,14 @@ def _log(msg: str) -> None:
     print(f"[structured] {msg}", file=sys.stderr, flush=True)
 
 
-def llama_server_binary() -> Path:
-    import build_llama_cpp
-
-    bdir = build_llama_cpp.build(("llama-server",), tools=True)
-    found = [p for p in bdir.rglob("llama-server") if p.is_file()]
-    if not found:
-        raise SystemExit(f"llama-server was not built in {bdir}")
-    return found[0]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LlamaServer:
-    def __init__(self, binary: Path, model: Path, n_ctx: int, slots: int = 1) -> None:
-        self.port = _free_port()
-        self.proc = subprocess.Popen(
-            [str(binary), "-m", str(model), "-c", str(n_ctx), "-t", str(THREADS), "-tb", str(THREADS),
-             "-np", str(slots),
-             "--flash-attn", "off", "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"llama-server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.close()
-        raise SystemExit("llama-server did not start")
-
-    def per_token_ms(self, max_tokens: int, schema: object) -> "tuple[float, str]":
-        body: Dict[str, object] = {"prompt": PROMPT, "n_predict": max_tokens, "temperature": 0,
-                                   "cache_prompt": False}
-        if schema is not None:
-            body["json_schema"] = schema
-        r = httpx.post(self.url + "/completion", json=body, timeout=600)
-        r.raise_for_status()
-        data = r.json()
-        return data["timings"]["predicted_per_token_ms"], data["content"]
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+def server_per_token_ms(url: str, max_tokens: int, schema: object) -> "tuple[float, str]":
+    body: Dict[str, object] = {"prompt": PROMPT, "n_predict": max_tokens, "temperature": 0, "cache_prompt": False}
+    if schema is not None:
+        body["json_schema"] = schema
+    r = httpx.post(url + "/completion", json=body, timeout=600)
+    r.raise_for_status()
+    data = r.json()
+    return data["timings"]["predicted_per_token_ms"], data["content"]
 
 
 def mullama_per_token_ms(ctx: mullama.Context, max_tokens: int, schema: object) -> "tuple[float, str]":
@@ -126,7 +77,7 @@ def measure(name: str, path: Path, binary: Path, rounds: int, max_tokens: int) -
     sides: Dict[str, List[float]] = {k: [] for k in ("mullama_free", "mullama_schema", "server_free",
                                                       "server_schema")}
     texts: Dict[str, str] = {}
-    server = LlamaServer(binary, path, n_ctx)
+    server = llama_server(binary, path, 1, n_ctx, THREADS)
     try:
         with mullama.Model.load(path) as model, \
                 model.create_context(n_ctx, threads=THREADS, adaptive_threads=False) as ctx:
@@ -137,7 +88,7 @@ def measure(name: str, path: Path, binary: Path, rounds: int, max_tokens: int) -
                         sides[f"mullama_{key}"].append(ms)
                     texts[f"mullama_{key}"] = text
                 for key, schema in (("free", None), ("schema", SCHEMA)):
-                    ms, text = server.per_token_ms(max_tokens, schema)
+                    ms, text = server_per_token_ms(server.url, max_tokens, schema)
                     if r:
                         sides[f"server_{key}"].append(ms)
                     texts[f"server_{key}"] = text

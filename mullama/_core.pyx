@@ -27,7 +27,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.ref cimport PyObject
 from libc.math cimport expf, logf
 from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
-from libc.string cimport memchr, memcpy, strcmp
+from libc.string cimport memchr, memcmp, memcpy, strcmp
 from libc.stdlib cimport free, malloc, realloc
 from libcpp cimport bool as cbool
 from libcpp.string cimport string
@@ -1871,6 +1871,7 @@ cdef class BatchEngine(_Decoder):
                    adaptive_threads, f"a batching context ({n_seq} sequences x {n_ctx_seq} tokens)", "")
         self.n_seq = n_seq
         self.exact = exact
+        self.decode_exact = False
         self.n_ctx_seq = llama_n_ctx_seq(self.ptr)
         self.prefill_chunk = max(min(4, self.n_batch), min(prefill_chunk, self.n_batch))  # (see _chunk_size)
         self.one_chunk = flash_attention
@@ -1987,6 +1988,70 @@ cdef class BatchEngine(_Decoder):
         the older ones, and a saved state leaves them out), as llama-server checks."""
         cdef llama_pos pmin = llama_memory_seq_pos_min(llama_get_memory(self.ptr), slot)
         return 0 <= pmin <= max(0, n - llama_model_n_swa(self.model.ptr))
+
+    def probe_decode_cells(self, tokens):
+        """Whether this build computes a token's cells the same in a decode
+        step as in a prompt: *tokens* (2 or more, at most the batch and a
+        sequence's context) are evaluated as one prompt in sequence 0, then
+        decoded one at a time in sequence 0 alone, then (with two sequences
+        or more) one at a time in sequences 0 and 1 together, as the engine's
+        steps decode; True if every token's logits are bit for bit those of
+        the prompt. Then, with ``exact``, cells of decoded tokens are reused
+        too and nothing is refreshed (:meth:`release`): they are the cells an
+        uncached run computes. Sets :attr:`decode_exact`.
+
+        Only before the first request: the context's cells are cleared.
+        Depends on the weights' types and the CPU kernels llama.cpp picks for
+        them (F32, Q4_0, Q4_1 and Q8_0 are bit-identical here, repacked Q4_K
+        is not; see docs/performance.md). Equal logits at every position of
+        every layer's output mean equal computations, with overwhelming
+        likelihood; the check costs ``1 + 2 x len(tokens)`` decodes."""
+        cdef vector[llama_token] toks = tokens
+        cdef int i, k, rc = 0, n = <int>toks.size(), nv = self.model.n_vocab, pairs = self.n_seq >= 2
+        cdef bint same = True
+        cdef vector[float] ref
+        cdef llama_memory_t mem
+        if n < 2 or n > min(self.n_batch, self.n_ctx_seq):
+            raise _errors.InvalidConfigError(f"probe_decode_cells takes 2 to {min(self.n_batch, self.n_ctx_seq)} "
+                                             f"tokens, got {n}")
+        self._enter()
+        try:
+            for i in range(self.n_seq):
+                if self.slots[i].active or self.hist[i].size():
+                    raise _errors.MullamaError("probe_decode_cells runs before the first request only")
+            self.model._check_tokens(toks)
+            mem = llama_get_memory(self.ptr)
+            ref.resize(<size_t>n * nv)
+            with nogil:
+                llama_memory_clear(mem, True)
+                for k in range(n):
+                    self._add(k, toks[k], k, 0, True)
+                self.batch.n_tokens = n
+                rc = llama_decode(self.ptr, self.batch)
+                for k in range(n):
+                    if rc == 0:
+                        memcpy(&ref[<size_t>k * nv], llama_get_logits_ith(self.ptr, k), nv * sizeof(float))
+                for i in range(1 + pairs):  # alone, then in pairs
+                    llama_memory_clear(mem, True)
+                    for k in range(n):
+                        if rc != 0 or not same:
+                            break
+                        self._add(0, toks[k], k, 0, True)
+                        if i:
+                            self._add(1, toks[k], k, 1, True)
+                        self.batch.n_tokens = 1 + i
+                        rc = llama_decode(self.ptr, self.batch)
+                        if rc == 0:
+                            same = memcmp(llama_get_logits_ith(self.ptr, 0), &ref[<size_t>k * nv],
+                                          nv * sizeof(float)) == 0 and \
+                                (i == 0 or memcmp(llama_get_logits_ith(self.ptr, 1), &ref[<size_t>k * nv],
+                                                  nv * sizeof(float)) == 0)
+                llama_memory_clear(mem, True)
+            _check_status(_decode_status(rc), f"the decode-cells probe of {n} tokens failed")
+            self.decode_exact = same
+            return same
+        finally:
+            self._leave()
 
     def match(self, tokens):
         """How many of *tokens* each sequence's cache holds, and (for the
@@ -2306,7 +2371,8 @@ cdef class BatchEngine(_Decoder):
                 continue
             if s.pending >= 0:
                 s.n_step = 1  # (the drafted tokens' cells are kept or dropped by _sample_slot)
-            if (not self.exact or (chunk and s.n_step >= 2)) and s.n_exact == <int>self.hist[i].size():
+            if (not self.exact or self.decode_exact or (chunk and s.n_step >= 2)) \
+                    and s.n_exact == <int>self.hist[i].size():
                 s.n_exact += s.n_step
             if s.pending >= 0:
                 self.hist[i].push_back(s.pending)
@@ -2355,7 +2421,7 @@ cdef class BatchEngine(_Decoder):
             n_acc += 1  # the drafted token is the sampled one: its cell stays
             self.hist[i].push_back(tok)
             s.pos += 1
-            if not self.exact and s.n_exact == <int>self.hist[i].size() - 1:
+            if (not self.exact or self.decode_exact) and s.n_exact == <int>self.hist[i].size() - 1:
                 s.n_exact += 1
         s.i_batch = -1
         if k:

@@ -53,6 +53,20 @@ SHARE_MIN_TOKENS = 32
 SAVE_MIN_TOKENS = 32
 
 
+#: tokens of the decode-cells probe (its cost: 1 + 2 x this many decodes, once per engine)
+PROBE_TOKENS = 6
+
+
+def probe_decode_cells(core: "_core.BatchEngine", n_vocab: int) -> bool:
+    """Whether *core*'s decode steps compute a token's KV cells bit for bit as a prompt
+    evaluation does (``BatchEngine.probe_decode_cells``); False when its context or batch is too
+    small to tell."""
+    n = min(PROBE_TOKENS, core.n_ctx_seq, core.n_batch)
+    if n < 2:
+        return False
+    return core.probe_decode_cells([(1 + i * 7919) % n_vocab for i in range(n)])
+
+
 class Sink(Protocol):
     """Where a request's tokens go (the async side's hand-off)."""
 
@@ -130,6 +144,18 @@ class Engine:
         self._model = model
         self._core = _core.BatchEngine(model._core, n_seq, ctx_per_seq, batch_size, threads, flash_attention,
                                        adaptive_threads=adaptive_threads, exact=exact_prompt_cache)
+        #: decode steps compute the cells a prompt evaluation computes (probed, see
+        #: BatchEngine.probe_decode_cells): the exact prompt cache then reuses generated tokens as they
+        #: are, with nothing evaluated again after a request. Not with flash attention, whose kernel
+        #: computes several tokens of several sequences in one batch otherwise than alone
+        #: (BatchEngine._prompt_chunks), as a speculative step of several requests would.
+        self.decode_cells_exact = False
+        if exact_prompt_cache and not flash_attention:
+            try:
+                self.decode_cells_exact = probe_decode_cells(self._core, model.n_vocab)
+            except BaseException:
+                self._core.close()
+                raise
         #: the draft model, the draft context, and whether the engine loaded the model (closes it)
         self._draft: Optional[Tuple[object, "_core.DraftModel", bool]] = None
         if draft_model is not None:
@@ -200,7 +226,8 @@ class Engine:
             cached_prompt_tokens=self.cached_prompt_tokens, evaluated_prompt_tokens=self.evaluated_prompt_tokens,
             slot_cells=self.cached_cells, host_bytes=host.bytes, host_budget=host.budget, host_entries=len(host),
             host_saves=host.saves, host_restores=host.restores, host_evictions=host.evictions,
-            refreshed_tokens=self._core.refreshed)
+            refreshed_tokens=self._core.refreshed,
+            decoded_cells_reused=self.decode_cells_exact or not self._core.exact)
 
     def speculative_stats(self) -> SpeculativeStats:
         """Speculative decoding of the requests that ended (see :class:`SpeculativeStats`)."""

@@ -141,6 +141,10 @@ class PromptCacheStats:
         refreshed_tokens: generated tokens evaluated again as a prompt while
             the engine had nothing else to do, so that a follow-up request
             reuses them exactly (see the README's "Prompt cache").
+        decoded_cells_reused: generated tokens' cells are reused as they
+            are: the engine found that this model's decode steps compute them
+            bit for bit as a prompt does, so nothing is evaluated again (or
+            the cache is not exact, ``prompt_cache_exact=False``).
     """
 
     cached_prompt_tokens: int
@@ -153,6 +157,7 @@ class PromptCacheStats:
     host_restores: int
     host_evictions: int
     refreshed_tokens: int = 0
+    decoded_cells_reused: bool = False
 
     @property
     def hit_ratio(self) -> float:

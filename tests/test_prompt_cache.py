@@ -10,6 +10,7 @@ import pytest
 
 import mullama
 from mullama import StreamConfig, _core
+from mullama import _engine
 from mullama._engine import SAVE_MIN_TOKENS
 from mullama._prompt_cache import HostPromptCache, default_prompt_cache_bytes
 from mullama.aio import AsyncModel
@@ -204,6 +205,13 @@ async def test_a_cancelled_request_leaves_no_poisoned_cache(default_model_path):
         assert model.kv_used() == 0
 
 
+@pytest.fixture
+def refreshing(monkeypatch):
+    """Engines made meanwhile take decode cells for inexact (as for Q4_K weights): generated
+    tokens are refreshed. The tiny and the default model's decode cells are exact in mullama's build."""
+    monkeypatch.setattr(_engine, "probe_decode_cells", lambda core, n_vocab: False)
+
+
 async def idle(model) -> None:
     """Wait until the engine has refreshed its free slots (a bound, not a timing assertion)."""
     with anyio.fail_after(120):
@@ -212,7 +220,7 @@ async def idle(model) -> None:
 
 
 @pytest.mark.parametrize("pause", [False, True])
-async def test_a_chat_hits_the_cache_on_every_turn(default_model_path, pause):
+async def test_a_chat_hits_the_cache_on_every_turn(default_model_path, pause, refreshing):
     """A growing conversation through AsyncModel.chat: each turn reuses the last
     one's cells, and every reply equals the reply computed from scratch. With
     a pause between turns (a user reading), the reply's own tokens, evaluated
@@ -238,9 +246,33 @@ async def test_a_chat_hits_the_cache_on_every_turn(default_model_path, pause):
                 if pause:
                     await idle(model)
         assert model.prompt_cache_stats().refreshed_tokens > 0
+        assert not model.prompt_cache_stats().decoded_cells_reused
 
 
-async def test_refreshed_tails_are_exact_and_give_way_to_requests(tiny_model_path):
+async def test_an_agent_reuses_each_reply_at_once_and_exactly(default_model_path):
+    """The default model's decode steps compute cells as a prompt does (the engine's probe): a
+    conversation whose next turn is sent the moment a reply ends (an agent) reuses the whole
+    last turn, its reply included, with nothing evaluated again, and every reply equals the
+    reply computed from scratch."""
+    cfg = StreamConfig.greedy(24)
+    messages = [{"role": "system", "content": "You answer briefly."}]
+    last_prompt = 0
+    async with await AsyncModel.load(default_model_path, max_concurrent=2, context_size=2048, timeout_ms=None) as model:
+        assert model.prompt_cache_stats().decoded_cells_reused
+        with mullama.Model.load(default_model_path) as m:
+            for i, q in enumerate(["Name a planet.", "How far is it from the sun?", "And its largest moon?"]):
+                messages.append({"role": "user", "content": q})
+                reply = await model.chat(messages, cfg)
+                with m.create_context(2048) as ctx:
+                    assert reply.text == ctx.chat(messages, cfg).text
+                if i:  # the last turn's prompt and its reply
+                    assert reply.timings.cached_tokens > last_prompt + 2
+                last_prompt = reply.timings.prompt_tokens
+                messages.append({"role": "assistant", "content": reply.text})
+        assert not model._engine._core.idle_work() and model.prompt_cache_stats().refreshed_tokens == 0
+
+
+async def test_refreshed_tails_are_exact_and_give_way_to_requests(tiny_model_path, refreshing):
     """A lone request's generated tokens are evaluated again once it ends, and
     a follow-up reuses them; requests arriving right after one another stop
     that work. Every output equals the uncached one."""
@@ -305,11 +337,16 @@ async def test_an_inexact_cache_reuses_generated_cells_at_once(tiny_model_path):
         await AsyncModel.load(tiny_model_path, prompt_cache_exact="no")
 
 
-async def test_tails_of_stopped_and_concurrent_requests_refresh_exactly(tiny_model_path):
+@pytest.mark.parametrize("decode_exact", [False, True])
+async def test_tails_of_stopped_and_concurrent_requests_refresh_exactly(tiny_model_path, decode_exact, monkeypatch):
     """Requests ended by a stop string (their last sampled token never decoded)
-    or decoded together (one token per sequence per step: never reusable as
-    they are) leave tails that are refreshed, then reused exactly."""
+    or decoded together (one token per sequence per step) leave tails that are
+    refreshed, then reused exactly; or, when the model's decode steps compute
+    cells as a prompt does, reused at once."""
+    if not decode_exact:
+        monkeypatch.setattr(_engine, "probe_decode_cells", lambda core, n_vocab: False)
     async with await AsyncModel.load(tiny_model_path, max_concurrent=2, context_size=1024, threads=1) as model:
+        assert model.prompt_cache_stats().decoded_cells_reused == decode_exact
         starts = [await model.tokenize(SYSTEM + w) for w in ("a", "b")]
         free = StreamConfig.greedy(48)
         probe = await model.generate(starts[0], config=free)
@@ -320,13 +357,35 @@ async def test_tails_of_stopped_and_concurrent_requests_refresh_exactly(tiny_mod
         async def first(i):
             firsts[i] = await model.generate(starts[i], config=configs[i])
 
+        engine = model._engine
         async with anyio.create_task_group() as tg:
-            for i in range(2):
-                tg.start_soon(first, i)
+            with engine._cv:  # (re-entrant) the driver admits both at once, decoding them together
+                for i in range(2):
+                    tg.start_soon(first, i)
+                with anyio.fail_after(60):
+                    while len(engine._queue) < 2:
+                        await anyio.sleep(0.001)
         await idle(model)
         follows = [starts[i] + firsts[i].tokens + await model.tokenize(" next", add_bos=False) for i in range(2)]
         got = [await model.generate(f, config=free) for f in follows]
         for c, s, f in zip(got, starts, firsts):
-            assert c.timings.cached_tokens >= len(s) + len(f.tokens) - 2  # the tail came back, refreshed
+            assert c.timings.cached_tokens >= len(s) + len(f.tokens) - 2  # the tail came back (refreshed or kept)
+        assert (model.prompt_cache_stats().refreshed_tokens == 0) == decode_exact
     assert firsts[0].finish_reason == "stop"
     assert [c.tokens for c in got] == cold(tiny_model_path, follows, free)
+
+
+async def test_the_decode_cells_probe_checks_its_input_and_runs_before_requests_only(tiny_model_path):
+    async with await AsyncModel.load(tiny_model_path, max_concurrent=2, context_size=64, threads=1) as model:
+        core = model._engine._core
+        assert core.decode_exact  # probed when the engine was made (F32 weights)
+        most = min(core.n_ctx_seq, core.n_batch)
+        for tokens in ([5], [5] * (most + 1)):
+            with pytest.raises(mullama.InvalidConfigError, match=f"takes 2 to {most} tokens"):
+                core.probe_decode_cells(tokens)
+        with pytest.raises(mullama.InvalidTokenError):
+            core.probe_decode_cells([5, model.model.n_vocab])
+        assert core.probe_decode_cells([5, 6, 7]) is True
+        await model.generate(SYSTEM + "a", config=StreamConfig.greedy(4))
+        with pytest.raises(mullama.MullamaError, match="before the first request"):
+            core.probe_decode_cells([5, 6, 7])

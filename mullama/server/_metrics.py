@@ -152,6 +152,9 @@ class ServerMetrics:
             metric("mullama_prompt_tokens_refreshed_total", "counter",
                    "Generated tokens evaluated again in idle steps so that follow-up requests reuse them.",
                    [((), pc.refreshed_tokens)])
+            metric("mullama_prompt_cache_decoded_cells_reused", "gauge",
+                   "1 if generated tokens' KV cells are reused as they are (nothing refreshed), else 0.",
+                   [((), int(pc.decoded_cells_reused))])
             metric("mullama_prompt_cache_slot_cells", "gauge",
                    "KV cells free slots keep for later prompts (inside the KV cache allocated at load).",
                    [((), pc.slot_cells)])
