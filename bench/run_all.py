@@ -23,7 +23,11 @@ each bench script of this folder and keeps what it prints:
   against llama-server;
 * ``cache.py``: the prompt cache (a 10-turn chat's time to first token, a
   shared system prompt, n=4 choices, a memory soak), mullama against
-  llama-server with ``cache_prompt``.
+  llama-server with ``cache_prompt``;
+* ``speculative.py``: prompt-lookup speculative decoding against plain
+  decoding and llama-bench's tg at the same context depth;
+* ``serve_vs_llama_server.py``: ``mullama serve`` (uvicorn and hypercorn)
+  against llama-server, 1/4/16 streaming clients and short requests.
 
 Output goes to ``bench/results/<UTC time>/``: ``figures.jsonl`` (every line,
 tagged with its script), ``summary.md`` (one table per figure name, the
@@ -70,6 +74,7 @@ SCRIPTS: Dict[str, tuple] = {
     "cache": ([], ["--rounds", "1", "--turns", "4", "--reply-tokens", "32", "--think", "0.5", "--shared", "4",
                    "--soak", "100"]),
     "speculative": (["--engine"], ["--rounds", "1", "--lines", "40", "--only", "edit", "free"]),
+    "serve_vs_llama_server": ([], ["--rounds", "1", "--clients", "1", "4", "--max-tokens", "32", "--short", "16"]),
 }
 
 

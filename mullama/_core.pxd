@@ -322,6 +322,7 @@ cdef class BatchEngine(_Decoder):
     cdef int _chunk(self, int i, bint sample, int off, int take) noexcept nogil
     cdef bint _prefilling(self, int i) noexcept nogil
     cdef int _prompt_chunks(self) noexcept nogil
+    cdef int _mixed_chunks(self, int off) noexcept nogil
     cdef int _decode_batch(self, int n, bint chunk) noexcept nogil
     cdef int _decode_tokens(self) noexcept nogil
     cdef void _sample_slot(self, int i, bint chunk) noexcept nogil

@@ -2344,6 +2344,31 @@ cdef class BatchEngine(_Decoder):
                 n = self._chunk(i, True, n, size)
         return n
 
+    cdef int _mixed_chunks(self, int off) noexcept nogil:
+        """With ``decode_exact`` (a token's cells are the same whatever shares
+        its batch, see probe_decode_cells): put the prefilling slots' next
+        prompt chunks into the batch from index *off*, after the decoding
+        slots' tokens, as many as fit in ``prefill_chunk`` tokens (and the
+        batch), of any lengths, the prefilling slots taking turns, as
+        llama-server does; the index after them. llama.cpp's split_equal then
+        cuts the batch as it needs, which changes no token's result."""
+        cdef int j, i, take, n = off, first = -1
+        cdef int budget = min(self.prefill_chunk, self.n_batch - off)
+        for j in range(self.n_seq):
+            i = (self._next_prefill + j) % self.n_seq
+            if budget < 1:
+                break
+            if not self._prefilling(i):
+                continue
+            take = min(<int>self.prompts[i].size() - self.slots[i].n_prompt_done, budget)
+            n = self._chunk(i, True, n, take)
+            budget -= take
+            if first < 0:
+                first = i
+        if first >= 0:
+            self._next_prefill = first + 1
+        return n
+
     cdef int _decode_batch(self, int n, bint chunk) noexcept nogil:
         """Decode the *n* tokens the slots with ``n_step`` put into the batch;
         then record them (a chunk's are reusable, see match()) and sample the
@@ -2443,11 +2468,27 @@ cdef class BatchEngine(_Decoder):
         sequence (split_equal), and a token computed in a piece of one token
         per sequence is computed along another path than a prompt's (see
         match()); with chunks of one length only, every chunk token is
-        computed as a prompt evaluation computes it."""
-        cdef int i, n, rc
+        computed as a prompt evaluation computes it. Unless ``decode_exact``
+        (probe_decode_cells): no path differs, and one decode takes the
+        decoding slots' tokens and prompt chunks of any lengths together
+        (_mixed_chunks), except in a step that verifies drafts."""
+        cdef int i, n, m, rc
         cdef Slot * s
         n_decoded[0] = 0
         n = self._decode_tokens()
+        if self.decode_exact:
+            # one decode of every decoding slot's token and prompt chunks (none with drafts: a
+            # verification's time feeds the speculation cost model)
+            for i in range(self.n_seq):
+                if self.slots[i].n_draft:
+                    break
+            else:
+                m = self._mixed_chunks(n)
+                if m:
+                    rc = self._decode_batch(m, m > n)
+                    if rc == ST_OK:
+                        n_decoded[0] = m
+                    return rc
         if n:
             rc = self._decode_batch(n, False)
             if rc != ST_OK:

@@ -80,16 +80,19 @@ async def test_requests_sharing_a_prompt_evaluate_it_once(tiny_model_path):
         assert model._engine.evaluated_prompt_tokens == sum(len(t) for t in toks) - sum(cached)
 
 
-@pytest.mark.parametrize("flash_attention", [False, True])
+@pytest.mark.parametrize("flash_attention,mixed", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("prefill_chunk", [256, 8])
-def test_prompts_evaluated_together_are_computed_as_alone(tiny_model_path, prefill_chunk, flash_attention):
+def test_prompts_evaluated_together_are_computed_as_alone(tiny_model_path, prefill_chunk, flash_attention, mixed):
     """Several prompts' chunks share a decode (equal lengths, so llama.cpp
     never computes a token in a piece of one token per sequence): each
     prompt's logits are bit for bit those of the prompt evaluated alone in
     its slot, and its cells count as reusable. Prompts one token apart would leave a last
     token alone in a batch of unequal chunks; a one-token prompt goes alone;
     a sequence continuing 300 cached cells shares the decode (a longer KV view).
-    With flash attention chunks go one by one."""
+    With flash attention chunks go one by one. *mixed*: the engine probed its
+    decode cells (probe_decode_cells, exact for these F32 weights): chunks of
+    any lengths share a decode with the decoding tokens, and the results are
+    still those of each prompt alone."""
     from mullama._generation import new_sampler
 
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
@@ -104,6 +107,7 @@ def test_prompts_evaluated_together_are_computed_as_alone(tiny_model_path, prefi
         def run(slots):
             engine = _core.BatchEngine(m._core, 5, 512, 512, 1, flash_attention, prefill_chunk)
             try:
+                assert engine.probe_decode_cells([5, 6, 7, 8]) if mixed else not engine.decode_exact
                 # slot 2 holds 300 cells (its KV view is longer than the others'), its prompt continues them
                 engine.start(2, long, new_sampler(m._core, cfg), 1, True)
                 while engine.run(5.0):
@@ -125,7 +129,9 @@ def test_prompts_evaluated_together_are_computed_as_alone(tiny_model_path, prefi
         together, cached, decoded = run(range(5))
         assert together == alone
         assert cached[:4] == prompts[:2] + [long + prompts[2]] + prompts[3:4]
-        if prefill_chunk == 256 and not flash_attention:
+        if prefill_chunk == 256 and mixed:  # all five prompts' chunks in one decode, as many tokens as fit
+            assert decoded[0] == min(256, sum(len(p) for p in prompts))
+        elif prefill_chunk == 256 and not flash_attention:
             # the one-token prompt alone, then the four together (the shortest ends them)
             assert decoded[:2] == [1, 4 * len(prompts[3])]
 
