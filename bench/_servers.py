@@ -70,18 +70,18 @@ class Server:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def quiesce(self, window: float = 0.2, timeout: float = 60.0) -> float:
-        """Wait until the server uses under 5% of a core over *window* seconds (work it does after
-        its responses: mullama re-evaluates the tails of finished requests for its prompt cache);
-        the CPU seconds it used meanwhile."""
+        """Wait until the server uses under 5% of a core over *window* seconds (work it still does
+        after its responses, such as re-evaluating finished requests' tails for a prompt cache);
+        the CPU seconds it used meanwhile. Raises RuntimeError if it is still busy after *timeout*."""
         start = last = self.cpu_seconds()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             time.sleep(window)
             now = self.cpu_seconds()
             if now - last < 0.05 * window:
-                break
+                return now - start
             last = now
-        return last - start
+        raise RuntimeError(f"{self.what} was still busy {timeout:.0f} s after its responses")
 
     def close(self) -> None:
         self.proc.terminate()

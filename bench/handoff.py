@@ -15,8 +15,10 @@ engine as it is, in one run:
   (the order swapped every pair); ``ratio`` = median over pairs of overlapped
   ÷ as-is, with its range and mean.
 
-The variant replaces ``Engine._deliver`` in this process only (no stop
-strings in these requests; the variant is not the library's code).
+The variant replaces ``Engine._deliver`` in this process only and is an
+approximation made to measure, not the library's code: it ignores stop
+strings (these requests have none), speculation counts and the engine's KV
+figures, and its hand-off thread (one per engine) outlives the engine.
 
 Usage: python bench/handoff.py [--pairs 8] [--requests 4 8] [--threads 2 1] [--tokens 128]
 """

@@ -36,10 +36,11 @@ Prompts are new in every round ("[round.client] " before one of a few story
 openings) so that no server answers from a cached prompt of an earlier round.
 The servers take turns, their order rotating from round to round, after a
 warm-up round; the others are idle meanwhile: after its responses each server
-is given the time to finish what it still does (mullama re-evaluates the
-generated tails of finished requests for its exact prompt cache), until it
-uses under 5% of a core; ``after_cpu_s`` is the CPU time that took (median
-of rounds), work an otherwise idle server does between requests. ``same_text``: the share of
+is given the time to finish what it still does (an engine that cannot reuse
+decoded KV cells exactly re-evaluates finished requests' tails for its prompt
+cache), until it uses under 5% of a core; ``after_cpu_s`` is the CPU time
+that took (median of rounds), work an otherwise idle server does between
+requests. ``same_text``: the share of
 requests whose text equals llama-server's for the same prompt (greedy; both
 servers batch differently, so this is informative only); the two mullama
 servers must agree with each other (``mullama_texts_agree``).

@@ -296,7 +296,7 @@ cdef class BatchEngine(_Decoder):
     cdef int prefill_chunk
     cdef bint one_chunk      # one prompt chunk per step (flash attention: see _prompt_chunks)
     cdef readonly bint exact  # reuse only cells computed in batches of 2+ tokens (see match())
-    cdef readonly bint decode_exact  # decode steps compute cells as prompts do (probe_decode_cells)
+    cdef public bint decode_exact  # decode steps compute cells as prompts do (probe_decode_cells)
     cdef vector[Slot] slots
     cdef vector[vector[llama_token]] prompts
     cdef vector[vector[llama_token]] hist   # each sequence's tokens in the KV cache (its size is the slot's pos)

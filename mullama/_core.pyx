@@ -1844,8 +1844,10 @@ cdef class BatchEngine(_Decoder):
 
     Each slot is a sequence (its id is the slot index) with its own share of
     the context (``n_ctx_seq`` tokens), its own sampler chain and its own
-    output buffer. A step makes up to two ``llama_decode`` calls: one token of
-    every decoding sequence, then prompt chunks of others (see _step). All methods
+    output buffer. A step makes one ``llama_decode`` call of every decoding
+    sequence's token and prompt chunks of others when the model's decode cells
+    are exact (probe_decode_cells), else up to two: the decoding tokens, then
+    prompt chunks (see _step). All methods
     but :meth:`cancel_slot` and :meth:`wake` must be called from one thread
     (the engine's driver); those two are thread-safe.
     """
@@ -1989,31 +1991,42 @@ cdef class BatchEngine(_Decoder):
         cdef llama_pos pmin = llama_memory_seq_pos_min(llama_get_memory(self.ptr), slot)
         return 0 <= pmin <= max(0, n - llama_model_n_swa(self.model.ptr))
 
-    def probe_decode_cells(self, tokens):
+    def probe_decode_cells(self, tokens, int tail=3):
         """Whether this build computes a token's cells the same in a decode
-        step as in a prompt: *tokens* (2 or more, at most the batch and a
-        sequence's context) are evaluated as one prompt in sequence 0, then
-        decoded one at a time in sequence 0 alone, then (with two sequences
-        or more) one at a time in sequences 0 and 1 together, as the engine's
-        steps decode; True if every token's logits are bit for bit those of
-        the prompt. Then, with ``exact``, cells of decoded tokens are reused
-        too and nothing is refreshed (:meth:`release`): they are the cells an
-        uncached run computes. Sets :attr:`decode_exact`.
+        step as in a prompt, for this model: *tokens* are evaluated as one
+        prompt in sequence 0 (the reference: its last *tail* tokens' logits);
+        then all but those *tail* tokens again as one prompt, and the last
+        *tail* tokens decoded one at a time in sequences 0 and 1 together (the
+        prompt's cells copied into 1), as the engine's steps decode, then in
+        sequence 0 alone; True if each decoded token's logits are bit for bit
+        the reference's. Then, with ``exact``, cells of decoded tokens are
+        reused too, nothing is refreshed (:meth:`release`), and one decode
+        takes the decoding tokens and prompt chunks together
+        (:meth:`_mixed_chunks`). Sets :attr:`decode_exact`. Always False with
+        flash attention, whose kernel computes several tokens of several
+        sequences in one batch otherwise than alone (see _prompt_chunks).
 
         Only before the first request: the context's cells are cleared.
-        Depends on the weights' types and the CPU kernels llama.cpp picks for
-        them (F32, Q4_0, Q4_1 and Q8_0 are bit-identical here, repacked Q4_K
-        is not; see docs/performance.md). Equal logits at every position of
-        every layer's output mean equal computations, with overwhelming
-        likelihood; the check costs ``1 + 2 x len(tokens)`` decodes."""
+        Depends on the weights' types and the kernels llama.cpp picks for
+        them, which change with the tokens in a batch (x86: repacked gemm from
+        4 tokens, the tiled K-quant kernel from 8): the prompts should be long
+        enough to take the large-batch kernels (the engine gives 32 tokens).
+        F32, Q4_0, Q4_1 and Q8_0 are bit-identical here, repacked Q4_K is not
+        (docs/performance.md). Equal logits mean equal computations in every
+        layer, with overwhelming likelihood."""
         cdef vector[llama_token] toks = tokens
-        cdef int i, k, rc = 0, n = <int>toks.size(), nv = self.model.n_vocab, pairs = self.n_seq >= 2
+        cdef int i, k, rc = 0, n = <int>toks.size(), nv = self.model.n_vocab, head = n - tail
+        cdef int pairs = self.n_seq >= 2
         cdef bint same = True
         cdef vector[float] ref
         cdef llama_memory_t mem
-        if n < 2 or n > min(self.n_batch, self.n_ctx_seq):
-            raise _errors.InvalidConfigError(f"probe_decode_cells takes 2 to {min(self.n_batch, self.n_ctx_seq)} "
-                                             f"tokens, got {n}")
+        if tail < 1 or head < 1 or n > min(self.n_batch, self.n_ctx_seq):
+            raise _errors.InvalidConfigError(
+                f"probe_decode_cells takes {tail + 1} to {min(self.n_batch, self.n_ctx_seq)} tokens "
+                f"(tail {tail} >= 1), got {n}")
+        if self.one_chunk:
+            self.decode_exact = False
+            return False
         self._enter()
         try:
             for i in range(self.n_seq):
@@ -2021,24 +2034,34 @@ cdef class BatchEngine(_Decoder):
                     raise _errors.MullamaError("probe_decode_cells runs before the first request only")
             self.model._check_tokens(toks)
             mem = llama_get_memory(self.ptr)
-            ref.resize(<size_t>n * nv)
+            ref.resize(<size_t>tail * nv)
             with nogil:
                 llama_memory_clear(mem, True)
                 for k in range(n):
-                    self._add(k, toks[k], k, 0, True)
+                    self._add(k, toks[k], k, 0, k >= head)
                 self.batch.n_tokens = n
                 rc = llama_decode(self.ptr, self.batch)
-                for k in range(n):
+                for k in range(tail):
                     if rc == 0:
-                        memcpy(&ref[<size_t>k * nv], llama_get_logits_ith(self.ptr, k), nv * sizeof(float))
-                for i in range(1 + pairs):  # alone, then in pairs
-                    llama_memory_clear(mem, True)
-                    for k in range(n):
+                        memcpy(&ref[<size_t>k * nv], llama_get_logits_ith(self.ptr, head + k), nv * sizeof(float))
+                llama_memory_clear(mem, True)
+                if rc == 0:
+                    for k in range(head):
+                        self._add(k, toks[k], k, 0, False)
+                    self.batch.n_tokens = head
+                    rc = llama_decode(self.ptr, self.batch)
+                    if pairs:
+                        llama_memory_seq_cp(mem, 0, 1, -1, -1)  # (made by the next decode)
+                for i in range(pairs, -1, -1):  # two sequences together, then sequence 0 alone
+                    if i == 0 and rc == 0:
+                        llama_memory_seq_rm(mem, 0, head, -1)
+                        llama_memory_seq_rm(mem, 1, -1, -1)
+                    for k in range(tail):
                         if rc != 0 or not same:
                             break
-                        self._add(0, toks[k], k, 0, True)
+                        self._add(0, toks[head + k], head + k, 0, True)
                         if i:
-                            self._add(1, toks[k], k, 1, True)
+                            self._add(1, toks[head + k], head + k, 1, True)
                         self.batch.n_tokens = 1 + i
                         rc = llama_decode(self.ptr, self.batch)
                         if rc == 0:
@@ -2047,6 +2070,7 @@ cdef class BatchEngine(_Decoder):
                                 (i == 0 or memcmp(llama_get_logits_ith(self.ptr, 1), &ref[<size_t>k * nv],
                                                   nv * sizeof(float)) == 0)
                 llama_memory_clear(mem, True)
+            self.decode_exact = False
             _check_status(_decode_status(rc), f"the decode-cells probe of {n} tokens failed")
             self.decode_exact = same
             return same
@@ -2058,7 +2082,9 @@ cdef class BatchEngine(_Decoder):
         requests still evaluating their prompt) will hold once its prompt is
         done: two lists, one count per slot.
 
-        With ``exact`` (the default), only cells of prompt chunks count (two
+        With ``exact`` (the default), only cells computed as an uncached
+        prompt evaluation computes them count: with ``decode_exact``
+        (probe_decode_cells) all of them; otherwise those of prompt chunks (two
         tokens or more per sequence, never with decode tokens, see _step):
         some of llama.cpp's CPU kernels compute one token per sequence (a decode step) along another
         path (the repacked Q4_K kernels; llamafile's sgemm, left out of mullama's build), so those cells differ in the last
@@ -2204,7 +2230,7 @@ cdef class BatchEngine(_Decoder):
         *keep* is false.
 
         Cells that cannot be reused as they are (the generated tokens of a
-        request decoded alone, see :meth:`match`) are dropped, and their
+        request, see :meth:`match`, unless ``decode_exact``) are dropped, and their
         tokens evaluated again as a prompt in steps that have nothing else to
         do (a step of only these ends as soon as :meth:`wake` is called), so
         that a follow-up request (the next turn of a chat) finds them cached.
@@ -2346,27 +2372,43 @@ cdef class BatchEngine(_Decoder):
 
     cdef int _mixed_chunks(self, int off) noexcept nogil:
         """With ``decode_exact`` (a token's cells are the same whatever shares
-        its batch, see probe_decode_cells): put the prefilling slots' next
-        prompt chunks into the batch from index *off*, after the decoding
-        slots' tokens, as many as fit in ``prefill_chunk`` tokens (and the
-        batch), of any lengths, the prefilling slots taking turns, as
-        llama-server does; the index after them. llama.cpp's split_equal then
-        cuts the batch as it needs, which changes no token's result."""
-        cdef int j, i, take, n = off, first = -1
-        cdef int budget = min(self.prefill_chunk, self.n_batch - off)
+        its batch, as probe_decode_cells found), or without ``exact`` (nothing
+        to keep exact), and without flash attention: add the prefilling
+        slots' next prompt chunks to the batch that holds the *off* decoding
+        slots' tokens (one each, no drafts), as many as fit in
+        ``prefill_chunk`` tokens (and the batch), of any lengths, the
+        prefilling slots taking turns, as llama-server does; the rows in
+        slot order. Returns the batch's size.
+
+        llama.cpp's split_equal (sequential: the KV cache is not unified)
+        cuts a batch into pieces of consecutive sequence ids with as many
+        tokens each: in slot order, the decoding tokens and the first token
+        of each chunk make one piece and the rest of the chunks the next
+        ones, as in two separate decodes; out of order it would make a piece
+        per sequence. With such kernels the pieces change no token's result."""
+        cdef int j, i, n = 0, first = -1, budget = min(self.prefill_chunk, self.n_batch - off)
+        cdef vector[int] take
+        take.assign(self.n_seq, 0)
         for j in range(self.n_seq):
             i = (self._next_prefill + j) % self.n_seq
             if budget < 1:
                 break
             if not self._prefilling(i):
                 continue
-            take = min(<int>self.prompts[i].size() - self.slots[i].n_prompt_done, budget)
-            n = self._chunk(i, True, n, take)
-            budget -= take
+            take[i] = min(<int>self.prompts[i].size() - self.slots[i].n_prompt_done, budget)
+            budget -= take[i]
             if first < 0:
                 first = i
-        if first >= 0:
-            self._next_prefill = first + 1
+        if first < 0:
+            return off
+        self._next_prefill = first + 1
+        for i in range(self.n_seq):  # (the decoding slots' rows written again, in slot order)
+            if self.slots[i].n_step:
+                self._add(n, self.slots[i].pending, self.slots[i].pos, i, True)
+                self.slots[i].i_batch = n
+                n += 1
+            elif take[i]:
+                n = self._chunk(i, True, n, take[i])
         return n
 
     cdef int _decode_batch(self, int n, bint chunk) noexcept nogil:
@@ -2468,15 +2510,16 @@ cdef class BatchEngine(_Decoder):
         sequence (split_equal), and a token computed in a piece of one token
         per sequence is computed along another path than a prompt's (see
         match()); with chunks of one length only, every chunk token is
-        computed as a prompt evaluation computes it. Unless ``decode_exact``
-        (probe_decode_cells): no path differs, and one decode takes the
-        decoding slots' tokens and prompt chunks of any lengths together
-        (_mixed_chunks), except in a step that verifies drafts."""
+        computed as a prompt evaluation computes it. With ``decode_exact``
+        (probe_decode_cells: no path differs) or without ``exact``, and
+        without flash attention, one decode takes the decoding slots' tokens
+        and prompt chunks of any lengths together (_mixed_chunks), except in
+        a step that verifies drafts."""
         cdef int i, n, m, rc
         cdef Slot * s
         n_decoded[0] = 0
         n = self._decode_tokens()
-        if self.decode_exact:
+        if (self.decode_exact or not self.exact) and not self.one_chunk:
             # one decode of every decoding slot's token and prompt chunks (none with drafts: a
             # verification's time feeds the speculation cost model)
             for i in range(self.n_seq):

@@ -53,8 +53,10 @@ SHARE_MIN_TOKENS = 32
 SAVE_MIN_TOKENS = 32
 
 
-#: tokens of the decode-cells probe (its cost: 1 + 2 x this many decodes, once per engine)
-PROBE_TOKENS = 6
+#: tokens of the decode-cells probe: enough to take llama.cpp's large-batch kernels
+#: (x86: repacked gemm from 4 tokens, the tiled K-quant kernel from 8); it costs a prompt of
+#: this many tokens, one of 3 fewer, and 6 one-token decodes, once per model
+PROBE_TOKENS = 32
 
 
 def probe_decode_cells(core: "_core.BatchEngine", n_vocab: int) -> bool:
@@ -62,7 +64,7 @@ def probe_decode_cells(core: "_core.BatchEngine", n_vocab: int) -> bool:
     evaluation does (``BatchEngine.probe_decode_cells``); False when its context or batch is too
     small to tell."""
     n = min(PROBE_TOKENS, core.n_ctx_seq, core.n_batch)
-    if n < 2:
+    if n < 16:
         return False
     return core.probe_decode_cells([(1 + i * 7919) % n_vocab for i in range(n)])
 
@@ -150,12 +152,18 @@ class Engine:
         #: computes several tokens of several sequences in one batch otherwise than alone
         #: (BatchEngine._prompt_chunks), as a speculative step of several requests would.
         self.decode_cells_exact = False
-        if exact_prompt_cache and not flash_attention:
-            try:
-                self.decode_cells_exact = probe_decode_cells(self._core, model.n_vocab)
-            except BaseException:
-                self._core.close()
-                raise
+        if exact_prompt_cache and not flash_attention and not getattr(model, "_gpu_layers", 0):
+            # (layers on a GPU: its kernels are not probed; the same model and build give the same answer)
+            known = getattr(model, "_decode_cells_exact", None)
+            if known is None:
+                try:
+                    known = probe_decode_cells(self._core, model.n_vocab)
+                except MullamaError as exc:  # an optimisation only: the engine refreshes tails instead
+                    log.warning("could not check whether decoded KV cells can be reused as they are: %s", exc)
+                    known = False
+                else:
+                    model._decode_cells_exact = known
+            self._core.decode_exact = self.decode_cells_exact = known
         #: the draft model, the draft context, and whether the engine loaded the model (closes it)
         self._draft: Optional[Tuple[object, "_core.DraftModel", bool]] = None
         if draft_model is not None:

@@ -263,19 +263,22 @@ async def test_an_agent_reuses_each_reply_at_once_and_exactly(default_model_path
     cfg = StreamConfig.greedy(24)
     messages = [{"role": "system", "content": "You answer briefly."}]
     last_prompt = 0
+    asked = []
     async with await AsyncModel.load(default_model_path, max_concurrent=2, context_size=2048, timeout_ms=None) as model:
         assert model.prompt_cache_stats().decoded_cells_reused
-        with mullama.Model.load(default_model_path) as m:
-            for i, q in enumerate(["Name a planet.", "How far is it from the sun?", "And its largest moon?"]):
-                messages.append({"role": "user", "content": q})
-                reply = await model.chat(messages, cfg)
-                with m.create_context(2048) as ctx:
-                    assert reply.text == ctx.chat(messages, cfg).text
-                if i:  # the last turn's prompt and its reply
-                    assert reply.timings.cached_tokens > last_prompt + 2
-                last_prompt = reply.timings.prompt_tokens
-                messages.append({"role": "assistant", "content": reply.text})
+        for i, q in enumerate(["Name a planet.", "How far is it from the sun?", "And its largest moon?"]):
+            messages.append({"role": "user", "content": q})
+            reply = await model.chat(messages, cfg)  # the next turn at once
+            if i:  # the last turn's prompt and its reply
+                assert reply.timings.cached_tokens > last_prompt + 2
+            last_prompt = reply.timings.prompt_tokens
+            asked.append((list(messages), reply.text))
+            messages.append({"role": "assistant", "content": reply.text})
         assert not model._engine._core.idle_work() and model.prompt_cache_stats().refreshed_tokens == 0
+    with mullama.Model.load(default_model_path) as m:
+        for history, text in asked:
+            with m.create_context(2048) as ctx:
+                assert text == ctx.chat(history, cfg).text
 
 
 async def test_refreshed_tails_are_exact_and_give_way_to_requests(tiny_model_path, refreshing):
@@ -384,14 +387,55 @@ async def test_tails_of_stopped_and_concurrent_requests_refresh_exactly(tiny_mod
 async def test_the_decode_cells_probe_checks_its_input_and_runs_before_requests_only(tiny_model_path):
     async with await AsyncModel.load(tiny_model_path, max_concurrent=2, context_size=64, threads=1) as model:
         core = model._engine._core
-        assert core.decode_exact  # probed when the engine was made (F32 weights)
+        assert core.decode_exact and model.model._decode_cells_exact  # probed once per model (F32 weights)
         most = min(core.n_ctx_seq, core.n_batch)
-        for tokens in ([5], [5] * (most + 1)):
-            with pytest.raises(mullama.InvalidConfigError, match=f"takes 2 to {most} tokens"):
-                core.probe_decode_cells(tokens)
+        for tokens, tail in (([5, 6, 7], 3), ([5] * (most + 1), 3), ([5, 6], 0)):
+            with pytest.raises(mullama.InvalidConfigError, match="probe_decode_cells takes"):
+                core.probe_decode_cells(tokens, tail)
         with pytest.raises(mullama.InvalidTokenError):
-            core.probe_decode_cells([5, model.model.n_vocab])
-        assert core.probe_decode_cells([5, 6, 7]) is True
+            core.probe_decode_cells([5, 6, 7, model.model.n_vocab])
+        assert core.probe_decode_cells(list(range(5, 37))) is True
         await model.generate(SYSTEM + "a", config=StreamConfig.greedy(4))
         with pytest.raises(mullama.MullamaError, match="before the first request"):
-            core.probe_decode_cells([5, 6, 7])
+            core.probe_decode_cells(list(range(5, 37)))
+    with mullama.Model.load(tiny_model_path) as m:  # flash attention: never exact (not probed)
+        engine = _core.BatchEngine(m._core, 2, 256, 64, 1, True)
+        try:
+            assert engine.probe_decode_cells(list(range(5, 37))) is False and not engine.decode_exact
+        finally:
+            engine.close()
+
+
+def test_a_decoding_request_shares_its_steps_with_prompts_and_nothing_changes(tiny_model_path):
+    """With exact decode cells, a request decoding shares each step's decode with the prompt
+    chunks of requests arriving meanwhile (one llama_decode per step); every token, logprob and
+    cached cell is what each request gives alone."""
+    from mullama._generation import new_sampler
+
+    cfg = StreamConfig.greedy(24, include_probabilities=True)
+    with mullama.Model.load(tiny_model_path) as m:
+        prompts = [m.tokenize(w) for w in ("once upon a time", "the second prompt here is longer",
+                                           "and a third one, which is longer than both of them")]
+        lengths = [len(p) for p in prompts]
+        assert len(set(lengths)) == 3
+
+        def run(slots):
+            engine = _core.BatchEngine(m._core, 3, 512, 512, 1)
+            try:
+                assert engine.probe_decode_cells(list(range(5, 37)))
+                steps = []
+                for i in slots:
+                    engine.start(i, prompts[i], new_sampler(m._core, cfg), 24 if i == 0 else 4, True)
+                    steps.append(engine.run(0.0))  # one step each: slot 0 decodes while the others come
+                while n := engine.run(0.0):
+                    steps.append(n)
+                return [engine.drain(i)[::2] for i in slots], [engine.cached(i) for i in slots], steps
+            finally:
+                engine.close()
+
+        alone = [run([i])[0][0] for i in range(3)]
+        together, cached, steps = run(range(3))
+        assert together == alone
+        assert [len(c) for c in cached] == [lengths[0] + 23, lengths[1] + 3, lengths[2] + 3]
+        # slot 0's prompt, then its token with each newcomer's whole prompt, then the three decoding together
+        assert steps[:3] == [lengths[0], 1 + lengths[1], 2 + lengths[2]] and steps[3] == 3
