@@ -124,8 +124,10 @@ class Engine:
         prompt_cache_bytes: the host-memory prompt cache's budget (0: none;
             the slots' own cells are reused either way).
         exact_prompt_cache: reuse only KV cells that an uncached run computes
-            bit for bit (see ``BatchEngine.match``); False also reuses the cells
-            of tokens decoded one at a time, as llama-server does.
+            bit for bit (see ``BatchEngine.match``): all of them when the
+            model's decode steps compute cells as a prompt does (probed once
+            per model, ``decode_cells_exact``), else those of prompt chunks;
+            False reuses every cell, as llama-server does.
         draft_model: a smaller model with the model's tokens (a path, loaded
             and closed with the engine, or a loaded model) that drafts for
             speculative decoding, one sequence per slot.
