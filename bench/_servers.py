@@ -13,13 +13,14 @@ get the same cells per request with ``-c = slots x context``.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import AsyncIterator, Sequence
 
 import httpx
 
@@ -42,6 +43,21 @@ def llama_server_binary() -> Path:
     if not found:
         raise SystemExit(f"llama-server was not built in {bdir}")
     return found[0]
+
+
+async def sse_chunks(response: httpx.Response) -> AsyncIterator[dict]:
+    """The JSON chunks of a streamed (server-sent events) completion, up to ``[DONE]``;
+    RuntimeError on an error chunk or a stream that ends without ``[DONE]``."""
+    async for line in response.aiter_lines():
+        if not line.startswith("data: "):
+            continue
+        if line == "data: [DONE]":
+            return
+        chunk = json.loads(line[6:])
+        if "error" in chunk:
+            raise RuntimeError(f"server error: {chunk['error']}")
+        yield chunk
+    raise RuntimeError("the stream ended without [DONE]")
 
 
 class Server:

@@ -36,7 +36,6 @@ Usage: python bench/serve.py [--model PATH] [--modes asyncio trio] [--clients 1 
 from __future__ import annotations
 
 import argparse
-import json
 import queue
 import re
 import signal
@@ -59,6 +58,7 @@ from mullama import StreamConfig
 from mullama.aio import AsyncModel
 
 from _probes import emit
+from _servers import sse_chunks
 
 PROMPTS = [  # each runs to 128 tokens on the default model (greedy)
     "Once upon a time, in a small village by the sea, there lived an old fisherman who",
@@ -150,24 +150,16 @@ async def via_server(client: httpx.AsyncClient, model_id: str, prompts: Sequence
         body = {"model": model_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True}}
         text: List[str] = []
-        tokens, done = -1, False
+        tokens = -1
         async with client.stream("POST", "/completions", json=body) as response:
             response.raise_for_status()
-            async for line in response.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    done = True
-                    break
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    raise RuntimeError(f"server error: {chunk['error']}")
+            async for chunk in sse_chunks(response):
                 if chunk["choices"]:
                     text.append(chunk["choices"][0]["text"])
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
-        if tokens < 0 or not done:
-            raise RuntimeError("the stream ended without a usage chunk or [DONE]")
+        if tokens < 0:
+            raise RuntimeError("the stream ended without a usage chunk")
         return tokens, "".join(text)
 
     return await concurrently(prompts, one)

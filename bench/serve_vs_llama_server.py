@@ -54,7 +54,6 @@ Usage: python bench/serve_vs_llama_server.py [--rounds 3] [--clients 1 4 16] [--
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -70,7 +69,7 @@ import mullama
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _probes import emit, pct  # noqa: E402
-from _servers import Server, llama_server, llama_server_binary, mullama_serve  # noqa: E402
+from _servers import Server, llama_server, llama_server_binary, mullama_serve, sse_chunks  # noqa: E402
 
 SIDES = ("mullama-uvicorn", "mullama-hypercorn", "llama-server")
 REFERENCE = "llama-server"
@@ -118,19 +117,10 @@ async def stream_one(client: httpx.AsyncClient, url: str, text: str, max_tokens:
             "stream_options": {"include_usage": True}}
     reply = Reply(sent=time.perf_counter())
     parts: List[str] = []
-    done = False
     async with client.stream("POST", url + "/v1/completions", json=body) as response:
         if response.status_code != 200:
             raise RuntimeError(f"{url} answered {response.status_code}: {(await response.aread())[:300]!r}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            if line == "data: [DONE]":
-                done = True
-                break
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(f"{url}: {chunk['error']}")
+        async for chunk in sse_chunks(response):
             for choice in chunk.get("choices") or ():
                 if choice.get("text"):
                     parts.append(choice["text"])
@@ -139,8 +129,8 @@ async def stream_one(client: httpx.AsyncClient, url: str, text: str, max_tokens:
             if chunk.get("usage"):
                 reply.tokens = chunk["usage"]["completion_tokens"]
     reply.end = time.perf_counter()
-    if not done or not reply.tokens or reply.first is None:
-        raise RuntimeError(f"{url}: a stream ended without text, usage or [DONE]")
+    if not reply.tokens or reply.first is None:
+        raise RuntimeError(f"{url}: a stream ended without text or usage")
     reply.text = "".join(parts)
     return reply
 

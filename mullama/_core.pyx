@@ -2010,7 +2010,7 @@ cdef class BatchEngine(_Decoder):
         Depends on the weights' types and the kernels llama.cpp picks for
         them, which change with the tokens in a batch (x86: repacked gemm from
         4 tokens, the tiled K-quant kernel from 8): the prompts should be long
-        enough to take the large-batch kernels (the engine gives 32 tokens).
+        enough to take the large-batch kernels (the engine gives 16 tokens).
         F32, Q4_0, Q4_1 and Q8_0 are bit-identical here, repacked Q4_K is not
         (docs/performance.md). Equal logits mean equal computations in every
         layer, with overwhelming likelihood."""

@@ -55,8 +55,9 @@ SAVE_MIN_TOKENS = 32
 
 #: tokens of the decode-cells probe: enough to take llama.cpp's large-batch kernels
 #: (x86: repacked gemm from 4 tokens, the tiled K-quant kernel from 8); it costs a prompt of
-#: this many tokens, one of 3 fewer, and 6 one-token decodes, once per model
-PROBE_TOKENS = 32
+#: this many tokens, one of 3 fewer, and 6 one-token decodes, once per model (about 0.3 s on the
+#: default model with 2 threads)
+PROBE_TOKENS = 16
 
 
 def probe_decode_cells(core: "_core.BatchEngine", n_vocab: int) -> bool:
