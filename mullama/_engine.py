@@ -65,7 +65,7 @@ def probe_decode_cells(core: "_core.BatchEngine", n_vocab: int) -> bool:
     evaluation does (``BatchEngine.probe_decode_cells``); False when its context or batch is too
     small to tell."""
     n = min(PROBE_TOKENS, core.n_ctx_seq, core.n_batch)
-    if n < 16:
+    if n < PROBE_TOKENS:
         return False
     return core.probe_decode_cells([(1 + i * 7919) % n_vocab for i in range(n)])
 

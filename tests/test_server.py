@@ -207,6 +207,7 @@ def test_cached_prompt_tokens_in_usage_and_metrics(tiny_server, tiny_model):
     evaluated = after["mullama_prompt_tokens_evaluated_total"] - before["mullama_prompt_tokens_evaluated_total"]
     assert cached >= n - 2 and cached + evaluated == 2 * n
     assert after["mullama_prompt_cache_budget_bytes"] > 0
+    assert after["mullama_prompt_cache_decoded_cells_reused"] == 1  # (F32 weights: decode cells are exact)
 
 
 def test_n_choices_and_a_list_of_prompts(tiny_server, tiny_model):
