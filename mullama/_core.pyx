@@ -2050,11 +2050,12 @@ cdef class BatchEngine(_Decoder):
                         self._add(k, toks[k], k, 0, False)
                     self.batch.n_tokens = head
                     rc = llama_decode(self.ptr, self.batch)
-                    if pairs:
+                    if pairs and rc == 0:
                         llama_memory_seq_cp(mem, 0, 1, -1, -1)  # (made by the next decode)
                 for i in range(pairs, -1, -1):  # two sequences together, then sequence 0 alone
-                    if i == 0 and rc == 0:
-                        llama_memory_seq_rm(mem, 0, head, -1)
+                    if i == 0 and rc == 0 and same:
+                        # (a memory that cannot drop a tail, recurrent: not exact, see can_drop_tail)
+                        same = llama_memory_seq_rm(mem, 0, head, -1)
                         llama_memory_seq_rm(mem, 1, -1, -1)
                     for k in range(tail):
                         if rc != 0 or not same:

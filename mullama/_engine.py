@@ -60,13 +60,14 @@ SAVE_MIN_TOKENS = 32
 PROBE_TOKENS = 16
 
 
-def probe_decode_cells(core: "_core.BatchEngine", n_vocab: int) -> bool:
+def probe_decode_cells(core: "_core.BatchEngine", n_vocab: int) -> Optional[bool]:
     """Whether *core*'s decode steps compute a token's KV cells bit for bit as a prompt
-    evaluation does (``BatchEngine.probe_decode_cells``); False when its context or batch is too
-    small to tell."""
+    evaluation does (``BatchEngine.probe_decode_cells``; with one sequence, two decoding
+    together are not checked); None when its context or batch is under ``PROBE_TOKENS``
+    tokens."""
     n = min(PROBE_TOKENS, core.n_ctx_seq, core.n_batch)
     if n < PROBE_TOKENS:
-        return False
+        return None
     return core.probe_decode_cells([(1 + i * 7919) % n_vocab for i in range(n)])
 
 
@@ -155,18 +156,20 @@ class Engine:
         #: computes several tokens of several sequences in one batch otherwise than alone
         #: (BatchEngine._prompt_chunks), as a speculative step of several requests would.
         self.decode_cells_exact = False
-        if exact_prompt_cache and not flash_attention and not getattr(model, "_gpu_layers", 0):
-            # (layers on a GPU: its kernels are not probed; the same model and build give the same answer)
-            known = getattr(model, "_decode_cells_exact", None)
+        if exact_prompt_cache and not flash_attention and not _core.supports_gpu_offload():
+            # (a GPU build: llama.cpp offloads large batches to the GPU, whose kernels are not probed;
+            # the same model and build give the same answer, so a full probe's, two sequences
+            # decoding together included, is kept on the model)
+            known: Optional[bool] = getattr(model, "_decode_cells_exact", None)
             if known is None:
                 try:
                     known = probe_decode_cells(self._core, model.n_vocab)
                 except MullamaError as exc:  # an optimisation only: the engine refreshes tails instead
                     log.warning("could not check whether decoded KV cells can be reused as they are: %s", exc)
-                    known = False
                 else:
-                    model._decode_cells_exact = known
-            self._core.decode_exact = self.decode_cells_exact = known
+                    if known is not None and n_seq >= 2:
+                        model._decode_cells_exact = known
+            self._core.decode_exact = self.decode_cells_exact = bool(known)
         #: the draft model, the draft context, and whether the engine loaded the model (closes it)
         self._draft: Optional[Tuple[object, "_core.DraftModel", bool]] = None
         if draft_model is not None:
