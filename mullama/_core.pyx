@@ -242,6 +242,24 @@ def version():
     return llama_version().decode("utf-8", "replace")
 
 
+def quantize_model(str src, str dst, int ftype, int threads=1):
+    """Tests and tools: write *src* (a GGUF file) to *dst* with every weight matrix of
+    llama.cpp's ``llama_ftype`` *ftype* (``pure``: the same type everywhere, e.g. 15 =
+    Q4_K). Raises MullamaError if llama.cpp fails."""
+    cdef llama_model_quantize_params params = llama_model_quantize_default_params()
+    cdef bytes s = src.encode(), d = dst.encode()
+    cdef const char * cs = s
+    cdef const char * cd = d
+    cdef uint32_t rc
+    params.nthread = threads
+    params.ftype = <llama_ftype>ftype
+    params.pure = True
+    with nogil:
+        rc = llama_model_quantize(cs, cd, &params)
+    if rc != 0:
+        raise _errors.MullamaError(f"llama_model_quantize({src!r} -> {dst!r}, ftype {ftype}) failed ({rc})")
+
+
 def supports_gpu_offload():
     return llama_supports_gpu_offload()
 

@@ -148,6 +148,16 @@ cdef extern from "llama.h" nogil:
     void llama_detach_threadpool(llama_context * ctx)
 
     llama_model * llama_model_load_from_file(const char * path_model, llama_model_params params)
+
+    ctypedef enum llama_ftype:
+        pass
+    ctypedef struct llama_model_quantize_params:  # (the fields mullama sets)
+        int32_t nthread
+        llama_ftype ftype
+        bint pure
+    llama_model_quantize_params llama_model_quantize_default_params()
+    uint32_t llama_model_quantize(const char * fname_inp, const char * fname_out,
+                                  const llama_model_quantize_params * params)
     void llama_model_free(llama_model * model)
 
     llama_context * llama_init_from_model(llama_model * model, llama_context_params params)

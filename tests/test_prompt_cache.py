@@ -439,3 +439,44 @@ def test_a_decoding_request_shares_its_steps_with_prompts_and_nothing_changes(ti
         assert [len(c) for c in cached] == [lengths[0] + 23, lengths[1] + 3, lengths[2] + 3]
         # slot 0's prompt, then its token with each newcomer's whole prompt, then the three decoding together
         assert steps[:3] == [lengths[0], 1 + lengths[1], 2 + lengths[2]] and steps[3] == 3
+
+
+def test_the_probe_finds_q4_k_weights_inexact_and_the_engine_refreshes(tmp_path):
+    """Q4_K weights, which ggml repacks and multiplies along another path for one row than for
+    several: the probe finds decode cells inexact (checked against the logits the context API
+    gives), and the engine then refreshes generated tails; outputs equal an uncached run."""
+    from tiny_model import write_tiny_model
+
+    f32 = write_tiny_model(tmp_path / "f32.gguf", n_embd=256, n_ff=512)
+    q4k = tmp_path / "q4k.gguf"
+    _core.quantize_model(str(f32), str(q4k), 15)  # LLAMA_FTYPE_MOSTLY_Q4_K_M, pure: Q4_K everywhere
+    with mullama.Model.load(q4k) as m:
+        tokens = [(1 + i * 7919) % m.n_vocab for i in range(16)]
+        with m.create_context(256, threads=1) as ctx:
+            ctx._core.decode(tokens)
+            batched = bytes(ctx._core.logits())
+            ctx._core.truncate(15)
+            ctx._core.decode(tokens[15:])
+            alone = bytes(ctx._core.logits())
+        if batched == alone:
+            pytest.skip("this CPU computes Q4_K weights alike for one row and several (no repacked kernel)")
+        engine = _engine.Engine(m, 2, 256, 1)
+        try:
+            assert engine.decode_cells_exact is False and not engine._core.decode_exact
+            assert not engine.prompt_cache_stats().decoded_cells_reused
+        finally:
+            engine.close()
+    cfg = StreamConfig.greedy(24)
+
+    async def run():
+        async with await AsyncModel.load(q4k, max_concurrent=2, context_size=256, threads=1) as model:
+            first = await model.generate(SYSTEM[:60], config=cfg)
+            await idle(model)
+            follow = await model.tokenize(SYSTEM[:60])
+            follow += first.tokens + await model.tokenize(" next", add_bos=False)
+            again = await model.generate(follow, config=cfg)
+            assert model.prompt_cache_stats().refreshed_tokens > 0
+            return follow, again.tokens
+
+    follow, got = anyio.run(run)
+    assert [got] == cold(q4k, [follow], cfg)

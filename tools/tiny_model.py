@@ -50,7 +50,8 @@ def _vocab():
     return tokens, scores, types
 
 
-def write_tiny_model(path: "str | Path", seed: int = 1234) -> Path:
+def write_tiny_model(path: "str | Path", seed: int = 1234, n_embd: int = N_EMBD, n_ff: int = N_FF) -> Path:
+    """*n_embd*, *n_ff*: other sizes (multiples of 256 for K-quant blocks, see tests)."""
     import gguf
     import numpy as np
 
@@ -63,12 +64,12 @@ def write_tiny_model(path: "str | Path", seed: int = 1234) -> Path:
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("mullama-tiny")
     writer.add_context_length(N_CTX_TRAIN)
-    writer.add_embedding_length(N_EMBD)
+    writer.add_embedding_length(n_embd)
     writer.add_block_count(N_LAYER)
-    writer.add_feed_forward_length(N_FF)
+    writer.add_feed_forward_length(n_ff)
     writer.add_head_count(N_HEAD)
     writer.add_head_count_kv(N_HEAD_KV)
-    writer.add_rope_dimension_count(N_EMBD // N_HEAD)
+    writer.add_rope_dimension_count(n_embd // N_HEAD)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     tokens, scores, types = _vocab()
@@ -82,21 +83,21 @@ def write_tiny_model(path: "str | Path", seed: int = 1234) -> Path:
     writer.add_add_bos_token(True)
 
     # GGUFWriter takes row-major NumPy shapes: the reverse of ggml's ne
-    kv = N_EMBD // N_HEAD * N_HEAD_KV
-    writer.add_tensor("token_embd.weight", w(N_VOCAB, N_EMBD))
-    writer.add_tensor("output_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-    writer.add_tensor("output.weight", w(N_VOCAB, N_EMBD))
+    kv = n_embd // N_HEAD * N_HEAD_KV
+    writer.add_tensor("token_embd.weight", w(N_VOCAB, n_embd))
+    writer.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    writer.add_tensor("output.weight", w(N_VOCAB, n_embd))
     for i in range(N_LAYER):
         b = f"blk.{i}."
-        writer.add_tensor(b + "attn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-        writer.add_tensor(b + "attn_q.weight", w(N_EMBD, N_EMBD))
-        writer.add_tensor(b + "attn_k.weight", w(kv, N_EMBD))
-        writer.add_tensor(b + "attn_v.weight", w(kv, N_EMBD))
-        writer.add_tensor(b + "attn_output.weight", w(N_EMBD, N_EMBD))
-        writer.add_tensor(b + "ffn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-        writer.add_tensor(b + "ffn_gate.weight", w(N_FF, N_EMBD))
-        writer.add_tensor(b + "ffn_up.weight", w(N_FF, N_EMBD))
-        writer.add_tensor(b + "ffn_down.weight", w(N_EMBD, N_FF))
+        writer.add_tensor(b + "attn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        writer.add_tensor(b + "attn_q.weight", w(n_embd, n_embd))
+        writer.add_tensor(b + "attn_k.weight", w(kv, n_embd))
+        writer.add_tensor(b + "attn_v.weight", w(kv, n_embd))
+        writer.add_tensor(b + "attn_output.weight", w(n_embd, n_embd))
+        writer.add_tensor(b + "ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        writer.add_tensor(b + "ffn_gate.weight", w(n_ff, n_embd))
+        writer.add_tensor(b + "ffn_up.weight", w(n_ff, n_embd))
+        writer.add_tensor(b + "ffn_down.weight", w(n_embd, n_ff))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
