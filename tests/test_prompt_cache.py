@@ -91,8 +91,8 @@ def test_prompts_evaluated_together_are_computed_as_alone(tiny_model_path, prefi
     a sequence continuing 300 cached cells shares the decode (a longer KV view).
     With flash attention chunks go one by one. *mixed*: the engine probed its
     decode cells (probe_decode_cells, exact for these F32 weights): chunks of
-    any lengths share a decode with the decoding tokens, and the results are
-    still those of each prompt alone."""
+    any lengths share a decode, and the results are still those of each
+    prompt alone (decoding tokens with chunks: the next test)."""
     from mullama._generation import new_sampler
 
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
