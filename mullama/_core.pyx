@@ -2407,6 +2407,11 @@ cdef class BatchEngine(_Decoder):
         per sequence. With such kernels the pieces change no token's result."""
         cdef int j, i, n = 0, first = -1, budget = min(self.prefill_chunk, self.n_batch - off)
         cdef vector[int] take
+        for i in range(self.n_seq):  # (most steps only decode: nothing to allocate)
+            if self._prefilling(i):
+                break
+        else:
+            return off
         take.assign(self.n_seq, 0)
         for j in range(self.n_seq):
             i = (self._next_prefill + j) % self.n_seq

@@ -441,7 +441,7 @@ def test_a_decoding_request_shares_its_steps_with_prompts_and_nothing_changes(ti
         assert steps[:3] == [lengths[0], 1 + lengths[1], 2 + lengths[2]] and steps[3] == 3
 
 
-def test_the_probe_finds_q4_k_weights_inexact_and_the_engine_refreshes(tmp_path):
+async def test_the_probe_finds_q4_k_weights_inexact_and_the_engine_refreshes(tmp_path):
     """Q4_K weights, which ggml repacks and multiplies along another path for one row than for
     several: the probe finds decode cells inexact (checked against the logits the context API
     gives), and the engine then refreshes generated tails; outputs equal an uncached run."""
@@ -467,16 +467,11 @@ def test_the_probe_finds_q4_k_weights_inexact_and_the_engine_refreshes(tmp_path)
         finally:
             engine.close()
     cfg = StreamConfig.greedy(24)
-
-    async def run():
-        async with await AsyncModel.load(q4k, max_concurrent=2, context_size=256, threads=1) as model:
-            first = await model.generate(SYSTEM[:60], config=cfg)
-            await idle(model)
-            follow = await model.tokenize(SYSTEM[:60])
-            follow += first.tokens + await model.tokenize(" next", add_bos=False)
-            again = await model.generate(follow, config=cfg)
-            assert model.prompt_cache_stats().refreshed_tokens > 0
-            return follow, again.tokens
-
-    follow, got = anyio.run(run)
-    assert [got] == cold(q4k, [follow], cfg)
+    async with await AsyncModel.load(q4k, max_concurrent=2, context_size=256, threads=1) as model:
+        first = await model.generate(SYSTEM[:60], config=cfg)
+        await idle(model)
+        follow = await model.tokenize(SYSTEM[:60])
+        follow += first.tokens + await model.tokenize(" next", add_bos=False)
+        again = await model.generate(follow, config=cfg)
+        assert model.prompt_cache_stats().refreshed_tokens > 0
+    assert [again.tokens] == cold(q4k, [follow], cfg)
