@@ -150,12 +150,8 @@ class Engine:
         self._model = model
         self._core = _core.BatchEngine(model._core, n_seq, ctx_per_seq, batch_size, threads, flash_attention,
                                        adaptive_threads=adaptive_threads, exact=exact_prompt_cache)
-        #: decode steps compute the cells a prompt evaluation computes (probed, see
-        #: BatchEngine.probe_decode_cells): the exact prompt cache then reuses generated tokens as they
-        #: are, with nothing evaluated again after a request. Not with flash attention, whose kernel
-        #: computes several tokens of several sequences in one batch otherwise than alone
-        #: (BatchEngine._prompt_chunks), as a speculative step of several requests would.
-        self.decode_cells_exact = False
+        # Not with flash attention, whose kernel computes several tokens of several sequences in one
+        # batch otherwise than alone (BatchEngine._prompt_chunks), as a speculative step would.
         if exact_prompt_cache and not flash_attention and not _core.supports_gpu_offload():
             # (a GPU build: llama.cpp offloads large batches to the GPU, whose kernels are not probed;
             # the same model and build give the same answer, so a full probe's, two sequences
@@ -169,7 +165,7 @@ class Engine:
                 else:
                     if known is not None and n_seq >= 2:
                         model._decode_cells_exact = known
-            self._core.decode_exact = self.decode_cells_exact = bool(known)
+            self._core.decode_exact = bool(known)
         #: the draft model, the draft context, and whether the engine loaded the model (closes it)
         self._draft: Optional[Tuple[object, "_core.DraftModel", bool]] = None
         if draft_model is not None:
@@ -232,6 +228,13 @@ class Engine:
     def tokens_in_flight(self) -> int:
         """Tokens generated so far by the requests holding a slot (their progress)."""
         return sum(len(req.tokens) for req in list(self._active.values()))
+
+    @property
+    def decode_cells_exact(self) -> bool:
+        """Decode steps compute the cells a prompt evaluation computes (probed, see
+        BatchEngine.probe_decode_cells): the exact prompt cache then reuses generated tokens as
+        they are, with nothing evaluated again after a request."""
+        return bool(self._core.decode_exact)
 
     def prompt_cache_stats(self) -> PromptCacheStats:
         """The prompt cache's counters and the memory it holds (see :class:`PromptCacheStats`)."""
