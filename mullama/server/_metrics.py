@@ -7,7 +7,7 @@ the live counters of the Runtime and the engine at that moment.
 from __future__ import annotations
 
 import bisect
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from .._errors import ClosedError
 
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .._generation import RequestMetrics
     from ..aio import AsyncModel, Runtime
 
-__all__ = ["ServerMetrics", "CONTENT_TYPE"]
+__all__ = ["ServerMetrics", "Family", "Histogram", "CONTENT_TYPE"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -25,21 +25,30 @@ _RATE = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000)
 
 
 class Histogram:
-    __slots__ = ("bounds", "counts", "total", "n")
+    """A Prometheus histogram; ``listeners`` are called with each observed value
+    (:mod:`mullama.ray` forwards them to Ray's metrics)."""
 
-    def __init__(self, bounds: Sequence[float]) -> None:
+    __slots__ = ("name", "help", "bounds", "counts", "total", "n", "listeners")
+
+    def __init__(self, name: str, help: str, bounds: Sequence[float]) -> None:
+        self.name = name
+        self.help = help
         self.bounds = tuple(bounds)
         self.counts = [0] * (len(self.bounds) + 1)
         self.total = 0.0
         self.n = 0
+        self.listeners: List[Callable[[float], None]] = []
 
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.total += value
         self.n += 1
+        for listener in self.listeners:
+            listener(value)
 
-    def lines(self, name: str) -> List[str]:
-        out = []
+    def lines(self) -> List[str]:
+        name = self.name
+        out = [f"# HELP {name} {self.help}", f"# TYPE {name} histogram"]
         cumulative = 0
         for bound, count in zip(self.bounds, self.counts):
             cumulative += count
@@ -54,7 +63,7 @@ def _num(v: float) -> str:
     return repr(float(v)) if isinstance(v, float) else str(v)
 
 
-def _labels(labels: Tuple[Tuple[str, str], ...]) -> str:
+def _labels(labels: "Labels") -> str:
     if not labels:
         return ""
     return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels) + "}"
@@ -63,6 +72,18 @@ def _labels(labels: Tuple[Tuple[str, str], ...]) -> str:
 def _escape(value: str) -> str:
     """A label value as the text format writes it (backslash, quote and newline escaped)."""
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+Labels = Tuple[Tuple[str, str], ...]
+
+
+class Family(NamedTuple):
+    """A counter or a gauge: its name, kind, help text and (labels, value) samples."""
+
+    name: str
+    kind: str
+    help: str
+    samples: List[Tuple[Labels, float]]
 
 
 class ServerMetrics:
@@ -76,11 +97,17 @@ class ServerMetrics:
         self.generations: Dict[str, int] = {}
         self.prompt_tokens = 0
         self.generated_tokens = 0
-        self.queue = Histogram(_SECONDS)
-        self.first_token = Histogram(_SECONDS)
-        self.duration = Histogram(_SECONDS)
-        self.prompt_rate = Histogram(_RATE)
-        self.generation_rate = Histogram(_RATE)
+        self.queue = Histogram("mullama_request_queue_seconds",
+                               "Time requests waited for a slot of the batching engine.", _SECONDS)
+        self.first_token = Histogram("mullama_time_to_first_token_seconds",
+                                     "Time from submission to the first generated token.", _SECONDS)
+        self.duration = Histogram("mullama_generation_duration_seconds",
+                                  "Wall time of generations, queue included.", _SECONDS)
+        self.prompt_rate = Histogram("mullama_prompt_tokens_per_second",
+                                     "Prompt evaluation speed of each request.", _RATE)
+        self.generation_rate = Histogram("mullama_generation_tokens_per_second", "Decode speed of each request.",
+                                         _RATE)
+        self.histograms = (self.queue, self.first_token, self.duration, self.prompt_rate, self.generation_rate)
 
     def response(self, endpoint: str, status: int) -> None:
         key = (endpoint, str(status))
@@ -100,18 +127,23 @@ class ServerMetrics:
             self.generation_rate.observe(m.generation_tokens_per_s)
 
     def render(self, model: Optional["AsyncModel"], runtime: Optional["Runtime"]) -> str:
+        """The text exposition: the histograms after the counters and gauges of :meth:`families`."""
         out: List[str] = []
+        for f in self.families(model, runtime):
+            out.append(f"# HELP {f.name} {f.help}")
+            out.append(f"# TYPE {f.name} {f.kind}")
+            out.extend(f"{f.name}{_labels(labels)} {_num(value)}" for labels, value in f.samples)
+        for h in self.histograms:
+            out.extend(h.lines())
+        return "\n".join(out) + "\n"
 
-        def metric(name: str, kind: str, help: str, samples: Sequence[Tuple[Tuple[Tuple[str, str], ...], float]]):
-            out.append(f"# HELP {name} {help}")
-            out.append(f"# TYPE {name} {kind}")
-            for labels, value in samples:
-                out.append(f"{name}{_labels(labels)} {_num(value)}")
+    def families(self, model: Optional["AsyncModel"], runtime: Optional["Runtime"]) -> List["Family"]:
+        """The counters and gauges now: the server's own, and the live ones of
+        ``model``'s engine and of ``runtime`` (each omitted if None)."""
+        out: List[Family] = []
 
-        def histogram(name: str, help: str, h: Histogram) -> None:
-            out.append(f"# HELP {name} {help}")
-            out.append(f"# TYPE {name} histogram")
-            out.extend(h.lines(name))
+        def metric(name: str, kind: str, help: str, samples: Sequence[Tuple[Labels, float]]) -> None:
+            out.append(Family(name, kind, help, list(samples)))
 
         metric("mullama_http_responses_total", "counter", "HTTP responses by endpoint and status code.",
                [((("endpoint", e), ("status", s)), n) for (e, s), n in sorted(self.responses.items())])
@@ -124,14 +156,6 @@ class ServerMetrics:
                [((), self.prompt_tokens)])
         metric("mullama_generated_tokens_total", "counter", "Tokens generated by ended generations.",
                [((), self.generated_tokens)])
-        histogram("mullama_request_queue_seconds", "Time requests waited for a slot of the batching engine.",
-                  self.queue)
-        histogram("mullama_time_to_first_token_seconds", "Time from submission to the first generated token.",
-                  self.first_token)
-        histogram("mullama_generation_duration_seconds", "Wall time of generations, queue included.",
-                  self.duration)
-        histogram("mullama_prompt_tokens_per_second", "Prompt evaluation speed of each request.", self.prompt_rate)
-        histogram("mullama_generation_tokens_per_second", "Decode speed of each request.", self.generation_rate)
         if model is not None:
             cfg = model.config
             metric("mullama_engine_slots", "gauge", "Requests the batching engine decodes together (max_concurrent).",
@@ -217,4 +241,4 @@ class ServerMetrics:
                    [((), rm.avg_generation_ms / 1e3)])
             metric("mullama_runtime_uptime_seconds", "gauge", "Time since the runtime started.",
                    [((), rm.uptime_seconds)])
-        return "\n".join(out) + "\n"
+        return out

@@ -1,0 +1,103 @@
+"""mullama on Ray Serve: the OpenAI-compatible server of ``mullama serve``,
+as replicas on a Ray cluster behind Serve's HTTP proxy.
+
+Each replica loads its model once (an :class:`~mullama.aio.AsyncModel` on the
+batching engine) and serves :class:`~mullama.server.OpenAIApp`, the same ASGI
+application as ``mullama serve``. A client that disconnects cancels its
+request on the replica, which stops the generation inside llama.cpp within
+about one token and frees its slot. Serve autoscales replicas on their ongoing
+requests (by default a replica is full when its engine's slots are), replaces
+a replica whose model stops accepting requests (health checks), and Ray's
+metrics get each replica's engine metrics. Several models: one deployment
+each, behind a router that reads the request's ``"model"``.
+
+From Python::
+
+    from mullama.aio import AsyncConfig
+    from mullama.ray import AppConfig, ModelDeployment, deployed
+
+    config = AppConfig(models=(ModelDeployment(AsyncConfig("model.gguf", threads=1), replicas=2),), port=8000)
+    with deployed(config) as url:      # starts (or joins) a Ray cluster and deploys
+        ...                            # OpenAI clients use f"{url}/v1"
+
+or from the shell: ``mullama serve --ray --replicas 2`` (one model) or
+``mullama serve --ray --config mullama.yaml`` (see :func:`load_config`).
+
+Needs the ``ray`` extra: ``pip install "mullama[ray]"``. Nothing else in
+mullama imports Ray.
+"""
+
+from __future__ import annotations
+
+try:
+    import ray
+    from ray import serve
+except ImportError as _exc:  # pragma: no cover - depends on the environment
+    raise ImportError("mullama.ray needs Ray Serve: pip install 'mullama[ray]'") from _exc
+
+import logging
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
+
+from ._serve import REPLICA_HEADER, ModelReplica, ReplicaUnhealthyError, Router, build_app
+from ._spec import AppConfig, ModelDeployment, load_config
+
+__all__ = ["AppConfig", "ModelDeployment", "load_config", "build_app", "deployed", "run", "ModelReplica", "Router",
+           "ReplicaUnhealthyError", "REPLICA_HEADER"]
+
+log = logging.getLogger("mullama.ray")
+
+
+@contextmanager
+def deployed(config: AppConfig, *, ray_init: Optional[dict] = None) -> Iterator[str]:
+    """Deploy ``config`` on Ray Serve for the ``with`` block; yields the base URL.
+
+    It joins ``config.address`` (or the cluster this process is connected to
+    already), or starts a local Ray cluster, starts Serve's HTTP proxy on
+    ``config.host:config.port`` if Serve is not running there yet, and deploys
+    the application, waiting until every replica has loaded its model. At the
+    end it deletes the application; it also shuts down Serve and Ray if it
+    started them. ``ray_init``: more arguments of ``ray.init``.
+    """
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address=config.address, **(ray_init or {}))
+    started_serve = False
+    try:
+        # (private, but the only way to ask whether Serve runs without starting it)
+        client = serve.context._connect(raise_if_no_controller_running=False)
+        if client is None:
+            serve.start(http_options={"host": config.host, "port": config.port})
+            started_serve = True
+            client = serve.context._connect()
+        serve.run(build_app(config), name=config.name, route_prefix=config.route_prefix, blocking=False)
+        http = client.http_config
+        host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
+        try:
+            yield f"http://{host}:{http.port}{config.route_prefix.rstrip('/')}"
+        finally:
+            serve.delete(config.name)
+    finally:
+        if started_serve:
+            serve.shutdown()
+        if started_ray:
+            ray.shutdown()
+
+
+def run(config: AppConfig, *, on_ready: Optional[Callable[[str], Any]] = None,
+        ray_init: Optional[dict] = None) -> None:
+    """Deploy ``config`` (:func:`deployed`) and serve until SIGINT or SIGTERM."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with deployed(config, ray_init=ray_init) as url:
+            if on_ready is not None:
+                on_ready(url)
+            while not stop.wait(0.5):
+                pass
+            log.info("stopping: deleting the application")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
