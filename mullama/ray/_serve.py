@@ -22,7 +22,7 @@ from ..server import _openai as oa
 from ._metrics import RayMetricsBridge
 from ._spec import AppConfig, ModelDeployment
 
-__all__ = ["ModelReplica", "Router", "ReplicaUnhealthyError", "build_app"]
+__all__ = ["ModelReplica", "ModelIngress", "Router", "RouterIngress", "ReplicaUnhealthyError", "build_app"]
 
 log = logging.getLogger("mullama.ray")
 
@@ -55,11 +55,10 @@ def replica_health(app: OpenAIApp) -> None:
                                     "its batching engine's driver thread has died")
 
 
-@serve.ingress()
 class ModelReplica:
     """One replica of one model: it loads the model once, serves the OpenAI
-    routes over HTTP (Serve's proxy) and to the :class:`Router` (``forward``),
-    reports its engine's metrics to Ray's, and fails Serve's health checks when
+    routes to the :class:`Router` (``forward``) or, as :data:`ModelIngress`,
+    over HTTP from Serve's proxy; it reports its engine's metrics to Ray's, and fails Serve's health checks when
     its model stops accepting requests."""
 
     async def __init__(self, spec: ModelDeployment,  # type: ignore[misc]  # (Serve awaits it)
@@ -136,6 +135,10 @@ class ModelReplica:
             self._metrics.stop()
         if self.model is not None:
             await self.model.aclose()
+
+
+#: a model's replicas as the application's ingress (one model: no router)
+ModelIngress = serve.ingress()(ModelReplica)
 
 
 class _Tagged:
@@ -221,9 +224,10 @@ class _RouterApp:
             raise oa.ApiError(404, f"no such endpoint: {method} {path}", code="not_found")
         body = await ex.body()
         try:
-            name = json.loads(body).get("model")
-        except (ValueError, AttributeError):
-            name = None  # the model's replica answers what is wrong with the body
+            obj = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise oa.ApiError(400, f"the request body is not valid JSON: {exc}") from None
+        name = obj.get("model") if isinstance(obj, dict) else None
         if not isinstance(name, str):
             raise oa.ApiError(400, f"'model' must name one of the models served: {', '.join(self._names)}",
                               param="model")
@@ -260,7 +264,6 @@ class _RouterApp:
             responses.cancel()
 
 
-@serve.ingress()
 class Router:
     """The ingress of an application of several models (see :func:`build_app`)."""
 
@@ -271,14 +274,18 @@ class Router:
         return self._app
 
 
+RouterIngress = serve.ingress()(Router)
+
+
 def build_app(config: AppConfig) -> "serve.Application":
     """The Serve application of ``config``: with one model, its replicas
     answer HTTP; with several, a :class:`Router` in front of them."""
     app_options = config.app_options()
+    if len(config.models) == 1:
+        m = config.models[0]
+        return serve.deployment(**m.serve_options())(ModelIngress).bind(m, app_options)
     bound = {str(m.name): serve.deployment(**m.serve_options())(ModelReplica).bind(m, app_options)
              for m in config.models}
-    if len(bound) == 1:
-        return next(iter(bound.values()))
     max_ongoing = sum(m.serve_options()["max_ongoing_requests"] for m in config.models)
     router = serve.deployment(name="router", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=max_ongoing)
-    return router(Router).bind(config, **bound)
+    return router(RouterIngress).bind(config, **bound)
