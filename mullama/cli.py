@@ -7,8 +7,8 @@ import os
 import re
 import sys
 import time
-from dataclasses import asdict
-from typing import List, Optional
+from dataclasses import asdict, replace
+from typing import Any, Dict, List, Optional
 
 from ._errors import InvalidConfigError, MullamaError
 from ._config import SERVER_IO_TIMEOUT_S as IO_TIMEOUT_S, SERVER_KEEP_ALIVE_TIMEOUT_S as KEEP_ALIVE_TIMEOUT_S
@@ -106,12 +106,62 @@ def _mib(value: Optional[float], flag: str) -> Optional[int]:
     return int(value * (1 << 20))
 
 
+_NOT_ON_RAY = {"backend": "asyncio", "graceful_timeout": 10.0, "keep_alive_timeout": KEEP_ALIVE_TIMEOUT_S,
+               "max_connections": None, "no_access_log": False}
+
+
+def _serve_on_ray(args: argparse.Namespace, cors: List[str], model: Optional[Dict[str, Any]]) -> int:
+    """``mullama serve --ray``: the same server as replicas on Ray Serve (:mod:`mullama.ray`);
+    ``model``: the ModelDeployment fields of the one model, or None with ``--config``."""
+    for name, default in _NOT_ON_RAY.items():
+        if getattr(args, name) != default:
+            raise InvalidConfigError(f"--{name.replace('_', '-')} is not an option of --ray: Serve's HTTP proxy "
+                                     "serves the requests (its replicas run asyncio)")
+    if args.replicas < 1 or (args.max_replicas is not None and args.max_replicas < args.replicas):
+        raise InvalidConfigError(f"--replicas must be 1 or more and --max-replicas at least --replicas; got "
+                                 f"{args.replicas} and {args.max_replicas}")
+    try:
+        import mullama.ray as mray
+    except ImportError as exc:
+        raise InvalidConfigError(f"--ray needs Ray Serve: pip install 'mullama[ray]' ({exc.__cause__ or exc})") \
+            from None
+    # the flags given (not None) override the config file's values
+    server = dict(api_key=args.api_key, cors_origins=tuple(cors) or None, any_model_name=args.any_model_name or None,
+                  io_timeout=None if args.io_timeout == IO_TIMEOUT_S else args.io_timeout, host=args.host,
+                  port=args.port, address=args.ray_address)
+    if model is None:
+        app = mray.load_config(args.config, **server)
+    else:
+        config = model.pop("config")
+        if config.threads is None:  # this machine's cores, shared by the replicas it may run
+            config = replace(config, threads=max(1, (os.cpu_count() or 1) // (args.max_replicas or args.replicas)))
+        autoscaling = None if args.max_replicas is None else {"min_replicas": args.replicas,
+                                                              "max_replicas": args.max_replicas}
+        deployment = mray.ModelDeployment(config, name=args.name, replicas=args.replicas, autoscaling=autoscaling,
+                                          **model)
+        app = mray.AppConfig(models=(deployment,), **{k: v for k, v in server.items() if v is not None})
+
+    def ready(url: str) -> None:
+        names = ", ".join(repr(m.name) for m in app.models)
+        print(f"mullama: serving {names} at {url}/v1 (Ray Serve)", flush=True)
+
+    mray.run(app, on_ready=ready)
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from ._config import SpeculativeConfig
     from ._model import check_model_file
     from .aio import AsyncConfig
     from .server import BACKENDS, create_app, serve
 
+    cors = [o.strip() for o in (args.cors_origins or "").split(",") if o.strip()]
+    if not args.ray and (args.replicas != 1 or args.max_replicas is not None or args.ray_address or args.config):
+        raise InvalidConfigError("--replicas, --max-replicas, --ray-address and --config need --ray")
+    if args.config:
+        if args.model:
+            raise InvalidConfigError("--config names the models: give no --model with it")
+        return _serve_on_ray(args, cors, None)
     path = _model_path(args)
     check_model_file(path)  # a missing or broken file is named now, not in the server's log
     template = args.chat_template
@@ -137,16 +187,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         speculative = SpeculativeConfig(max_draft=args.draft_max or 16)
     elif args.draft_max is not None:
         raise InvalidConfigError("--draft-max needs --speculative or --draft-model")
+    if args.ray:
+        return _serve_on_ray(args, cors, dict(config=config, chat_template=template, speculative=speculative))
     app = create_app(config, model_id=args.name, chat_template=template, api_key=args.api_key,
                      io_timeout=args.io_timeout, any_model_name=args.any_model_name,
-                     cors_origins=[o.strip() for o in (args.cors_origins or "").split(",") if o.strip()],
-                     speculative=speculative)
+                     cors_origins=cors, speculative=speculative)
 
     def ready(url: str) -> None:
         print(f"mullama: serving {app.model_id!r} at {url}/v1 ({args.backend}, {BACKENDS[args.backend]})",
               flush=True)
 
-    serve(app, host=args.host, port=args.port, backend=args.backend, log_level=args.log_level,
+    serve(app, host=args.host or "127.0.0.1", port=8000 if args.port is None else args.port, backend=args.backend, log_level=args.log_level,
           access_log=not args.no_access_log, graceful_timeout=args.graceful_timeout,
           keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections, on_ready=ready)
     return 0
@@ -187,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="An OpenAI-compatible HTTP server: /v1/models, /v1/completions, "
                                    "/v1/chat/completions (streaming too), /health and /metrics (Prometheus).")
     p.add_argument("-m", "--model", help="a .gguf file (default: the default model, pulled if needed)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
+    p.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default: 8000; 0 = any free port)")
     p.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio",
                    help="event loop: asyncio (uvicorn) or trio (hypercorn); default asyncio")
     p.add_argument("--name", help="the model id clients ask for (default: the file name without .gguf)")
@@ -238,6 +289,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "descriptor limit leaves room for)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--no-access-log", action="store_true", help="do not log each request")
+    g = p.add_argument_group("Ray Serve (the ray extra: pip install 'mullama[ray]')")
+    g.add_argument("--ray", action="store_true",
+                   help="serve as replicas on Ray Serve, behind its HTTP proxy at --host:--port: start a local "
+                        "Ray cluster, or join --ray-address")
+    g.add_argument("--replicas", type=int, default=1,
+                   help="replicas, each loading the model (default 1); with --max-replicas, the fewest")
+    g.add_argument("--max-replicas", type=int, default=None,
+                   help="autoscale between --replicas and this many, on requests in flight (a replica is full "
+                        "when its --max-concurrent slots are)")
+    g.add_argument("--ray-address", metavar="ADDR", help="a running Ray cluster to deploy on ('auto', "
+                                                         "'ray://host:10001'; default: start a local one)")
+    g.add_argument("--config", metavar="FILE",
+                   help="a YAML or JSON file of the models, replicas and options (see the README); "
+                        "--host, --port, --api-key and the other server flags given override it")
     p.set_defaults(fn=_cmd_serve)
 
     p = sub.add_parser("info", help="describe a model file")

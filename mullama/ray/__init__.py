@@ -36,6 +36,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
     raise ImportError("mullama.ray needs Ray Serve: pip install 'mullama[ray]'") from _exc
 
 import logging
+import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -57,12 +58,18 @@ def deployed(config: AppConfig, *, ray_init: Optional[dict] = None) -> Iterator[
     It joins ``config.address`` (or the cluster this process is connected to
     already), or starts a local Ray cluster, starts Serve's HTTP proxy on
     ``config.host:config.port`` if Serve is not running there yet, and deploys
-    the application, waiting until every replica has loaded its model. At the
+    the application, waiting until every replica has loaded its model (a
+    local cluster runs its workers at the usual priority, ``RAY_worker_niceness``
+    0, rather than Ray's 15, unless that is set already). At the
     end it deletes the application; it also shuts down Serve and Ray if it
     started them. ``ray_init``: more arguments of ``ray.init``.
     """
     started_ray = not ray.is_initialized()
     if started_ray:
+        if config.address is None:
+            # Ray runs its workers at niceness 15 by default: replicas serving requests would give
+            # their cores to any other work on the machine (a local cluster is started here)
+            os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(address=config.address, **(ray_init or {}))
     started_serve = False
     try:

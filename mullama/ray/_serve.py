@@ -198,7 +198,7 @@ class _RouterApp:
             pass
 
     async def _http(self, ex: Exchange) -> None:
-        path, method = ex.scope["path"], ex.scope["method"]
+        path, method = ex.path, ex.scope["method"]
         if path == "/health":
             await ex.respond_json(200, {"status": "ok", "models": self._names})
             return
@@ -227,13 +227,13 @@ class _RouterApp:
             obj = json.loads(body)
         except (ValueError, RecursionError) as exc:
             raise oa.ApiError(400, f"the request body is not valid JSON: {exc}") from None
-        name = obj.get("model") if isinstance(obj, dict) else None
-        if not isinstance(name, str):
+        model = obj.get("model") if isinstance(obj, dict) else None
+        if not isinstance(model, str):
             raise oa.ApiError(400, f"'model' must name one of the models served: {', '.join(self._names)}",
                               param="model")
-        if name not in self._streams:
-            raise self._unknown(name)
-        await self._forward(ex, self._streams[name], body)
+        if model not in self._streams:
+            raise self._unknown(model)
+        await self._forward(ex, self._streams[model], body)
 
     def _unknown(self, name: str) -> oa.ApiError:
         return oa.ApiError(404, f"the model {name!r} does not exist; this server serves "
@@ -286,6 +286,8 @@ def build_app(config: AppConfig) -> "serve.Application":
         return serve.deployment(**m.serve_options())(ModelIngress).bind(m, app_options)
     bound = {str(m.name): serve.deployment(**m.serve_options())(ModelReplica).bind(m, app_options)
              for m in config.models}
-    max_ongoing = sum(m.serve_options()["max_ongoing_requests"] for m in config.models)
+    # the router holds every request the models' replicas run and queue
+    max_ongoing = sum((o["max_ongoing_requests"] * m.most_replicas() + o["max_queued_requests"])
+                      for m in config.models for o in [m.serve_options()])
     router = serve.deployment(name="router", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=max_ongoing)
     return router(RouterIngress).bind(config, **bound)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -29,10 +29,11 @@ class ModelDeployment:
     each load it once (an :class:`~mullama.aio.AsyncModel` on the batching engine).
 
     Args:
-        config: what each replica loads. ``threads`` is the replica's compute
-            threads; it defaults to 1 here (a replica's share of a machine is
-            not known before Ray places it; ``mullama serve --ray`` gives each
-            replica the cores of this machine divided by the replicas).
+        config: what each replica loads. Its ``threads`` are each replica's
+            compute threads, and the CPUs Ray reserves for it (``AsyncConfig``
+            defaults them to the cores of the machine that makes the config;
+            :func:`load_config` and ``mullama serve --ray`` to those cores
+            divided by the model's replicas).
         name: the model id clients send as ``"model"`` (default: the file's stem).
         replicas: a fixed number of replicas, when ``autoscaling`` is None.
         autoscaling: Ray Serve's ``autoscaling_config`` (``min_replicas``,
@@ -41,8 +42,13 @@ class ModelDeployment:
             a replica whose engine slots are all busy asks for another.
         num_cpus: the CPUs Ray reserves for each replica (default: ``threads``).
         max_ongoing_requests: the requests Serve sends one replica at once
-            (default: the engine's slots plus its queue, ``max_concurrent +
-            max_queue``); beyond, Serve queues them at its proxy.
+            (default: its engine's slots, ``max_concurrent``). Beyond, requests
+            wait at Serve's proxy, which gives each to the first replica with
+            a free slot (rather than to a busy replica's own queue while
+            another replica is idle); at most ``max_queue`` per replica wait
+            (``max_queued_requests``, by ``replicas`` or ``max_replicas``),
+            beyond which the proxy answers 503 at once, as ``mullama serve``
+            does when its queue is full.
         chat_template: as :class:`~mullama.server.OpenAIApp`'s.
         speculative: as :class:`~mullama.server.OpenAIApp`'s.
         health_check_period_s: seconds between Serve's health checks of a replica.
@@ -65,8 +71,6 @@ class ModelDeployment:
     def __post_init__(self) -> None:
         if not isinstance(self.config, AsyncConfig):
             raise InvalidConfigError(f"config must be an AsyncConfig, got {type(self.config).__name__}")
-        if self.config.threads is None:
-            object.__setattr__(self, "config", replace(self.config, threads=1))
         if self.name is None:
             object.__setattr__(self, "name", Path(self.config.model_path).stem)
         if not isinstance(self.name, str) or not self.name:
@@ -95,13 +99,18 @@ class ModelDeployment:
         if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
             raise InvalidConfigError(f"speculative must be a SpeculativeConfig or None, got {self.speculative!r}")
 
+    def most_replicas(self) -> int:
+        """The replicas it runs, or may run when autoscaled."""
+        return self.replicas if self.autoscaling is None else int(self.autoscaling.get("max_replicas", 1))
+
     def serve_options(self) -> Dict[str, Any]:
         """The options of ``serve.deployment`` this model's deployment gets."""
         cfg = self.config
         opts: Dict[str, Any] = {
             "name": self.name,
             "ray_actor_options": {"num_cpus": float((cfg.threads or 1) if self.num_cpus is None else self.num_cpus)},
-            "max_ongoing_requests": self.max_ongoing_requests or cfg.max_concurrent + cfg.max_queue,
+            "max_ongoing_requests": self.max_ongoing_requests or cfg.max_concurrent,
+            "max_queued_requests": max(1, cfg.max_queue * self.most_replicas()),  # (Serve has no 0)
             "health_check_period_s": float(self.health_check_period_s),
         }
         if self.autoscaling is not None:
@@ -189,9 +198,16 @@ def _model_from(entry: Any, where: str, base: Path) -> ModelDeployment:
     if speculative is True:
         speculative = SpeculativeConfig()
     elif isinstance(speculative, Mapping):
-        speculative = SpeculativeConfig(**speculative)
+        try:
+            speculative = SpeculativeConfig(**speculative)
+        except TypeError as exc:
+            raise InvalidConfigError(f"{where}.speculative: {exc}") from None
     elif speculative not in (None, False):
         raise InvalidConfigError(f"{where}.speculative must be true, false or a mapping, got {speculative!r}")
+    if "threads" not in entry:  # this machine's cores, shared by the model's replicas
+        most = model_opts.get("replicas", 1) if model_opts.get("autoscaling") is None else \
+            model_opts["autoscaling"].get("max_replicas", 1) if isinstance(model_opts["autoscaling"], Mapping) else 1
+        entry["threads"] = max(1, (os.cpu_count() or 1) // max(1, most if isinstance(most, int) else 1))
     try:
         config = AsyncConfig(model_path=str(base / os.path.expanduser(path)), **entry)
     except TypeError as exc:
@@ -242,11 +258,11 @@ def load_config(source: Union[str, "os.PathLike[str]", Mapping[str, Any]],
         raise InvalidConfigError(f"the config must be a mapping with 'models', got {type(data).__name__}")
     data = dict(data)
     entries = data.pop("models", None)
-    if not isinstance(entries, Sequence) or isinstance(entries, str) or not entries:
-        raise InvalidConfigError("the config needs 'models': a list of one or more models")
     unknown = sorted(set(data) - _APP_KEYS)
     if unknown:
         raise InvalidConfigError(f"unknown top-level field(s) {unknown}; known: models, {', '.join(sorted(_APP_KEYS))}")
+    if not isinstance(entries, Sequence) or isinstance(entries, str) or not entries:
+        raise InvalidConfigError("the config needs 'models': a list of one or more models")
     data.update({k: v for k, v in overrides.items() if v is not None})
     models: List[ModelDeployment] = [_model_from(e, f"models[{i}]", base) for i, e in enumerate(entries)]
     return AppConfig(models=tuple(models), **data)

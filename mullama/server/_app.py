@@ -169,7 +169,7 @@ class OpenAIApp:
         await send({"type": "lifespan.shutdown.complete"})
 
     async def _http(self, ex: Exchange) -> None:
-        path = ex.scope["path"]
+        path = ex.path
         route = self._routes.get(path)
         if route is None and (path.startswith("/v1/models/") or path.startswith("/models/")):
             route = ("models", {"GET": self._get_model})
@@ -259,7 +259,7 @@ class OpenAIApp:
         await ex.respond_json(200, {"object": "list", "data": [self._model_card()]})
 
     async def _get_model(self, ex: Exchange) -> None:
-        self._check_model_name(ex.scope["path"].split("/models/", 1)[1])
+        self._check_model_name(ex.path.split("/models/", 1)[1])
         await ex.respond_json(200, self._model_card())
 
     async def _embeddings(self, ex: Exchange) -> None:

@@ -51,6 +51,16 @@ class Exchange:
         #: headers every response of this exchange carries (CORS)
         self.extra_headers: List[Tuple[str, str]] = []
 
+    @property
+    def path(self) -> str:
+        """The request's path below the application's mount point (``root_path``,
+        which ASGI servers such as Ray Serve's proxy keep in ``path``)."""
+        path: str = self.scope["path"]
+        root = self.scope.get("root_path") or ""
+        if root and path.startswith(root) and path[len(root):len(root) + 1] in ("", "/"):
+            return path[len(root):] or "/"
+        return path
+
     def raw_header(self, name: bytes) -> Optional[bytes]:
         for key, value in self.scope.get("headers", ()):
             if key.lower() == name:
