@@ -27,7 +27,10 @@ each bench script of this folder and keeps what it prints:
 * ``speculative.py``: prompt-lookup speculative decoding against plain
   decoding and llama-bench's tg at the same context depth;
 * ``serve_vs_llama_server.py``: ``mullama serve`` (uvicorn and hypercorn)
-  against llama-server, 1/4/16 streaming clients and short requests.
+  against llama-server, 1/4/16 streaming clients and short requests;
+* ``ray_scale.py``: ``mullama serve`` on Ray Serve (1 replica x 2 threads, 2
+  replicas x 1 thread) against ``mullama serve`` alone, and cancellation
+  through Serve's proxy (needs the ``ray`` extra).
 
 Output goes to ``bench/results/<UTC time>/``: ``figures.jsonl`` (every line,
 tagged with its script), ``summary.md`` (one table per figure name, the
@@ -75,6 +78,7 @@ SCRIPTS: Dict[str, tuple] = {
                    "--soak", "100"]),
     "speculative": (["--engine"], ["--rounds", "1", "--lines", "40", "--only", "edit", "free"]),
     "serve_vs_llama_server": ([], ["--rounds", "1", "--clients", "1", "4", "--max-tokens", "32", "--short", "16"]),
+    "ray_scale": ([], ["--rounds", "1", "--clients", "1", "4", "--max-tokens", "32", "--cancels", "3"]),
 }
 
 

@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List
 
@@ -280,8 +281,10 @@ def test_two_replicas_answer_as_the_single_process_server(two_replicas, tiny_mod
         assert [m.id for m in ours.models.list()] == ["tiny"]
     finally:
         assert server.stop() == 0
-    # Serve's router spreads requests over both replicas (two at random, the less busy one)
-    seen = {httpx.get(two_replicas + "/v1/models").headers[REPLICA] for _ in range(40)}
+    # a replica takes its 2 slots' worth of requests: of 3 at once, the other replica gets one at least
+    with ExitStack() as streams:
+        seen = {streams.enter_context(ours.completions.with_streaming_response.create(
+            model="tiny", stream=True, **LONG)).headers[REPLICA] for _ in range(3)}
     assert len(seen) == 2
 
 
@@ -294,10 +297,10 @@ def test_a_client_that_leaves_frees_its_slot_on_the_replica(one_replica):
         if received == 3:
             break
     stream.close()
-    wait_until(lambda: replica_health_of(one_replica)["active"] == 0, "the slot is free")
-    m = metrics_of(one_replica)
     key = 'mullama_generations_total{finish_reason="disconnected"}'
-    assert m[key] - before.get(key, 0) == 1
+    m = wait_until(lambda: (lambda m: m.get(key, 0) - before.get(key, 0) == 1 and m)(metrics_of(one_replica)),
+                   "the generation ended as disconnected")
+    wait_until(lambda: replica_health_of(one_replica)["active"] == 0, "the slot is free")
     assert m["mullama_generated_tokens_total"] - before.get("mullama_generated_tokens_total", 0) < 3000
     got = client(one_replica).completions.create(model="tiny", prompt="hi", max_tokens=3, temperature=0)
     assert got.choices[0].finish_reason == "length"
