@@ -60,6 +60,7 @@ from _servers import free_port, mullama_serve  # noqa: E402
 from serve_vs_llama_server import Figures, streams  # noqa: E402
 
 SIDES = ("serve", "ray-1x2", "ray-2x1")
+COUNT = "1, 2, 3, 4, 5, 6,"  # the default model counts on, greedy, for hundreds of tokens
 
 
 def progress(msg: str) -> None:
@@ -156,7 +157,7 @@ def main() -> int:
                         f.texts.update(zip(prompts, (r.text for r in replies)))
             for side in [s for s in order if s in cancel_ms]:
                 for i in range(a.cancels):
-                    ms, tok = anyio.run(cancel_once, urls[side], f"[{rnd}.{i}] Count from one:", a.cancel_after,
+                    ms, tok = anyio.run(cancel_once, urls[side], COUNT, a.cancel_after,
                                         a.context // 2)
                     if rnd:
                         cancel_ms[side].append(ms)

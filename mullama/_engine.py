@@ -301,11 +301,6 @@ class Engine:
             self._cv.notify()
         self._core.wake()
 
-    def driver_alive(self) -> bool:
-        """False if the driver thread was started and has ended while the engine is open."""
-        thread = self._thread
-        return thread is None or thread.is_alive() or self._closing
-
     def notify(self) -> None:
         """A consumer made room: let the driver resume its paused slot."""
         with self._cv:

@@ -7,7 +7,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Any, Dict, List, Optional
 
 from ._errors import InvalidConfigError, MullamaError
@@ -106,39 +106,61 @@ def _mib(value: Optional[float], flag: str) -> Optional[int]:
     return int(value * (1 << 20))
 
 
-_NOT_ON_RAY = {"backend": "asyncio", "graceful_timeout": 10.0, "keep_alive_timeout": KEEP_ALIVE_TIMEOUT_S,
-               "max_connections": None, "no_access_log": False}
+_NOT_ON_RAY = ("backend", "graceful_timeout", "keep_alive_timeout", "max_connections", "no_access_log", "log_level")
+_RAY_ONLY = ("replicas", "max_replicas", "ray_address", "config")
+#: what --config gives for each of its models
+_MODEL_FLAGS = ("model", "name", "context_size", "max_concurrent", "max_queue", "prompt_cache_mb",
+                "inexact_prompt_cache", "threads", "fixed_threads", "speculative", "draft_max", "draft_model",
+                "gpu_layers", "flash_attention", "timeout", "chat_template", "chat_template_file", "any_model_name",
+                "replicas", "max_replicas")
+
+
+def _given(args: argparse.Namespace, names: "tuple[str, ...]") -> List[str]:
+    """The flags of ``names`` given other values than their defaults, as typed."""
+    defaults = build_parser().parse_args(["serve"])
+    return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) != getattr(defaults, n)]
+
+
+def _check_ray_flags(args: argparse.Namespace) -> None:
+    if not args.ray:
+        given = _given(args, _RAY_ONLY)
+        if given:
+            raise InvalidConfigError(f"{', '.join(given)} need(s) --ray")
+        return
+    given = _given(args, _NOT_ON_RAY)
+    if given:
+        raise InvalidConfigError(f"{', '.join(given)}: not options of --ray (Serve's HTTP proxy serves the "
+                                 "requests, and Ray its logs)")
+    if args.replicas < 1 or (args.max_replicas is not None and args.max_replicas < args.replicas):
+        raise InvalidConfigError(f"--replicas must be 1 or more and --max-replicas at least --replicas; got "
+                                 f"{args.replicas} and {args.max_replicas}")
+    if args.config:
+        given = _given(args, _MODEL_FLAGS)
+        if given:
+            raise InvalidConfigError(f"{', '.join(given)}: the config file sets these for each model; with "
+                                     "--config, only the server's flags (--host, --port, --api-key, --cors-origins, "
+                                     "--io-timeout, --ray-address) apply")
+    try:
+        import mullama.ray  # noqa: F401
+    except ImportError as exc:
+        raise InvalidConfigError(f"--ray needs Ray Serve: pip install 'mullama[ray]' ({exc.__cause__ or exc})") \
+            from None
 
 
 def _serve_on_ray(args: argparse.Namespace, cors: List[str], model: Optional[Dict[str, Any]]) -> int:
     """``mullama serve --ray``: the same server as replicas on Ray Serve (:mod:`mullama.ray`);
     ``model``: the ModelDeployment fields of the one model, or None with ``--config``."""
-    for name, default in _NOT_ON_RAY.items():
-        if getattr(args, name) != default:
-            raise InvalidConfigError(f"--{name.replace('_', '-')} is not an option of --ray: Serve's HTTP proxy "
-                                     "serves the requests (its replicas run asyncio)")
-    if args.replicas < 1 or (args.max_replicas is not None and args.max_replicas < args.replicas):
-        raise InvalidConfigError(f"--replicas must be 1 or more and --max-replicas at least --replicas; got "
-                                 f"{args.replicas} and {args.max_replicas}")
-    try:
-        import mullama.ray as mray
-    except ImportError as exc:
-        raise InvalidConfigError(f"--ray needs Ray Serve: pip install 'mullama[ray]' ({exc.__cause__ or exc})") \
-            from None
+    import mullama.ray as mray
+
     # the flags given (not None) override the config file's values
     server = dict(api_key=args.api_key, cors_origins=tuple(cors) or None, any_model_name=args.any_model_name or None,
-                  io_timeout=None if args.io_timeout == IO_TIMEOUT_S else args.io_timeout, host=args.host,
-                  port=args.port, address=args.ray_address)
+                  io_timeout=args.io_timeout, host=args.host, port=args.port, address=args.ray_address)
     if model is None:
         app = mray.load_config(args.config, **server)
     else:
-        config = model.pop("config")
-        if config.threads is None:  # this machine's cores, shared by the replicas it may run
-            config = replace(config, threads=max(1, (os.cpu_count() or 1) // (args.max_replicas or args.replicas)))
         autoscaling = None if args.max_replicas is None else {"min_replicas": args.replicas,
                                                               "max_replicas": args.max_replicas}
-        deployment = mray.ModelDeployment(config, name=args.name, replicas=args.replicas, autoscaling=autoscaling,
-                                          **model)
+        deployment = mray.ModelDeployment(name=args.name, replicas=args.replicas, autoscaling=autoscaling, **model)
         app = mray.AppConfig(models=(deployment,), **{k: v for k, v in server.items() if v is not None})
 
     def ready(url: str) -> None:
@@ -156,14 +178,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .server import BACKENDS, create_app, serve
 
     cors = [o.strip() for o in (args.cors_origins or "").split(",") if o.strip()]
-    if not args.ray and (args.replicas != 1 or args.max_replicas is not None or args.ray_address or args.config):
-        raise InvalidConfigError("--replicas, --max-replicas, --ray-address and --config need --ray")
+    _check_ray_flags(args)
     if args.config:
-        if args.model:
-            raise InvalidConfigError("--config names the models: give no --model with it")
         return _serve_on_ray(args, cors, None)
-    path = _model_path(args)
+    # (absolute: Ray's replicas do not run in this directory)
+    path = os.path.abspath(_model_path(args))
     check_model_file(path)  # a missing or broken file is named now, not in the server's log
+    threads = args.threads
+    if args.ray and threads is None:  # this machine's cores, shared by the replicas it may run
+        from .ray import replica_threads
+
+        threads = replica_threads(args.max_replicas or args.replicas)
     template = args.chat_template
     if args.chat_template_file:
         try:
@@ -172,11 +197,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise InvalidConfigError(f"cannot read --chat-template-file: {exc}") from None
     config = AsyncConfig(
-        model_path=path, context_size=args.context_size, threads=args.threads, max_concurrent=args.max_concurrent,
+        model_path=path, context_size=args.context_size, threads=threads, max_concurrent=args.max_concurrent,
         max_queue=args.max_queue, timeout_ms=int(args.timeout * 1000) if args.timeout else None,
         gpu_layers=args.gpu_layers, flash_attention=args.flash_attention, adaptive_threads=not args.fixed_threads,
         prompt_cache_bytes=_mib(args.prompt_cache_mb, "--prompt-cache-mb"),
-        prompt_cache_exact=not args.inexact_prompt_cache, draft_model=args.draft_model)
+        prompt_cache_exact=not args.inexact_prompt_cache,
+        draft_model=os.path.abspath(args.draft_model) if args.draft_model else None)
     if args.draft_model:
         check_model_file(args.draft_model)
     # (a draft model is loaded to be used: it turns speculation on by default, as in llama-server)
@@ -190,7 +216,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.ray:
         return _serve_on_ray(args, cors, dict(config=config, chat_template=template, speculative=speculative))
     app = create_app(config, model_id=args.name, chat_template=template, api_key=args.api_key,
-                     io_timeout=args.io_timeout, any_model_name=args.any_model_name,
+                     io_timeout=IO_TIMEOUT_S if args.io_timeout is None else args.io_timeout,
+                     any_model_name=args.any_model_name,
                      cors_origins=cors, speculative=speculative)
 
     def ready(url: str) -> None:
@@ -239,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "/v1/chat/completions (streaming too), /health and /metrics (Prometheus).")
     p.add_argument("-m", "--model", help="a .gguf file (default: the default model, pulled if needed)")
     p.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="port (default: 8000; 0 = any free port)")
+    p.add_argument("--port", type=int, default=None,
+                   help="port (default: 8000; 0 = any free port, not with --ray)")
     p.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio",
                    help="event loop: asyncio (uvicorn) or trio (hypercorn); default asyncio")
     p.add_argument("--name", help="the model id clients ask for (default: the file name without .gguf)")
@@ -280,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-alive-timeout", type=float, default=KEEP_ALIVE_TIMEOUT_S,
                    help="seconds a connection may stay without a complete request head, after opening or "
                         f"between requests (default: {KEEP_ALIVE_TIMEOUT_S:g})")
-    p.add_argument("--io-timeout", type=float, default=IO_TIMEOUT_S,
+    p.add_argument("--io-timeout", type=float, default=None,
                    help="seconds a request body may take to arrive (then 408), and a response may make no "
                         "progress reaching the client (then it is disconnected and its generation cancelled); "
                         f"default: {IO_TIMEOUT_S:g}")

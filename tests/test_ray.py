@@ -43,11 +43,13 @@ with warnings.catch_warnings():  # (Ray's modules warn on import: pydantic depre
         from ray import serve
     except ImportError as exc:  # the test extra installs it: not installed is a broken environment, not a skip
         raise ImportError(f"Ray is missing: pip install -e '.[test]' installs it ({exc})") from exc
-    from mullama.ray import REPLICA_HEADER, AppConfig, ModelDeployment, ReplicaUnhealthyError, deployed, load_config
+    from mullama.ray import (REPLICA_HEADER, AppConfig, ModelDeployment, ReplicaUnhealthyError, deployed,
+                             load_config, replica_threads)
     from mullama.ray._serve import replica_health
 
 import mullama
 from mullama import InvalidConfigError
+from mullama._config import default_threads
 from mullama.aio import AsyncConfig
 from mullama.server import create_app
 
@@ -128,7 +130,8 @@ def other_tiny_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def two_models(cluster, tiny_model_path, other_tiny_path) -> Iterator[str]:
     app = AppConfig(models=(ModelDeployment(tiny(tiny_model_path), name="a"),
-                            ModelDeployment(tiny(other_tiny_path), name="b")), name="multi", route_prefix="/multi")
+                            ModelDeployment(tiny(other_tiny_path), name="b")), name="multi", route_prefix="/multi",
+                    cors_origins="https://app.example")
     with deployed(app) as url:
         yield url
 
@@ -191,6 +194,8 @@ def test_bad_application_configs_are_named(tiny_model_path):
         AppConfig(models=())
     with pytest.raises(InvalidConfigError, match="route_prefix must start with '/'"):
         AppConfig(models=a, route_prefix="x")
+    with pytest.raises(InvalidConfigError, match="port must be 1-65535"):
+        AppConfig(models=a, port=0)
 
 
 def test_config_file(tmp_path, tiny_model_path):
@@ -212,7 +217,7 @@ def test_config_file(tmp_path, tiny_model_path):
     json_path.write_text(json.dumps({"models": [{"path": str(tiny_model_path), "replicas": 2}]}))
     only = load_config(json_path).models[0]
     assert only.name == tiny_model_path.stem
-    assert only.config.threads == max(1, os.cpu_count() // 2)  # this machine's cores, shared by the replicas
+    assert only.config.threads == replica_threads(2) == max(1, default_threads() // 2)  # cores, shared
     for text, match in [("models: []", "needs 'models'"), ("models: [{name: x}]", r"models\[0\] needs 'path'"),
                         ("models: [{path: a.gguf, threds: 2}]", r"unknown field\(s\) \['threds'\]"),
                         ("port: 1\nmodel: []", r"unknown top-level field\(s\) \['model'\]"),
@@ -224,37 +229,43 @@ def test_config_file(tmp_path, tiny_model_path):
             load_config(path)
     with pytest.raises(InvalidConfigError, match="cannot read the config file"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(InvalidConfigError, match=r"unknown override\(s\) \['prot'\]"):
+        load_config(json_path, prot=1)
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (Serve's replicas run asyncio)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # (the driver made to die)
 async def test_replica_health_follows_the_engine(anyio_backend, tiny_model_path):
-    """A replica is healthy while its model accepts requests; a stopped engine or a
-    closed model fails Serve's health check, which replaces the replica."""
+    """A replica is healthy while its model accepts requests; a dead driver thread
+    or a closed model fails Serve's health check, which replaces the replica."""
     from mullama.aio import AsyncModel
 
     model = await AsyncModel.load_with_config(tiny(tiny_model_path))
     app = create_app(model, model_id="tiny")
     try:
         replica_health(app)
-        async with model.generate_stream("hi", mullama.StreamConfig.greedy(2)) as stream:
-            async for _ in stream:  # (the driver thread started)
-                pass
+        await model.generate("hi", 2)  # (the driver thread runs)
         replica_health(app)
-        model._engine.broken = RuntimeError("boom")
-        with pytest.raises(ReplicaUnhealthyError, match="its batching engine stopped: RuntimeError"):
-            replica_health(app)
-        model._engine.broken = None
-        thread = model._engine._thread
-        model._engine._thread = threading.Thread(target=lambda: None)
-        model._engine._thread.start()
-        model._engine._thread.join()
-        with pytest.raises(ReplicaUnhealthyError, match="driver thread has died"):
-            replica_health(app)
-        model._engine._thread = thread
     finally:
         await model.aclose()
     with pytest.raises(ReplicaUnhealthyError, match="it is closed"):
         replica_health(app)
+
+    model = await AsyncModel.load_with_config(tiny(tiny_model_path))
+    app = create_app(model, model_id="tiny")
+
+    def dies() -> None:
+        raise RuntimeError("boom")
+    model._engine._drive_loop = dies  # its driver thread, started by the first request, fails at once
+    try:
+        with pytest.raises(mullama.MullamaError, match="the batching engine stopped"):
+            await model.generate("hi", 2)
+        model._engine._thread.join(10)
+        assert not model._engine._thread.is_alive()
+        with pytest.raises(ReplicaUnhealthyError, match="its batching engine's driver died: RuntimeError"):
+            replica_health(app)
+    finally:
+        await model.aclose()
 
 
 # -- on the cluster --------------------------------------------------------------------------------
@@ -297,9 +308,10 @@ def test_a_client_that_leaves_frees_its_slot_on_the_replica(one_replica):
         if received == 3:
             break
     stream.close()
-    key = 'mullama_generations_total{finish_reason="disconnected"}'
-    m = wait_until(lambda: (lambda m: m.get(key, 0) - before.get(key, 0) == 1 and m)(metrics_of(one_replica)),
-                   "the generation ended as disconnected")
+    # (Serve's proxy forwards the disconnect and cancels the replica's task: either ends it first)
+    keys = [f'mullama_generations_total{{finish_reason="{r}"}}' for r in ("disconnected", "cancelled")]
+    m = wait_until(lambda: (lambda m: sum(m.get(k, 0) - before.get(k, 0) for k in keys) == 1 and m)(
+        metrics_of(one_replica)), "the generation ended, the client gone")
     wait_until(lambda: replica_health_of(one_replica)["active"] == 0, "the slot is free")
     assert m["mullama_generated_tokens_total"] - before.get("mullama_generated_tokens_total", 0) < 3000
     got = client(one_replica).completions.create(model="tiny", prompt="hi", max_tokens=3, temperature=0)
@@ -378,6 +390,21 @@ def test_the_router_serves_each_model_by_name(two_models, tiny_model_path, other
         c.completions.create(model="a", prompt="x", max_tokens=-1)
 
 
+def test_the_router_answers_cors(two_models):
+    """Browsers' preflights and the router's own answers carry CORS; forwarded ones the replica's."""
+    origin = {"origin": "https://app.example"}
+    r = httpx.options(two_models + "/v1/chat/completions", headers={**origin, "access-control-request-method": "POST"})
+    assert r.status_code == 204 and r.headers["access-control-allow-origin"] == "https://app.example"
+    assert r.headers["access-control-allow-methods"] == "POST, OPTIONS"
+    assert httpx.get(two_models + "/v1/models", headers=origin).headers["access-control-allow-origin"] == \
+        "https://app.example"
+    r = httpx.post(two_models + "/v1/completions", headers=origin,
+                   json={"model": "b", "prompt": "x", "max_tokens": 1})
+    assert r.status_code == 200 and r.headers.get_list("access-control-allow-origin") == ["https://app.example"]
+    assert "access-control-allow-origin" not in httpx.get(two_models + "/v1/models",
+                                                           headers={"origin": "https://evil.example"}).headers
+
+
 def test_a_client_that_leaves_the_router_frees_the_replicas_slot(two_models):
     """Cancellation crosses the router: the model's replica stops the generation."""
     handle = serve.get_deployment_handle("a", app_name="multi").options(stream=True)
@@ -420,7 +447,7 @@ def test_mullama_serve_ray_starts_serves_and_leaves_nothing(tiny_model_path, tmp
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mullama", "serve", "--ray", "--model", str(tiny_model_path),
-                             "--name", "tiny", "--replicas", "2", "--threads", "1", "--port", str(port),
+                             "--name", "tiny", "--replicas", "2", "--port", str(port),  # (threads: cores / 2)
                              "--context-size", "512"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)
     lines: List[str] = []
@@ -448,8 +475,12 @@ def test_cli_ray_flags_are_checked(tiny_model_path, tmp_path):
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "mullama", "serve", *args], capture_output=True, text=True,
                               timeout=120)
-    for args, match in [(("--replicas", "2"), "need --ray"), (("--ray", "--backend", "trio"), "--backend is not"),
+    for args, match in [(("--replicas", "2"), "--replicas need(s) --ray"),
+                        (("--ray", "--backend", "trio"), "--backend: not options of --ray"),
                         (("--ray", "--replicas", "3", "--max-replicas", "2"), "--max-replicas at least"),
-                        (("--ray", "--config", str(tmp_path / "none.yaml")), "cannot read the config file")]:
-        r = run("--model", str(tiny_model_path), *args) if "--config" not in args else run(*args)
+                        (("--ray", "--config", "c.yaml", "--threads", "2"), "--model, --threads: the config file"),
+                        (("--ray", "--max-concurrent", "0"), "max_concurrent must be")]:
+        r = run("--model", str(tiny_model_path), *args)
         assert r.returncode == 1 and match in r.stderr, r.stderr
+    r = run("--ray", "--config", str(tmp_path / "none.yaml"))
+    assert r.returncode == 1 and "cannot read the config file" in r.stderr, r.stderr

@@ -38,17 +38,23 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
 import logging
 import os
 import signal
-import threading
+import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
+from .._errors import MullamaError
 from ._serve import REPLICA_HEADER, ModelReplica, ReplicaUnhealthyError, Router, build_app
-from ._spec import AppConfig, ModelDeployment, load_config
+from ._spec import AppConfig, ModelDeployment, load_config, replica_threads
 
 __all__ = ["AppConfig", "ModelDeployment", "load_config", "build_app", "deployed", "run", "ModelReplica", "Router",
-           "ReplicaUnhealthyError", "REPLICA_HEADER"]
+           "DeploymentError", "ReplicaUnhealthyError", "REPLICA_HEADER", "replica_threads"]
 
 log = logging.getLogger("mullama.ray")
+
+
+class DeploymentError(MullamaError):
+    """Ray Serve could not deploy the application (a replica failed to start:
+    a model file missing on a node, not enough memory, ...)."""
 
 
 @contextmanager
@@ -79,10 +85,17 @@ def deployed(config: AppConfig, *, ray_init: Optional[dict] = None) -> Iterator[
             serve.start(http_options={"host": config.host, "port": config.port})
             started_serve = True
             client = serve.context._connect()
-        serve.run(build_app(config), name=config.name, route_prefix=config.route_prefix, blocking=False)
         http = client.http_config
-        host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
+        if (http.host, http.port) != (config.host, config.port):
+            log.warning("Serve runs on this cluster already, its HTTP proxy at %s:%s (not %s:%s as configured): "
+                        "the application is served there", http.host, http.port, config.host, config.port)
         try:
+            serve.run(build_app(config), name=config.name, route_prefix=config.route_prefix, blocking=False)
+        except RuntimeError as exc:  # (Serve's "Deploying application ... failed": a replica could not start)
+            raise DeploymentError(f"Ray Serve could not deploy {config.name!r} (see the replicas' errors in the "
+                                  f"log above): {exc}") from exc
+        try:
+            host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
             yield f"http://{host}:{http.port}{config.route_prefix.rstrip('/')}"
         finally:
             serve.delete(config.name)
@@ -95,16 +108,25 @@ def deployed(config: AppConfig, *, ray_init: Optional[dict] = None) -> Iterator[
 
 def run(config: AppConfig, *, on_ready: Optional[Callable[[str], Any]] = None,
         ray_init: Optional[dict] = None) -> None:
-    """Deploy ``config`` (:func:`deployed`) and serve until SIGINT or SIGTERM."""
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    """Deploy ``config`` (:func:`deployed`) and serve until SIGINT or SIGTERM,
+    then delete the application (and stop the Ray processes :func:`deployed`
+    started). A signal during the deployment stops it the same way, with
+    :class:`KeyboardInterrupt`."""
+    def interrupt(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with deployed(config, ray_init=ray_init) as url:
+            for sig in previous:  # (again: ray.init sets a SIGTERM handler of its own)
+                signal.signal(sig, interrupt)
             if on_ready is not None:
                 on_ready(url)
-            while not stop.wait(0.5):
-                pass
-            log.info("stopping: deleting the application")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                log.info("stopping: deleting the application")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

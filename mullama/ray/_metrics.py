@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
@@ -32,10 +32,20 @@ class RayMetricsBridge:
         for h in app.metrics.histograms:
             ray_h = Histogram(h.name, description=h.help, boundaries=list(h.bounds), tag_keys=("model",))
             ray_h.set_default_tags(dict(self._tags))  # (Ray adds its tags to the dict given)
-            h.listeners.append(ray_h.observe)
+            h.listeners.append(self._guarded(ray_h.observe))
         self._metrics: Dict[str, Union[Counter, Gauge]] = {}
         self._last: Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float] = {}
         self._task: Optional["asyncio.Task[None]"] = None
+
+    @staticmethod
+    def _guarded(observe: Callable[[float], None]) -> Callable[[float], None]:
+        """``observe``, its errors logged: they must not reach the request that made the observation."""
+        def listener(value: float) -> None:
+            try:
+                observe(value)
+            except Exception:
+                log.exception("could not record a histogram observation in Ray's metrics")
+        return listener
 
     def update(self) -> None:
         """Copy the counters and gauges now."""

@@ -5,7 +5,6 @@ same ASGI application as ``mullama serve``; nothing of the API is written twice.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -16,11 +15,11 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from .._errors import MullamaError
 from ..aio import AsyncModel
-from ..server._app import OpenAIApp
+from ..server._app import OpenAIApp, answer_cors, check_api_key
 from ..server._asgi import Disconnected, Exchange, Receive, Scope, Send, cancel_on_disconnect
 from ..server import _openai as oa
 from ._metrics import RayMetricsBridge
-from ._spec import AppConfig, ModelDeployment
+from ._spec import ROUTER_NAME, AppConfig, ModelDeployment
 
 __all__ = ["ModelReplica", "ModelIngress", "Router", "RouterIngress", "ReplicaUnhealthyError", "build_app"]
 
@@ -31,6 +30,8 @@ REPLICA_HEADER = b"x-mullama-replica"
 
 #: ASGI messages a forwarded request may buffer before its replica waits for the router
 _FORWARD_BUFFER = 64
+#: seconds a forwarded request whose client left gets to end before it is cancelled
+_DISCONNECT_GRACE_S = 1.0
 
 _SCOPE_KEYS = ("type", "asgi", "http_version", "method", "scheme", "path", "raw_path", "query_string",
                "root_path", "headers", "client", "server")
@@ -41,18 +42,16 @@ class ReplicaUnhealthyError(MullamaError):
 
 
 def replica_health(app: OpenAIApp) -> None:
-    """Raise :class:`ReplicaUnhealthyError` unless ``app``'s model accepts requests
-    (loaded, not closed, its engine's driver thread running or not yet started)."""
+    """Raise :class:`ReplicaUnhealthyError` unless ``app``'s model accepts
+    requests: loaded, not closed, its batching engine's driver thread not
+    dead (a driver that fails records why, and the engine stops)."""
     model = app.model
     if model is None:
         raise ReplicaUnhealthyError(f"the model {app.model_id!r} is not loaded")
     if not model.is_ready():
         broken = model._engine.broken
-        why = f"its batching engine stopped: {broken!r}" if broken is not None else "it is closed"
+        why = f"its batching engine's driver died: {broken!r}" if broken is not None else "it is closed"
         raise ReplicaUnhealthyError(f"the model {app.model_id!r} does not accept requests: {why}")
-    if not model._engine.driver_alive():
-        raise ReplicaUnhealthyError(f"the model {app.model_id!r} does not accept requests: "
-                                    "its batching engine's driver thread has died")
 
 
 class ModelReplica:
@@ -96,23 +95,26 @@ class ModelReplica:
         as they are sent. Cancelling the stream (the client left) cancels the request."""
         queue: "asyncio.Queue[Optional[Dict[str, Any]]]" = asyncio.Queue(_FORWARD_BUFFER)
         sent_body = False
+        left = asyncio.Event()
 
         async def receive() -> Dict[str, Any]:
             nonlocal sent_body
             if not sent_body:
                 sent_body = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            await asyncio.Event().wait()  # the disconnect is the cancellation of this stream
-            raise AssertionError("unreachable")
+            await left.wait()
+            return {"type": "http.disconnect"}
 
         async def send(message: MutableMapping[str, Any]) -> None:
-            await queue.put(dict(message))
+            if not left.is_set():  # (after, nobody reads)
+                await queue.put(dict(message))
 
         async def run() -> None:
             try:
                 await self._tagged(dict(scope), receive, send)
             finally:
-                await queue.put(None)
+                if not left.is_set():
+                    await queue.put(None)
 
         task = asyncio.get_running_loop().create_task(run())
         try:
@@ -124,11 +126,18 @@ class ModelReplica:
             await task  # (its exception, if any)
         finally:
             if not task.done():
-                task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
+                # the router's client left: the app sees the disconnect, as from an HTTP server,
+                # and stops the generation; cancelled only if it does not end soon
+                left.set()
+                while not queue.empty():  # (unblocks a send waiting for room)
+                    queue.get_nowait()
+                done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_GRACE_S)
+                if not done:
+                    task.cancel()
+                    try:
+                        await task
+                    except asyncio.CancelledError:
+                        pass
 
     async def __del__(self) -> None:
         if self._metrics is not None:
@@ -167,6 +176,7 @@ class _RouterApp:
 
     def __init__(self, config: AppConfig, handles: Mapping[str, DeploymentHandle]) -> None:
         self._config = config
+        self._origins = frozenset(o.rstrip("/") for o in config.cors_origins)
         self._handles = dict(handles)
         self._streams = {name: h.options(stream=True) for name, h in handles.items()}
         self._names = list(handles)
@@ -199,14 +209,13 @@ class _RouterApp:
 
     async def _http(self, ex: Exchange) -> None:
         path, method = ex.path, ex.scope["method"]
+        local = path == "/health" or path.startswith(("/v1/models", "/models"))
+        if await answer_cors(ex, self._origins, ["GET"] if local else ["POST"]):
+            return  # a preflight, answered (a forwarded request's replica answers its own CORS)
         if path == "/health":
             await ex.respond_json(200, {"status": "ok", "models": self._names})
             return
-        if self._config.api_key is not None:
-            auth = ex.raw_header(b"authorization") or b""
-            if not hmac.compare_digest(auth, f"Bearer {self._config.api_key}".encode("utf-8")):
-                raise oa.ApiError(401, "invalid or missing API key (Authorization: Bearer <key>)",
-                                  code="invalid_api_key")
+        check_api_key(ex, self._config.api_key)
         if path in ("/v1/models", "/models") and method == "GET":
             await ex.respond_json(200, {"object": "list", "data": [self._card(n) for n in self._names]})
             return
@@ -218,8 +227,8 @@ class _RouterApp:
                 await ex.respond_json(200, self._card(name))
                 return
         if path == "/metrics":
-            raise oa.ApiError(404, "with several models, each replica's metrics are in Ray's metrics "
-                                   "(Prometheus); see the README's Ray section", code="not_found")
+            raise oa.ApiError(404, "with several models, the replicas' metrics are in Ray's (Prometheus), "
+                                   "not here; see the README's Ray section", code="not_found")
         if method != "POST":
             raise oa.ApiError(404, f"no such endpoint: {method} {path}", code="not_found")
         body = await ex.body()
@@ -267,7 +276,7 @@ class _RouterApp:
 class Router:
     """The ingress of an application of several models (see :func:`build_app`)."""
 
-    def __init__(self, config: AppConfig, **handles: DeploymentHandle) -> None:
+    def __init__(self, config: AppConfig, handles: Dict[str, DeploymentHandle]) -> None:
         self._app = _RouterApp(config, handles)
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -287,7 +296,7 @@ def build_app(config: AppConfig) -> "serve.Application":
     bound = {str(m.name): serve.deployment(**m.serve_options())(ModelReplica).bind(m, app_options)
              for m in config.models}
     # the router holds every request the models' replicas run and queue
-    max_ongoing = sum((o["max_ongoing_requests"] * m.most_replicas() + o["max_queued_requests"])
+    max_ongoing = sum(o["max_ongoing_requests"] * m.most_replicas() + max(o["max_queued_requests"], 0)
                       for m in config.models for o in [m.serve_options()])
-    router = serve.deployment(name="router", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=max_ongoing)
-    return router(RouterIngress).bind(config, **bound)
+    router = serve.deployment(name=ROUTER_NAME, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=max_ongoing)
+    return router(RouterIngress).bind(config, bound)

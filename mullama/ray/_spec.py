@@ -6,21 +6,29 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .._config import SERVER_IO_TIMEOUT_S, SpeculativeConfig
+from .._config import SERVER_IO_TIMEOUT_S, SpeculativeConfig, default_threads
 from .._errors import InvalidConfigError
 from ..aio import AsyncConfig
 
-__all__ = ["ModelDeployment", "AppConfig", "load_config"]
+__all__ = ["ModelDeployment", "AppConfig", "load_config", "replica_threads", "ROUTER_NAME"]
+
+#: the name of the router deployment of an application of several models (no model may take it)
+ROUTER_NAME = "mullama-router"
 
 _AUTOSCALING_KEYS = frozenset({
     "min_replicas", "initial_replicas", "max_replicas", "target_ongoing_requests", "metrics_interval_s",
     "look_back_period_s", "smoothing_factor", "upscale_smoothing_factor", "downscale_smoothing_factor",
     "upscaling_factor", "downscaling_factor", "downscale_delay_s", "downscale_to_zero_delay_s", "upscale_delay_s",
-    "aggregation_function"})
+    "aggregation_function", "policy"})
+
+
+def replica_threads(replicas: int) -> int:
+    """The default threads of a replica: this machine's usable cores, shared by ``replicas``."""
+    return max(1, default_threads() // max(1, replicas))
 
 
 @dataclass(frozen=True)
@@ -38,17 +46,18 @@ class ModelDeployment:
         replicas: a fixed number of replicas, when ``autoscaling`` is None.
         autoscaling: Ray Serve's ``autoscaling_config`` (``min_replicas``,
             ``max_replicas``, ``target_ongoing_requests``, ...). Its
-            ``target_ongoing_requests`` defaults to ``config.max_concurrent``:
+            ``target_ongoing_requests`` defaults to ``max_ongoing_requests``:
             a replica whose engine slots are all busy asks for another.
         num_cpus: the CPUs Ray reserves for each replica (default: ``threads``).
         max_ongoing_requests: the requests Serve sends one replica at once
             (default: its engine's slots, ``max_concurrent``). Beyond, requests
             wait at Serve's proxy, which gives each to the first replica with
             a free slot (rather than to a busy replica's own queue while
-            another replica is idle); at most ``max_queue`` per replica wait
-            (``max_queued_requests``, by ``replicas`` or ``max_replicas``),
-            beyond which the proxy answers 503 at once, as ``mullama serve``
-            does when its queue is full.
+            another replica is idle). Each proxy lets ``max_queue`` times the
+            replicas (``max_replicas`` when autoscaled) wait
+            (``max_queued_requests``), and answers 503 beyond. Requests that
+            generate nothing (``/health``, ``/v1/models``) count too: probe
+            Serve's own ``/-/healthz`` rather than ``/health``.
         chat_template: as :class:`~mullama.server.OpenAIApp`'s.
         speculative: as :class:`~mullama.server.OpenAIApp`'s.
         health_check_period_s: seconds between Serve's health checks of a replica.
@@ -75,6 +84,8 @@ class ModelDeployment:
             object.__setattr__(self, "name", Path(self.config.model_path).stem)
         if not isinstance(self.name, str) or not self.name:
             raise InvalidConfigError(f"name must be a non-empty string, got {self.name!r}")
+        if self.name == ROUTER_NAME:
+            raise InvalidConfigError(f"{ROUTER_NAME!r} is the router's name; give the model another")
         if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) or self.replicas < 1:
             raise InvalidConfigError(f"replicas must be an integer of 1 or more, got {self.replicas!r}")
         if self.autoscaling is not None:
@@ -114,7 +125,7 @@ class ModelDeployment:
             "health_check_period_s": float(self.health_check_period_s),
         }
         if self.autoscaling is not None:
-            opts["autoscaling_config"] = {"target_ongoing_requests": cfg.max_concurrent, **self.autoscaling}
+            opts["autoscaling_config"] = {"target_ongoing_requests": opts["max_ongoing_requests"], **self.autoscaling}
         else:
             opts["num_replicas"] = self.replicas
         opts.update(self.deployment_options)
@@ -160,13 +171,15 @@ class AppConfig:
             raise InvalidConfigError(f"two models are named {dup[0]!r}; give each a distinct name")
         if self.any_model_name and len(models) > 1:
             raise InvalidConfigError("any_model_name needs a single model: with several, \"model\" picks one")
-        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
-            raise InvalidConfigError(f"port must be 0-65535, got {self.port!r}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
+            raise InvalidConfigError(f"port must be 1-65535 (Serve's proxy listens on a port given), "
+                                     f"got {self.port!r}")
         if not (isinstance(self.io_timeout, (int, float)) and self.io_timeout > 0):
             raise InvalidConfigError(f"io_timeout must be a positive number of seconds, got {self.io_timeout!r}")
         if not isinstance(self.route_prefix, str) or not self.route_prefix.startswith("/"):
             raise InvalidConfigError(f"route_prefix must start with '/', got {self.route_prefix!r}")
-        object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
+        origins = (self.cors_origins,) if isinstance(self.cors_origins, str) else tuple(self.cors_origins)
+        object.__setattr__(self, "cors_origins", origins)
 
     def app_options(self) -> Dict[str, Any]:
         """The :class:`~mullama.server.OpenAIApp` options every model's replicas share."""
@@ -204,15 +217,14 @@ def _model_from(entry: Any, where: str, base: Path) -> ModelDeployment:
             raise InvalidConfigError(f"{where}.speculative: {exc}") from None
     elif speculative not in (None, False):
         raise InvalidConfigError(f"{where}.speculative must be true, false or a mapping, got {speculative!r}")
-    if "threads" not in entry:  # this machine's cores, shared by the model's replicas
-        most = model_opts.get("replicas", 1) if model_opts.get("autoscaling") is None else \
-            model_opts["autoscaling"].get("max_replicas", 1) if isinstance(model_opts["autoscaling"], Mapping) else 1
-        entry["threads"] = max(1, (os.cpu_count() or 1) // max(1, most if isinstance(most, int) else 1))
     try:
         config = AsyncConfig(model_path=str(base / os.path.expanduser(path)), **entry)
+        model = ModelDeployment(config=config, speculative=speculative or None, **model_opts)
     except TypeError as exc:
         raise InvalidConfigError(f"{where}: {exc}") from None
-    return ModelDeployment(config=config, speculative=speculative or None, **model_opts)
+    if "threads" not in entry:  # this machine's cores, shared by the model's replicas
+        model = replace(model, config=replace(config, threads=replica_threads(model.most_replicas())))
+    return model
 
 
 def load_config(source: Union[str, "os.PathLike[str]", Mapping[str, Any]],
@@ -263,6 +275,9 @@ def load_config(source: Union[str, "os.PathLike[str]", Mapping[str, Any]],
         raise InvalidConfigError(f"unknown top-level field(s) {unknown}; known: models, {', '.join(sorted(_APP_KEYS))}")
     if not isinstance(entries, Sequence) or isinstance(entries, str) or not entries:
         raise InvalidConfigError("the config needs 'models': a list of one or more models")
+    unknown = sorted(set(overrides) - _APP_KEYS)
+    if unknown:
+        raise InvalidConfigError(f"unknown override(s) {unknown}; known: {', '.join(sorted(_APP_KEYS))}")
     data.update({k: v for k, v in overrides.items() if v is not None})
     models: List[ModelDeployment] = [_model_from(e, f"models[{i}]", base) for i, e in enumerate(entries)]
     return AppConfig(models=tuple(models), **data)

@@ -147,9 +147,9 @@ class OpenAIApp:
         await receive()  # lifespan.startup
         started = False
         try:
-            async with Runtime(thread_name="mullama-serve") as rt:
-                self.runtime = rt
-                if self._given is None:
+            async with AsyncExitStack() as stack:
+                if self._given is None:  # (a model given has no Runtime here whose metrics would mean anything)
+                    self.runtime = rt = await stack.enter_async_context(Runtime(thread_name="mullama-serve"))
                     self.model = await rt.load_model(self._config)
                 started = True
                 await send({"type": "lifespan.startup.complete"})
@@ -206,23 +206,7 @@ class OpenAIApp:
             self.metrics.response(endpoint, ex.status or 500)
 
     async def _cors(self, ex: Exchange, route: Optional[Tuple[str, Dict[str, Any]]]) -> bool:
-        """Let an accepted origin read this exchange's response; answer its
-        preflight (``OPTIONS`` with ``Access-Control-Request-Method``) and return True."""
-        origin = ex.raw_header(b"origin")
-        if not self.cors_origins or origin is None:
-            return False
-        text = origin.decode("latin-1").rstrip("/")
-        if "*" not in self.cors_origins and text not in self.cors_origins:
-            return False
-        ex.extra_headers += [("access-control-allow-origin", "*" if "*" in self.cors_origins else text),
-                             ("vary", "origin")]
-        if ex.scope["method"] != "OPTIONS" or route is None or not ex.raw_header(b"access-control-request-method"):
-            return False
-        asked = (ex.raw_header(b"access-control-request-headers") or b"authorization, content-type").decode("latin-1")
-        await ex.start(204, [("access-control-allow-methods", ", ".join([*route[1], "OPTIONS"])),
-                             ("access-control-allow-headers", asked), ("access-control-max-age", "600")])
-        await ex.send({"type": "http.response.body", "body": b""})
-        return True
+        return await answer_cors(ex, self.cors_origins, list(route[1]) if route else None)
 
     async def _error(self, ex: Exchange, exc: oa.ApiError) -> None:
         try:
@@ -231,12 +215,7 @@ class OpenAIApp:
             pass
 
     def _check_key(self, ex: Exchange) -> None:
-        if self.api_key is None:
-            return
-        auth = ex.raw_header(b"authorization") or b""
-        if not hmac.compare_digest(auth, f"Bearer {self.api_key}".encode("utf-8")):
-            raise oa.ApiError(401, "invalid or missing API key (Authorization: Bearer <key>)",
-                              code="invalid_api_key")
+        check_api_key(ex, self.api_key)
 
     def _ready(self) -> AsyncModel:
         model = self.model
@@ -645,6 +624,35 @@ async def _end_stream_with(ex: Exchange, exc: Exception, param: str) -> None:
         body = oa.ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body()
     await ex.event(body)
     await ex.end_events()
+
+
+async def answer_cors(ex: Exchange, origins: "frozenset[str]", methods: Optional[Sequence[str]]) -> bool:
+    """Let an accepted origin read this exchange's response; answer its
+    preflight (``OPTIONS`` with ``Access-Control-Request-Method``, for a path
+    allowing ``methods``; None: no such path) and return True."""
+    origin = ex.raw_header(b"origin")
+    if not origins or origin is None:
+        return False
+    text = origin.decode("latin-1").rstrip("/")
+    if "*" not in origins and text not in origins:
+        return False
+    ex.extra_headers += [("access-control-allow-origin", "*" if "*" in origins else text), ("vary", "origin")]
+    if ex.scope["method"] != "OPTIONS" or methods is None or not ex.raw_header(b"access-control-request-method"):
+        return False
+    asked = (ex.raw_header(b"access-control-request-headers") or b"authorization, content-type").decode("latin-1")
+    await ex.start(204, [("access-control-allow-methods", ", ".join([*methods, "OPTIONS"])),
+                         ("access-control-allow-headers", asked), ("access-control-max-age", "600")])
+    await ex.send({"type": "http.response.body", "body": b""})
+    return True
+
+
+def check_api_key(ex: Exchange, api_key: Optional[str]) -> None:
+    """ApiError 401 unless the request carries ``Authorization: Bearer <api_key>`` (None: no key needed)."""
+    if api_key is None:
+        return
+    auth = ex.raw_header(b"authorization") or b""
+    if not hmac.compare_digest(auth, f"Bearer {api_key}".encode("utf-8")):
+        raise oa.ApiError(401, "invalid or missing API key (Authorization: Bearer <key>)", code="invalid_api_key")
 
 
 def _api_error(exc: MullamaError, param: str) -> oa.ApiError:
