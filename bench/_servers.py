@@ -60,6 +60,12 @@ async def sse_chunks(response: httpx.Response) -> AsyncIterator[dict]:
     raise RuntimeError("the stream ended without [DONE]")
 
 
+def cpu_seconds(pid: int) -> float:
+    """The CPU time process *pid* has used so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Server:
     """A server subprocess listening on 127.0.0.1:*port*; ``url`` has no path."""
 
@@ -82,8 +88,7 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """The CPU time the server process has used so far (all its threads)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.proc.pid)
 
     def quiesce(self, window: float = 0.2, timeout: float = 60.0) -> float:
         """Wait until the server uses under 5% of a core over *window* seconds (work it still does

@@ -21,7 +21,9 @@ Figures (one JSON line each):
   completion of ``--max-tokens`` tokens at once, as in
   ``serve_vs_llama_server.py``: aggregate ``tok_s``, TTFT p50/p99 over all
   rounds; ``vs_serve``: median over rounds of tok_s ÷ ``serve``'s in the same
-  round (range in brackets), and ``ttft_p99_vs_serve``. For ``ray-1x2`` at one
+  round (range in brackets), and ``ttft_p99_vs_serve``; ``server_cpu_ms_per_token``:
+  the CPU time of the server's process (a Ray side's replicas) per token streamed,
+  ``proxy_cpu_ms_per_token`` Serve's proxy's (mean of rounds). For ``ray-1x2`` at one
   client, ``proxy_ms_per_token`` is (1/its tok/s - 1/serve's) in ms: what the
   proxy adds to each token of a stream. Target: ``ray-1x2`` ≥ 0.90 of ``serve``.
 * ``ray_cancel`` per single-replica server (``serve``, ``ray-1x2``): a stream
@@ -39,6 +41,7 @@ Usage: python bench/ray_scale.py [--rounds 3] [--clients 1 4 8] [--busy 0]
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import statistics
 import subprocess
@@ -56,7 +59,7 @@ from mullama.aio import AsyncConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _probes import emit, pct  # noqa: E402
-from _servers import free_port, mullama_serve  # noqa: E402
+from _servers import cpu_seconds, free_port, mullama_serve  # noqa: E402
 from serve_vs_llama_server import Figures, streams  # noqa: E402
 
 SIDES = ("serve", "ray-1x2", "ray-2x1")
@@ -65,6 +68,12 @@ COUNT = "1, 2, 3, 4, 5, 6,"  # the default model counts on, greedy, for hundreds
 
 def progress(msg: str) -> None:
     print(f"[ray scale] {msg}", file=sys.stderr, flush=True)
+
+
+def pids_of(title: str) -> List[int]:
+    """The processes whose command line (a Ray worker's title) contains *title*."""
+    out = subprocess.run(["pgrep", "-f", title], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split() if int(p) != os.getpid()]
 
 
 def ray_apps(path: Path, slots: int, context: int, threads: int, stack: ExitStack) -> Dict[str, str]:
@@ -134,19 +143,27 @@ def main() -> int:
     figs = {(s, k): Figures() for s in SIDES for k in a.clients}
     cancel_ms: Dict[str, List[float]] = {"serve": [], "ray-1x2": []}
     token_ms: Dict[str, List[float]] = {"serve": [], "ray-1x2": []}
+    cpu_ms: Dict[Tuple[str, int, str], float] = collections.defaultdict(float)  # summed over rounds
     busy: List[subprocess.Popen] = []
     with ExitStack() as stack:
         progress("starting mullama serve")
         server = stack.enter_context(mullama_serve(path, a.slots, a.context, a.threads))
         progress("starting the Ray cluster and deploying")
         urls = {"serve": server.url, **ray_apps(path, a.slots, a.context, a.threads, stack)}
+        # whose CPU time per token is counted: the server, or a Ray side's replicas and Serve's proxy
+        pids = {"serve": {"server": [server.proc.pid]},
+                **{side: {"server": pids_of(f"ServeReplica:{side}:"), "proxy": pids_of("ray::ProxyActor")}
+                   for side in ("ray-1x2", "ray-2x1")}}
+        progress(f"processes measured: {pids}")
         busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.busy)]
         stack.callback(lambda: [(p.kill(), p.wait()) for p in busy])
         for rnd in range(a.rounds + 1):  # round 0 warms up
             order = SIDES[rnd % len(SIDES):] + SIDES[:rnd % len(SIDES)]
             for k in a.clients:
                 for side in order:
+                    cpu0 = {who: sum(cpu_seconds(p) for p in ps) for who, ps in pids[side].items()}
                     rate, replies, prompts = anyio.run(streams, urls[side], rnd, k, a.max_tokens)
+                    tokens = sum(r.tokens for r in replies)
                     ttft = sorted((r.first - r.sent) * 1e3 for r in replies if r.first is not None)
                     progress(f"round {rnd or 'warm-up'}, {k} client(s), {side}: {rate:.1f} tok/s, "
                              f"TTFT p50 {pct(ttft, 50):.0f} ms")
@@ -155,6 +172,8 @@ def main() -> int:
                         f.tok_s.append(rate)
                         f.ttft_ms += ttft
                         f.texts.update(zip(prompts, (r.text for r in replies)))
+                        for who, ps in pids[side].items():
+                            cpu_ms[side, k, who] += (sum(cpu_seconds(p) for p in ps) - cpu0[who]) * 1e3 / tokens
             for side in [s for s in order if s in cancel_ms]:
                 for i in range(a.cancels):
                     ms, tok = anyio.run(cancel_once, urls[side], COUNT, a.cancel_after,
@@ -178,6 +197,9 @@ def main() -> int:
                        ttft_p99_vs_serve=round(pct(f.ttft_ms, 99) / pct(ref.ttft_ms, 99), 3),
                        same_text_as_serve=round(sum(f.texts[p] == ref.texts[p] for p in ref.texts) / len(ref.texts),
                                                 2), **common)
+            for who in ("server", "proxy"):
+                if (side, k, who) in cpu_ms:
+                    row[f"{who}_cpu_ms_per_token"] = round(cpu_ms[side, k, who] / a.rounds, 2)
             if side == "ray-1x2" and k == 1:
                 row["proxy_ms_per_token"] = round((1 / statistics.median(f.tok_s)
                                                    - 1 / statistics.median(ref.tok_s)) * 1e3, 2)

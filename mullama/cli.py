@@ -224,9 +224,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"mullama: serving {app.model_id!r} at {url}/v1 ({args.backend}, {BACKENDS[args.backend]})",
               flush=True)
 
-    serve(app, host=args.host or "127.0.0.1", port=8000 if args.port is None else args.port, backend=args.backend, log_level=args.log_level,
-          access_log=not args.no_access_log, graceful_timeout=args.graceful_timeout,
-          keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections, on_ready=ready)
+    serve(app, host=args.host or "127.0.0.1", port=8000 if args.port is None else args.port,
+          backend=args.backend, log_level=args.log_level, access_log=not args.no_access_log,
+          graceful_timeout=args.graceful_timeout, keep_alive_timeout=args.keep_alive_timeout,
+          max_connections=args.max_connections, on_ready=ready)
     return 0
 
 

@@ -57,12 +57,11 @@ def replica_health(app: OpenAIApp) -> None:
 class ModelReplica:
     """One replica of one model: it loads the model once, serves the OpenAI
     routes to the :class:`Router` (``forward``) or, as :data:`ModelIngress`,
-    over HTTP from Serve's proxy; it reports its engine's metrics to Ray's, and fails Serve's health checks when
-    its model stops accepting requests."""
+    over HTTP from Serve's proxy; it reports its engine's metrics to Ray's, and
+    fails Serve's health checks when its model stops accepting requests."""
 
     async def __init__(self, spec: ModelDeployment,  # type: ignore[misc]  # (Serve awaits it)
                        app_options: Mapping[str, Any]) -> None:
-        self._spec = spec
         ctx = serve.get_replica_context()
         self.replica_id = ctx.replica_id.unique_id
         self._header = (REPLICA_HEADER, self.replica_id.encode("latin-1"))
