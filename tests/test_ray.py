@@ -318,6 +318,31 @@ def test_a_client_that_leaves_frees_its_slot_on_the_replica(one_replica):
     assert got.choices[0].finish_reason == "length"
 
 
+def test_a_client_that_leaves_during_the_prompt_stops_its_evaluation(cluster, default_model_path):
+    """Cancellation through Serve covers the prompt too: a client that leaves while a long prompt
+    is being evaluated (in chunks, one decode step each) stops it after fewer steps than the
+    prompt takes, and nothing is generated. (The real model: its prompt of about 3,000 tokens
+    takes seconds on a CPU, the client leaves after 0.3 s.)"""
+    app = AppConfig(models=ModelDeployment(AsyncConfig(default_model_path, threads=2, context_size=4096),
+                                           name="smol"), name="smol", route_prefix="/smol")
+    with deployed(app) as url:
+        prompt = "The quick brown fox jumps over the lazy dog. " * 300
+        n = len(httpx.post(url + "/tokenize", json={"content": prompt}).json()["tokens"])
+        chunks = -(-n // 256)
+        assert n > 2000
+        # (a first request: the engine's one-time checks at its first request are not this one's steps)
+        client(url).completions.create(model="smol", prompt="Hi", max_tokens=1)
+        before = metrics_of(url)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", timeout=httpx.Timeout(30, read=0.3),
+                       json={"model": "smol", "prompt": prompt, "max_tokens": 8, "stream": True})
+        wait_until(lambda: replica_health_of(url)["active"] == 0, "the slot is free")
+        after = metrics_of(url)
+        steps = after["mullama_engine_decode_steps_total"] - before["mullama_engine_decode_steps_total"]
+        assert 0 < steps < chunks, f"{steps} decode steps for a prompt of {chunks} chunks"
+        assert after["mullama_generated_tokens_total"] == before.get("mullama_generated_tokens_total", 0)
+
+
 def test_serve_health_check_runs_the_engines_check(one_replica):
     """Serve's health check of a replica is mullama's (it answers None while the engine runs)."""
     handle = serve.get_deployment_handle("tiny", app_name="one")
@@ -421,6 +446,36 @@ def test_a_client_that_leaves_the_router_frees_the_replicas_slot(two_models):
     assert health()["active"] == 1
     stream.close()
     wait_until(lambda: health()["active"] == 0, "the replica's slot is free")
+
+
+def test_autoscaling_on_busy_slots(cluster, tiny_model_path):
+    """A replica whose engine slot is busy asks for another (target_ongoing_requests defaults to
+    the slots): under a steady load of 3 clients, Serve scales from 1 to 2 replicas."""
+    auto = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 0, "metrics_interval_s": 0.5,
+            "look_back_period_s": 2, "downscale_delay_s": 600}
+    app = AppConfig(models=ModelDeployment(tiny(tiny_model_path, max_concurrent=1), name="tiny", autoscaling=auto),
+                    name="auto", route_prefix="/auto")
+    stop = threading.Event()
+
+    def load() -> None:
+        c = client(url, timeout=60)
+        while not stop.is_set():
+            for _ in c.completions.create(model="tiny", stream=True, **LONG):
+                if stop.is_set():
+                    break
+
+    with deployed(app) as url:
+        assert serve.status().applications["auto"].deployments["tiny"].replica_states.get("RUNNING") == 1
+        clients = [threading.Thread(target=load) for _ in range(3)]
+        for t in clients:
+            t.start()
+        try:
+            wait_until(lambda: serve.status().applications["auto"].deployments["tiny"].replica_states.get(
+                "RUNNING") == 2, "Serve scaled to 2 replicas", timeout=120)
+        finally:
+            stop.set()
+            for t in clients:
+                t.join(60)
 
 
 def test_replica_metrics_reach_rays_prometheus(cluster, one_replica):
