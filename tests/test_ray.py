@@ -478,6 +478,20 @@ def test_autoscaling_on_busy_slots(cluster, tiny_model_path):
                 t.join(60)
 
 
+def test_a_deployment_that_cannot_start_is_named_and_removed(cluster, tmp_path):
+    """A replica that cannot load its model fails the deployment with DeploymentError naming the
+    cause, and leaves no application behind."""
+    from mullama.ray import DeploymentError
+
+    app = AppConfig(models=ModelDeployment(AsyncConfig(tmp_path / "missing.gguf", threads=1), name="gone"),
+                    name="broken", route_prefix="/broken")
+    with pytest.raises(DeploymentError, match="could not deploy 'broken'") as info:
+        with deployed(app):
+            pass
+    assert "missing.gguf" in str(info.value)
+    assert "broken" not in serve.status().applications
+
+
 def test_replica_metrics_reach_rays_prometheus(cluster, one_replica):
     """The replica's engine metrics are in Ray's metrics export, tagged with the model."""
     client(one_replica).completions.create(model="tiny", prompt="hi", max_tokens=3, temperature=0)

@@ -37,6 +37,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
 
 import logging
 import os
+import re
 import signal
 import time
 from contextlib import contextmanager
@@ -90,20 +91,35 @@ def deployed(config: AppConfig, *, ray_init: Optional[dict] = None) -> Iterator[
             log.warning("Serve runs on this cluster already, its HTTP proxy at %s:%s (not %s:%s as configured): "
                         "the application is served there", http.host, http.port, config.host, config.port)
         try:
-            serve.run(build_app(config), name=config.name, route_prefix=config.route_prefix, blocking=False)
-        except RuntimeError as exc:  # (Serve's "Deploying application ... failed": a replica could not start)
-            raise DeploymentError(f"Ray Serve could not deploy {config.name!r} (see the replicas' errors in the "
-                                  f"log above): {exc}") from exc
-        try:
+            try:
+                serve.run(build_app(config), name=config.name, route_prefix=config.route_prefix, blocking=False)
+            except RuntimeError as exc:  # (Serve's "Deploying application ... failed": a replica did not start)
+                raise DeploymentError(f"Ray Serve could not deploy {config.name!r}: {_why_failed(config.name)}"
+                                      ) from exc
             host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
             yield f"http://{host}:{http.port}{config.route_prefix.rstrip('/')}"
         finally:
-            serve.delete(config.name)
+            serve.delete(config.name)  # (also a failed application: nothing of it is left)
     finally:
         if started_serve:
             serve.shutdown()
         if started_ray:
             ray.shutdown()
+
+
+def _why_failed(app: str) -> str:
+    """The errors of a failed application's deployments, from Serve's status: the last
+    line of each replica constructor's traceback (``ModelNotFoundError: ...``)."""
+    try:
+        status = serve.status().applications[app]
+    except Exception:
+        return "see the replicas' errors in the log"
+    why = []
+    for name, d in status.deployments.items():
+        lines = [x.strip() for x in (d.message or "").splitlines() if re.match(r"\s*[\w.]+(Error|Exception): ", x)]
+        if lines:
+            why.append(f"{name}: {lines[-1]}")
+    return "; ".join(why) or status.message or "see the replicas' errors in the log"
 
 
 def run(config: AppConfig, *, on_ready: Optional[Callable[[str], Any]] = None,
