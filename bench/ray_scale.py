@@ -62,7 +62,7 @@ from mullama.aio import AsyncConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _probes import emit, pct  # noqa: E402
 from _servers import cpu_seconds, free_port, mullama_serve  # noqa: E402
-from serve_vs_llama_server import Figures, streams  # noqa: E402
+from serve_vs_llama_server import Figures, streams, ttft_of  # noqa: E402
 
 SIDES = ("serve", "ray-1x2", "ray-2x1")
 COUNT = "1, 2, 3, 4, 5, 6,"  # the default model counts on, greedy, for hundreds of tokens
@@ -166,14 +166,10 @@ def main() -> int:
                     cpu0 = {who: sum(cpu_seconds(p) for p in ps) for who, ps in pids[side].items()}
                     rate, replies, prompts = anyio.run(streams, urls[side], rnd, k, a.max_tokens)
                     tokens = sum(r.tokens for r in replies)
-                    ttft = sorted((r.first - r.sent) * 1e3 for r in replies if r.first is not None)
                     progress(f"round {rnd or 'warm-up'}, {k} client(s), {side}: {rate:.1f} tok/s, "
-                             f"TTFT p50 {pct(ttft, 50):.0f} ms")
+                             f"TTFT p50 {pct(ttft_of(replies), 50):.0f} ms")
                     if rnd:
-                        f = figs[side, k]
-                        f.tok_s.append(rate)
-                        f.ttft_ms += ttft
-                        f.texts.update(zip(prompts, (r.text for r in replies)))
+                        figs[side, k].add(rate, replies, prompts)
                         for who, ps in pids[side].items():
                             cpu_ms[side, k, who] += (sum(cpu_seconds(p) for p in ps) - cpu0[who]) * 1e3 / tokens
             for side in [s for s in order if s in cancel_ms]:
@@ -183,8 +179,9 @@ def main() -> int:
                     if rnd:
                         cancel_ms[side].append(ms)
                         token_ms[side].append(tok)
-                progress(f"round {rnd or 'warm-up'}, cancellations, {side}: "
-                         f"max {max(cancel_ms[side] or [0]):.1f} ms so far")
+                if a.cancels:
+                    progress(f"round {rnd or 'warm-up'}, cancellations, {side}: "
+                             f"max {max(cancel_ms[side] or [0]):.1f} ms so far")
 
     common = dict(rounds=a.rounds, slots=a.slots, threads=a.threads, busy=a.busy, max_tokens=a.max_tokens)
     for k in a.clients:
@@ -207,6 +204,8 @@ def main() -> int:
                 row["target_met"] = row["proxy_cpu_share"] <= 0.10
             emit(**row)
     for side, ms in cancel_ms.items():
+        if not ms:  # (--cancels 0)
+            continue
         tok = statistics.median(token_ms[side])
         row = dict(figure="ray_cancel", server=side, cancels=len(ms), cancel_ms_p50=round(pct(ms, 50), 1),
                    cancel_ms_p99=round(pct(ms, 99), 1), token_ms=round(tok, 1), **common)

@@ -111,6 +111,17 @@ class Figures:
     after_cpu_s: List[float] = field(default_factory=list)  # CPU used after the last response of a round
     texts: Dict[str, str] = field(default_factory=dict)  # prompt -> text
 
+    def add(self, rate: float, replies: List[Reply], prompts: List[str]) -> None:
+        """One counted round of :func:`streams`."""
+        self.tok_s.append(rate)
+        self.ttft_ms += ttft_of(replies)
+        self.texts.update(zip(prompts, (r.text for r in replies)))
+
+
+def ttft_of(replies: List[Reply]) -> List[float]:
+    """The replies' times to first token in ms, sorted."""
+    return sorted((r.first - r.sent) * 1e3 for r in replies if r.first is not None)
+
 
 async def stream_one(client: httpx.AsyncClient, url: str, text: str, max_tokens: int) -> Reply:
     body = {"model": "bench", "prompt": text, "max_tokens": max_tokens, "temperature": 0, "stream": True,
@@ -225,15 +236,12 @@ def main() -> int:
                 for side in order:
                     rate, replies, prompts = anyio.run(streams, servers[side].url, rnd, k, a.max_tokens)
                     after = servers[side].quiesce()
-                    ttft = sorted((r.first - r.sent) * 1e3 for r in replies if r.first is not None)
+                    ttft = ttft_of(replies)
                     progress(f"round {rnd or 'warm-up'}, {k} client(s), {side}: {rate:.1f} tok/s, "
                              f"TTFT p50 {pct(ttft, 50):.0f} ms, max {ttft[-1]:.0f} ms; {after:.2f} CPU s after")
                     if rnd:
-                        f = stream_figs[side, k]
-                        f.tok_s.append(rate)
-                        f.ttft_ms += ttft
-                        f.after_cpu_s.append(after)
-                        f.texts.update(zip(prompts, (r.text for r in replies)))
+                        stream_figs[side, k].add(rate, replies, prompts)
+                        stream_figs[side, k].after_cpu_s.append(after)
             if a.short:
                 for side in order:
                     rate, ms = anyio.run(short_requests, servers[side].url, rnd, a.short, a.slots, a.short_tokens)
