@@ -176,7 +176,6 @@ class _RouterApp:
     def __init__(self, config: AppConfig, handles: Mapping[str, DeploymentHandle]) -> None:
         self._config = config
         self._origins = frozenset(o.rstrip("/") for o in config.cors_origins)
-        self._handles = dict(handles)
         self._streams = {name: h.options(stream=True) for name, h in handles.items()}
         self._names = list(handles)
         self._created = int(time.time())
@@ -221,7 +220,7 @@ class _RouterApp:
         for prefix in ("/v1/models/", "/models/"):
             if path.startswith(prefix) and method == "GET":
                 name = path[len(prefix):]
-                if name not in self._handles:
+                if name not in self._streams:
                     raise self._unknown(name)
                 await ex.respond_json(200, self._card(name))
                 return

@@ -124,11 +124,11 @@ class ModelDeployment:
             "max_queued_requests": max(1, cfg.max_queue * self.most_replicas()),  # (Serve has no 0)
             "health_check_period_s": float(self.health_check_period_s),
         }
-        if self.autoscaling is not None:
-            opts["autoscaling_config"] = {"target_ongoing_requests": opts["max_ongoing_requests"], **self.autoscaling}
-        else:
+        if self.autoscaling is None:
             opts["num_replicas"] = self.replicas
         opts.update(self.deployment_options)
+        if self.autoscaling is not None:  # (its target: the max_ongoing_requests in effect)
+            opts["autoscaling_config"] = {"target_ongoing_requests": opts["max_ongoing_requests"], **self.autoscaling}
         return opts
 
 
