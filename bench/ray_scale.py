@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
 """mullama on Ray Serve against ``mullama serve`` alone: what Serve's proxy
-costs, one replica of 2 threads against 2 replicas of 1 thread, and how soon a
-client that leaves frees its slot through Serve.
+(and the router of several models) costs, one replica of 2 threads against 2
+replicas of 1 thread, and how soon a client that leaves frees its slot through Serve.
 
-Three servers of the same model, all up for the whole bench, measured in turn
+Four servers of the same model, all up for the whole bench, measured in turn
 (the others idle), their order rotating by round after a warm-up round:
 
 * ``serve``: ``mullama serve`` (uvicorn), ``--threads`` threads, ``--slots`` slots;
 * ``ray-1x2``: a local Ray cluster, Serve's HTTP proxy, one replica of
   ``--threads`` threads and ``--slots`` slots (``mullama.ray``);
 * ``ray-2x1``: the same cluster, two replicas of ``--threads / 2`` threads and
-  ``--slots / 2`` slots each (the same slots in all).
+  ``--slots / 2`` slots each (the same slots in all);
+* ``ray-router``: the same cluster, an application of two models, so that requests
+  cross the router (``mullama-router``) on their way to ``bench``, one replica as
+  ``ray-1x2``'s (the other model, 1 thread, stays idle).
 
 Every thread count is fixed (``adaptive_threads`` off), so the three compute
 alike; the Ray cluster gets as many logical CPUs as the replicas reserve.
@@ -23,8 +26,9 @@ Figures (one JSON line each):
   rounds; ``vs_serve``: median over rounds of tok_s ÷ ``serve``'s in the same
   round (range in brackets), and ``ttft_p99_vs_serve``; ``server_cpu_ms_per_token``:
   the CPU time of the server's process (a Ray side's replicas) per token streamed,
-  ``proxy_cpu_ms_per_token`` Serve's proxy's (mean of rounds), and for a Ray
-  side ``proxy_cpu_share``, the one over the other. Target: Serve's proxy costs
+  ``proxy_cpu_ms_per_token`` Serve's proxy's, ``router_cpu_ms_per_token`` the
+  router's (mean of rounds), and for a Ray side ``proxy_cpu_share``, the proxy's
+  and router's over the replicas'. Target: Serve's proxy costs
   ≤ 10% of a replica's streaming (``target_met``: ``proxy_cpu_share`` ≤ 0.10;
   ``vs_serve`` ≥ 0.90 is the same target by wall time, which this 2-core
   machine's noise blurs).
@@ -64,7 +68,7 @@ from _probes import emit, pct  # noqa: E402
 from _servers import cpu_seconds, free_port, mullama_serve  # noqa: E402
 from serve_vs_llama_server import Figures, streams, ttft_of  # noqa: E402
 
-SIDES = ("serve", "ray-1x2", "ray-2x1")
+SIDES = ("serve", "ray-1x2", "ray-2x1", "ray-router")
 COUNT = "1, 2, 3, 4, 5, 6,"  # the default model counts on, greedy, for hundreds of tokens
 
 
@@ -86,7 +90,7 @@ def ray_apps(path: Path, slots: int, context: int, threads: int, stack: ExitStac
     from mullama.ray import AppConfig, ModelDeployment, deployed
 
     os.environ.setdefault("RAY_worker_niceness", "0")  # (as mullama.ray.deployed does)
-    ray.init(num_cpus=2 * threads, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4 * threads, include_dashboard=False, log_to_driver=False)  # (what the replicas reserve)
     stack.callback(ray.shutdown)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -98,6 +102,12 @@ def ray_apps(path: Path, slots: int, context: int, threads: int, stack: ExitStac
         app = AppConfig(models=(ModelDeployment(config, name="bench", replicas=replicas),),
                         name=side, route_prefix=f"/{side}", port=port)
         urls[side] = stack.enter_context(deployed(app))
+    # two models behind the router: "bench" as ray-1x2's, and an idle second one
+    bench = AsyncConfig(path, context_size=context, threads=threads, max_concurrent=slots, adaptive_threads=False)
+    other = AsyncConfig(path, context_size=context, threads=1, max_concurrent=1)
+    app = AppConfig(models=(ModelDeployment(bench, name="bench"), ModelDeployment(other, name="other")),
+                    name="ray-router", route_prefix="/ray-router", port=port)
+    urls["ray-router"] = stack.enter_context(deployed(app))
     return urls
 
 
@@ -154,8 +164,9 @@ def main() -> int:
         urls = {"serve": server.url, **ray_apps(path, a.slots, a.context, a.threads, stack)}
         # whose CPU time per token is counted: the server, or a Ray side's replicas and Serve's proxy
         pids = {"serve": {"server": [server.proc.pid]},
-                **{side: {"server": pids_of(f"ServeReplica:{side}:"), "proxy": pids_of("ray::ProxyActor")}
-                   for side in ("ray-1x2", "ray-2x1")}}
+                **{side: {"server": pids_of(f"ServeReplica:{side}:bench"), "proxy": pids_of("ray::ProxyActor")}
+                   for side in ("ray-1x2", "ray-2x1", "ray-router")}}
+        pids["ray-router"]["router"] = pids_of("ServeReplica:ray-router:mullama-router")
         progress(f"processes measured: {pids}")
         busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.busy)]
         stack.callback(lambda: [(p.kill(), p.wait()) for p in busy])
@@ -196,11 +207,12 @@ def main() -> int:
                        ttft_p99_vs_serve=round(pct(f.ttft_ms, 99) / pct(ref.ttft_ms, 99), 3),
                        same_text_as_serve=round(sum(f.texts[p] == ref.texts[p] for p in ref.texts) / len(ref.texts),
                                                 2), **common)
-            for who in ("server", "proxy"):
+            for who in ("server", "proxy", "router"):
                 if (side, k, who) in cpu_ms:
                     row[f"{who}_cpu_ms_per_token"] = round(cpu_ms[side, k, who] / a.rounds, 2)
             if side != "serve":
-                row["proxy_cpu_share"] = round(cpu_ms[side, k, "proxy"] / cpu_ms[side, k, "server"], 3)
+                overhead = cpu_ms[side, k, "proxy"] + cpu_ms.get((side, k, "router"), 0.0)
+                row["proxy_cpu_share"] = round(overhead / cpu_ms[side, k, "server"], 3)
                 row["target_met"] = row["proxy_cpu_share"] <= 0.10
             emit(**row)
     for side, ms in cancel_ms.items():
