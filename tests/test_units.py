@@ -607,3 +607,19 @@ async def test_cors_preflight_and_allowed_origins(tiny_model_path):
     assert status == 405 and "access-control-allow-origin" not in headers
     with pytest.raises(mullama.InvalidConfigError, match="cors_origins"):
         create_app(str(tiny_model_path), cors_origins="*")
+
+
+@pytest.mark.parametrize("path, root, seen", [
+    ("/v1/models", "", "/v1/models"),
+    ("/app/v1/models", "/app", "/v1/models"),  # (Ray Serve's proxy keeps the route prefix in path)
+    ("/app", "/app", "/"),
+    ("/v1/models", "/app", "/v1/models"),  # (servers that strip root_path from path)
+    ("/application/v1", "/app", "/application/v1"),  # a longer segment is not the prefix
+])
+def test_exchange_path_is_below_the_root_path(path, root, seen):
+    from mullama.server._asgi import Exchange
+
+    async def never():  # pragma: no cover - not called
+        raise AssertionError
+
+    assert Exchange({"type": "http", "path": path, "root_path": root}, never, never).path == seen
