@@ -115,13 +115,13 @@ _MODEL_FLAGS = ("model", "name", "context_size", "max_concurrent", "max_queue", 
                 "replicas", "max_replicas")
 
 
-def _given(args: argparse.Namespace, names: "tuple[str, ...]") -> List[str]:
-    """The flags of ``names`` given other values than their defaults, as typed."""
-    defaults = build_parser().parse_args(["serve"])
-    return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) != getattr(defaults, n)]
-
-
 def _check_ray_flags(args: argparse.Namespace) -> None:
+    defaults = build_parser().parse_args(["serve"])
+
+    def _given(args: argparse.Namespace, names: "tuple[str, ...]") -> List[str]:
+        """The flags of ``names`` given other values than their defaults, as typed."""
+        return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) != getattr(defaults, n)]
+
     if not args.ray:
         given = _given(args, _RAY_ONLY)
         if given:

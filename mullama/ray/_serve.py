@@ -180,9 +180,6 @@ class _RouterApp:
         self._names = list(handles)
         self._created = int(time.time())
 
-    def _card(self, name: str) -> Dict[str, Any]:
-        return {"id": name, "object": "model", "created": self._created, "owned_by": "mullama"}
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             while True:
@@ -215,14 +212,14 @@ class _RouterApp:
             return
         check_api_key(ex, self._config.api_key)
         if path in ("/v1/models", "/models") and method == "GET":
-            await ex.respond_json(200, {"object": "list", "data": [self._card(n) for n in self._names]})
+            await ex.respond_json(200, {"object": "list", "data": [oa.model_card(n, self._created) for n in self._names]})
             return
         for prefix in ("/v1/models/", "/models/"):
             if path.startswith(prefix) and method == "GET":
                 name = path[len(prefix):]
                 if name not in self._streams:
                     raise self._unknown(name)
-                await ex.respond_json(200, self._card(name))
+                await ex.respond_json(200, oa.model_card(name, self._created))
                 return
         if path == "/metrics":
             raise oa.ApiError(404, "with several models, the replicas' metrics are in Ray's (Prometheus), "

@@ -232,7 +232,7 @@ class OpenAIApp:
     # -- endpoints ------------------------------------------------------------------------
 
     def _model_card(self) -> Dict[str, Any]:
-        return {"id": self.model_id, "object": "model", "created": self._created, "owned_by": "mullama"}
+        return oa.model_card(self.model_id, self._created)
 
     async def _list_models(self, ex: Exchange) -> None:
         await ex.respond_json(200, {"object": "list", "data": [self._model_card()]})

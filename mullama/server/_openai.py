@@ -388,6 +388,11 @@ MAX_CHOICES = 256
 MAX_EMBEDDING_INPUTS = 2048
 
 
+def model_card(model_id: str, created: int) -> Dict[str, Any]:
+    """A model of ``/v1/models``."""
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "mullama"}
+
+
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Dict[str, Any]:
     """OpenAI's ``usage``; ``prompt_tokens_details.cached_tokens``: prompt tokens
     reused from the prompt cache rather than evaluated."""
