@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Dict, Sequence
 
 import httpx
 
@@ -64,6 +64,34 @@ def cpu_seconds(pid: int) -> float:
     """The CPU time process *pid* has used so far (all its threads)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_seconds(pid: int) -> Dict[int, float]:
+    """The CPU time each live thread of process *pid* has used so far, by thread id."""
+    out: Dict[int, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # (it ended meanwhile)
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+class CpuSplit:
+    """A server's CPU time over a span, split into its *compute* busiest threads
+    (the threads running llama.cpp's compute graphs) and all the rest (HTTP,
+    the event loop, tokenizing, worker threads; exited threads included)."""
+
+    def __init__(self, server: "Server", compute: int) -> None:
+        self._server, self._compute = server, compute
+        self._total, self._threads = server.cpu_seconds(), thread_cpu_seconds(server.proc.pid)
+
+    def other_seconds(self) -> float:
+        """The CPU seconds outside the compute threads since this was made."""
+        threads = thread_cpu_seconds(self._server.proc.pid)
+        used = sorted((t - self._threads.get(tid, 0.0) for tid, t in threads.items()), reverse=True)
+        return max(self._server.cpu_seconds() - self._total - sum(used[:self._compute]), 0.0)
 
 
 class Server:

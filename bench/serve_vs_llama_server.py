@@ -40,7 +40,11 @@ is given the time to finish what it still does (an engine that cannot reuse
 decoded KV cells exactly re-evaluates finished requests' tails for its prompt
 cache), until it uses under 5% of a core; ``after_cpu_s`` is the CPU time
 that took (median of rounds), work an otherwise idle server does between
-requests. ``same_text``: the share of
+requests. ``other_cpu_ms_per_request`` (both figures, median of rounds): the
+server's CPU time outside its ``--threads`` busiest threads (those computing
+llama.cpp's graphs) per request, from its first request sent until it is
+idle: HTTP, the event loop, tokenizing. On a machine whose cores all compute,
+that time is taken from the compute threads. ``same_text``: the share of
 requests whose text equals llama-server's for the same prompt (greedy; both
 servers batch differently, so this is informative only); the two mullama
 servers must agree with each other (``mullama_texts_agree``).
@@ -69,7 +73,7 @@ import mullama
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _probes import emit, pct  # noqa: E402
-from _servers import Server, llama_server, llama_server_binary, mullama_serve, sse_chunks  # noqa: E402
+from _servers import CpuSplit, Server, llama_server, llama_server_binary, mullama_serve, sse_chunks  # noqa: E402
 
 SIDES = ("mullama-uvicorn", "mullama-hypercorn", "llama-server")
 REFERENCE = "llama-server"
@@ -109,6 +113,7 @@ class Figures:
     tok_s: List[float] = field(default_factory=list)
     ttft_ms: List[float] = field(default_factory=list)
     after_cpu_s: List[float] = field(default_factory=list)  # CPU used after the last response of a round
+    other_cpu_ms: List[float] = field(default_factory=list)  # CPU outside the compute threads, per request
     texts: Dict[str, str] = field(default_factory=dict)  # prompt -> text
 
     def add(self, rate: float, replies: List[Reply], prompts: List[str]) -> None:
@@ -230,26 +235,35 @@ def main() -> int:
         stream_figs = {(s, k): Figures() for s in sides for k in a.clients}
         short_rate: Dict[str, List[float]] = {s: [] for s in sides}
         short_ms: Dict[str, List[float]] = {s: [] for s in sides}
+        short_other_ms: Dict[str, List[float]] = {s: [] for s in sides}
         for rnd in range(a.rounds + 1):  # round 0 warms up
             order = sides[rnd % len(sides):] + sides[:rnd % len(sides)]
             for k in a.clients:
                 for side in order:
+                    split = CpuSplit(servers[side], a.threads)
                     rate, replies, prompts = anyio.run(streams, servers[side].url, rnd, k, a.max_tokens)
                     after = servers[side].quiesce()
+                    other_ms = split.other_seconds() * 1e3 / k
                     ttft = ttft_of(replies)
                     progress(f"round {rnd or 'warm-up'}, {k} client(s), {side}: {rate:.1f} tok/s, "
-                             f"TTFT p50 {pct(ttft, 50):.0f} ms, max {ttft[-1]:.0f} ms; {after:.2f} CPU s after")
+                             f"TTFT p50 {pct(ttft, 50):.0f} ms, max {ttft[-1]:.0f} ms; {after:.2f} CPU s after; "
+                             f"{other_ms:.1f} CPU ms per request outside the compute threads")
                     if rnd:
                         stream_figs[side, k].add(rate, replies, prompts)
                         stream_figs[side, k].after_cpu_s.append(after)
+                        stream_figs[side, k].other_cpu_ms.append(other_ms)
             if a.short:
                 for side in order:
+                    split = CpuSplit(servers[side], a.threads)
                     rate, ms = anyio.run(short_requests, servers[side].url, rnd, a.short, a.slots, a.short_tokens)
                     servers[side].quiesce()
-                    progress(f"round {rnd or 'warm-up'}, {a.short} short requests, {side}: {rate:.1f} req/s")
+                    other_ms = split.other_seconds() * 1e3 / a.short
+                    progress(f"round {rnd or 'warm-up'}, {a.short} short requests, {side}: {rate:.1f} req/s; "
+                             f"{other_ms:.1f} CPU ms per request outside the compute threads")
                     if rnd:
                         short_rate[side].append(rate)
                         short_ms[side] += ms
+                        short_other_ms[side].append(other_ms)
     finally:
         for p in busy:
             p.kill()
@@ -267,7 +281,8 @@ def main() -> int:
             row = dict(figure="serve_stream", server=side, clients=k, max_tokens=a.max_tokens,
                        tok_s=round(statistics.median(f.tok_s), 1), ttft_ms_p50=round(pct(f.ttft_ms, 50), 1),
                        ttft_ms_p99=round(pct(f.ttft_ms, 99), 1),
-                       after_cpu_s=round(statistics.median(f.after_cpu_s), 2), **common)
+                       after_cpu_s=round(statistics.median(f.after_cpu_s), 2),
+                       other_cpu_ms_per_request=round(statistics.median(f.other_cpu_ms), 2), **common)
             if side != REFERENCE:
                 row.update(ratio_summary(f.tok_s, ref.tok_s),
                            ttft_p99_vs_llama_server=round(pct(f.ttft_ms, 99) / pct(ref.ttft_ms, 99), 3),
@@ -279,7 +294,8 @@ def main() -> int:
         for side in sides:
             row = dict(figure="serve_short_requests", server=side, requests=a.short, max_tokens=a.short_tokens,
                        req_s=round(statistics.median(short_rate[side]), 1),
-                       ms_p50=round(pct(short_ms[side], 50), 1), ms_p99=round(pct(short_ms[side], 99), 1), **common)
+                       ms_p50=round(pct(short_ms[side], 50), 1), ms_p99=round(pct(short_ms[side], 99), 1),
+                       other_cpu_ms_per_request=round(statistics.median(short_other_ms[side]), 2), **common)
             if side != REFERENCE:
                 row.update(ratio_summary(short_rate[side], short_rate[REFERENCE]))
             emit(**row)
