@@ -67,31 +67,35 @@ def cpu_seconds(pid: int) -> float:
 
 
 def thread_cpu_seconds(pid: int) -> Dict[int, float]:
-    """The CPU time each live thread of process *pid* has used so far, by thread id."""
+    """The CPU time each live thread of process *pid* has used so far, by
+    thread id, to the nanosecond (the scheduler's count, ``schedstat``; the
+    ``stat`` files count 10 ms ticks)."""
     out: Dict[int, float] = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[int(tid)] = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0]) / 1e9
         except OSError:  # (it ended meanwhile)
             continue
-        out[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return out
 
 
 class CpuSplit:
     """A server's CPU time over a span, split into its *compute* busiest threads
-    (the threads running llama.cpp's compute graphs) and all the rest (HTTP,
-    the event loop, tokenizing, worker threads; exited threads included)."""
+    and all its other threads (HTTP, the event loop, tokenizing, worker
+    threads). With the server's compute threads fixed at *compute* (one pool),
+    the busiest are those running llama.cpp's graphs, the thread that calls
+    ``llama_decode`` among them (its own bookkeeping counts as compute). A
+    thread that ends within the span is not counted."""
 
     def __init__(self, server: "Server", compute: int) -> None:
-        self._server, self._compute = server, compute
-        self._total, self._threads = server.cpu_seconds(), thread_cpu_seconds(server.proc.pid)
+        self._pid, self._compute = server.proc.pid, compute
+        self._threads = thread_cpu_seconds(self._pid)
 
     def other_seconds(self) -> float:
-        """The CPU seconds outside the compute threads since this was made."""
-        threads = thread_cpu_seconds(self._server.proc.pid)
-        used = sorted((t - self._threads.get(tid, 0.0) for tid, t in threads.items()), reverse=True)
-        return max(self._server.cpu_seconds() - self._total - sum(used[:self._compute]), 0.0)
+        """The CPU seconds of the threads other than the *compute* busiest since this was made."""
+        used = sorted((t - self._threads.get(tid, 0.0) for tid, t in thread_cpu_seconds(self._pid).items()),
+                      reverse=True)
+        return sum(used[self._compute:])
 
 
 class Server:

@@ -43,8 +43,10 @@ that took (median of rounds), work an otherwise idle server does between
 requests. ``other_cpu_ms_per_request`` (both figures, median of rounds): the
 server's CPU time outside its ``--threads`` busiest threads (those computing
 llama.cpp's graphs) per request, from its first request sent until it is
-idle: HTTP, the event loop, tokenizing. On a machine whose cores all compute,
-that time is taken from the compute threads. ``same_text``: the share of
+idle: HTTP, the event loop, tokenizing (``_servers.CpuSplit``; with
+``--adaptive`` mullama's compute spreads over more threads, and the figure
+counts some of it). On a machine whose cores all compute, that time is taken
+from the compute threads. ``same_text``: the share of
 requests whose text equals llama-server's for the same prompt (greedy; both
 servers batch differently, so this is informative only); the two mullama
 servers must agree with each other (``mullama_texts_agree``).
