@@ -30,7 +30,9 @@ each bench script of this folder and keeps what it prints:
   against llama-server, 1/4/16 streaming clients and short requests;
 * ``ray_scale.py``: ``mullama serve`` on Ray Serve (1 replica x 2 threads, 2
   replicas x 1 thread) against ``mullama serve`` alone, and cancellation
-  through Serve's proxy (needs the ``ray`` extra).
+  through Serve's proxy (needs the ``ray`` extra);
+* ``handoff.py``: the batching engine with its hand-off overlapped with the
+  next decode step (a variant made in the bench) against the engine as it is.
 
 Output goes to ``bench/results/<UTC time>/``: ``figures.jsonl`` (every line,
 tagged with its script), ``summary.md`` (one table per figure name, the
@@ -79,6 +81,7 @@ SCRIPTS: Dict[str, tuple] = {
     "speculative": (["--engine"], ["--rounds", "1", "--lines", "40", "--only", "edit", "free"]),
     "serve_vs_llama_server": ([], ["--rounds", "1", "--clients", "1", "4", "--max-tokens", "32", "--short", "16"]),
     "ray_scale": ([], ["--rounds", "1", "--clients", "1", "4", "--max-tokens", "32", "--cancels", "3"]),
+    "handoff": ([], ["--pairs", "1", "--requests", "4", "--threads", "2", "--tokens", "32"]),
 }
 
 
