@@ -97,3 +97,54 @@ def test_plot_redraws_an_earlier_run(run_all, tmp_path, monkeypatch, capsys):
     assert run_all.main() == 0
     assert (tmp_path / "throughput.png").exists()
     assert capsys.readouterr().out.strip() == str(tmp_path / "summary.md")
+
+
+CHILD = """
+import sys, threading, time
+
+def spin(seconds):
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+    spun.wait()
+    leave.wait()
+
+spun, leave = threading.Barrier(3), threading.Event()
+workers = [threading.Thread(target=spin, args=(s,)) for s in (0.4, 0.1)]
+print("ready", flush=True)
+sys.stdin.readline()
+for w in workers:
+    w.start()
+spun.wait()
+print("done", flush=True)
+sys.stdin.readline()
+leave.set()
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir() or not Path("/proc/self/schedstat").exists(),
+                    reason="needs Linux's per-thread scheduler counts (/proc/<pid>/task/<tid>/schedstat)")
+def test_cpu_split_counts_all_but_the_busiest_threads():
+    """bench/_servers.py's CpuSplit: the CPU of a server's threads other than its N busiest, over a span
+    (a process whose two threads use 0.4 s and 0.1 s of CPU: amounts of CPU, not speeds)."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("_servers", BENCH / "_servers.py")
+    servers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(servers)
+    with subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True) as child:
+        try:
+            assert child.stdout.readline() == "ready\n"
+            splits = {n: servers.CpuSplit(SimpleNamespace(proc=child), n) for n in (0, 1, 2)}
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            assert child.stdout.readline() == "done\n"
+            other = {n: split.other_seconds() for n, split in splits.items()}
+        finally:
+            child.kill()
+    assert 0.5 <= other[0] < 0.6  # every thread (the main one waits)
+    assert 0.1 <= other[1] < 0.2  # the 0.4 s thread is the compute one
+    assert other[2] < 0.05  # both spinning threads are
