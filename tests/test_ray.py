@@ -273,7 +273,7 @@ async def test_replica_health_follows_the_engine(anyio_backend, tiny_model_path)
 
 def test_two_replicas_answer_as_the_single_process_server(two_replicas, tiny_model_path):
     """The same greedy requests through Serve's proxy and 2 replicas, and through `mullama serve`:
-    the same answers (text, tokens, logprobs, finish reasons, usage); both replicas serve."""
+    the same answers (text, tokens, logprobs, finish reasons, token counts); both replicas serve."""
     server = start_server(tiny_model_path, "asyncio", "--name", "tiny", "--chat-template", "chatml",
                           "--context-size", "4096")
     try:
@@ -283,7 +283,9 @@ def test_two_replicas_answer_as_the_single_process_server(two_replicas, tiny_mod
             a, b = ours.completions.create(**req), theirs.completions.create(**req)
             assert a.choices[0].text == b.choices[0].text and a.choices[0].finish_reason == b.choices[0].finish_reason
             assert a.choices[0].logprobs.token_logprobs == b.choices[0].logprobs.token_logprobs
-            assert a.usage == b.usage
+            # (cached_tokens depend on what the serving replica's prompt cache holds from earlier requests)
+            assert (a.usage.prompt_tokens, a.usage.completion_tokens, a.usage.total_tokens) == \
+                (b.usage.prompt_tokens, b.usage.completion_tokens, b.usage.total_tokens)
             streamed = "".join(c.choices[0].text for c in ours.completions.create(stream=True, **req) if c.choices)
             assert streamed == b.choices[0].text
             chat = dict(model="tiny", messages=[{"role": "user", "content": prompt}], max_tokens=8, temperature=0)
